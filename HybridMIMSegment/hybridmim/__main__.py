@@ -1,0 +1,3 @@
+from hybridmim.cli import main
+
+main()

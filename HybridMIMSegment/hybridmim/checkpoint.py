@@ -1,0 +1,147 @@
+"""Self-describing checkpoints: weights in safetensors, everything else in its metadata.
+
+The metadata key ``hybridmim`` holds one JSON document (see docs/CHECKPOINT.md):
+format, network, channels, preprocessing, inference, labels, method,
+provenance, metrics. Reading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+from .labels import Label, parse_labels
+from .preprocessing import Preprocessing
+
+FORMAT = "hybridmim-checkpoint"
+FORMAT_VERSION = 1
+METADATA_KEY = "hybridmim"
+
+
+@dataclass
+class ModelMeta:
+    """The parsed, validated metadata of a checkpoint."""
+
+    network: dict
+    channels: list[dict]
+    preprocessing: Preprocessing
+    roi_size: tuple[int, int, int]
+    overlap: float
+    labels: list[Label]
+    method: str
+    title: str = ""
+    description: str = ""
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def output_values(self) -> list[int]:
+        """Label value of each output channel (channel 0 is background)."""
+        return [0] + [label.value for label in self.labels]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "title": self.title,
+            "description": self.description,
+            "network": self.network,
+            "channels": self.channels,
+            "preprocessing": self.preprocessing.to_dict(),
+            "inference": {"roi_size": list(self.roi_size), "overlap": self.overlap},
+            "labels": [label.to_dict() for label in self.labels],
+            "method": self.method,
+            "provenance": self.provenance,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "checkpoint") -> "ModelMeta":
+        if d.get("format") != FORMAT:
+            raise UserError(f"{source}: not a HybridMIMSegment checkpoint")
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"{source}: written by a newer HybridMIMSegment (format {d['format_version']}); update the extension")
+        try:
+            network = dict(d["network"])
+            channels = list(d["channels"])
+            inference = d["inference"]
+            roi_size = tuple(int(v) for v in inference["roi_size"])
+            overlap = float(inference.get("overlap", 0.5))
+            labels = parse_labels(d["labels"], f"{source} labels")
+            preprocessing = Preprocessing.from_dict(d["preprocessing"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{source}: incomplete checkpoint metadata ({exc})") from None
+        if not channels or not all(isinstance(c, dict) and c.get("name") for c in channels):
+            raise UserError(f"{source}: 'channels' must list the input channels with their names")
+        if network.get("in_channels") != len(channels):
+            raise UserError(f"{source}: network has {network.get('in_channels')} input channels, metadata lists {len(channels)}")
+        if network.get("out_channels") != len(labels) + 1:
+            raise UserError(f"{source}: network has {network.get('out_channels')} outputs for {len(labels)} labels + background")
+        if len(roi_size) != 3 or min(roi_size) < 1 or not 0 <= overlap < 1:
+            raise UserError(f"{source}: bad inference settings {inference}")
+        return cls(network, channels, preprocessing, roi_size, overlap, labels, str(d.get("method", "unknown")),
+                   str(d.get("title", "")), str(d.get("description", "")), dict(d.get("provenance") or {}),
+                   dict(d.get("metrics") or {}))
+
+
+def _open_header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for a bad header
+        hint = " (official .pt checkpoints must be imported first)" if path.suffix in (".pt", ".pth", ".ckpt") else ""
+        raise UserError(f"{path}: not a safetensors checkpoint{hint}: {str(exc).splitlines()[0]}") from None
+
+
+def read_metadata(path: str | Path) -> ModelMeta:
+    """Metadata only (fast: reads the header, not the weights)."""
+    path = Path(path)
+    header = _open_header(path)
+    if METADATA_KEY not in header:
+        raise UserError(f"{path}: a safetensors file, but not a HybridMIMSegment checkpoint (no '{METADATA_KEY}' metadata)")
+    try:
+        document = json.loads(header[METADATA_KEY])
+    except ValueError:
+        raise UserError(f"{path}: checkpoint metadata is not valid JSON") from None
+    return ModelMeta.from_dict(document, str(path))
+
+
+def save_checkpoint(path: str | Path, state_dict: dict, meta: ModelMeta, half: bool = False) -> None:
+    """Write weights + metadata atomically; ``half`` stores floating tensors as float16."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_output
+
+    tensors = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        if half and tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        tensors[name] = tensor.contiguous()
+    with atomic_output(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta.to_dict())})
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(metadata, network in eval mode with float32 weights on ``device``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .networks import build_network
+
+    path = Path(path)
+    meta = read_metadata(path)
+    network = build_network(meta.network)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not match the described network ({str(exc).splitlines()[0]})") from None
+    return meta, network.to(device).eval()

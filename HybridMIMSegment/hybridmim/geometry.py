@@ -1,0 +1,76 @@
+"""Image grids (size, spacing, origin, direction) and resampling between them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid in ITK conventions: sizes and spacing in (x, y, z), LPS physical space."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    def image(self, array_zyx: np.ndarray) -> sitk.Image:
+        """An image on this grid holding ``array_zyx`` (numpy order z, y, x)."""
+        if tuple(reversed(array_zyx.shape)) != self.size:
+            raise ValueError(f"array shape {array_zyx.shape} does not fit grid size {self.size}")
+        image = sitk.GetImageFromArray(array_zyx)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def matches(self, other: "Grid", tolerance: float = 1e-4) -> bool:
+        """Same voxels in space (within ``tolerance`` mm / direction cosine units)."""
+        return (
+            self.size == other.size
+            and np.allclose(self.spacing, other.spacing, atol=tolerance)
+            and np.allclose(self.origin, other.origin, atol=tolerance)
+            and np.allclose(self.direction, other.direction, atol=tolerance)
+        )
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix from voxel index (i, j, k) to LPS millimetres."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.asarray(self.direction).reshape(3, 3) * np.asarray(self.spacing)
+        matrix[:3, 3] = self.origin
+        return matrix
+
+
+def resample_to_spacing(image: sitk.Image, spacing, interpolator, default_value: float = 0.0) -> sitk.Image:
+    """Resample onto a grid with ``spacing`` that starts at the same first voxel centre.
+
+    Anchoring at the first voxel keeps grids nested: when ``spacing`` divides
+    the input spacing, every input voxel centre is also a centre of the new grid,
+    which makes nearest-neighbour round trips exact.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    size = [
+        int(math.ceil((n - 1) * s / t - 1e-6)) + 1
+        for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)
+    ]
+    return sitk.Resample(
+        image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing, image.GetDirection(),
+        default_value, image.GetPixelID(),
+    )
+
+
+def resample_onto(image: sitk.Image, reference: sitk.Image | Grid, interpolator, default_value: float = 0.0) -> sitk.Image:
+    """``image`` resampled onto the reference's grid, through physical space."""
+    grid = reference if isinstance(reference, Grid) else Grid.of(reference)
+    return sitk.Resample(
+        image, list(grid.size), sitk.Transform(), interpolator, grid.origin, grid.spacing, grid.direction,
+        default_value, image.GetPixelID(),
+    )

@@ -1,0 +1,123 @@
+"""Reading volumes (NIfTI, NRRD, MHA, DICOM series folders) and writing label maps
+(.nii.gz, .nrrd, .mha, or .seg.nrrd with segment names, colours and terminology)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_output, full_suffix
+from .errors import UserError
+from .geometry import Grid, resample_onto
+from .labels import Label
+
+LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # ITK messages start with a file:line prefix; the useful part is last.
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _read_dicom_series(folder: Path, warn: Callable[[str], None]) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise UserError(f"{folder}: a folder with no DICOM series in it")
+    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    chosen = max(series, key=lambda sid: len(files[sid]))
+    if len(series) > 1:
+        warn(f"{folder} holds {len(series)} DICOM series; using the largest ({len(files[chosen])} files, {chosen})")
+    reader.SetFileNames(files[chosen])
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise UserError(f"{folder}: cannot read the DICOM series: {_first_line(exc)}") from None
+
+
+def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) -> sitk.Image:
+    """One scalar 3-D volume from a file or DICOM folder, or a UserError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        image = _read_dicom_series(path, warn)
+    else:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: empty file")
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise UserError(f"{path}: not a readable image: {_first_line(exc)}") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image); "
+                        "give one scalar volume per input channel")
+    size = image.GetSize()
+    if image.GetDimension() == 4:
+        raise UserError(f"{path}: a 4-D image {size}; give one 3-D volume per input channel")
+    if image.GetDimension() != 3 or min(size) < 2:
+        raise UserError(f"{path}: a {image.GetDimension()}-D image of size {size}, not a 3-D volume")
+    return image
+
+
+def read_channels(paths, warn: Callable[[str], None] = lambda _: None) -> list[sitk.Image]:
+    """Input channels on the grid of the first; others are resampled onto it (linear) with a warning."""
+    images = [read_volume(p, warn) for p in paths]
+    reference = Grid.of(images[0])
+    for i in range(1, len(images)):
+        if not Grid.of(images[i]).matches(reference):
+            warn(f"{paths[i]} is on a different grid from {paths[0]}; resampling it onto that grid")
+            images[i] = resample_onto(sitk.Cast(images[i], sitk.sitkFloat32), images[0], sitk.sitkLinear)
+    return images
+
+
+def check_labelmap_path(path: str | Path) -> None:
+    if full_suffix(Path(path)).lower() not in LABELMAP_SUFFIXES:
+        raise UserError(f"{path}: unsupported output type; use one of {', '.join(LABELMAP_SUFFIXES)}")
+
+
+def _labelmap_pixel_type(labels: list[Label]):
+    return sitk.sitkUInt8 if max((l.value for l in labels), default=0) <= 255 else sitk.sitkUInt16
+
+
+def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label]) -> None:
+    """Write atomically; ``.seg.nrrd`` carries each label as a named Slicer segment."""
+    path = Path(path)
+    check_labelmap_path(path)
+    image = sitk.Cast(image, _labelmap_pixel_type(labels))
+    with atomic_output(path) as tmp:
+        if full_suffix(path).lower() == ".seg.nrrd":
+            _write_seg_nrrd(image, tmp, labels)
+        else:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def _write_seg_nrrd(image: sitk.Image, path: Path, labels: list[Label]) -> None:
+    import slicerio
+
+    voxels_zyx = sitk.GetArrayViewFromImage(image)
+    segments = []
+    for label in labels:
+        segment = {
+            "id": f"Segment_{label.value}",
+            "labelValue": label.value,
+            "layer": 0,
+            "name": label.name,
+            "color": [c / 255.0 for c in label.color],
+        }
+        terminology = label.slicer_terminology()
+        if terminology:
+            segment["terminology"] = terminology
+        segments.append(segment)
+    segmentation = {
+        # slicerio writes Fortran order: index the voxels as (i, j, k).
+        "voxels": np.asarray(voxels_zyx).transpose(2, 1, 0),
+        "ijkToLPS": Grid.of(image).ijk_to_lps(),
+        "segments": segments,
+        "encoding": "gzip",
+    }
+    slicerio.write_segmentation(str(path), segmentation)

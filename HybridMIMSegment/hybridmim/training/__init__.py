@@ -1,0 +1,1 @@
+"""Training: supervised segmentation now; the pre-training methods build on it."""

@@ -1,0 +1,69 @@
+"""Random crops and augmentations for segmentation training (MONAI transforms)."""
+
+from __future__ import annotations
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+
+class RandAxialSlabd(RandomizableTransform, MapTransform):
+    """Keep only a random slab of axial slices; blank the rest like padding.
+
+    Teaches the network scans with a short z-coverage (a few centimetres),
+    which sliding-window inference pads with zeros.
+    """
+
+    def __init__(self, keys, prob: float, min_slices: int, max_slices: int):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        self.min_slices, self.max_slices = min_slices, max_slices
+
+    def __call__(self, data):
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        d = dict(data)
+        depth = d[self.keys[0]].shape[1]
+        thickness = int(self.R.randint(self.min_slices, min(self.max_slices, depth) + 1))
+        start = int(self.R.randint(0, depth - thickness + 1))
+        for key in self.keys:
+            blanked = d[key].clone()
+            blanked[:, :start] = 0
+            blanked[:, start + thickness:] = 0
+            d[key] = blanked
+        return d
+
+
+def segmentation_augmentations(roi_size, num_classes: int, samples_per_volume: int) -> Compose:
+    """Class-balanced crops (every labelled structure equally often), then spatial and intensity changes.
+
+    Crops are taken 25% larger than the ROI so rotations do not bring in empty corners.
+    """
+    roi_size = tuple(int(r) for r in roi_size)
+    crop = tuple(int(np.ceil(r * 1.25)) for r in roi_size)
+    keys = ("image", "label")
+    return Compose([
+        SpatialPadd(keys, spatial_size=crop),
+        RandCropByLabelClassesd(keys, label_key="label", spatial_size=crop, num_classes=num_classes,
+                                num_samples=samples_per_volume, warn=False),
+        RandAffined(keys, prob=0.8, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
+                    spatial_size=roi_size, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandAxialSlabd(keys, prob=0.2, min_slices=max(4, roi_size[0] // 8), max_slices=roi_size[0] // 2),
+        RandScaleIntensityd("image", factors=0.15, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandGaussianSmoothd("image", prob=0.1),
+        RandGaussianNoised("image", std=0.02, prob=0.2),
+    ])

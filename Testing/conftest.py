@@ -1,0 +1,49 @@
+"""Shared fixtures: real volumes from ../shared/data, cropped small in the test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+MODELS = REPO / "HybridMIMSegment" / "Resources" / "Models"
+DEFAULT_MODEL = MODELS / "abdomen-ct-scratch.safetensors"
+
+# Index box (x, y, z) of ct_a holding all its labelled upper-abdominal organs.
+ABDOMEN_BOX = ((8, 104), (18, 90), (56, 112))
+
+
+def data_file(relative: str) -> Path:
+    path = DATA / relative
+    if not path.exists():
+        pytest.fail(f"test data missing: {path} (../shared/data must sit beside the checkout)")
+    return path
+
+
+def crop(image: sitk.Image, box=ABDOMEN_BOX) -> sitk.Image:
+    (x0, x1), (y0, y1), (z0, z1) = box
+    return image[x0:x1, y0:y1, z0:z1]
+
+
+@pytest.fixture(scope="session")
+def abdomen_crop(tmp_path_factory) -> dict[str, Path]:
+    """ct_a and its BTCV-13 labels, cropped to the upper abdomen (96 x 72 x 56 voxels at 3 mm)."""
+    folder = tmp_path_factory.mktemp("abdomen")
+    paths = {"image": folder / "ct.nii.gz", "label": folder / "label.nii.gz"}
+    sitk.WriteImage(crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))), str(paths["image"]))
+    sitk.WriteImage(crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz")))), str(paths["label"]))
+    return paths
+
+
+def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m hybridmim ARGS`` in a subprocess, as users and the Slicer module run it."""
+    result = subprocess.run([sys.executable, "-m", "hybridmim", *map(str, args)], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
+    if check_rc is not None:
+        assert result.returncode == check_rc, f"rc={result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}"
+    return result

@@ -1,0 +1,86 @@
+"""The model catalog: bundled models verified, downloads verified, offline behaviour."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import DEFAULT_MODEL, MODELS
+from hybridmim.catalog import load_catalog, resolve_model, resolve_sample
+from hybridmim.download import file_sha256
+from hybridmim.errors import UserError
+from hybridmim.progress import Reporter
+
+QUIET = Reporter("quiet")
+
+
+def test_bundled_catalog_is_consistent():
+    catalog = load_catalog()
+    assert catalog.default_model in {m.name for m in catalog.models}
+    for entry in catalog.models:
+        if entry.bundled:
+            path = MODELS / entry.file
+            assert file_sha256(path) == entry.sha256, f"{entry.name}: run scripts/update_catalog_hashes.py"
+            assert path.stat().st_size == entry.size
+            assert entry.size < 25 * 2**20
+    assert resolve_model(None, QUIET) == DEFAULT_MODEL
+
+
+def _catalog_folder(tmp_path, models, samples=()):
+    folder = tmp_path / "Models"
+    folder.mkdir()
+    (folder / "catalog.json").write_text(json.dumps({"default_model": models[0]["name"], "models": models,
+                                                     "samples": list(samples)}))
+    return folder
+
+
+def test_downloadable_model_is_fetched_once_and_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "server" / "remote.safetensors"
+    source.parent.mkdir()
+    shutil.copy(DEFAULT_MODEL, source)
+    entry = {"name": "remote", "title": "t", "file": "remote.safetensors", "url": source.as_uri(),
+             "sha256": file_sha256(DEFAULT_MODEL)}
+    catalog = load_catalog(_catalog_folder(tmp_path, [entry]))
+    path = resolve_model("remote", QUIET, catalog)
+    assert path == tmp_path / "cache" / "models" / "remote.safetensors"
+    assert file_sha256(path) == entry["sha256"]
+    source.unlink()  # now offline: the cached copy is used
+    assert resolve_model("remote", QUIET, catalog) == path
+
+
+def test_download_with_wrong_sha256_is_refused_and_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "tampered.safetensors"
+    source.write_bytes(b"not the published bytes")
+    entry = {"name": "remote", "title": "t", "file": "remote.safetensors", "url": source.as_uri(), "sha256": "0" * 64}
+    catalog = load_catalog(_catalog_folder(tmp_path, [entry]))
+    with pytest.raises(UserError, match="refusing"):
+        resolve_model("remote", QUIET, catalog)
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_offline_download_names_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    sample = {"name": "ct", "title": "t", "file": "ct.nii.gz", "url": (tmp_path / "absent.nii.gz").as_uri(),
+              "sha256": "0" * 64}
+    catalog = load_catalog(_catalog_folder(tmp_path, [{"name": "m", "title": "t", "file": "m", "sha256": ""}], [sample]))
+    with pytest.raises(UserError, match="place it at .*samples"):
+        resolve_sample("ct", QUIET, catalog)
+
+
+def test_bundled_file_that_was_altered_is_refused(tmp_path):
+    folder = _catalog_folder(tmp_path, [{"name": "m", "title": "t", "file": "m.safetensors", "sha256": "0" * 64}])
+    shutil.copy(DEFAULT_MODEL, folder / "m.safetensors")
+    with pytest.raises(UserError, match="does not match"):
+        resolve_model("m", QUIET, load_catalog(folder))
+
+
+def test_names_and_paths(tmp_path):
+    with pytest.raises(UserError, match="unknown model"):
+        resolve_model("no-such-model", QUIET)
+    with pytest.raises(UserError, match="no such model file"):
+        resolve_model(str(tmp_path / "x.safetensors"), QUIET)
+    assert resolve_model(str(DEFAULT_MODEL), QUIET) == DEFAULT_MODEL

@@ -1,0 +1,96 @@
+"""Self-describing checkpoints: round trip, metadata validation, refusal of foreign files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import REPO
+from hybridmim.checkpoint import METADATA_KEY, ModelMeta, load_model, read_metadata, save_checkpoint
+from hybridmim.errors import UserError
+from hybridmim.networks import build_network
+from hybridmim.training.supervised import meta_from_recipe
+
+
+def tiny_meta() -> ModelMeta:
+    recipe = json.loads((REPO / "scripts/recipes/abdomen-ct-scratch.json").read_text())
+    recipe["network"] = {"name": "unet", "features": [4, 8]}
+    meta = meta_from_recipe(recipe, REPO / "scripts/recipes")
+    meta.metrics = {"dice_ct_b": {"liver": 0.9}}
+    meta.provenance = {"steps": 3}
+    return meta
+
+
+def test_round_trip_keeps_metadata_and_weights(tmp_path):
+    meta = tiny_meta()
+    network = build_network(meta.network)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, network.state_dict(), meta, half=True)
+
+    back = read_metadata(path)
+    assert back.to_dict() == meta.to_dict()
+    assert [label.name for label in back.labels][:2] == ["spleen", "right kidney"]
+    assert back.labels[0].terminology["type"][1] == "78961009"
+
+    _, loaded = load_model(path)
+    for name, tensor in network.state_dict().items():
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        torch.testing.assert_close(loaded.state_dict()[name], expected)
+    assert not loaded.training
+
+
+def _write_with_metadata(path, document, tensors=None):
+    tensors = tensors or {"w": torch.zeros(2)}
+    metadata = None if document is None else {METADATA_KEY: document if isinstance(document, str) else json.dumps(document)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_foreign_and_broken_files_are_refused(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    _write_with_metadata(plain, None)
+    with pytest.raises(UserError, match="not a HybridMIMSegment checkpoint"):
+        read_metadata(plain)
+
+    pickle = tmp_path / "official.pt"
+    torch.save({"w": torch.zeros(1)}, pickle)
+    with pytest.raises(UserError, match="imported first"):
+        read_metadata(pickle)
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(UserError, match="not a safetensors checkpoint"):
+        read_metadata(garbage)
+
+    with pytest.raises(UserError, match="no such checkpoint"):
+        read_metadata(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(format_version=99), "newer"),
+    (lambda d: d.update(format="something-else"), "not a HybridMIMSegment"),
+    (lambda d: d.pop("labels"), "incomplete"),
+    (lambda d: d["network"].update(out_channels=3), "outputs for 13 labels"),
+    (lambda d: d["labels"][0].update(color=[300, 0, 0]), "color"),
+    (lambda d: d["labels"][1].update(value=1), "appears twice"),
+    (lambda d: d["labels"][0]["terminology"].update(type=["SCT", "1"]), "scheme, value, meaning"),
+    (lambda d: d["inference"].update(overlap=1.5), "inference"),
+])
+def test_invalid_metadata_is_refused_with_a_reason(tmp_path, change, message):
+    document = tiny_meta().to_dict()
+    change(document)
+    path = tmp_path / "bad.safetensors"
+    _write_with_metadata(path, document)
+    with pytest.raises(UserError, match=message):
+        read_metadata(path)
+
+
+def test_weights_that_do_not_match_the_network_are_refused(tmp_path):
+    meta = tiny_meta()
+    path = tmp_path / "mismatch.safetensors"
+    other = build_network({**meta.network, "features": [4, 16]})
+    save_checkpoint(path, other.state_dict(), meta)
+    with pytest.raises(UserError, match="do not match"):
+        load_model(path)

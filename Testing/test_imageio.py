@@ -1,0 +1,130 @@
+"""I/O round trips keep geometry: NIfTI, NRRD, MHA, a DICOM series, oblique grids, .seg.nrrd."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from conftest import REPO, crop, data_file
+from hybridmim.errors import UserError
+from hybridmim.geometry import Grid
+from hybridmim.imageio import read_channels, read_volume, write_labelmap
+from hybridmim.labels import parse_labels
+
+BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text()))
+
+
+def _rotation(ax: float, az: float) -> tuple[float, ...]:
+    cx, sx, cz, sz = np.cos(ax), np.sin(ax), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return tuple((rz @ rx @ np.diag([-1, -1, 1])).ravel())
+
+
+@pytest.fixture(scope="module")
+def label_crop() -> sitk.Image:
+    return crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz"))))
+
+
+def assert_same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-9) -> None:
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+
+
+@pytest.mark.parametrize("suffix, tolerance", [(".nii.gz", 1e-5), (".nrrd", 1e-9), (".mha", 1e-9)])
+@pytest.mark.parametrize("oblique", [False, True])
+def test_labelmap_round_trip_keeps_grid(tmp_path, label_crop, suffix, tolerance, oblique):
+    image = sitk.Image(label_crop)
+    if oblique:
+        image.SetDirection(_rotation(0.3, 0.5))
+    path = tmp_path / f"labels{suffix}"
+    write_labelmap(image, path, BTCV)
+    back = read_volume(path)
+    # NIfTI stores its matrix in single precision: agreement to 1e-5 is all the format allows.
+    assert_same_grid(back, image, tolerance)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert not list(tmp_path.glob(".*partial*")), "temporary file left behind"
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_seg_nrrd_carries_names_colours_terminology_and_grid(tmp_path, label_crop, oblique):
+    image = sitk.Image(label_crop)
+    if oblique:
+        image.SetDirection(_rotation(-0.2, 0.7))
+    path = tmp_path / "result.seg.nrrd"
+    write_labelmap(image, path, BTCV)
+
+    seg = slicerio.read_segmentation(str(path))
+    by_name = {s["name"]: s for s in seg["segments"]}
+    assert set(by_name) == {label.name for label in BTCV}
+    spleen = by_name["spleen"]
+    assert spleen["labelValue"] == 1
+    assert spleen["terminology"]["type"] == ["SCT", "78961009", "Spleen"]
+    assert spleen["terminology"]["category"] == ["SCT", "123037004", "Anatomical Structure"]
+    assert by_name["left kidney"]["terminology"]["typeModifier"] == ["SCT", "7771000", "Left"]
+    np.testing.assert_allclose(spleen["color"], np.array([157, 108, 162]) / 255, atol=1e-6)
+    np.testing.assert_allclose(seg["ijkToLPS"], Grid.of(image).ijk_to_lps(), atol=1e-9)
+    np.testing.assert_array_equal(seg["voxels"].transpose(2, 1, 0), sitk.GetArrayFromImage(image))
+    # Any ITK reader sees the same grid as the input.
+    assert_same_grid(sitk.ReadImage(str(path)), image)
+
+
+def _write_dicom_series(image: sitk.Image, folder) -> None:
+    image = sitk.Cast(image, sitk.sitkInt16)
+    d = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.424242"
+    for k in range(image.GetDepth()):
+        slice_k = image[:, :, k]
+        for tag, value in (
+            ("0008|0060", "CT"), ("0020|000d", series_uid + ".1"), ("0020|000e", series_uid),
+            ("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
+            ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            ("0020|0013", str(k + 1)), ("0008|0018", f"{series_uid}.{k + 100}"),
+        ):
+            slice_k.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_k)
+
+
+def test_dicom_series_folder_reads_with_geometry(tmp_path):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    _write_dicom_series(ct, folder)
+    back = read_volume(folder)
+    assert_same_grid(back, ct, 1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct))
+
+
+def test_extra_channel_on_another_grid_is_resampled_with_warning(tmp_path):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    sitk.WriteImage(ct, str(tmp_path / "a.nii.gz"))
+    sitk.WriteImage(ct[::2, ::2, :], str(tmp_path / "b.nii.gz"))
+    warnings = []
+    channels = read_channels([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"], warnings.append)
+    assert len(warnings) == 1 and "different grid" in warnings[0]
+    assert Grid.of(channels[1]).matches(Grid.of(channels[0]))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p, "no such file"),
+    (lambda p: (p.write_bytes(b""), p)[1], "empty file"),
+    (lambda p: (p.write_text("not an image"), p)[1], "not a readable image"),
+])
+def test_unreadable_inputs_raise_user_errors(tmp_path, make, message):
+    path = make(tmp_path / "input.nii.gz")
+    with pytest.raises(UserError, match=message):
+        read_volume(path)
+
+
+def test_dicom_folder_without_series(tmp_path):
+    with pytest.raises(UserError, match="no DICOM series"):
+        read_volume(tmp_path)

@@ -1,0 +1,176 @@
+"""`hybridmim segment` end to end on a real CT with the bundled default model, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+from PIL import Image
+
+from conftest import DEFAULT_MODEL, data_file, run_cli
+from hybridmim.metrics import dice_per_label
+from hybridmim.progress import parse_event
+from test_imageio import _rotation, assert_same_grid
+
+
+@pytest.fixture(scope="module")
+def segmented(abdomen_crop, tmp_path_factory):
+    out = tmp_path_factory.mktemp("segment")
+    result = run_cli("segment", abdomen_crop["image"], "-o", out / "seg.seg.nrrd", "--preview", out / "preview.png",
+                     "--device", "cuda", "--progress", "json", check_rc=0)
+    return out, result
+
+
+def test_progress_protocol_stages_progress_and_done(segmented):
+    out, result = segmented
+    events = [parse_event(line) for line in result.stdout.splitlines()]
+    assert None not in events, "stdout must carry protocol lines only"
+    stages = [e["name"] for e in events if e["event"] == "stage"]
+    assert stages == ["load model", "read", "preprocess", "inference", "postprocess", "write", "preview"]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"]
+    assert all(p["stage"] == "inference" for p in progress)
+    done = events[-1]
+    assert done["event"] == "done" and done["outputs"]["segmentation"] == str(out / "seg.seg.nrrd")
+    # No GPU here: asking for CUDA falls back to the CPU and says so.
+    warnings = [e["text"] for e in events if e["event"] == "message" and e["level"] == "warning"]
+    if done["outputs"]["device"] == "cpu":
+        assert any("CUDA was requested" in w for w in warnings)
+
+
+def test_segmentation_is_on_the_input_grid_with_named_segments(segmented, abdomen_crop):
+    out, _ = segmented
+    image = sitk.ReadImage(str(abdomen_crop["image"]))
+    result = sitk.ReadImage(str(out / "seg.seg.nrrd"))
+    assert_same_grid(result, image, 1e-6)
+    seg = slicerio.read_segmentation(str(out / "seg.seg.nrrd"))
+    names = [s["name"] for s in seg["segments"]]
+    assert names[:3] == ["spleen", "right kidney", "left kidney"] and len(names) == 13
+    assert all(s["terminology"]["category"][1] == "123037004" for s in seg["segments"])
+
+
+def test_default_model_finds_the_organs_of_its_training_case(segmented, abdomen_crop):
+    out, _ = segmented
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.seg.nrrd")))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["label"])))
+    dice = dice_per_label(prediction, reference, [1, 2, 3, 6, 7])
+    assert all(d is not None and d > 0.8 for d in dice.values()), dice
+
+
+def test_preview_png_is_written(segmented):
+    out, _ = segmented
+    with Image.open(out / "preview.png") as png:
+        assert png.format == "PNG" and png.width > 800 and png.height > 800
+        pixels = np.asarray(png.convert("RGB"))
+    assert pixels.std() > 10  # not a blank canvas
+
+
+def test_oblique_input_gives_the_same_labels_on_its_own_grid(segmented, abdomen_crop, tmp_path):
+    out, _ = segmented
+    image = sitk.ReadImage(str(abdomen_crop["image"]))
+    image.SetDirection(_rotation(0.15, 0.2))
+    sitk.WriteImage(image, str(tmp_path / "oblique.nrrd"))
+    run_cli("segment", tmp_path / "oblique.nrrd", "-o", tmp_path / "oblique_seg.nii.gz", "--device", "cpu",
+            "--progress", "quiet", check_rc=0)
+    result = sitk.ReadImage(str(tmp_path / "oblique_seg.nii.gz"))
+    assert_same_grid(result, image, 1e-5)
+    straight = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.seg.nrrd")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result), straight)
+
+
+def test_existing_output_needs_overwrite(segmented, abdomen_crop):
+    out, _ = segmented
+    target = out / "seg.seg.nrrd"
+    before = target.read_bytes()
+    result = run_cli("segment", abdomen_crop["image"], "-o", target, check_rc=2)
+    assert result.stderr.strip().splitlines() == [f"error: {target}: already exists; pass --overwrite to replace it"]
+    assert target.read_bytes() == before
+
+
+def _truncated(tmp_path):
+    data = data_file("abdomen_ct/ct_a.nii.gz").read_bytes()
+    path = tmp_path / "truncated.nii.gz"
+    path.write_bytes(data[: len(data) // 3])
+    return [path]
+
+
+def _two_d(tmp_path):
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))[:, :, 60], str(path))
+    return [path]
+
+
+def _four_d(tmp_path):
+    image = sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))[:40, :40, :40]
+    path = tmp_path / "four_d.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(path))
+    return [path]
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "notes.nii.gz"
+    path.write_text("this is not an image")
+    return [path]
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.nrrd"
+    path.write_bytes(b"")
+    return [path]
+
+
+def _two_channels(tmp_path):
+    return [data_file("abdomen_ct/ct_a.nii.gz"), data_file("abdomen_ct/ct_a.nii.gz")]
+
+
+@pytest.mark.parametrize("make_inputs, extra, message", [
+    (lambda t: [t / "missing.nii.gz"], [], "no such file or folder"),
+    (_empty, [], "empty file"),
+    (_text_file, [], "not a readable image"),
+    (_truncated, [], "not a readable image"),
+    (_two_d, [], "2-D image"),
+    (_four_d, [], "4-D image"),
+    (_two_channels, [], "expects 1 input channel"),
+    (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "no-such-model"], "unknown model"),
+    (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "__TEXT__"], "not a safetensors checkpoint"),
+    (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--device", "tpu"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, make_inputs, extra, message):
+    inputs = make_inputs(tmp_path)
+    fake_model = tmp_path / "model.safetensors"
+    fake_model.write_text("just text")
+    extra = [str(fake_model) if e == "__TEXT__" else e for e in extra]
+    output = tmp_path / "out" / "result.seg.nrrd"
+    result = run_cli("segment", *inputs, "-o", output, *extra)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output.parent.exists() or not any(output.parent.iterdir())
+
+
+def test_json_mode_reports_errors_on_the_protocol(tmp_path):
+    result = run_cli("segment", tmp_path / "missing.nii.gz", "-o", tmp_path / "x.nii.gz", "--progress", "json")
+    assert result.returncode == 2
+    events = [parse_event(line) for line in result.stdout.splitlines()]
+    assert events[-1]["event"] == "error" and "no such file" in events[-1]["message"]
+
+
+def test_unsupported_output_type_is_refused_before_work(tmp_path):
+    result = run_cli("segment", data_file("abdomen_ct/ct_a.nii.gz"), "-o", tmp_path / "result.png")
+    assert result.returncode == 2 and "unsupported output type" in result.stderr
+
+
+def test_info_and_models_describe_the_default_model():
+    info = run_cli("info", DEFAULT_MODEL, check_rc=0).stdout
+    assert "spleen" in info and "78961009" in info and "window -200..300" in info
+    as_json = json.loads(run_cli("info", "abdomen-ct-scratch", "--json", check_rc=0).stdout)
+    assert as_json["format"] == "hybridmim-checkpoint" and len(as_json["labels"]) == 13
+    models = json.loads(run_cli("models", "--json", check_rc=0).stdout)
+    default = next(m for m in models if m["default"])
+    assert default["name"] == "abdomen-ct-scratch" and default["status"] == "bundled"
+    assert "liver" in default["segments"]
+    run_cli("info", "not-a-model", check_rc=2)

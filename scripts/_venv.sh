@@ -1,0 +1,20 @@
+# Sourced by demo.sh and test.sh: creates .venv in the repo root on first use
+# and (re)installs when requirements-dev.txt or pyproject.toml change.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO_ROOT/.venv"
+STAMP="$VENV/.installed"
+want="$(cat "$REPO_ROOT/requirements-dev.txt" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV" >&2
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "installing pinned requirements into $VENV" >&2
+  # torch first and alone, pinned, so nothing else can pull a CUDA build.
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$(grep '^torch==' "$REPO_ROOT/requirements-dev.txt")"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/requirements-dev.txt"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$REPO_ROOT"
+  echo "$want" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
