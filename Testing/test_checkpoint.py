@@ -16,7 +16,7 @@ from hybridmim.training.supervised import meta_from_recipe
 
 
 def tiny_meta() -> ModelMeta:
-    recipe = json.loads((REPO / "scripts/recipes/abdomen-ct-scratch.json").read_text())
+    recipe = json.loads((REPO / "scripts/recipes/abdomen-ct-scratch.json").read_text(encoding="utf-8"))
     recipe["network"] = {"name": "unet", "features": [4, 8]}
     meta = meta_from_recipe(recipe, REPO / "scripts/recipes")
     meta.metrics = {"dice_ct_b": {"liver": 0.9}}

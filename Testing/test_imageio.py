@@ -15,7 +15,7 @@ from hybridmim.geometry import Grid
 from hybridmim.imageio import read_channels, read_volume, write_labelmap
 from hybridmim.labels import parse_labels
 
-BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text()))
+BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
 
 
 def _rotation(ax: float, az: float) -> tuple[float, ...]:
@@ -117,7 +117,7 @@ def test_extra_channel_on_another_grid_is_resampled_with_warning(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p, "no such file"),
     (lambda p: (p.write_bytes(b""), p)[1], "empty file"),
-    (lambda p: (p.write_text("not an image"), p)[1], "not a readable image"),
+    (lambda p: (p.write_text("not an image", encoding="utf-8"), p)[1], "not a readable image"),
 ])
 def test_unreadable_inputs_raise_user_errors(tmp_path, make, message):
     path = make(tmp_path / "input.nii.gz")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -30,7 +31,7 @@ def _shipped(pattern: str, folder) -> set[str]:
 
 
 def test_module_cmake_lists_every_shipped_file_and_only_existing_ones():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     scripts = set(_cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
     resources = set(_cmake_list(text, "MODULE_PYTHON_RESOURCES"))
     assert scripts == _shipped("*.py", MODULE)
@@ -39,7 +40,7 @@ def test_module_cmake_lists_every_shipped_file_and_only_existing_ones():
 
 
 def test_extension_cmake_and_index_entry_agree():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', text).group(1).split()
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', text).group(1)
     for variable in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
@@ -47,7 +48,7 @@ def test_extension_cmake_and_index_entry_agree():
     for line in ("find_package(Slicer REQUIRED)", "add_subdirectory(HybridMIMSegment)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text
-    entry = json.loads((REPO / "HybridMIMSegment.json").read_text())
+    entry = json.loads((REPO / "HybridMIMSegment.json").read_text(encoding="utf-8"))
     assert entry["build_dependencies"] == depends == ["PyTorch"]
     assert entry["category"] == category == "Segmentation"
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
@@ -64,7 +65,7 @@ def test_icons_are_128_pixel_pngs(icon):
 
 def _imports(path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -83,11 +84,21 @@ def test_catalog_and_progress_load_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.skipif(shutil.which("python3.10") is None, reason="no python3.10 on this machine")
+def _python_3_10() -> str | None:
+    candidates = [shutil.which("python3.10"), *map(str, Path.home().glob(".pyenv/versions/3.10*/bin/python3.10"))]
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
 def test_engine_compiles_on_python_3_10(tmp_path):
+    python = _python_3_10()
+    if python is None:
+        pytest.skip("no working python3.10 on this machine")
     files = [str(p) for p in MODULE.rglob("*.py")]
-    code = "import sys, py_compile\nfor f in sys.argv[1:]: py_compile.compile(f, cfile='/dev/null', doraise=True)"
-    subprocess.run(["python3.10", "-c", code, *files], check=True, cwd=tmp_path)
+    code = "import sys\nfor f in sys.argv[1:]: compile(open(f).read(), f, 'exec')"
+    subprocess.run([python, "-c", code, *files], check=True, cwd=tmp_path)
 
 
 def test_wheel_ships_engine_catalog_and_bundled_model(tmp_path):
@@ -103,10 +114,10 @@ def test_wheel_ships_engine_catalog_and_bundled_model(tmp_path):
 
 
 def test_setup_commands_and_ci():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "scripts/demo.sh" in readme and "scripts/test.sh" in readme
     for script in ("scripts/demo.sh", "scripts/test.sh", ".ci/run"):
         assert (REPO / script).stat().st_mode & 0o111, f"{script} is not executable"
-    assert "scripts/test.sh" in (REPO / ".ci/run").read_text()
-    assert "torch==2.13.0" in (REPO / "requirements-dev.txt").read_text()
-    assert "Apache License" in (REPO / "LICENSE").read_text()[:200]
+    assert "scripts/test.sh" in (REPO / ".ci/run").read_text(encoding="utf-8")
+    assert "torch==2.13.0" in (REPO / "requirements-dev.txt").read_text(encoding="utf-8")
+    assert "Apache License" in (REPO / "LICENSE").read_text(encoding="utf-8")[:200]

@@ -50,7 +50,7 @@ print(f"  {'mean':<26} {mean:.3f}")
 report = {"case": "abdomen_ct/ct_b", "reference": "TotalSegmentator predictions (BTCV-13 ids)",
           "dice": present, "mean_dice": round(mean, 4)}
 if args.json:
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    args.json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 if args.record:
     from safetensors.torch import load_file
 

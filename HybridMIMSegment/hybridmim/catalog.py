@@ -81,7 +81,7 @@ def load_catalog(folder: Path | None = None) -> Catalog:
     folder = folder or models_dir()
     path = folder / "catalog.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable model catalog ({exc})") from None
     return Catalog(_entries(data.get("models", []), path), _entries(data.get("samples", []), path),

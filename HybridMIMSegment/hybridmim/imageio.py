@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +42,48 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None]) -> sitk.Image:
         raise UserError(f"{folder}: cannot read the DICOM series: {_first_line(exc)}") from None
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """vox_offset + voxel data size from a NIfTI-1 or NIfTI-2 header, or None if not NIfTI."""
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348 and len(header) >= 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if size == 540 and len(header) >= 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    voxels = 1
+    for extent in dims[1: 1 + max(0, min(7, dims[0]))]:
+        voxels *= max(1, extent)
+    return max(offset, 352 if size == 348 else 544) + voxels * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint (missing voxels become 0): refuse it here."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            expected = _nifti_expected_bytes(f.read(544))
+            if expected is None:
+                return
+            f.seek(0)
+            length = 0
+            for block in iter(lambda: f.read(1 << 22), b""):
+                length += len(block)
+    except gzip.BadGzipFile:
+        return  # not gzip at all: let the image reader say what it is
+    except (EOFError, OSError, zlib.error):
+        raise UserError(f"{path}: truncated or corrupt file") from None
+    if length < expected:
+        raise UserError(f"{path}: truncated file ({length} of {expected} bytes)")
+
+
 def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) -> sitk.Image:
     """One scalar 3-D volume from a file or DICOM folder, or a UserError saying why not."""
     path = Path(path)
@@ -49,6 +94,8 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) 
     else:
         if path.stat().st_size == 0:
             raise UserError(f"{path}: empty file")
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:

@@ -65,6 +65,7 @@ def render_label_surfaces(labels_zyx: np.ndarray, spacing_xyz, colors: dict[int,
         mapper.SetLookupTable(table)
         mapper.SetScalarRange(0, top)
         mapper.SetScalarModeToUsePointData()
+        mapper.SetColorModeToMapScalars()  # uint8 scalars would otherwise be taken as colours
         actor = vtkActor()
         actor.SetMapper(mapper)
         renderer.AddActor(actor)

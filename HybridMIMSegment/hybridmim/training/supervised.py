@@ -25,7 +25,7 @@ def meta_from_recipe(recipe: dict, recipe_dir: Path) -> ModelMeta:
     labels_source = recipe["labels"]
     if isinstance(labels_source, str):
         labels_path = recipe_dir / labels_source
-        labels = parse_labels(json.loads(labels_path.read_text()), str(labels_path))
+        labels = parse_labels(json.loads(labels_path.read_text(encoding="utf-8")), str(labels_path))
     else:
         labels = parse_labels(labels_source)
     channels = recipe["channels"]
@@ -71,7 +71,7 @@ def train_supervised(recipe_path: Path, data_root: Path, output: Path, reporter:
     from .augment import segmentation_augmentations
 
     monai.data.set_track_meta(False)  # plain tensors: faster, and nothing here needs the metadata
-    recipe = json.loads(recipe_path.read_text())
+    recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
     train = recipe["train"]
     meta = meta_from_recipe(recipe, recipe_path.parent)
     torch.manual_seed(train.get("seed", 0))
