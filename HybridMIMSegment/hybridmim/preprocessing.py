@@ -51,7 +51,7 @@ class Intensity:
         raise UserError(f"unknown intensity normalisation {kind!r} (expected 'window' or 'zscore')")
 
     def apply(self, array: np.ndarray) -> np.ndarray:
-        """Normalise one channel in place-safe fashion; returns float32."""
+        """One channel normalised, as a new float32 array."""
         array = array.astype(np.float32, copy=False)
         if self.kind == "window":
             lower, upper = self.window
