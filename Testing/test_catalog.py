@@ -9,6 +9,7 @@ import pytest
 
 from conftest import DEFAULT_MODEL, MODELS
 from hybridmim.catalog import load_catalog, resolve_model, resolve_sample
+from hybridmim.checkpoint import read_metadata
 from hybridmim.download import file_sha256
 from hybridmim.errors import UserError
 from hybridmim.progress import Reporter
@@ -26,6 +27,15 @@ def test_bundled_catalog_is_consistent():
             assert path.stat().st_size == entry.size
             assert entry.size < 25 * 2**20
     assert resolve_model(None, QUIET) == DEFAULT_MODEL
+    pretrained = resolve_model(None, QUIET, pretrained=True)
+    assert pretrained == MODELS / "ct-hybridmim-cnn.safetensors"
+    assert read_metadata(pretrained).task == "reconstruction" and read_metadata(DEFAULT_MODEL).task == "segmentation"
+
+
+def test_a_catalog_without_a_pretrained_default_says_so(tmp_path):
+    folder = _catalog_folder(tmp_path, [{"name": "a", "title": "A", "file": "a.safetensors", "sha256": "0" * 64}])
+    with pytest.raises(UserError, match="names no default pre-trained model"):
+        resolve_model(None, QUIET, load_catalog(folder), pretrained=True)
 
 
 def _catalog_folder(tmp_path, models, samples=()):

@@ -77,6 +77,8 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
     (lambda d: d["labels"][1].update(value=1), "appears twice"),
     (lambda d: d["labels"][0]["terminology"].update(type=["SCT", "1"]), "scheme, value, meaning"),
     (lambda d: d["inference"].update(overlap=1.5), "inference"),
+    (lambda d: d.update(task="detection"), "unknown task 'detection'"),
+    (lambda d: d.update(task="reconstruction"), "14 outputs for 1 reconstructed channel"),
 ])
 def test_invalid_metadata_is_refused_with_a_reason(tmp_path, change, message):
     document = tiny_meta().to_dict()
@@ -94,3 +96,14 @@ def test_weights_that_do_not_match_the_network_are_refused(tmp_path):
     save_checkpoint(path, other.state_dict(), meta)
     with pytest.raises(UserError, match="do not match"):
         load_model(path)
+
+
+def test_a_reconstruction_checkpoint_has_no_labels_and_keeps_its_pretraining_settings(tmp_path):
+    meta = tiny_meta()
+    meta.network = {**meta.network, "out_channels": 1}
+    meta.labels, meta.task = [], "reconstruction"
+    meta.pretraining = {"method": "hybridmim", "patch_size": 16, "mask_ratio": 0.4}
+    path = tmp_path / "pretrained.safetensors"
+    save_checkpoint(path, build_network(meta.network).state_dict(), meta)
+    back = read_metadata(path)
+    assert back.task == "reconstruction" and back.labels == [] and back.pretraining["mask_ratio"] == 0.4

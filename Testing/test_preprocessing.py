@@ -10,7 +10,8 @@ from conftest import crop, data_file
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
 from hybridmim.metrics import dice_per_label
-from hybridmim.preprocessing import Intensity, Preprocessing, prepare, restore_labels
+from hybridmim.modelgrid import prepare, restore_labels
+from hybridmim.preprocessing import Intensity, Preprocessing
 from test_imageio import _rotation, assert_same_grid
 
 CT_WINDOW = Intensity("window", (-200.0, 300.0))

@@ -182,7 +182,9 @@ def test_info_and_models_describe_the_default_model():
     models = json.loads(run_cli("models", "--json", check_rc=0).stdout)
     default = next(m for m in models if m["default"])
     assert default["name"] == "abdomen-ct-scratch" and default["status"] == "bundled"
-    assert "liver" in default["segments"]
+    assert "liver" in default["segments"] and default["task"] == "segmentation"
+    pretrained = next(m for m in models if m["default_pretrained"])
+    assert pretrained["name"] == "ct-hybridmim-cnn" and pretrained["task"] == "reconstruction"
     run_cli("info", "not-a-model", check_rc=2)
 
 

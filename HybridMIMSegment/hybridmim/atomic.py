@@ -31,6 +31,14 @@ def check_new_output(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def check_inputs_kept(inputs, outputs) -> None:
+    """Refuse outputs that would replace one of the inputs."""
+    targets = {Path(p).resolve() for p in outputs if p is not None}
+    for source in inputs:
+        if Path(source).resolve() in targets:
+            raise UserError(f"{source}: an output would overwrite this input")
+
+
 @contextmanager
 def atomic_output(path: Path):
     """Yields a temporary path beside ``path`` (same suffix); renamed over it on success."""

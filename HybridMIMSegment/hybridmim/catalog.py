@@ -15,15 +15,19 @@ from .progress import Reporter
 _PACKAGE = Path(__file__).resolve().parent
 
 
-def models_dir() -> Path:
-    """``$HYBRIDMIM_MODELS_DIR``, else the module's Resources/Models (Slicer layout or
-    source tree), else hybridmim/resources/Models (an installed wheel)."""
-    if os.environ.get("HYBRIDMIM_MODELS_DIR"):
-        return Path(os.environ["HYBRIDMIM_MODELS_DIR"])
-    for candidate in (_PACKAGE.parent / "Resources" / "Models", _PACKAGE / "resources" / "Models"):
-        if (candidate / "catalog.json").is_file():
+def resources_dir() -> Path:
+    """The module's Resources folder (Slicer layout or source tree), else hybridmim/resources (an installed wheel)."""
+    for candidate in (_PACKAGE.parent / "Resources", _PACKAGE / "resources"):
+        if (candidate / "Models" / "catalog.json").is_file():
             return candidate
     raise UserError("the model catalog (Resources/Models/catalog.json) is missing from this installation")
+
+
+def models_dir() -> Path:
+    """``$HYBRIDMIM_MODELS_DIR``, else the installation's Resources/Models."""
+    if os.environ.get("HYBRIDMIM_MODELS_DIR"):
+        return Path(os.environ["HYBRIDMIM_MODELS_DIR"])
+    return resources_dir() / "Models"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Catalog:
     samples: tuple[Entry, ...]
     default_model: str
     folder: Path
+    default_pretrained_model: str = ""
 
     def model(self, name: str) -> Entry:
         for entry in self.models:
@@ -85,22 +90,26 @@ def load_catalog(folder: Path | None = None) -> Catalog:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable model catalog ({exc})") from None
     return Catalog(_entries(data.get("models", []), path), _entries(data.get("samples", []), path),
-                   data.get("default_model", ""), folder)
+                   data.get("default_model", ""), folder, data.get("default_pretrained_model", ""))
 
 
 def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.endswith((".safetensors", ".pt", ".pth")) or Path(spec).exists()
 
 
-def resolve_model(spec: str | None, reporter: Reporter, catalog: Catalog | None = None) -> Path:
-    """A checkpoint file for ``spec``: a path, a catalog name, or None for the default model."""
+def resolve_model(spec: str | None, reporter: Reporter, catalog: Catalog | None = None, pretrained: bool = False) -> Path:
+    """A checkpoint file for ``spec``: a path, a catalog name, or None for the default
+    segmentation model (``pretrained``: the default pre-trained reconstruction model)."""
     if spec and _looks_like_path(spec):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: no such model file")
         return path
     catalog = catalog or load_catalog()
-    entry = catalog.model(spec or catalog.default_model)
+    default = catalog.default_pretrained_model if pretrained else catalog.default_model
+    if not (spec or default):
+        raise UserError("the catalog names no default pre-trained model; pass --model")
+    entry = catalog.model(spec or default)
     path = catalog.local_path(entry)
     if entry.bundled:
         if not path.is_file():

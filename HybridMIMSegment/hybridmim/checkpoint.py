@@ -1,8 +1,12 @@
 """Self-describing checkpoints: weights in safetensors, everything else in its metadata.
 
 The metadata key ``hybridmim`` holds one JSON document (see docs/CHECKPOINT.md):
-format, network, channels, preprocessing, inference, labels, method,
-provenance, metrics. Reading never unpickles anything.
+format, task, network, channels, preprocessing, inference, labels, method,
+pretraining, provenance, metrics. Reading never unpickles anything.
+
+Two tasks: ``segmentation`` (outputs: background + one channel per label) and
+``reconstruction`` (a pre-trained encoder-decoder whose outputs rebuild its
+inputs; no labels), which fine-tuning turns into a segmentation model.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .preprocessing import Preprocessing
 FORMAT = "hybridmim-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "hybridmim"
+TASKS = ("segmentation", "reconstruction")
 
 
 @dataclass
@@ -31,6 +36,8 @@ class ModelMeta:
     overlap: float
     labels: list[Label]
     method: str
+    task: str = "segmentation"
+    pretraining: dict = field(default_factory=dict)
     title: str = ""
     description: str = ""
     provenance: dict = field(default_factory=dict)
@@ -41,10 +48,17 @@ class ModelMeta:
         """Label value of each output channel (channel 0 is background)."""
         return [0] + [label.value for label in self.labels]
 
+    def check_input_count(self, count: int, model_name: str) -> None:
+        """Refuse a run given another number of input images than the model has channels."""
+        if count != len(self.channels):
+            wanted = ", ".join(c["name"] for c in self.channels)
+            raise UserError(f"model {model_name} expects {len(self.channels)} input channel(s) ({wanted}); got {count}")
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "task": self.task,
             "title": self.title,
             "description": self.description,
             "network": self.network,
@@ -53,6 +67,7 @@ class ModelMeta:
             "inference": {"roi_size": list(self.roi_size), "overlap": self.overlap},
             "labels": [label.to_dict() for label in self.labels],
             "method": self.method,
+            "pretraining": self.pretraining,
             "provenance": self.provenance,
             "metrics": self.metrics,
         }
@@ -63,27 +78,33 @@ class ModelMeta:
             raise UserError(f"{source}: not a HybridMIMSegment checkpoint")
         if int(d.get("format_version", 0)) > FORMAT_VERSION:
             raise UserError(f"{source}: written by a newer HybridMIMSegment (format {d['format_version']}); update the extension")
+        task = d.get("task", "segmentation")
+        if task not in TASKS:
+            raise UserError(f"{source}: unknown task {task!r} (expected one of {', '.join(TASKS)})")
         try:
             network = dict(d["network"])
             channels = list(d["channels"])
             inference = d["inference"]
             roi_size = tuple(int(v) for v in inference["roi_size"])
             overlap = float(inference.get("overlap", 0.5))
-            labels = parse_labels(d["labels"], f"{source} labels")
+            labels = parse_labels(d["labels"], f"{source} labels") if task == "segmentation" else []
             preprocessing = Preprocessing.from_dict(d["preprocessing"])
+            pretraining = dict(d.get("pretraining") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{source}: incomplete checkpoint metadata ({exc})") from None
         if not channels or not all(isinstance(c, dict) and c.get("name") for c in channels):
             raise UserError(f"{source}: 'channels' must list the input channels with their names")
         if network.get("in_channels") != len(channels):
             raise UserError(f"{source}: network has {network.get('in_channels')} input channels, metadata lists {len(channels)}")
-        if network.get("out_channels") != len(labels) + 1:
-            raise UserError(f"{source}: network has {network.get('out_channels')} outputs for {len(labels)} labels + background")
+        expected_outputs = len(labels) + 1 if task == "segmentation" else len(channels)
+        if network.get("out_channels") != expected_outputs:
+            what = f"{len(labels)} labels + background" if task == "segmentation" else f"{len(channels)} reconstructed channel(s)"
+            raise UserError(f"{source}: network has {network.get('out_channels')} outputs for {what}")
         if len(roi_size) != 3 or min(roi_size) < 1 or not 0 <= overlap < 1:
             raise UserError(f"{source}: bad inference settings {inference}")
         return cls(network, channels, preprocessing, roi_size, overlap, labels, str(d.get("method", "unknown")),
-                   str(d.get("title", "")), str(d.get("description", "")), dict(d.get("provenance") or {}),
-                   dict(d.get("metrics") or {}))
+                   task, pretraining, str(d.get("title", "")), str(d.get("description", "")),
+                   dict(d.get("provenance") or {}), dict(d.get("metrics") or {}))
 
 
 def _open_header(path: Path) -> dict[str, str]:
@@ -131,7 +152,6 @@ def save_checkpoint(path: str | Path, state_dict: dict, meta: ModelMeta, half: b
 
 def load_model(path: str | Path, device="cpu"):
     """(metadata, network in eval mode with float32 weights on ``device``)."""
-    import torch
     from safetensors.torch import load_file
 
     from .networks import build_network

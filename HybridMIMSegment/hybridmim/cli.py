@@ -51,15 +51,50 @@ def _cmd_models(args, reporter: Reporter) -> None:
         print(json.dumps(rows, indent=2))
         return
     for row in rows:
-        flag = "*" if row["default"] else " "
-        print(f"{flag} {row['name']:<24} {row['modality']:<6} {row['status']:<22} {row['title']}")
-    print("(* default; `hybridmim info NAME` describes one)")
+        flag = "*" if row["default"] else "+" if row["default_pretrained"] else " "
+        print(f"{flag} {row['name']:<24} {row['modality']:<6} {row.get('task', ''):<15} {row['status']:<22} {row['title']}")
+    print("(* default for segment, + default for reconstruct; `hybridmim info NAME` describes one)")
 
 
 def _cmd_sample(args, reporter: Reporter) -> None:
     from .catalog import resolve_sample
 
     print(resolve_sample(args.name, reporter))
+
+
+def _cmd_reconstruct(args, reporter: Reporter) -> None:
+    from .reconstruct import reconstruct
+
+    outputs = reconstruct(args.inputs, args.output, args.model, args.mask_ratio, args.seed, args.device,
+                          args.overwrite, reporter)
+    if reporter.mode == "tqdm":
+        print(f"wrote {args.output}: mean absolute error on masked voxels {outputs['mae_model']} (model) vs "
+              f"{outputs['mae_interpolation']} (interpolation from visible voxels), in the input's units",
+              file=sys.stderr)
+
+
+def _cmd_convert(args, reporter: Reporter) -> None:
+    from .convert import convert_official
+
+    outputs = convert_official(args.source, args.output, args.overwrite)
+    reporter.done(outputs)
+    if reporter.mode == "tqdm":
+        net = outputs["network"]
+        print(f"wrote {outputs['checkpoint']} (SwinUNETR feature_size {net['feature_size']}, depths {net['depths']}; "
+              f"dropped: {', '.join(outputs['dropped']) or 'nothing'})", file=sys.stderr)
+
+
+def _cmd_pretrain(args, reporter: Reporter) -> None:
+    from .pretraining.run import run_pretrain
+
+    outputs = run_pretrain(args.data, args.output, reporter, args.method, args.backbone, args.recipe, args.steps,
+                           args.resume, args.overwrite, args.cache, args.exclude, args.prepare_only, args.device)
+    if reporter.mode == "tqdm":
+        if "checkpoint" in outputs:
+            print(f"wrote {outputs['checkpoint']} (step {outputs['step']} of {outputs['steps']}), "
+                  f"curve {outputs['curve']}, resume state {outputs['resume_state']}", file=sys.stderr)
+        else:
+            print(f"prepared {outputs['volumes']} volumes ({outputs['voxels'] / 1e6:.0f} M voxels)", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +112,45 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_progress(seg)
     seg.set_defaults(handler=_cmd_segment)
+
+    rec = commands.add_parser("reconstruct", help="mask a scan patch-wise and reconstruct it with a pre-trained model (visual QA)")
+    rec.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder, one per model input channel")
+    rec.add_argument("-o", "--output", required=True, metavar="DIR",
+                     help="folder for mask, masked, reconstruction and error (.nii.gz) and montage.png")
+    rec.add_argument("--model", help="pre-trained checkpoint path or catalog name (default: the catalog's pre-trained model)")
+    rec.add_argument("--mask-ratio", type=float, help="share of patches masked (default: the model's pre-training ratio)")
+    rec.add_argument("--seed", type=int, default=0, help="which patches are masked (same seed, same mask)")
+    rec.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    rec.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_progress(rec)
+    rec.set_defaults(handler=_cmd_reconstruct)
+
+    pre = commands.add_parser("pretrain", help="self-supervised pre-training on unlabelled scans (HybridMIM)")
+    pre.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                     help="image files, case folders (image.nii.gz or image_0000…), folders of them, Decathlon "
+                          "folders, or one folder prepared by --prepare-only")
+    pre.add_argument("-o", "--output", help="checkpoint to write (.safetensors); the resume state goes beside it")
+    pre.add_argument("--method", choices=["hybridmim"], help="pre-training method (default: the recipe's, else hybridmim)")
+    pre.add_argument("--backbone", choices=["cnn", "swin"], help="U-Net or SwinUNETR (default: the recipe's, else cnn)")
+    pre.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over the method's defaults "
+                                                      "(Resources/Recipes/; examples in scripts/recipes/)")
+    pre.add_argument("--steps", type=int, help="total optimiser steps (overrides the recipe)")
+    pre.add_argument("--resume", action="store_true", help="continue the run that wrote -o from its last checkpoint")
+    pre.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
+    pre.add_argument("--cache", metavar="DIR", help="where prepared volumes are kept (default ~/.cache/hybridmim/prepared)")
+    pre.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="case names to leave out (e.g. held-out cases)")
+    pre.add_argument("--prepare-only", action="store_true",
+                     help="prepare the data into --cache and stop; that folder can then be given as --data")
+    pre.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_progress(pre)
+    pre.set_defaults(handler=_cmd_pretrain)
+
+    conv = commands.add_parser("convert", help="import an official HybridMIM SwinUNETR pre-training checkpoint (.pt)")
+    conv.add_argument("source", metavar="PT", help="official checkpoint (.pt/.pth); loaded with weights_only=True")
+    conv.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_progress(conv)
+    conv.set_defaults(handler=_cmd_convert)
 
     info = commands.add_parser("info", help="describe a checkpoint (file or catalog name)")
     info.add_argument("model", metavar="FILE|NAME")

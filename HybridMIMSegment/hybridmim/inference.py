@@ -29,6 +29,24 @@ def select_device(requested: str, reporter: Reporter) -> torch.device:
     return torch.device("cpu")
 
 
+def load_and_prepare(inputs, checkpoint, meta, device: str, reporter: Reporter):
+    """The run-time start of ``segment`` and ``reconstruct``: read the input images, load the
+    network on the chosen device, and bring the images to the model's grid.
+
+    Returns (channels as read, ModelInput, network, torch device).
+    """
+    from .checkpoint import load_model
+    from .imageio import read_channels
+    from .modelgrid import prepare
+
+    reporter.stage("read")
+    channels = read_channels(inputs, reporter.warning)
+    torch_device = select_device(device, reporter)
+    _, network = load_model(checkpoint, torch_device)
+    reporter.stage("preprocess")
+    return channels, prepare(channels, meta.preprocessing), network, torch_device
+
+
 def count_windows(shape, roi_size, overlap: float) -> int:
     """How many windows MONAI's sliding window visits (each axis padded up to the ROI)."""
     total = 1
@@ -40,9 +58,10 @@ def count_windows(shape, roi_size, overlap: float) -> int:
     return total
 
 
-def predict_labels(network: torch.nn.Module, volume: np.ndarray, roi_size, overlap: float, output_values,
-                   device: torch.device, reporter: Reporter, sw_batch_size: int = 2) -> np.ndarray:
-    """Label values (z, y, x) for a model input ``volume`` (channels, z, y, x)."""
+def sliding_window(network: torch.nn.Module, volume: np.ndarray, roi_size, overlap: float, device: torch.device,
+                   reporter: Reporter, sw_batch_size: int = 2) -> torch.Tensor:
+    """The network's output (1, out_channels, z, y, x) over a whole model input ``volume`` (channels, z, y, x),
+    windows blended with Gaussian weights; progress per batch of windows."""
     from monai.inferers import sliding_window_inference
 
     windows = count_windows(volume.shape[1:], roi_size, overlap)
@@ -59,7 +78,13 @@ def predict_labels(network: torch.nn.Module, volume: np.ndarray, roi_size, overl
     x = torch.from_numpy(volume)[None].to(device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with torch.inference_mode(), autocast:
-        logits = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
+        return sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian")
+
+
+def predict_labels(network: torch.nn.Module, volume: np.ndarray, roi_size, overlap: float, output_values,
+                   device: torch.device, reporter: Reporter, sw_batch_size: int = 2) -> np.ndarray:
+    """Label values (z, y, x) for a model input ``volume`` (channels, z, y, x)."""
+    logits = sliding_window(network, volume, roi_size, overlap, device, reporter, sw_batch_size)
     indices = logits[0].argmax(0).to(torch.int64).cpu().numpy()
     lookup = np.asarray(output_values, dtype=np.uint16 if max(output_values) > 255 else np.uint8)
     return lookup[indices]

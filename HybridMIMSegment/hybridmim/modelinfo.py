@@ -19,14 +19,18 @@ def describe(meta: ModelMeta, path: Path) -> str:
     lines = [
         f"{meta.title or path.stem}",
         f"  file:          {path}",
+        f"  task:          {meta.task}",
         f"  method:        {meta.method}",
-        f"  network:       " + ", ".join(f"{k}={v}" for k, v in meta.network.items()),
-        f"  inputs:        " + ", ".join(f"{c['name']} ({c.get('modality', '?')})" for c in meta.channels),
+        "  network:       " + ", ".join(f"{k}={v}" for k, v in meta.network.items()),
+        "  inputs:        " + ", ".join(f"{c['name']} ({c.get('modality', '?')})" for c in meta.channels),
         f"  preprocessing: orientation {p.orientation}, spacing {spacing}, {intensity}"
         + ("" if p.foreground_threshold is None else f", crop to > {p.foreground_threshold:g}"),
         f"  inference:     window {tuple(meta.roi_size)}, overlap {meta.overlap}",
-        f"  labels ({len(meta.labels)}):",
     ]
+    if meta.pretraining:
+        lines.append("  pretraining:   " + ", ".join(f"{k}={v}" for k, v in meta.pretraining.items()))
+    if meta.labels:
+        lines.append(f"  labels ({len(meta.labels)}):")
     for label in meta.labels:
         code = label.terminology.get("type", ["", "", ""])
         modifier = label.terminology.get("typeModifier")
@@ -55,10 +59,13 @@ def list_models() -> list[dict]:
         else:
             status = f"download ({entry.size / 2**20:.0f} MB)" if entry.size else "download"
         row = {"name": entry.name, "title": entry.title, "modality": entry.modality, "status": status,
-               "default": entry.name == catalog.default_model, "license": entry.license, "path": str(path)}
+               "default": entry.name == catalog.default_model,
+               "default_pretrained": entry.name == catalog.default_pretrained_model,
+               "license": entry.license, "path": str(path)}
         if path.is_file():
             try:
                 meta = read_metadata(path)
+                row["task"] = meta.task
                 row["segments"] = [label.name for label in meta.labels]
                 row["channels"] = [c["name"] for c in meta.channels]
                 row["metrics"] = meta.metrics

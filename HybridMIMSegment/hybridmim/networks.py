@@ -1,10 +1,11 @@
 """The two backbone families, built from MONAI, behind one factory.
 
-Every network has ``encode(x) -> features`` (skip features first, the
-bottleneck last) and ``decode(features) -> decoder output``, plus an output
-layer named by ``head_name``. Pre-training methods call ``encode`` and
-``decode`` separately (HybridMIM decodes a cropped sub-volume), and
-fine-tuning transfers every weight except the head.
+Every network has ``encode(x, box=None) -> features`` (skip features first,
+the bottleneck last), ``decode(features) -> decoder output``, ``bottleneck(x)``
+(the last feature alone, computed as cheaply as the network allows), and an
+output layer named by ``head_name``. Pre-training methods call these
+separately (HybridMIM decodes only a sub-volume: ``box`` crops the skip
+features to it), and fine-tuning transfers every weight except the head.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ from .errors import UserError
 
 _ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
 _NORM = ("instance", {"affine": True})
+
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # (start, size) in input voxels, (z, y, x)
+
+
+def crop_to_box(feature: torch.Tensor, box: Box, input_shape) -> torch.Tensor:
+    """The part of ``feature`` (at its own stride) that covers ``box`` of an input of ``input_shape``."""
+    (start, size) = box
+    slices = []
+    for axis in range(3):
+        stride = input_shape[axis] // feature.shape[2 + axis]
+        if start[axis] % stride or size[axis] % stride:
+            raise ValueError(f"box {box} is not aligned with a stride-{stride} feature")
+        slices.append(slice(start[axis] // stride, (start[axis] + size[axis]) // stride))
+    return feature[(..., *slices)]
 
 
 class _TwoConv(nn.Sequential):
@@ -67,11 +83,19 @@ class UNet(nn.Module):
         self.bottleneck_stride = 2 ** (len(features) - 1)
         self.bottleneck_channels = features[-1]
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor, box: Box | None = None) -> list[torch.Tensor]:
         features = [self.stem(x)]
         for down in self.downs:
             features.append(down(features[-1]))
+        if box is not None:  # the skips are stages of the encoder itself: computed whole, then cropped
+            features[:-1] = [crop_to_box(f, box, x.shape[2:]) for f in features[:-1]]
         return features
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for down in self.downs:
+            x = down(x)
+        return x
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = features[-1]
@@ -101,10 +125,16 @@ class SwinUNETRBackbone(SwinUNETR):
                          drop_rate=drop_rate, depths=tuple(depths), num_heads=tuple(num_heads), use_v2=use_v2)
         self.bottleneck_channels = 16 * feature_size
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor, box: Box | None = None) -> list[torch.Tensor]:
         hidden = self.swinViT(x, self.normalize)
-        return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
-                hidden[3], hidden[4]]
+        skips_in = [x, *hidden[:4]]
+        if box is not None:  # skip blocks are side branches: run them on the box alone
+            skips_in = [crop_to_box(f, box, x.shape[2:]) for f in skips_in]
+        return [self.encoder1(skips_in[0]), self.encoder2(skips_in[1]), self.encoder3(skips_in[2]),
+                self.encoder4(skips_in[3]), skips_in[4], hidden[4]]
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swinViT(x, self.normalize)[4]
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         enc0, enc1, enc2, enc3, hidden3, bottleneck = features

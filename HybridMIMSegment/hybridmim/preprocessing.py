@@ -1,22 +1,17 @@
-"""Pre-processing driven by the checkpoint, and its exact inverse for label maps.
+"""What a checkpoint says about pre-processing: orientation, target spacing,
+foreground crop and intensity normalisation.
 
-Forward (image → model input): orientation (axis permutation/flip only), target
-spacing (linear), foreground crop, intensity normalisation. Inverse (model
-labels → input grid): a single nearest-neighbour resampling through physical
-space onto the input's own grid, so the output has the input's size, spacing,
-origin and direction exactly.
+Pure data and numpy: reading a checkpoint's metadata needs no imaging library.
+Moving images onto the model grid and back is modelgrid.py's job.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import UserError
-from .geometry import Grid, resample_onto, resample_to_spacing
 
 _ORIENTATION_LETTERS = ("LR", "PA", "IS")
 
@@ -50,22 +45,36 @@ class Intensity:
             return cls("zscore", nonzero=bool(d.get("nonzero", False)))
         raise UserError(f"unknown intensity normalisation {kind!r} (expected 'window' or 'zscore')")
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """One channel normalised, as a new float32 array."""
-        array = array.astype(np.float32, copy=False)
+    def linear_map(self, array: np.ndarray) -> tuple[float, float]:
+        """(scale, offset) with normalised = scale * value + offset (after clipping to a window).
+
+        For z-score the statistics come from ``array`` itself; keeping the map
+        lets outputs in normalised units go back to the input's units.
+        """
         if self.kind == "window":
             lower, upper = self.window
             lo, hi = self.output_range
-            scaled = (np.clip(array, lower, upper) - lower) * ((hi - lo) / (upper - lower)) + lo
-            return scaled.astype(np.float32, copy=False)
+            scale = (hi - lo) / (upper - lower)
+            return scale, lo - lower * scale
         values = array[array != 0] if self.nonzero else array
         if values.size == 0:
-            return np.zeros_like(array)
+            return 1.0, 0.0
         mean, std = float(values.mean()), float(values.std())
-        out = (array - mean) / (std if std > 0 else 1.0)
+        std = std if std > 0 else 1.0
+        return 1.0 / std, -mean / std
+
+    def apply(self, array: np.ndarray, linear_map: tuple[float, float] | None = None) -> np.ndarray:
+        """One channel normalised, as a new float32 array."""
+        array = array.astype(np.float32, copy=False)
+        scale, offset = linear_map or self.linear_map(array)
+        if self.kind == "window":
+            # Anchored at the window's lower end so its output (HybridMIM's 0.001 for air) is exact.
+            lower, upper = self.window
+            return ((np.clip(array, lower, upper) - lower) * scale + self.output_range[0]).astype(np.float32, copy=False)
+        out = (array * scale + offset).astype(np.float32, copy=False)
         if self.nonzero:
             out[array == 0] = 0.0
-        return out.astype(np.float32, copy=False)
+        return out
 
 
 @dataclass(frozen=True)
@@ -112,71 +121,3 @@ def _axis_of(letter: str) -> int:
     return -1
 
 
-@dataclass
-class ModelInput:
-    """What the network sees: ``array`` (channels, z, y, x) float32 on ``grid``."""
-
-    array: np.ndarray
-    grid: Grid
-    label: np.ndarray | None = None
-
-
-def _foreground_box(array_zyx: np.ndarray, threshold: float, margin_voxels) -> tuple[slice, ...]:
-    mask = array_zyx > threshold
-    if not mask.any():
-        return tuple(slice(0, n) for n in array_zyx.shape)
-    box = []
-    for axis, margin in enumerate(margin_voxels):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(0, present[0] - margin), min(array_zyx.shape[axis], present[-1] + 1 + margin)))
-    return tuple(box)
-
-
-def _to_model_grid(image: sitk.Image, spec: Preprocessing, interpolator, default_value: float) -> sitk.Image:
-    oriented = sitk.DICOMOrient(image, spec.orientation)
-    if spec.spacing is None:
-        return oriented
-    return resample_to_spacing(oriented, spec.spacing, interpolator, default_value)
-
-
-def prepare(channels: list[sitk.Image], spec: Preprocessing, label: sitk.Image | None = None) -> ModelInput:
-    """Model input from input channels (all on the grid of ``channels[0]``) and an optional label map."""
-    reference = Grid.of(channels[0])
-    arrays = []
-    for image in channels:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-        # Pad with the darkest value (air on CT) rather than 0 HU (water).
-        darkest = float(sitk.GetArrayViewFromImage(image).min())
-        arrays.append(sitk.GetArrayFromImage(_to_model_grid(image, spec, sitk.sitkLinear, darkest)))
-    # The model grid, computed on an empty image of the reference geometry.
-    blank = sitk.Image(list(reference.size), sitk.sitkUInt8)
-    blank.CopyInformation(channels[0])
-    model_image = _to_model_grid(blank, spec, sitk.sitkNearestNeighbor, 0)
-    grid = Grid.of(model_image)
-    label_array = None
-    if label is not None:
-        if not Grid.of(label).matches(reference):
-            raise UserError("the label map's grid differs from the image's")
-        label_array = sitk.GetArrayFromImage(_to_model_grid(label, spec, sitk.sitkNearestNeighbor, 0))
-
-    box = (slice(None),) * 3
-    if spec.foreground_threshold is not None:
-        margin = [math.ceil(spec.foreground_margin_mm / s) for s in reversed(grid.spacing)]
-        box = _foreground_box(arrays[0], spec.foreground_threshold, margin)
-        start_xyz = [int(b.start) for b in reversed(box)]
-        grid = Grid(
-            size=tuple(int(b.stop - b.start) for b in reversed(box)),
-            spacing=grid.spacing,
-            origin=tuple(model_image.TransformIndexToPhysicalPoint(start_xyz)),
-            direction=grid.direction,
-        )
-    stacked = np.stack([spec.intensity.apply(a[box]) for a in arrays])
-    if label_array is not None:
-        label_array = np.ascontiguousarray(label_array[box])
-    return ModelInput(np.ascontiguousarray(stacked), grid, label_array)
-
-
-def restore_labels(labels_zyx: np.ndarray, grid: Grid, reference: sitk.Image | Grid) -> sitk.Image:
-    """Labels on the model grid mapped onto the input's grid (nearest neighbour)."""
-    return resample_onto(grid.image(labels_zyx), reference, sitk.sitkNearestNeighbor, 0)

@@ -36,6 +36,67 @@ def _display_range(image_zyx: np.ndarray, window) -> tuple[float, float]:
     return float(low), float(max(high, low + 1e-6))
 
 
+def _orthogonal_views(spacing_xyz):
+    """(name, slice taker, aspect (row/column spacing), origin) of the three planes of an LPS-ordered (z, y, x) array."""
+    sx, sy, sz = spacing_xyz
+    return (
+        ("axial", lambda a, c: a[c[0]], sy / sx, "upper"),
+        ("coronal", lambda a, c: a[:, c[1], :], sz / sx, "lower"),
+        ("sagittal", lambda a, c: a[:, :, c[2]], sz / sy, "lower"),
+    )
+
+
+def _median_index(mask_zyx: np.ndarray) -> tuple[int, int, int]:
+    """Per axis, the median index of the True voxels (the array's centre when there are none)."""
+    if not mask_zyx.any():
+        return tuple(n // 2 for n in mask_zyx.shape)
+    centre = []
+    for axis in range(3):
+        counts = mask_zyx.sum(axis=tuple(a for a in range(3) if a != axis))
+        centre.append(int(np.searchsorted(np.cumsum(counts), counts.sum() / 2)))
+    return tuple(centre)
+
+
+def _save_figure(fig, path: Path, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_output(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
+    plt.close(fig)
+
+
+def render_reconstruction_montage(original: sitk.Image, masked: sitk.Image, reconstruction: sitk.Image,
+                                  error: sitk.Image, path: Path, window=None, title: str = "") -> None:
+    """Write a PNG: rows axial, coronal, sagittal through the masked region's centre; columns original,
+    masked input, reconstruction, absolute error (all on the input's grid, in its units)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arrays = [sitk.GetArrayFromImage(sitk.DICOMOrient(i, "LPS")) for i in (original, masked, reconstruction, error)]
+    low, high = _display_range(arrays[0], window)
+    error_high = float(np.percentile(arrays[3][arrays[3] > 0], 99)) if (arrays[3] > 0).any() else 1.0
+    centre = _median_index(arrays[3] > 0)
+    views = _orthogonal_views(sitk.DICOMOrient(original, "LPS").GetSpacing())
+    columns = ("original", "masked input", "reconstruction", "absolute error")
+    fig, axes = plt.subplots(3, 4, figsize=(12, 9.5), facecolor="black")
+    for row, (view, take, aspect, origin) in enumerate(views):
+        for col, (array, name) in enumerate(zip(arrays, columns)):
+            ax = axes[row, col]
+            if col == 3:
+                ax.imshow(take(array, centre), cmap="inferno", vmin=0, vmax=error_high, aspect=aspect, origin=origin)
+            else:
+                ax.imshow(take(array, centre), cmap="gray", vmin=low, vmax=high, aspect=aspect, origin=origin,
+                          interpolation="bilinear")
+            ax.set_title(f"{name} · {view}", color="white", fontsize=8)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, color="white", fontsize=11)
+    _save_figure(fig, path, dpi=90)
+
+
 def render_preview(image: sitk.Image, labels: sitk.Image, label_table: list[Label], path: Path,
                    window=None, title: str = "") -> None:
     """Write the preview PNG atomically. ``window``: display range (e.g. the model's HU window)."""
@@ -80,11 +141,7 @@ def render_preview(image: sitk.Image, labels: sitk.Image, label_table: list[Labe
         legend.text(0.1, y, text, color="white", va="center", fontsize=9)
     legend.set_title(title or "segments", color="white", fontsize=10)
 
-    views = (  # name, slice taker, aspect (row/col spacing), origin
-        ("axial", lambda a, c: a[c[0]], sy / sx, "upper"),
-        ("coronal", lambda a, c: a[:, c[1], :], sz / sx, "lower"),
-        ("sagittal", lambda a, c: a[:, :, c[2]], sz / sy, "lower"),
-    )
+    views = _orthogonal_views(image_lps.GetSpacing())
     for n, value in enumerate(shown):
         row, col0 = 1 + n // per_row, (n % per_row) * 3
         centre = centres[value]
@@ -99,7 +156,4 @@ def render_preview(image: sitk.Image, labels: sitk.Image, label_table: list[Labe
                            linewidths=0.8)
             ax.set_title(f"{by_value[value].name} · {view}", color="white", fontsize=7)
             ax.axis("off")
-    fig.tight_layout()
-    with atomic_output(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=90, facecolor=fig.get_facecolor(), format="png")
-    plt.close(fig)
+    _save_figure(fig, path, dpi=90)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_new_output
+from .atomic import check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
 from .errors import UserError
-from .imageio import check_labelmap_path, read_channels, write_labelmap
+from .imageio import check_labelmap_path, write_labelmap
 from .progress import Reporter
 
 
@@ -28,31 +27,21 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     preview_path = check_new_output(preview, overwrite) if preview else None
     if preview_path is not None and preview_path.suffix.lower() != ".png":
         raise UserError(f"{preview_path}: the preview is a PNG; name it *.png")
-    for source in inputs:
-        if Path(source).resolve() in {output_path.resolve(), preview_path and preview_path.resolve()}:
-            raise UserError(f"{source}: output would overwrite an input")
+    check_inputs_kept(inputs, [output_path, preview_path])
 
     reporter.stage("load model")
     checkpoint = resolve_model(model, reporter)
     meta = read_metadata(checkpoint)
-    if len(inputs) != len(meta.channels):
-        wanted = ", ".join(c["name"] for c in meta.channels)
-        raise UserError(f"model {checkpoint.name} expects {len(meta.channels)} input channel(s) ({wanted}); got {len(inputs)}")
+    if meta.task != "segmentation":
+        raise UserError(f"model {checkpoint.name} is a pre-trained {meta.task} model, not a segmentation model; "
+                        "fine-tune it on labelled cases first (or view it with `hybridmim reconstruct`)")
+    meta.check_input_count(len(inputs), checkpoint.name)
 
-    reporter.stage("read")
-    channels = read_channels(inputs, reporter.warning)
+    # imported after the cheap checks: importing torch takes a while
+    from .inference import load_and_prepare, predict_labels
+    from .modelgrid import restore_labels
 
-    import torch  # after the cheap checks: importing torch takes a while
-
-    from .checkpoint import load_model
-    from .inference import predict_labels, select_device
-    from .preprocessing import prepare, restore_labels
-
-    torch_device = select_device(device, reporter)
-    _, network = load_model(checkpoint, torch_device)
-
-    reporter.stage("preprocess")
-    model_input = prepare(channels, meta.preprocessing)
+    channels, model_input, network, torch_device = load_and_prepare(inputs, checkpoint, meta, device, reporter)
 
     reporter.stage("inference")
     labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,

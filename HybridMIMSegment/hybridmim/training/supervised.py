@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from datetime import datetime, timezone
@@ -17,7 +16,8 @@ from ..download import file_sha256
 from ..errors import UserError
 from ..imageio import read_channels, read_volume
 from ..labels import parse_labels
-from ..preprocessing import Preprocessing, prepare
+from ..modelgrid import prepare
+from ..preprocessing import Preprocessing
 from ..progress import Reporter
 
 
@@ -55,13 +55,6 @@ def load_case(images: list[Path], label: Path, meta: ModelMeta) -> tuple[np.ndar
     return model_input.array, lookup[model_input.label][None]
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_supervised(recipe_path: Path, data_root: Path, output: Path, reporter: Reporter) -> ModelMeta:
     import monai
     import torch
@@ -69,6 +62,7 @@ def train_supervised(recipe_path: Path, data_root: Path, output: Path, reporter:
 
     from ..networks import build_network
     from .augment import segmentation_augmentations
+    from .schedule import warmup_cosine
 
     monai.data.set_track_meta(False)  # plain tensors: faster, and nothing here needs the metadata
     recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
@@ -92,7 +86,7 @@ def train_supervised(recipe_path: Path, data_root: Path, output: Path, reporter:
     network = build_network(meta.network)
     optimiser = torch.optim.AdamW(network.parameters(), lr=train["lr"], weight_decay=train.get("weight_decay", 1e-5))
     steps, warmup = int(train["steps"]), int(train.get("warmup_steps", 50))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(s, warmup, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: warmup_cosine(s, warmup, steps))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     reporter.stage("train")

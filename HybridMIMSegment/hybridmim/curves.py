@@ -1,0 +1,39 @@
+"""Training curves as a PNG (matplotlib): one panel per logged quantity against the step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .atomic import atomic_output
+
+_NOT_PLOTTED = {"step", "lr", "seconds", "seconds_per_step"}
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """``history``: metric events ({"step": …, "loss": …, …}); written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in history[0] if k not in _NOT_PLOTTED and isinstance(history[0][k], (int, float))]
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, name in zip(axes.flat, names):
+        values = [h.get(name) for h in history]
+        ax.plot(steps, values, lw=1.2)
+        if all(v is not None and v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    with atomic_output(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

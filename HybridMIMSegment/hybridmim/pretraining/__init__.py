@@ -1,0 +1,1 @@
+"""Self-supervised pre-training: methods (HybridMIM), their data and the shared trainer."""

@@ -1,0 +1,81 @@
+"""``hybridmim pretrain``: recipe + data → pre-trained reconstruction checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..catalog import resources_dir
+from ..download import cache_dir
+from ..errors import UserError
+from ..preprocessing import Preprocessing
+from ..progress import Reporter
+
+BACKBONES = ("cnn", "swin")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, recursing into objects (a partial recipe changes only what it names)."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def load_recipe(method: str | None, backbone: str | None, recipe_file: str | None) -> dict:
+    """The packaged default recipe of (method, backbone), with ``recipe_file`` merged over it.
+
+    ``method``/``backbone`` given on the command line win over the recipe file's own.
+    """
+    override = {}
+    if recipe_file:
+        try:
+            override = json.loads(Path(recipe_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{recipe_file}: unreadable recipe ({exc})") from None
+    method = method or override.get("method", "hybridmim")
+    backbone = backbone or override.get("backbone", "cnn")
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r} (use {' or '.join(BACKBONES)})")
+    default = resources_dir() / "Recipes" / f"pretrain-{method}-{backbone}.json"
+    if not default.is_file():
+        raise UserError(f"unknown pre-training method {method!r}")
+    recipe = _merge(json.loads(default.read_text(encoding="utf-8")), override)
+    return {**recipe, "method": method, "backbone": backbone}
+
+
+def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, method: str | None = None,
+                 backbone: str | None = None, recipe_file: str | None = None, steps: int | None = None,
+                 resume: bool = False, overwrite: bool = False, cache: str | None = None, exclude=(),
+                 prepare_only: bool = False, device: str = "auto") -> dict:
+    from .data import find_cases, is_prepared_folder, load_prepared, prepare_cases
+    from .trainer import check_new_run, check_recipe, load_resume_state, pretrain, with_steps
+
+    if output is None and not prepare_only:
+        raise UserError("give the checkpoint to write with -o (or --prepare-only to prepare the data alone)")
+    if output is not None and not output.endswith(".safetensors"):
+        raise UserError(f"{output}: a checkpoint is a .safetensors file")
+    state = None
+    if resume and not prepare_only:
+        state = load_resume_state(Path(output))
+        recipe = state["recipe"]
+    else:
+        recipe = load_recipe(method, backbone, recipe_file)
+        if not prepare_only:
+            check_new_run(Path(output), overwrite)
+    preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
+    if not prepare_only:
+        check_recipe(with_steps(recipe, steps))
+
+    if len(data_paths) == 1 and is_prepared_folder(data_paths[0]):
+        if exclude:
+            raise UserError("--exclude applies to scans, not to a prepared folder")
+        data = load_prepared(Path(data_paths[0]), preprocessing, reporter)
+    else:
+        folder = Path(cache) if cache else cache_dir() / "prepared"
+        data = prepare_cases(find_cases(data_paths, exclude), preprocessing, folder, reporter)
+    if prepare_only:
+        outputs = {"volumes": len(data.volumes), "voxels": sum(v.stored[0].size for v in data.volumes)}
+        reporter.done(outputs)
+        return outputs
+    return pretrain(recipe, data, Path(output), reporter, state, device, steps)

@@ -1,0 +1,368 @@
+"""The trainer every pre-training method shares.
+
+Mixed precision (bf16 or fp16 on CUDA), gradient accumulation, warm-up +
+cosine learning rate, several foreground crops per volume, atomic checkpoints
+every N steps, exact resume, tqdm or JSON-lines progress, and multi-GPU /
+multi-node data parallelism when started by ``torchrun`` (DDP; NCCL on GPUs,
+gloo on CPUs).
+
+Exact resume without saving random-number-generator states: every random
+choice of a step (which volumes, crops, masks, dropout) is drawn from
+generators seeded by (seed, rank, step, micro-batch), so the batch after a
+resume is the one the uninterrupted run would have drawn.
+
+Two files: the model (``-o``, a reconstruction checkpoint usable at once by
+``hybridmim reconstruct`` and ``finetune``) and, beside it, ``*.resume.pt``
+(model, heads, optimiser, scheduler, step, history), read back with
+``torch.load(weights_only=True)``. SIGTERM or Ctrl-C finish the current step,
+write both, and stop cleanly; ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_output
+from ..checkpoint import ModelMeta, save_checkpoint
+from ..errors import UserError
+from ..networks import build_network
+from ..preprocessing import Preprocessing
+from ..progress import Reporter
+from ..training.schedule import warmup_cosine
+from .data import PreparedData
+from .hybridmim import HybridMIM
+
+METHODS = {HybridMIM.name: HybridMIM}
+STATE_FORMAT = 1
+
+
+@dataclass
+class Schedule:
+    """The recipe's ``train`` block."""
+
+    steps: int
+    volumes_per_step: int = 1
+    crops_per_volume: int = 2
+    accumulate: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    warmup_steps: int = 500
+    amp: str = "bf16"
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    num_threads: int | None = None
+    half_precision: bool = True
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> "Schedule":
+        block = dict(recipe.get("train") or {})
+        unknown = set(block) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"recipe 'train': unknown settings {sorted(unknown)}")
+        schedule = cls(**block)
+        if schedule.amp not in ("bf16", "fp16", "none"):
+            raise UserError(f"recipe 'train.amp' must be bf16, fp16 or none, got {schedule.amp!r}")
+        if min(schedule.steps, schedule.volumes_per_step, schedule.crops_per_volume, schedule.accumulate) < 1:
+            raise UserError("recipe 'train': steps, volumes_per_step, crops_per_volume and accumulate must be ≥ 1")
+        return schedule
+
+
+def state_path(output: Path) -> Path:
+    """Where the resume state of a run writing ``output`` lives."""
+    return output.with_name(output.name.removesuffix(".safetensors") + ".resume.pt")
+
+
+def curve_path(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".safetensors") + ".curve.png")
+
+
+def build_method(recipe: dict, channels: int) -> torch.nn.Module:
+    name = recipe.get("method")
+    if name not in METHODS:
+        raise UserError(f"unknown pre-training method {name!r} (known: {', '.join(METHODS)})")
+    settings = dict(recipe.get(name) or {})
+    unknown = set(settings) - set(inspect.signature(METHODS[name].__init__).parameters) - {"self", "network"}
+    if unknown:
+        raise UserError(f"recipe {name!r}: unknown settings {sorted(unknown)}")
+    network = build_network({**recipe["network"], "in_channels": channels, "out_channels": channels})
+    return METHODS[name](network, **settings)
+
+
+class _Distributed:
+    """Rank, world size and device; DDP when started by torchrun with more than one process."""
+
+    def __init__(self, device_request: str, reporter: Reporter):
+        from ..inference import select_device
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = select_device(device_request, reporter if self.rank == 0 else Reporter("quiet"))
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on one (so all stop at the same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _step_generators(seed: int, rank: int, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
+    rng = np.random.default_rng([seed, rank, step, micro])
+    torch.manual_seed(int(rng.integers(2**62)))  # dropout and any other global-RNG draw
+    return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def check_new_run(output: Path, overwrite: bool) -> None:
+    """A fresh run must not silently replace an earlier run's model or resume state."""
+    for path in (output, state_path(output)):
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: already exists; pass --resume to continue that run or --overwrite to start again")
+
+
+def load_resume_state(output: Path) -> dict:
+    """The state a run writing ``output`` left (no code is unpickled: weights_only)."""
+    path = state_path(output)
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: say so in one line
+        raise UserError(f"{path}: not a readable resume state ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: written by another version of the engine; cannot resume")
+    return state
+
+
+def with_steps(recipe: dict, steps: int | None) -> dict:
+    """``recipe`` with ``--steps`` applied."""
+    if steps is None:
+        return recipe
+    return {**recipe, "train": {**recipe.get("train", {}), "steps": int(steps)}}
+
+
+def check_recipe(recipe: dict) -> None:
+    """Refuse a bad recipe before any data is read: its schedule and its method must build."""
+    Schedule.from_recipe(recipe)
+    build_method(recipe, len(recipe["channels"]))
+
+
+def pretrain(recipe: dict, data: PreparedData, output: Path, reporter: Reporter, state: dict | None = None,
+             device: str = "auto", steps: int | None = None) -> dict:
+    """Pre-train per ``recipe`` on ``data``, from ``state`` when resuming; returns the outputs written."""
+    output = Path(output)
+    recipe = with_steps(recipe, steps)
+    schedule = Schedule.from_recipe(recipe)
+    if Preprocessing.from_dict(recipe["preprocessing"]) != data.preprocessing:
+        raise UserError("the data were prepared with other pre-processing than the recipe's")
+    if len(recipe["channels"]) != data.channels:
+        raise UserError(f"the recipe lists {len(recipe['channels'])} channel(s); the data have {data.channels}")
+
+    dist = _Distributed(device, reporter)
+    if not dist.main:
+        reporter = Reporter("quiet")
+    if schedule.num_threads and dist.device.type == "cpu":
+        torch.set_num_threads(schedule.num_threads)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        return _train(recipe, schedule, data, output, state, dist, reporter)
+    finally:
+        dist.close()
+
+
+def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, dist: _Distributed,
+           reporter: Reporter) -> dict:
+    torch.manual_seed(schedule.seed)  # the same initial weights on every rank and every run
+    method = build_method(recipe, data.channels).to(dist.device)
+    optimiser = torch.optim.AdamW(method.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    lr_lambda = lambda s: warmup_cosine(s, schedule.warmup_steps, schedule.steps)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda)
+    scaler = torch.amp.GradScaler("cuda", enabled=dist.device.type == "cuda" and schedule.amp == "fp16")
+    start, history, elapsed = 0, [], 0.0
+    if state is not None:
+        method.load_state_dict(state["method"])
+        optimiser.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])  # keeps lr_lambda: the total may have changed with --steps
+        scaler.load_state_dict(state["scaler"])
+        start, history, elapsed = int(state["step"]), list(state["history"]), float(state["elapsed"])
+        reporter.info(f"resuming at step {start} of {schedule.steps}")
+    model = dist.wrap(method)
+    model.train()
+
+    def save(step: int) -> None:
+        if dist.main:
+            _save(output, recipe, method, optimiser, scheduler, scaler, step, history, elapsed + time.time() - started,
+                  data, dist, schedule)
+
+    reporter.stage("pre-train")
+    started, window, stopped = time.time(), [], False
+    step = start
+    with _StopRequest() as stop:
+        while step < schedule.steps:
+            terms = _one_step(model, method, data, schedule, dist, scaler, step)
+            if schedule.grad_clip:
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(method.parameters(), schedule.grad_clip)
+            scaler.step(optimiser)
+            scaler.update()
+            optimiser.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            window.append(terms)
+            reporter.progress(step, schedule.steps)
+            if step % schedule.log_every == 0 or step == schedule.steps:
+                history.append(_summarise(window, step, scheduler.get_last_lr()[0], elapsed + time.time() - started))
+                reporter.metric(**history[-1])
+                window = []
+            stopped = dist.any(stop.requested)
+            if stopped or step % schedule.checkpoint_every == 0 or step == schedule.steps:
+                save(step)
+            if stopped:
+                break
+    outputs = {"checkpoint": str(output), "resume_state": str(state_path(output)), "curve": str(curve_path(output)),
+               "step": step, "steps": schedule.steps}
+    if stopped:
+        reporter.info(f"stopped at step {step} of {schedule.steps}; `--resume` continues from there")
+    reporter.done({**outputs, "stopped": stopped})
+    return outputs
+
+
+def _one_step(model, method, data: PreparedData, schedule: Schedule, dist: _Distributed, scaler, step: int) -> dict:
+    """Forward and backward over ``accumulate`` micro-batches; returns the mean of each loss term."""
+    totals: dict[str, float] = {}
+    for micro in range(schedule.accumulate):
+        rng, generator = _step_generators(schedule.seed, dist.rank, step, micro)
+        stored, valid = data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume, method.crop_size)
+        valid = torch.from_numpy(valid).to(dist.device, non_blocking=True)
+        image = data.to_model(torch.from_numpy(stored).to(dist.device, non_blocking=True), valid)
+        choices = method.sample(image.shape[0], generator)
+        last = micro == schedule.accumulate - 1
+        sync = nullcontext() if last or dist.world == 1 else model.no_sync()
+        with sync:
+            with _autocast(dist.device, schedule.amp):
+                loss, terms = model(image, valid, **choices)
+            scaler.scale(loss / schedule.accumulate).backward()
+        for name, value in {"loss": loss.detach(), **terms}.items():
+            totals[name] = totals.get(name, 0.0) + float(value) / schedule.accumulate
+    return totals
+
+
+def _summarise(window: list[dict], step: int, lr: float, seconds: float) -> dict:
+    means = {name: float(np.mean([terms[name] for terms in window])) for name in window[0]}
+    return {"step": step, **means, "lr": lr, "seconds": round(seconds, 1)}
+
+
+def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step: int, history: list, elapsed: float,
+          data: PreparedData, dist: _Distributed, schedule: Schedule) -> None:
+    """The resume state first, then the model: a model file never runs ahead of its state."""
+    import monai
+
+    from ..curves import plot_curves
+
+    state = {"format": STATE_FORMAT, "recipe": recipe, "step": step, "method": method.state_dict(),
+             "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "history": history, "elapsed": elapsed}
+    with atomic_output(state_path(output)) as tmp:
+        torch.save(state, tmp)
+    device = f"{torch.cuda.get_device_name(dist.device)}" if dist.device.type == "cuda" else f"{platform.machine()} CPU"
+    meta = ModelMeta(
+        network={**recipe["network"], "in_channels": data.channels, "out_channels": data.channels},
+        channels=recipe["channels"],
+        preprocessing=data.preprocessing,
+        roi_size=(method.crop_size,) * 3,
+        overlap=0.5,
+        labels=[],
+        method=method.name,
+        task="reconstruction",
+        pretraining=method.settings(),
+        title=recipe.get("title", ""),
+        description=recipe.get("description", ""),
+        provenance={
+            "recipe": recipe,
+            "data": data.sources,
+            "steps": step,
+            "crops_seen": step * schedule.accumulate * schedule.volumes_per_step * schedule.crops_per_volume * dist.world,
+            "train_seconds": round(elapsed, 1),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "software": {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()},
+            "machine": f"{dist.world} × {device}",
+        },
+        metrics={"last": history[-1]} if history else {},
+    )
+    save_checkpoint(output, method.network.state_dict(), meta, half=schedule.half_precision)
+    if history:
+        plot_curves(history, curve_path(output), recipe.get("title", ""))

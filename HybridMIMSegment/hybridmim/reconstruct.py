@@ -1,0 +1,186 @@
+"""``hybridmim reconstruct``: mask a scan patch-wise and let a pre-trained model fill the holes.
+
+Visual QA of a pre-trained encoder-decoder: if it rebuilds anatomy it never
+saw from the visible context, it has learnt something about anatomy. Outputs,
+on the input's grid and in its units (e.g. HU): ``mask`` (1 = masked),
+``masked`` (the input with masked voxels at the intensity floor),
+``reconstruction`` (the input with masked voxels replaced by the model's),
+``error`` (absolute difference from the input), and ``montage.png``.
+
+As a yardstick, the summary gives the masked voxels' mean absolute error of
+the model and of a plain interpolation from the visible voxels (normalised
+Gaussian convolution, the best of a few widths).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import check_inputs_kept, check_new_output
+from .catalog import resolve_model
+from .checkpoint import read_metadata
+from .errors import UserError
+from .progress import Reporter
+
+BASELINE_SIGMAS = (2.0, 4.0, 8.0)  # voxels
+VOLUMES = ("mask", "masked", "reconstruction", "error")
+
+
+def output_names(channel_names: list[str]) -> dict[str, str]:
+    """File name of each output; several channels get one file per channel for the intensity volumes."""
+    names = {"mask": "mask.nii.gz", "montage": "montage.png"}
+    for kind in VOLUMES[1:]:
+        if len(channel_names) == 1:
+            names[kind] = f"{kind}.nii.gz"
+        else:
+            for channel in channel_names:
+                names[f"{kind}_{channel}"] = f"{kind}_{re.sub(r'[^A-Za-z0-9]+', '_', channel).lower()}.nii.gz"
+    return names
+
+
+def window_layout(shape_zyx, roi: int, patch: int, overlap: float) -> tuple[list[tuple[int, int]], float]:
+    """Padding (before, after) per axis and the overlap that make every sliding window start on the patch grid.
+
+    The network learnt with masks aligned to its windows (crop-relative 16³
+    patches, which also line up with its pooling cells); a window shifted off
+    that grid sees masks of unfamiliar shapes and fills them badly (on STS_039:
+    167 HU mean error unaligned, 70 HU aligned). Steps between windows are
+    whole patches, and the far end is padded so the last window lands on the
+    grid too. An axis shorter than a window is centred in it.
+    """
+    stride = max(patch, round(roi * (1 - overlap) / patch) * patch)
+    padding = []
+    for n in shape_zyx:
+        if n < roi:
+            before = (roi - n) // 2 // patch * patch
+            padding.append((before, roi - n - before))
+        else:
+            padding.append((0, -(n - roi) % stride))
+    # MONAI steps by int(roi * (1 - overlap)): half a voxel over the stride keeps it exact.
+    return padding, 1 - (stride + 0.5) / roi
+
+
+def interpolation_baseline(array: np.ndarray, visible: np.ndarray, sigma: float):
+    """Masked voxels filled by normalised Gaussian convolution of the visible ones.
+
+    ``array`` (C, z, y, x), ``visible`` (z, y, x) booleans; returns a float32 array like ``array``.
+    """
+    import torch
+    from monai.networks.layers import GaussianFilter
+
+    smooth = GaussianFilter(3, sigma)
+    weights = torch.from_numpy(visible.astype(np.float32))[None, None]
+    with torch.inference_mode():
+        support = smooth(weights)[0, 0].clamp(min=1e-6)
+        filled = [smooth(torch.from_numpy(channel * visible)[None, None].float())[0, 0] / support for channel in array]
+    return torch.stack(filled).numpy()
+
+
+def masked_mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray, scales) -> float:
+    """Mean absolute difference over ``mask`` voxels of every channel, in input units (÷ each channel's scale)."""
+    errors = [np.abs(a[c][mask] - b[c][mask]).mean() / abs(scales[c]) for c in range(a.shape[0])]
+    return float(np.mean(errors))
+
+
+def reconstruct(inputs: list[str], output_dir: str, model: str | None = None, mask_ratio: float | None = None,
+                seed: int = 0, device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
+    """Write the reconstruction outputs into ``output_dir``; returns their paths and the error summary."""
+    reporter = reporter or Reporter("quiet")
+    started = time.time()
+    folder = Path(output_dir)
+    if folder.is_file():
+        raise UserError(f"{folder}: is a file; give a folder for the outputs")
+
+    reporter.stage("load model")
+    checkpoint = resolve_model(model, reporter, pretrained=True)
+    meta = read_metadata(checkpoint)
+    if meta.task != "reconstruction":
+        raise UserError(f"model {checkpoint.name} is a {meta.task} model; reconstruction needs a pre-trained "
+                        "model (`hybridmim models` lists them)")
+    ratio = meta.pretraining.get("mask_ratio", 0.4) if mask_ratio is None else mask_ratio
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {ratio}")
+    meta.check_input_count(len(inputs), checkpoint.name)
+    channel_names = [c["name"] for c in meta.channels]
+    paths = {kind: check_new_output(folder / name, overwrite) for kind, name in output_names(channel_names).items()}
+    check_inputs_kept(inputs, paths.values())
+
+    import torch
+
+    from .inference import load_and_prepare, sliding_window
+    from .masking import volume_patch_mask
+
+    channels, model_input, network, torch_device = load_and_prepare(inputs, checkpoint, meta, device, reporter)
+    array = model_input.array
+    patch = int(meta.pretraining.get("patch_size", 16))
+    mask = volume_patch_mask(array.shape[1:], patch, ratio, seed).numpy()
+    masked = array * ~mask
+
+    reporter.stage("reconstruct")
+    padding, overlap = window_layout(array.shape[1:], int(meta.roi_size[0]), patch, meta.overlap)
+    # Mirrored rather than padded with air: a window that is half padding leaves the model
+    # little context (thin scans: ct_b 156 HU mean error with air padding, 99 HU mirrored).
+    padded = np.pad(masked, [(0, 0), *padding], mode="reflect")
+    logits = sliding_window(network, padded, meta.roi_size, overlap, torch_device, reporter)
+    inside = tuple(slice(before, before + n) for (before, _), n in zip(padding, array.shape[1:]))
+    prediction = torch.sigmoid(logits[0][(slice(None), *inside)].float()).cpu().numpy()
+
+    reporter.stage("compare")
+    scales = [scale for scale, _ in model_input.intensity_maps]
+    summary = {"mask_ratio": ratio, "seed": seed, "masked_voxels_model_grid": int(mask.sum()),
+               "mae_model": round(masked_mae(prediction, array, mask, scales), 3)}
+    baseline = {s: masked_mae(interpolation_baseline(array, ~mask, s), array, mask, scales) for s in BASELINE_SIGMAS}
+    best_sigma = min(baseline, key=baseline.get)
+    summary.update(mae_interpolation=round(baseline[best_sigma], 3), interpolation_sigma_voxels=best_sigma)
+
+    reporter.stage("write")
+    _write_outputs(channels, model_input, mask, prediction, meta, paths, channel_names, checkpoint.stem)
+    outputs = {kind: str(path) for kind, path in paths.items()}
+    reporter.done({**outputs, **summary, "seconds": round(time.time() - started, 2), "device": str(torch_device)})
+    return {**outputs, **summary}
+
+
+def _write_outputs(channels, model_input, mask, prediction, meta, paths, channel_names, model_name) -> None:
+    import SimpleITK as sitk
+
+    from .geometry import Grid
+    from .modelgrid import restore_intensities, restore_labels
+    from .preview import render_reconstruction_montage
+
+    mask_image = restore_labels(mask.astype(np.uint8), model_input.grid, channels[0])
+    _write_image(mask_image, paths["mask"])
+    masked_here = sitk.GetArrayViewFromImage(mask_image).astype(bool)
+    window = meta.preprocessing.intensity.window
+    reference = Grid.of(channels[0])
+    for c, name in enumerate(channel_names):
+        suffix = "" if len(channel_names) == 1 else f"_{name}"
+        original = sitk.GetArrayFromImage(sitk.Cast(channels[c], sitk.sitkFloat32))
+        scale, offset = model_input.intensity_maps[c]
+        predicted = sitk.GetArrayFromImage(
+            restore_intensities((prediction[c] - offset) / scale, model_input.grid, reference))
+        floor = window[0] if window else float(original.min())
+        volumes = {
+            "masked": np.where(masked_here, floor, original),
+            "reconstruction": np.where(masked_here, predicted, original),
+        }
+        volumes["error"] = np.abs(volumes["reconstruction"] - original)
+        images = {}
+        for kind, values in volumes.items():
+            images[kind] = reference.image(values.astype(np.float32))
+            _write_image(images[kind], paths[kind + suffix])
+        if c == 0:
+            render_reconstruction_montage(channels[0], images["masked"], images["reconstruction"], images["error"],
+                                          paths["montage"], window, f"{model_name}: masked-patch reconstruction")
+
+
+def _write_image(image, path: Path) -> None:
+    import SimpleITK as sitk
+
+    from .atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)

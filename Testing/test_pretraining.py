@@ -1,0 +1,297 @@
+"""The pre-training trainer on real CT crops: loss goes down, exact resume, clean stop, DDP on gloo, data, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from safetensors.torch import load_file
+
+from conftest import REPO, crop, data_file, run_cli
+from hybridmim.errors import UserError
+from hybridmim.preprocessing import Preprocessing
+from hybridmim.progress import Reporter, parse_event
+from hybridmim.pretraining.data import find_cases, load_prepared, prepare_cases
+from hybridmim.pretraining.run import load_recipe
+from hybridmim.pretraining.trainer import load_resume_state, pretrain, state_path
+
+# Tiny U-Net (bottleneck stride 8), 8³ patches → 48³ crops, 3 mm voxels; fp32 weights for exact comparisons.
+TINY_RECIPE = {
+    "network": {"features": [4, 8, 8, 16], "dropout": 0.1},
+    "preprocessing": {"spacing": [3.0, 3.0, 3.0]},
+    "hybridmim": {"patch_size": 8},
+    "train": {"steps": 10, "volumes_per_step": 2, "crops_per_volume": 2, "lr": 3e-3, "warmup_steps": 2,
+              "checkpoint_every": 2, "log_every": 2, "amp": "none", "half_precision": False, "num_threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> Path:
+    """Two real CTs, cropped: a chest (lung tumour) and an abdomen, as a folder of image files."""
+    folder = tmp_path_factory.mktemp("scans")
+    lung = sitk.ReadImage(str(data_file("lung_tumor_ct/image.nii.gz")))
+    sitk.WriteImage(lung[30:174, 40:170, 10:50], str(folder / "lung.nii.gz"))
+    sitk.WriteImage(crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))), str(folder / "abdomen.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.json"
+    path.write_text(json.dumps(TINY_RECIPE), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(scans, recipe_file, tmp_path_factory) -> Path:
+    """The scans prepared once by the CLI, as the folder later runs take as --data."""
+    cache = tmp_path_factory.mktemp("prepared")
+    run_cli("pretrain", "--prepare-only", "--recipe", recipe_file, "--cache", cache, "--data", scans, check_rc=0)
+    return cache
+
+
+def recipe_for(recipe_file: Path) -> dict:
+    return load_recipe(None, None, str(recipe_file))
+
+
+def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_path):
+    recipe = recipe_for(recipe_file)
+    recipe["train"].update(steps=40, lr=1e-2, log_every=10, checkpoint_every=40, num_threads=None)
+    data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
+    stream = io.StringIO()
+    output = tmp_path / "tiny.safetensors"
+    pretrain(recipe, data, output, Reporter("json", stream), device="cpu")
+
+    events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+    metrics = [e for e in events if e["event"] == "metric"]
+    assert [m["step"] for m in metrics] == [10, 20, 30, 40]
+    assert set(metrics[0]) >= {"loss", "pixel", "count", "location", "consistency", "contrast", "lr", "seconds"}
+    first, last = metrics[0], metrics[-1]  # each a mean over 10 steps
+    assert last["loss"] < 0.95 * first["loss"], [m["loss"] for m in metrics]
+    assert last["pixel"] < 0.85 * first["pixel"], [m["pixel"] for m in metrics]
+    assert last["count"] < first["count"] - 0.2, [m["count"] for m in metrics]
+    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "pre-train"] == list(range(1, 41))
+    assert events[-1]["event"] == "done" and events[-1]["outputs"]["stopped"] is False
+
+    from hybridmim.checkpoint import load_model
+    meta, network = load_model(output)
+    assert meta.task == "reconstruction" and meta.labels == [] and meta.method == "hybridmim"
+    assert meta.pretraining["patch_size"] == 8 and meta.roi_size == (48, 48, 48)
+    assert meta.provenance["crops_seen"] == 40 * 2 * 2
+    assert sorted(d["name"] for d in meta.provenance["data"]) == ["abdomen", "lung"]
+    assert network.head.out_channels == 1
+    assert output.with_name("tiny.curve.png").stat().st_size > 10_000
+
+
+def _start(recipe_file, prepared, output, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "hybridmim", "pretrain", "--recipe", str(recipe_file), "--data", str(prepared),
+               "-o", str(output), "--device", "cpu", "--progress", "json", *map(str, extra)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    first, second = _weights(a), _weights(b)
+    assert first.keys() == second.keys()
+    different = [k for k in first if not (first[k] == second[k]).all()]
+    assert not different, f"{len(different)} tensors differ, first {different[0]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, recipe_file, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("reference") / "reference.safetensors"
+    run_cli("pretrain", "--recipe", recipe_file, "--data", prepared, "-o", output, "--device", "cpu",
+            "--progress", "quiet", check_rc=0)
+    return output
+
+
+def test_kill_9_then_resume_continues_with_the_same_batches(prepared, recipe_file, uninterrupted, tmp_path):
+    output = tmp_path / "run.safetensors"
+    process = _start(recipe_file, prepared, output)
+    killed_after = None
+    for line in process.stdout:  # wait for a checkpoint past the first, then kill without warning
+        event = parse_event(line)
+        if event and event["event"] == "metric" and event["step"] >= 4:
+            deadline = time.time() + 30
+            while killed_after is None and time.time() < deadline:
+                if state_path(output).is_file() and load_resume_state(output)["step"] >= 4:
+                    process.send_signal(signal.SIGKILL)
+                    killed_after = load_resume_state(output)["step"]
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    state = load_resume_state(output)
+    assert 4 <= state["step"] < 10, "the run finished before it could be killed"
+
+    resumed = run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu",
+                      "--progress", "json", check_rc=0)
+    events = [e for e in map(parse_event, resumed.stdout.splitlines()) if e]
+    assert any(e["event"] == "message" and f"resuming at step {state['step']} of 10" in e["text"] for e in events)
+    steps_done = [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "pre-train"]
+    assert steps_done == list(range(state["step"] + 1, 11))
+    assert [e["step"] for e in events if e["event"] == "metric"] == list(range(state["step"] + 2, 11, 2))
+    # The interrupted-and-resumed run ends with exactly the weights of the uninterrupted one.
+    _assert_same_weights(output, uninterrupted)
+    assert load_resume_state(output)["step"] == 10
+    assert [h["step"] for h in load_resume_state(output)["history"]] == [2, 4, 6, 8, 10]
+
+
+def test_sigterm_stops_cleanly_at_a_checkpoint_and_resume_finishes(prepared, recipe_file, uninterrupted, tmp_path):
+    output = tmp_path / "run.safetensors"
+    process = _start(recipe_file, prepared, output)
+    for line in process.stdout:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "pre-train":
+            process.send_signal(signal.SIGTERM)
+            break
+    remaining = process.stdout.read()
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    done = [e for e in map(parse_event, remaining.splitlines()) if e and e["event"] == "done"][0]
+    stopped_at = done["outputs"]["step"]
+    assert done["outputs"]["stopped"] is True and stopped_at < 10
+    assert load_resume_state(output)["step"] == stopped_at  # saved at the stop, not at the last multiple of 2
+    run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress", "quiet",
+            check_rc=0)
+    _assert_same_weights(output, uninterrupted)
+
+
+def test_two_process_gloo_run_completes(prepared, recipe_file, tmp_path):
+    output = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hybridmim", "pretrain", "--recipe", str(recipe_file), "--data", str(prepared), "-o", str(output),
+         "--steps", "3", "--device", "cpu", "--progress", "json"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = [e for e in map(parse_event, result.stdout.splitlines()) if e and e["event"] == "done"]
+    assert len(done) == 1  # only rank 0 reports
+    from hybridmim.checkpoint import read_metadata
+    meta = read_metadata(output)
+    assert meta.provenance["machine"].startswith("2 × ")
+    assert meta.provenance["crops_seen"] == 3 * 2 * 2 * 2
+    assert load_resume_state(output)["step"] == 3
+
+
+def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
+    lung, abdomen = scans / "lung.nii.gz", scans / "abdomen.nii.gz"
+    case_folder = tmp_path / "cases" / "case_1"
+    case_folder.mkdir(parents=True)
+    (case_folder / "image.nii.gz").symlink_to(lung)
+    (case_folder / "label.nii.gz").symlink_to(abdomen)  # labels are not scans
+    two_channels = tmp_path / "cases" / "case_2"
+    two_channels.mkdir()
+    (two_channels / "image_0000.nii.gz").symlink_to(lung)
+    (two_channels / "image_0001.nii.gz").symlink_to(abdomen)
+    decathlon = tmp_path / "decathlon"
+    (decathlon / "imagesTr").mkdir(parents=True)
+    (decathlon / "imagesTr" / "ct_7.nii.gz").symlink_to(lung)
+    (decathlon / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/ct_7.nii.gz"}]}))
+
+    cases = find_cases([tmp_path / "cases", decathlon, lung, case_folder])
+    assert [(c.name, [p.name for p in c.channels]) for c in cases] == [
+        ("case_1", ["image.nii.gz"]), ("case_2", ["image_0000.nii.gz", "image_0001.nii.gz"]),
+        ("ct_7", ["ct_7.nii.gz"]), ("lung", ["lung.nii.gz"]), ("case_1", ["image.nii.gz"])]
+    assert [c.name for c in find_cases([scans], exclude=["lung"])] == ["abdomen"]
+
+    with pytest.raises(UserError, match="--exclude names no case in the data: nothing"):
+        find_cases([scans], exclude=["nothing"])
+    with pytest.raises(UserError, match="no such file or folder"):
+        find_cases([tmp_path / "missing"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not an image file"):
+        find_cases([tmp_path / "notes.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        find_cases([tmp_path / "empty"])
+
+
+def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path):
+    recipe = recipe_for(recipe_file)
+    preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
+    cache = tmp_path / "cache"
+    first = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
+    assert len(stamps) == 2
+    second = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == stamps  # nothing prepared again
+    for a, b in zip(first.volumes, second.volumes):
+        assert a.stored.dtype == np.uint8 and np.array_equal(a.stored, b.stored) and np.array_equal(a.centres, b.centres)
+    # 3 mm voxels, RAS, cropped to the body: the abdomen crop (96 × 72 × 56 at 3 mm) is at most that big
+    abdomen = next(v for v in first.volumes if v.name == "abdomen")
+    assert abdomen.stored.shape[0] == 1 and all(n <= 96 for n in abdomen.stored.shape[1:])
+    assert first.sources[0]["sha256"][0] and len(first.sources[0]["sha256"][0]) == 64
+
+    other = Preprocessing.from_dict({**recipe["preprocessing"], "spacing": [2.0, 2.0, 2.0]})
+    with pytest.raises(UserError, match="other pre-processing than the recipe's"):
+        load_prepared(cache, other, Reporter("quiet"))
+
+
+def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, tmp_path):
+    import torch
+
+    recipe = recipe_for(recipe_file)
+    data = prepare_cases(find_cases([scans]), Preprocessing.from_dict(recipe["preprocessing"]), tmp_path, Reporter("quiet"))
+    rng = np.random.default_rng(0)
+    stored, valid = data.sample_crops(rng, volumes=3, crops_per_volume=2, size=64)
+    assert stored.shape == (6, 1, 64, 64, 64) and valid.shape == (6, 1, 64, 64, 64)
+    # the lung crop is 40 slices of 3 mm: along z, every 64-voxel crop holds padding
+    assert (valid == 0).any() and (valid == 1).any()
+    image = data.to_model(torch.from_numpy(stored), torch.from_numpy(valid))
+    assert float(image[torch.from_numpy(valid) == 0].abs().max()) == 0.0
+    inside = image[torch.from_numpy(valid) == 1]
+    low, high = data.preprocessing.intensity.output_range
+    assert float(inside.min()) >= low - 1e-6 and float(inside.max()) <= high + 1e-6
+    # 8-bit storage: within half a step (2000 HU / 255 / 2 ≈ 4 HU) of the float pre-processing
+    from hybridmim.imageio import read_channels
+    from hybridmim.modelgrid import prepare
+
+    exact = prepare(read_channels([scans / "abdomen.nii.gz"]), data.preprocessing).array
+    abdomen = next(v for v in data.volumes if v.name == "abdomen")
+    decoded = abdomen.stored.astype(np.float32) * ((high - low) / 255.0) + low
+    assert np.abs(decoded - exact).max() <= (high - low) / 255.0 / 2 + 1e-6
+
+
+def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterrupted, tmp_path, capsys):
+    from hybridmim.cli import main
+
+    def refused(*args, message):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["pretrain", *map(str, args)])
+        stderr = capsys.readouterr().err
+        lines = stderr.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], stderr
+
+    refused("--data", prepared, "-o", uninterrupted, message="already exists; pass --resume")
+    refused("--data", prepared, "-o", tmp_path / "new.safetensors", "--resume", message="nothing to resume")
+    refused("--data", prepared, "-o", tmp_path / "model.pt", message="a checkpoint is a .safetensors file")
+    refused("--data", prepared, message="give the checkpoint to write with -o")
+    refused("--data", tmp_path / "missing", "-o", tmp_path / "m.safetensors", message="no such file or folder")
+    refused("--data", prepared, "--exclude", "lung", "-o", tmp_path / "m.safetensors",
+            message="--exclude applies to scans")
+    (tmp_path / "bad.json").write_text("{not json")
+    refused("--data", prepared, "--recipe", tmp_path / "bad.json", "-o", tmp_path / "m.safetensors",
+            message="unreadable recipe")
+    (tmp_path / "typo.json").write_text(json.dumps({**TINY_RECIPE, "train": {"stpes": 3}}))
+    refused("--data", prepared, "--recipe", tmp_path / "typo.json", "-o", tmp_path / "m.safetensors",
+            message="unknown settings ['stpes']")
+    (tmp_path / "typo2.json").write_text(json.dumps({**TINY_RECIPE, "hybridmim": {"mask_ration": 0.5}}))
+    refused("--data", prepared, "--recipe", tmp_path / "typo2.json", "-o", tmp_path / "m.safetensors",
+            message="recipe 'hybridmim': unknown settings ['mask_ration']")
+    state_path(tmp_path / "broken.safetensors").write_bytes(b"not a torch file")
+    refused("--data", prepared, "-o", tmp_path / "broken.safetensors", "--resume",
+            message="not a readable resume state")
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "new.safetensors").exists()
