@@ -20,9 +20,11 @@ from conftest import REPO, crop, data_file, run_cli
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
-from hybridmim.pretraining.data import find_cases, load_prepared, prepare_cases
+from hybridmim.volumes import find_cases, load_prepared, prepare_cases
 from hybridmim.pretraining.run import load_recipe
-from hybridmim.pretraining.trainer import load_resume_state, pretrain, state_path
+from hybridmim.pretraining.trainer import pretrain
+from hybridmim.training import runstate
+from hybridmim.training.runstate import state_path
 
 # Tiny U-Net (bottleneck stride 8), 8³ patches → 48³ crops, 3 mm voxels; fp32 weights for exact comparisons.
 TINY_RECIPE = {
@@ -57,6 +59,10 @@ def prepared(scans, recipe_file, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("prepared")
     run_cli("pretrain", "--prepare-only", "--recipe", recipe_file, "--cache", cache, "--data", scans, check_rc=0)
     return cache
+
+
+def load_resume_state(output: Path) -> dict:
+    return runstate.load_resume_state(output, "pretrain")
 
 
 def recipe_for(recipe_file: Path) -> dict:
@@ -245,7 +251,8 @@ def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, 
     recipe = recipe_for(recipe_file)
     data = prepare_cases(find_cases([scans]), Preprocessing.from_dict(recipe["preprocessing"]), tmp_path, Reporter("quiet"))
     rng = np.random.default_rng(0)
-    stored, valid = data.sample_crops(rng, volumes=3, crops_per_volume=2, size=64)
+    stored, valid, labels = data.sample_crops(rng, volumes=3, crops_per_volume=2, size=64)
+    assert labels is None
     assert stored.shape == (6, 1, 64, 64, 64) and valid.shape == (6, 1, 64, 64, 64)
     # the lung crop is 40 slices of 3 mm: along z, every 64-voxel crop holds padding
     assert (valid == 0).any() and (valid == 1).any()

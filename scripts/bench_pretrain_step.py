@@ -30,7 +30,7 @@ def run_variant(args) -> dict:
 
     from hybridmim.inference import select_device
     from hybridmim.preprocessing import Preprocessing
-    from hybridmim.pretraining.data import find_cases, is_prepared_folder, load_prepared, prepare_cases
+    from hybridmim.volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
     from hybridmim.pretraining.run import load_recipe
     from hybridmim.pretraining.trainer import _autocast, build_method
     from hybridmim.progress import Reporter
@@ -52,7 +52,7 @@ def run_variant(args) -> dict:
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
     times = []
     for step in range(args.warmup + args.steps):
-        stored, valid = data.sample_crops(rng, 1, args.batch, method.crop_size)
+        stored, valid, _ = data.sample_crops(rng, 1, args.batch, method.crop_size)
         valid = torch.from_numpy(valid).to(device)
         image = data.to_model(torch.from_numpy(stored).to(device), valid)
         choices = method.sample(image.shape[0], generator)

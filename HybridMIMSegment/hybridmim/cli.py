@@ -97,6 +97,17 @@ def _cmd_pretrain(args, reporter: Reporter) -> None:
             print(f"prepared {outputs['volumes']} volumes ({outputs['voxels'] / 1e6:.0f} M voxels)", file=sys.stderr)
 
 
+def _cmd_finetune(args, reporter: Reporter) -> None:
+    from .training.finetune import run_finetune
+
+    outputs = run_finetune(args.init, args.data, args.output, reporter, args.val, args.val_fraction, args.labels,
+                           args.epochs, args.recipe, args.resume, args.overwrite, args.cache, args.device)
+    if reporter.mode == "tqdm":
+        best = "" if outputs["best_dice"] is None else f", best validation Dice {outputs['best_dice']:.3f} " \
+                                                      f"at epoch {outputs['best_epoch']}"
+        print(f"wrote {outputs['checkpoint']}{best}; curve {outputs['curve']}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridmim", description="Masked-image-modelling pre-trained 3D segmentation (HybridMIMSegment engine).")
     parser.add_argument("--version", action="version", version=f"hybridmim {__version__}")
@@ -144,6 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _add_progress(pre)
     pre.set_defaults(handler=_cmd_pretrain)
+
+    fin = commands.add_parser("finetune", help="train a segmentation model from a pre-trained checkpoint or from scratch")
+    fin.add_argument("--init", required=True, metavar="CKPT|NAME|scratch",
+                     help="checkpoint (path or catalog name) whose encoder and decoder start the model, or 'scratch'")
+    fin.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                     help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon "
+                          "folders, or one folder prepared earlier")
+    fin.add_argument("-o", "--output", required=True, help="the best model (.safetensors); resume state and curve beside it")
+    fin.add_argument("--val", nargs="+", metavar="PATH", help="validation cases (default: --val-fraction of --data)")
+    fin.add_argument("--val-fraction", type=float, help="share of --data held out for validation (recipe default 0.2)")
+    fin.add_argument("--labels", metavar="FILE", help="JSON list of the labels: value, name, colour, terminology "
+                                                      "(default: the recipe's, else the init model's)")
+    fin.add_argument("--epochs", type=int, help="maximum epochs (overrides the recipe)")
+    fin.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over Resources/Recipes/finetune.json")
+    fin.add_argument("--resume", action="store_true", help="continue the run that wrote -o")
+    fin.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
+    fin.add_argument("--cache", metavar="DIR", help="where prepared cases are kept (default ~/.cache/hybridmim/prepared)")
+    fin.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_progress(fin)
+    fin.set_defaults(handler=_cmd_finetune)
 
     conv = commands.add_parser("convert", help="import an official HybridMIM SwinUNETR pre-training checkpoint (.pt)")
     conv.add_argument("source", metavar="PT", help="official checkpoint (.pt/.pth); loaded with weights_only=True")

@@ -14,11 +14,11 @@ from ..progress import Reporter
 BACKBONES = ("cnn", "swin")
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_recipes(base: dict, override: dict) -> dict:
     """``override`` on top of ``base``, recursing into objects (a partial recipe changes only what it names)."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        merged[key] = merge_recipes(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
 
 
@@ -40,7 +40,7 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
     default = resources_dir() / "Recipes" / f"pretrain-{method}-{backbone}.json"
     if not default.is_file():
         raise UserError(f"unknown pre-training method {method!r}")
-    recipe = _merge(json.loads(default.read_text(encoding="utf-8")), override)
+    recipe = merge_recipes(json.loads(default.read_text(encoding="utf-8")), override)
     return {**recipe, "method": method, "backbone": backbone}
 
 
@@ -48,8 +48,9 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
                  backbone: str | None = None, recipe_file: str | None = None, steps: int | None = None,
                  resume: bool = False, overwrite: bool = False, cache: str | None = None, exclude=(),
                  prepare_only: bool = False, device: str = "auto") -> dict:
-    from .data import find_cases, is_prepared_folder, load_prepared, prepare_cases
-    from .trainer import check_new_run, check_recipe, load_resume_state, pretrain, with_steps
+    from ..volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
+    from ..training.runstate import check_new_run, load_resume_state
+    from .trainer import check_recipe, pretrain, with_steps
 
     if output is None and not prepare_only:
         raise UserError("give the checkpoint to write with -o (or --prepare-only to prepare the data alone)")
@@ -57,7 +58,7 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
         raise UserError(f"{output}: a checkpoint is a .safetensors file")
     state = None
     if resume and not prepare_only:
-        state = load_resume_state(Path(output))
+        state = load_resume_state(Path(output), "pretrain")
         recipe = state["recipe"]
     else:
         recipe = load_recipe(method, backbone, recipe_file)

@@ -6,10 +6,8 @@ every N steps, exact resume, tqdm or JSON-lines progress, and multi-GPU /
 multi-node data parallelism when started by ``torchrun`` (DDP; NCCL on GPUs,
 gloo on CPUs).
 
-Exact resume without saving random-number-generator states: every random
-choice of a step (which volumes, crops, masks, dropout) is drawn from
-generators seeded by (seed, rank, step, micro-batch), so the batch after a
-resume is the one the uninterrupted run would have drawn.
+Exact resume: every random choice of a step (which volumes, crops, masks,
+dropout) comes from training.runstate.step_generators.
 
 Two files: the model (``-o``, a reconstruction checkpoint usable at once by
 ``hybridmim reconstruct`` and ``finetune``) and, beside it, ``*.resume.pt``
@@ -23,10 +21,9 @@ from __future__ import annotations
 import inspect
 import os
 import platform
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,12 +36,13 @@ from ..errors import UserError
 from ..networks import build_network
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
+from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, curve_path, read_schedule, state_path,
+                                 step_generators)
 from ..training.schedule import warmup_cosine
-from .data import PreparedData
+from ..volumes import PreparedData
 from .hybridmim import HybridMIM
 
 METHODS = {HybridMIM.name: HybridMIM}
-STATE_FORMAT = 1
 
 
 @dataclass
@@ -66,27 +64,7 @@ class Schedule:
     num_threads: int | None = None
     half_precision: bool = True
 
-    @classmethod
-    def from_recipe(cls, recipe: dict) -> "Schedule":
-        block = dict(recipe.get("train") or {})
-        unknown = set(block) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"recipe 'train': unknown settings {sorted(unknown)}")
-        schedule = cls(**block)
-        if schedule.amp not in ("bf16", "fp16", "none"):
-            raise UserError(f"recipe 'train.amp' must be bf16, fp16 or none, got {schedule.amp!r}")
-        if min(schedule.steps, schedule.volumes_per_step, schedule.crops_per_volume, schedule.accumulate) < 1:
-            raise UserError("recipe 'train': steps, volumes_per_step, crops_per_volume and accumulate must be ≥ 1")
-        return schedule
-
-
-def state_path(output: Path) -> Path:
-    """Where the resume state of a run writing ``output`` lives."""
-    return output.with_name(output.name.removesuffix(".safetensors") + ".resume.pt")
-
-
-def curve_path(output: Path) -> Path:
-    return output.with_name(output.name.removesuffix(".safetensors") + ".curve.png")
+    POSITIVE = ("steps", "volumes_per_step", "crops_per_volume", "accumulate")
 
 
 def build_method(recipe: dict, channels: int) -> torch.nn.Module:
@@ -147,66 +125,6 @@ class _Distributed:
             dist.destroy_process_group()
 
 
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and _in_main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _step_generators(seed: int, rank: int, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
-    rng = np.random.default_rng([seed, rank, step, micro])
-    torch.manual_seed(int(rng.integers(2**62)))  # dropout and any other global-RNG draw
-    return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
-
-
-def _autocast(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def check_new_run(output: Path, overwrite: bool) -> None:
-    """A fresh run must not silently replace an earlier run's model or resume state."""
-    for path in (output, state_path(output)):
-        if path.exists() and not overwrite:
-            raise UserError(f"{path}: already exists; pass --resume to continue that run or --overwrite to start again")
-
-
-def load_resume_state(output: Path) -> dict:
-    """The state a run writing ``output`` left (no code is unpickled: weights_only)."""
-    path = state_path(output)
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged or foreign file: say so in one line
-        raise UserError(f"{path}: not a readable resume state ({str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"{path}: written by another version of the engine; cannot resume")
-    return state
-
-
 def with_steps(recipe: dict, steps: int | None) -> dict:
     """``recipe`` with ``--steps`` applied."""
     if steps is None:
@@ -216,7 +134,7 @@ def with_steps(recipe: dict, steps: int | None) -> dict:
 
 def check_recipe(recipe: dict) -> None:
     """Refuse a bad recipe before any data is read: its schedule and its method must build."""
-    Schedule.from_recipe(recipe)
+    read_schedule(Schedule, recipe)
     build_method(recipe, len(recipe["channels"]))
 
 
@@ -225,7 +143,7 @@ def pretrain(recipe: dict, data: PreparedData, output: Path, reporter: Reporter,
     """Pre-train per ``recipe`` on ``data``, from ``state`` when resuming; returns the outputs written."""
     output = Path(output)
     recipe = with_steps(recipe, steps)
-    schedule = Schedule.from_recipe(recipe)
+    schedule = read_schedule(Schedule, recipe)
     if Preprocessing.from_dict(recipe["preprocessing"]) != data.preprocessing:
         raise UserError("the data were prepared with other pre-processing than the recipe's")
     if len(recipe["channels"]) != data.channels:
@@ -271,7 +189,7 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     reporter.stage("pre-train")
     started, window, stopped = time.time(), [], False
     step = start
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         while step < schedule.steps:
             terms = _one_step(model, method, data, schedule, dist, scaler, step)
             if schedule.grad_clip:
@@ -305,15 +223,15 @@ def _one_step(model, method, data: PreparedData, schedule: Schedule, dist: _Dist
     """Forward and backward over ``accumulate`` micro-batches; returns the mean of each loss term."""
     totals: dict[str, float] = {}
     for micro in range(schedule.accumulate):
-        rng, generator = _step_generators(schedule.seed, dist.rank, step, micro)
-        stored, valid = data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume, method.crop_size)
+        rng, generator = step_generators(schedule.seed, dist.rank, step, micro)
+        stored, valid, _ = data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume, method.crop_size)
         valid = torch.from_numpy(valid).to(dist.device, non_blocking=True)
         image = data.to_model(torch.from_numpy(stored).to(dist.device, non_blocking=True), valid)
         choices = method.sample(image.shape[0], generator)
         last = micro == schedule.accumulate - 1
         sync = nullcontext() if last or dist.world == 1 else model.no_sync()
         with sync:
-            with _autocast(dist.device, schedule.amp):
+            with autocast(dist.device, schedule.amp):
                 loss, terms = model(image, valid, **choices)
             scaler.scale(loss / schedule.accumulate).backward()
         for name, value in {"loss": loss.detach(), **terms}.items():
@@ -333,7 +251,7 @@ def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step
 
     from ..curves import plot_curves
 
-    state = {"format": STATE_FORMAT, "recipe": recipe, "step": step, "method": method.state_dict(),
+    state = {"format": STATE_FORMAT, "kind": "pretrain", "recipe": recipe, "step": step, "method": method.state_dict(),
              "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "history": history, "elapsed": elapsed}
     with atomic_output(state_path(output)) as tmp:

@@ -74,6 +74,22 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
         return d
 
 
+def _rotate_and_scale(keys, roi_size, device=None):
+    return RandAffined(keys, prob=0.8, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
+                       spatial_size=roi_size, mode=("bilinear", "nearest"), padding_mode="zeros", device=device)
+
+
+def _intensity_changes() -> list:
+    return [
+        RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.3),
+        RandScaleIntensityd("image", factors=0.25, prob=0.6),
+        RandShiftIntensityd("image", offsets=0.2, prob=0.6),
+        RandAdjustContrastd("image", gamma=(0.6, 1.6), prob=0.4),
+        RandGaussianSmoothd("image", prob=0.1),
+        RandGaussianNoised("image", std=0.02, prob=0.2),
+    ]
+
+
 def segmentation_augmentations(roi_size, num_classes: int, samples_per_volume: int) -> Compose:
     """Class-balanced crops (every labelled structure equally often), then spatial and intensity changes.
 
@@ -86,15 +102,22 @@ def segmentation_augmentations(roi_size, num_classes: int, samples_per_volume: i
         SpatialPadd(keys, spatial_size=crop),
         RandCropByLabelClassesd(keys, label_key="label", spatial_size=crop, num_classes=num_classes,
                                 num_samples=samples_per_volume, warn=False),
-        RandAffined(keys, prob=0.8, rotate_range=(0.26, 0.26, 0.26), scale_range=(0.15, 0.15, 0.15),
-                    spatial_size=roi_size, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        _rotate_and_scale(keys, roi_size),
         RandAxialSlabd(keys, prob=0.4, min_slices=max(4, roi_size[0] // 8), max_slices=roi_size[0] // 2),
         # Wide intensity changes: contrast-enhanced and non-contrast CT differ by 50-200 HU in organs.
         RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35)),
-        RandHistogramShiftd("image", num_control_points=(5, 10), prob=0.3),
-        RandScaleIntensityd("image", factors=0.25, prob=0.6),
-        RandShiftIntensityd("image", offsets=0.2, prob=0.6),
-        RandAdjustContrastd("image", gamma=(0.6, 1.6), prob=0.4),
-        RandGaussianSmoothd("image", prob=0.1),
-        RandGaussianNoised("image", std=0.02, prob=0.2),
+        *_intensity_changes(),
     ])
+
+
+def crop_augmentations(roi_size, organ_contrast: bool = False, device=None) -> Compose:
+    """Rotation, scaling and intensity changes of an already sampled crop (1.25 × the ROI) down to the ROI.
+
+    ``organ_contrast``: also shift each labelled structure's intensity (imitates contrast phases on CT).
+    No flips: left and right structures carry different labels. ``device``: where the resampling runs
+    (the crops should already be there).
+    """
+    keys = ("image", "label")
+    per_structure = [RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35))] if organ_contrast else []
+    return Compose([_rotate_and_scale(keys, tuple(int(r) for r in roi_size), device), *per_structure,
+                    *_intensity_changes()])

@@ -1,0 +1,407 @@
+"""``hybridmim finetune``: a segmentation model from a pre-trained checkpoint (or from scratch).
+
+The encoder and decoder come from ``--init`` (any of our checkpoints: a
+pre-trained reconstruction model, or a segmentation model to refine on new
+cases); only the output layer is new, unless the labels are the init model's
+own. Network, channels and pre-processing follow the init checkpoint (the
+recipe's ``scratch`` block when there is none), so the data are prepared
+exactly as in pre-training.
+
+Per step: crops 1.25 × the window, centred on a labelled voxel or anywhere in
+the body at the recipe's ratio, rotated/scaled down to the window and
+intensity-augmented (MONAI), DiceCE loss. Per epoch: sliding-window Dice on
+every validation case on the model grid; the best epoch is the model (``-o``),
+written atomically; no improvement for ``patience`` epochs stops the run. The
+resume state (``*.resume.pt``) is written every epoch and on SIGTERM/Ctrl-C,
+and ``--resume`` continues with the batches the uninterrupted run would have
+drawn (training.runstate).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_output
+from ..catalog import resolve_model, resources_dir
+from ..checkpoint import ModelMeta, read_metadata, save_checkpoint
+from ..download import cache_dir, file_sha256
+from ..errors import UserError
+from ..labels import Label, parse_labels
+from ..preprocessing import Preprocessing
+from ..progress import Reporter
+from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
+from .runstate import (STATE_FORMAT, StopRequest, autocast, check_new_run, curve_path, load_resume_state,
+                       read_schedule, state_path, step_generators)
+
+CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
+
+
+@dataclass
+class FinetuneSchedule:
+    """The recipe's ``train`` block."""
+
+    epochs: int = 100
+    steps_per_epoch: int = 50
+    volumes_per_step: int = 2
+    crops_per_volume: int = 2
+    labelled_fraction: float = 0.5  # crops centred on a labelled voxel; the rest anywhere in the body
+    val_fraction: float = 0.2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    patience: int = 20  # epochs without a better validation Dice before stopping; 0: never
+    amp: str = "bf16"
+    grad_clip: float | None = 1.0
+    organ_contrast: bool = False
+    seed: int = 0
+    num_threads: int | None = None
+    half_precision: bool = True
+
+    POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume")
+
+
+def load_recipe(recipe_file: str | None) -> dict:
+    """The packaged fine-tuning defaults with ``recipe_file`` merged over them."""
+    from ..pretraining.run import merge_recipes
+
+    default = json.loads((resources_dir() / "Recipes" / "finetune.json").read_text(encoding="utf-8"))
+    if not recipe_file:
+        return default
+    try:
+        override = json.loads(Path(recipe_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{recipe_file}: unreadable recipe ({exc})") from None
+    if isinstance(override.get("labels"), str):  # a labels file named relative to its recipe
+        override["labels"] = str(Path(recipe_file).parent / override["labels"])
+    return merge_recipes(default, override)
+
+
+def read_labels(source) -> list[Label]:
+    """Labels from a JSON file path or an inline list."""
+    if isinstance(source, list):
+        return parse_labels(source, "recipe labels")
+    path = Path(source)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable labels file ({exc})") from None
+    return parse_labels(entries, str(path))
+
+
+@dataclass
+class Start:
+    """Where a run starts: the network description and, unless from scratch, the init weights."""
+
+    network: dict
+    channels: list
+    preprocessing: Preprocessing
+    roi_size: tuple
+    overlap: float
+    labels: list[Label]
+    init: dict  # provenance of the init checkpoint ({} from scratch)
+    weights: dict | None
+    keep_head: bool  # the init model segments these very labels: its output layer carries over too
+
+
+def resolve_start(init: str, recipe: dict, labels_file: str | None, reporter: Reporter) -> Start:
+    if init == "scratch":
+        scratch = recipe["scratch"]
+        base = {"network": scratch["network"], "channels": scratch["channels"],
+                "preprocessing": Preprocessing.from_dict(scratch["preprocessing"]),
+                "roi_size": tuple(scratch["roi_size"]), "overlap": float(scratch.get("overlap", 0.5))}
+        init_meta, weights, provenance = None, None, {}
+    else:
+        from safetensors.torch import load_file
+
+        path = resolve_model(init, reporter)
+        init_meta = read_metadata(path)
+        base = {"network": init_meta.network, "channels": init_meta.channels, "preprocessing": init_meta.preprocessing,
+                "roi_size": tuple(init_meta.roi_size), "overlap": init_meta.overlap}
+        weights = load_file(str(path))
+        provenance = {"file": path.name, "sha256": file_sha256(path), "task": init_meta.task,
+                      "method": init_meta.method, "title": init_meta.title, "pretraining": init_meta.pretraining}
+    if labels_file:
+        labels = read_labels(labels_file)
+    elif recipe.get("labels"):
+        labels = read_labels(recipe["labels"])
+    elif init_meta is not None and init_meta.labels:
+        labels = list(init_meta.labels)
+    else:
+        raise UserError("name the structures to segment with --labels FILE (a JSON list of value, name, colour "
+                        "and terminology; see scripts/labels/)")
+    network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
+    keep_head = init_meta is not None and [l.to_dict() for l in init_meta.labels] == [l.to_dict() for l in labels]
+    return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
+                 provenance, weights, keep_head)
+
+
+def transfer_weights(network: torch.nn.Module, weights: dict, keep_head: bool) -> dict:
+    """Load every init tensor into ``network`` except the output layer (kept when ``keep_head``).
+
+    Returns {"transferred": n, "new": [names of the tensors left at their initialisation]}.
+    """
+    head = network.head_name + "."
+    own = network.state_dict()
+    taken = {k: v for k, v in weights.items() if k in own and (keep_head or not k.startswith(head))}
+    mismatched = [k for k, v in taken.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise UserError(f"init checkpoint: {mismatched[0]} has shape {tuple(taken[mismatched[0]].shape)}, "
+                        f"the network needs {tuple(own[mismatched[0]].shape)}")
+    new = sorted(set(own) - set(taken))
+    if any(not k.startswith(head) for k in new):
+        raise UserError(f"init checkpoint lacks {len(new)} of the network's tensors (first: {new[0]})")
+    network.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in taken.items()}})
+    return {"transferred": len(taken), "new": new}
+
+
+def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``fraction`` of the cases validates (none when under 2 cases)."""
+    count = int(round(len(cases) * fraction)) if len(cases) >= 2 else 0
+    order = np.random.default_rng(seed).permutation(len(cases))
+    chosen = set(order[:count].tolist())
+    return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
+
+
+def _load_data(paths, preprocessing, classes, cache: Path, reporter: Reporter) -> PreparedData:
+    if len(paths) == 1 and is_prepared_folder(paths[0]):
+        return load_prepared(Path(paths[0]), preprocessing, reporter, classes)
+    return prepare_cases(find_cases(paths, labelled=True), preprocessing, cache, reporter, classes)
+
+
+def validate(network, data: PreparedData, start: Start, device, classes: int) -> dict:
+    """Mean Dice per class over the validation cases (cases without the class in either map skipped),
+    and their mean."""
+    from ..inference import sliding_window
+    from ..metrics import dice_per_label
+
+    network.eval()
+    per_class: dict[int, list[float]] = {c: [] for c in range(1, classes + 1)}
+    for volume in data.volumes:
+        logits = sliding_window(network, data.model_array(volume), start.roi_size, start.overlap, device,
+                                Reporter("quiet"))
+        prediction = logits[0].argmax(0).cpu().numpy()
+        for c, score in dice_per_label(prediction, volume.label, per_class).items():
+            if score is not None:
+                per_class[c].append(score)
+    network.train()
+    means = {c: float(np.mean(v)) for c, v in per_class.items() if v}
+    return {"dice": float(np.mean(list(means.values()))) if means else 0.0, "per_class": means}
+
+
+def run_finetune(init: str, data_paths: list[str], output: str, reporter: Reporter, val_paths=None,
+                 val_fraction: float | None = None, labels_file: str | None = None, epochs: int | None = None,
+                 recipe_file: str | None = None, resume: bool = False, overwrite: bool = False,
+                 cache: str | None = None, device: str = "auto") -> dict:
+    from ..inference import select_device
+    from ..networks import build_network
+
+    output_path = Path(output)
+    if not output_path.name.endswith(".safetensors"):
+        raise UserError(f"{output_path}: a checkpoint is a .safetensors file")
+    if val_paths and val_fraction is not None:
+        raise UserError("give either --val or --val-fraction, not both")
+    state = None
+    if resume:
+        state = load_resume_state(output_path, "finetune")
+        recipe, init, labels_file = state["recipe"], state["init_spec"], state["labels_file"]
+    else:
+        check_new_run(output_path, overwrite)
+        recipe = load_recipe(recipe_file)
+        if epochs is not None:
+            recipe["train"] = {**recipe.get("train", {}), "epochs": int(epochs)}
+        if val_fraction is not None:
+            if not 0.0 <= val_fraction < 1.0:
+                raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+            recipe["train"] = {**recipe.get("train", {}), "val_fraction": float(val_fraction)}
+    schedule = read_schedule(FinetuneSchedule, recipe)
+    start = resolve_start(init, recipe, labels_file, reporter)
+    classes = {label.value: i + 1 for i, label in enumerate(start.labels)}
+
+    folder = Path(cache) if cache else cache_dir() / "prepared"
+    if val_paths:
+        train_data = _load_data(data_paths, start.preprocessing, classes, folder, reporter)
+        val_data = _load_data(val_paths, start.preprocessing, classes, folder, reporter)
+    else:
+        all_data = _load_data(data_paths, start.preprocessing, classes, folder, reporter)
+        train_volumes, val_volumes = split_cases(all_data.volumes, schedule.val_fraction, schedule.seed)
+        train_data = PreparedData(train_volumes, start.preprocessing, all_data.sources)
+        val_data = PreparedData(val_volumes, start.preprocessing, all_data.sources) if val_volumes else None
+    if train_data.channels != len(start.channels):
+        raise UserError(f"the model takes {len(start.channels)} channel(s); the data have {train_data.channels}")
+    if val_data is None:
+        reporter.warning("no validation cases: the last epoch is kept and early stopping is off")
+
+    torch_device = select_device(device, reporter)
+    if schedule.num_threads and torch_device.type == "cpu":
+        torch.set_num_threads(schedule.num_threads)
+    torch.manual_seed(schedule.seed)
+    network = build_network(start.network).to(torch_device)
+    if start.weights is not None and state is None:
+        summary = transfer_weights(network, start.weights, keep_head=start.keep_head)
+        reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, "
+                      f"{len(summary['new'])} new ({', '.join(summary['new'])})")
+    return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
+                  reporter, {"init_spec": init, "labels_file": labels_file})
+
+
+
+def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, train_data: PreparedData,
+           val_data: PreparedData | None, output: Path, device, state: dict | None, reporter: Reporter,
+           identity: dict) -> dict:
+    import monai
+    from monai.losses import DiceCELoss
+
+    from .augment import crop_augmentations
+    from .schedule import warmup_cosine
+
+    monai.data.set_track_meta(False)
+    total_steps = schedule.epochs * schedule.steps_per_epoch
+    optimiser = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: warmup_cosine(s, schedule.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and schedule.amp == "fp16")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    augment = crop_augmentations(start.roi_size, schedule.organ_contrast, device)
+    crop = int(np.ceil(max(start.roi_size) * CROP_MARGIN))
+    classes = len(start.labels)
+    run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {}}
+    if state is not None:
+        network.load_state_dict(state["network"])
+        optimiser.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        run = {k: state[k] for k in run}
+        reporter.info(f"resuming at step {run['step']} of {total_steps} (epoch {run['step'] // schedule.steps_per_epoch + 1})")
+    network.train()
+    started = time.time()
+
+    def elapsed() -> float:
+        return run["elapsed"] + time.time() - started
+
+    def save_state() -> None:
+        snapshot = {**run, "elapsed": elapsed()}
+        with atomic_output(state_path(output)) as tmp:
+            torch.save({"format": STATE_FORMAT, "kind": "finetune", "recipe": recipe, **identity, **snapshot,
+                        "network": network.state_dict(), "optimizer": optimiser.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
+
+    if state is None and val_data is not None:
+        reporter.stage("validate")
+        before = validate(network, val_data, start, device, classes)
+        run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
+        reporter.metric(epoch=0, dice=before["dice"])
+
+    reporter.stage("fine-tune")
+    stopped, early = False, False
+    with StopRequest() as stop:
+        while run["step"] < total_steps and not (stopped or early):
+            step = run["step"]
+            rng, _ = step_generators(schedule.seed, 0, step, 0)
+            stored, valid, labels = train_data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume,
+                                                            crop, schedule.labelled_fraction)
+            valid, labels = torch.from_numpy(valid).to(device), torch.from_numpy(labels).to(device)
+            images = train_data.to_model(torch.from_numpy(stored).to(device), valid)
+            augment.set_random_state(seed=int(rng.integers(2**31)))
+            samples = [augment({"image": images[i], "label": labels[i]}) for i in range(len(images))]
+            x = torch.stack([s["image"] for s in samples]).float()
+            y = torch.stack([s["label"] for s in samples]).long()
+            with autocast(device, schedule.amp):
+                loss = loss_fn(network(x).float(), y)
+            scaler.scale(loss).backward()
+            if schedule.grad_clip:
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), schedule.grad_clip)
+            scaler.step(optimiser)
+            scaler.update()
+            optimiser.zero_grad(set_to_none=True)
+            scheduler.step()
+            run["step"] = step + 1
+            run["losses"].append(float(loss.detach()))
+            reporter.progress(run["step"], total_steps)
+            if run["step"] % schedule.steps_per_epoch == 0:
+                early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
+                                   output, recipe, train_data, reporter)
+                save_state()
+            stopped = stop.requested
+    if stopped and run["step"] % schedule.steps_per_epoch:
+        save_state()  # mid-epoch: the epoch's losses so far travel in the state
+    outputs = {"checkpoint": str(output), "resume_state": str(state_path(output)), "curve": str(curve_path(output)),
+               "step": run["step"], "steps": total_steps, "best_dice": run["best"] if val_data is not None else None,
+               "best_epoch": run["best_epoch"], "stopped": stopped, "stopped_early": early}
+    if stopped:
+        reporter.info(f"stopped at step {run['step']} of {total_steps}; `--resume` continues from there")
+    elif early:
+        reporter.info(f"no better validation Dice for {schedule.patience} epochs: stopped at epoch "
+                      f"{run['step'] // schedule.steps_per_epoch}, best epoch {run['best_epoch']}")
+    reporter.done(outputs)
+    return outputs
+
+
+def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
+               scheduler, seconds: float, output: Path, recipe: dict, train_data: PreparedData,
+               reporter: Reporter) -> bool:
+    """Validate, log, keep the best model; True when early stopping says stop."""
+    from ..curves import plot_curves
+
+    epoch = run["step"] // schedule.steps_per_epoch
+    entry = {"step": run["step"], "epoch": epoch, "loss": float(np.mean(run["losses"])),
+             "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
+    run["losses"] = []
+    scores = None
+    if val_data is not None:
+        reporter.stage("validate")
+        scores = validate(network, val_data, start, device, classes)
+        entry["dice"] = scores["dice"]
+        reporter.stage("fine-tune")
+    run["history"].append(entry)
+    reporter.metric(**entry, **({"dice_per_label": {start.labels[c - 1].name: v for c, v in scores["per_class"].items()}}
+                                if scores else {}))
+    last = epoch == schedule.epochs
+    if scores is not None and scores["dice"] > run["best"]:
+        run["best"], run["best_epoch"] = scores["dice"], epoch
+        run["best_scores"] = {start.labels[c - 1].name: round(v, 4) for c, v in scores["per_class"].items()}
+        _save_model(output, network, start, schedule, recipe, train_data, val_data, run, seconds)
+    elif scores is None and last:
+        run["best_epoch"] = epoch
+        _save_model(output, network, start, schedule, recipe, train_data, val_data, run, seconds)
+    plot_curves([h for h in run["history"] if h["step"] > 0] or run["history"], curve_path(output),
+                recipe.get("title", ""))
+    return bool(schedule.patience and scores is not None and epoch - run["best_epoch"] >= schedule.patience)
+
+
+def _save_model(output: Path, network, start: Start, schedule: FinetuneSchedule, recipe: dict,
+                train_data: PreparedData, val_data, run: dict, seconds: float) -> None:
+    import monai
+
+    from_what = f"fine-tuned from {start.init['file']}" if start.init else "supervised from scratch"
+    method = start.init.get("pretraining", {}).get("method") if start.init else None
+    device = next(network.parameters()).device
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    meta = ModelMeta(
+        network=start.network, channels=start.channels, preprocessing=start.preprocessing, roi_size=start.roi_size,
+        overlap=start.overlap, labels=start.labels,
+        method=f"{from_what}{f' ({method} pre-training)' if method else ''}",
+        title=recipe.get("title", ""), description=recipe.get("description", ""),
+        provenance={
+            "init": start.init, "recipe": recipe,
+            "train_data": train_data.sources_of(train_data.volumes),
+            "validation_data": val_data.sources_of(val_data.volumes) if val_data is not None else [],
+            "epoch": run["best_epoch"], "steps": run["step"], "train_seconds": round(seconds, 1),
+            "crops_seen": run["step"] * schedule.volumes_per_step * schedule.crops_per_volume,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "software": {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()},
+            "machine": machine,
+        },
+        metrics={"validation": {"mean_dice": round(run["best"], 4), "dice": run["best_scores"],
+                                "epoch": run["best_epoch"],
+                                "cases": [v.name for v in val_data.volumes]}} if val_data is not None else {},
+    )
+    save_checkpoint(output, network.state_dict(), meta, half=schedule.half_precision)

@@ -1,0 +1,105 @@
+"""What every training run (pre-training, fine-tuning) shares: its files beside the model,
+resume states, clean stops on SIGTERM/Ctrl-C, per-step random generators and mixed precision.
+
+Exact resume without saving random-number-generator states: every random
+choice of a step is drawn from generators seeded by (seed, rank, step,
+micro-batch), so the batch after a resume is the one the uninterrupted run
+would have drawn.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import nullcontext
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+STATE_FORMAT = 1
+
+
+def state_path(output: Path) -> Path:
+    """Where the resume state of a run writing ``output`` lives."""
+    return output.with_name(output.name.removesuffix(".safetensors") + ".resume.pt")
+
+
+def curve_path(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".safetensors") + ".curve.png")
+
+
+def check_new_run(output: Path, overwrite: bool) -> None:
+    """A fresh run must not silently replace an earlier run's model or resume state."""
+    for path in (output, state_path(output)):
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: already exists; pass --resume to continue that run or --overwrite to start again")
+
+
+def load_resume_state(output: Path, kind: str) -> dict:
+    """The state a ``kind`` run ("pretrain", "finetune") writing ``output`` left (read with weights_only)."""
+    path = state_path(output)
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: say so in one line
+        raise UserError(f"{path}: not a readable resume state ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: written by another version of the engine; cannot resume")
+    if state.get("kind", "pretrain") != kind:
+        raise UserError(f"{path}: the resume state of a {state.get('kind', 'pretrain')} run, not of a {kind} run")
+    return state
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def step_generators(seed: int, rank: int, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
+    """A numpy and a torch generator for one micro-batch; also reseeds torch's global RNG (dropout)."""
+    rng = np.random.default_rng([seed, rank, step, micro])
+    torch.manual_seed(int(rng.integers(2**62)))
+    return rng, torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16/fp16 autocast on CUDA; nothing on the CPU or with amp "none"."""
+    if device.type != "cuda" or amp == "none":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def read_schedule(cls, recipe: dict):
+    """The recipe's ``train`` block as the dataclass ``cls``: unknown names and bad values refused."""
+    block = dict(recipe.get("train") or {})
+    unknown = set(block) - {f.name for f in fields(cls)}
+    if unknown:
+        raise UserError(f"recipe 'train': unknown settings {sorted(unknown)}")
+    schedule = cls(**block)
+    if schedule.amp not in ("bf16", "fp16", "none"):
+        raise UserError(f"recipe 'train.amp' must be bf16, fp16 or none, got {schedule.amp!r}")
+    counts = {f.name: getattr(schedule, f.name) for f in fields(cls) if f.name in cls.POSITIVE}
+    if min(counts.values()) < 1:
+        raise UserError(f"recipe 'train': {', '.join(counts)} must be ≥ 1")
+    return schedule

@@ -1,0 +1,320 @@
+"""Training volumes (unlabelled for pre-training, labelled for fine-tuning): finding them,
+preparing them once, sampling crops.
+
+Preparing a volume (orientation, spacing, foreground crop, normalisation: the
+recipe's Preprocessing) is slow; it is done once per file and kept in a cache
+folder as one ``.npz`` per volume. Window-normalised (CT) volumes are stored
+as 8 bits over the window (2000 HU / 255 ≈ 8 HU a step, under CT noise), which
+keeps 50 CTs in a few hundred MB of memory. A cache folder can itself be given
+as data (its ``prepared.json`` lists the volumes), so pre-training runs where
+the original scans and SimpleITK are absent. Label maps are stored as class
+indices (0 = background), with their own list of crop centres on foreground.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_output
+from .errors import UserError
+from .preprocessing import Preprocessing
+from .progress import Reporter
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+INDEX_NAME = "prepared.json"
+CACHE_FORMAT = 2
+FOREGROUND_SAMPLES = 20000  # crop centres kept per volume (body; and labelled voxels)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One volume: a name, its channel files (one per model input channel) and its label map, if any."""
+
+    name: str
+    channels: tuple[Path, ...]
+    label: Path | None = None
+
+
+def _is_image(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(".seg.nrrd")
+
+
+def _case_in_folder(folder: Path) -> Case | None:
+    """A case folder of the dataset layout: image.nii.gz, or image_0000.nii.gz, image_0001.nii.gz, …,
+    and optionally label.nii.gz."""
+    files = [p for p in folder.iterdir() if _is_image(p)]
+    label = next((p for p in files if p.name.split(".")[0] == "label"), None)
+    single = [p for p in files if p.name.split(".")[0] == "image"]
+    if single:
+        return Case(folder.name, (single[0],), label)
+    channels = sorted(p for p in files if p.name.split(".")[0].startswith("image_"))
+    return Case(folder.name, tuple(channels), label) if channels else None
+
+
+def _decathlon_cases(folder: Path) -> list[Case]:
+    index = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    cases = []
+    for entry in index.get("training", []) + index.get("test", []):
+        image = entry["image"] if isinstance(entry, dict) else entry
+        label = entry.get("label") if isinstance(entry, dict) else None
+        cases.append(Case(Path(image).name.split(".")[0], (folder / image,), folder / label if label else None))
+    return cases
+
+
+def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
+    """Volumes from image files, case folders, folders of case folders, Decathlon folders
+    (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
+    ``labelled``: every case must have its label map."""
+    cases: list[Case] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+        if path.is_file():
+            if not _is_image(path):
+                raise UserError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+            cases.append(Case(path.name.split(".")[0], (path,)))
+        elif (path / "dataset.json").is_file():
+            cases += _decathlon_cases(path)
+        elif (case := _case_in_folder(path)) is not None:
+            cases.append(case)
+        else:
+            subfolders = sorted(p for p in path.iterdir() if p.is_dir())
+            found = [c for c in map(_case_in_folder, subfolders) if c is not None]
+            found += [Case(p.name.split(".")[0], (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
+            if not found:
+                raise UserError(f"{path}: no images found (expected case folders with image.nii.gz, or image files)")
+            cases += found
+    excluded = set(exclude)
+    unknown = excluded - {c.name for c in cases}
+    if unknown:
+        raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
+    cases = [c for c in cases if c.name not in excluded]
+    if labelled:
+        unlabelled = [c.name for c in cases if c.label is None]
+        if unlabelled:
+            raise UserError(f"no label map for {', '.join(unlabelled[:5])}{' …' if len(unlabelled) > 5 else ''} "
+                            "(a case folder needs label.nii.gz beside its image)")
+    return cases
+
+
+@dataclass
+class Volume:
+    """A prepared volume: ``stored`` (C, z, y, x) uint8 or float16, crop centres in the body (N, 3),
+    and for labelled volumes the class indices (z, y, x) uint8 and centres on labelled voxels."""
+
+    name: str
+    stored: np.ndarray
+    centres: np.ndarray
+    label: np.ndarray | None = None
+    label_centres: np.ndarray | None = None
+
+
+class PreparedData:
+    """Prepared volumes and how to turn their stored values back into model intensities."""
+
+    def __init__(self, volumes: list[Volume], preprocessing: Preprocessing, sources: list[dict]):
+        if not volumes:
+            raise UserError("no volumes to pre-train on")
+        self.volumes = volumes
+        self.preprocessing = preprocessing
+        self.sources = sources
+
+    def sources_of(self, volumes: list[Volume]) -> list[dict]:
+        """The source records (files, SHA256) of ``volumes``."""
+        names = {v.name for v in volumes}
+        return [s for s in self.sources if s["name"] in names]
+
+    @property
+    def channels(self) -> int:
+        return self.volumes[0].stored.shape[0]
+
+    def sample_crops(self, rng: np.random.Generator, volumes: int, crops_per_volume: int, size: int,
+                     labelled_fraction: float = 0.0):
+        """(images (B, C, s, s, s) as stored, valid (B, 1, s, s, s) uint8, labels (B, 1, s, s, s) uint8
+        or None), B = volumes × crops_per_volume.
+
+        Crops are centred on the body, or with probability ``labelled_fraction``
+        on a labelled voxel (positive/negative balance for fine-tuning). A
+        volume smaller than the crop is placed at a random offset in it, the
+        rest marked invalid (padding, label 0).
+        """
+        images, valid, labels = [], [], []
+        for index in rng.integers(len(self.volumes), size=volumes):
+            volume = self.volumes[int(index)]
+            for _ in range(crops_per_volume):
+                centres = volume.centres
+                if volume.label_centres is not None and len(volume.label_centres) and rng.random() < labelled_fraction:
+                    centres = volume.label_centres
+                centre = centres[rng.integers(len(centres))]
+                arrays = [volume.stored] if volume.label is None else [volume.stored, volume.label[None]]
+                cropped, inside = _crop(arrays, centre, size, rng)
+                images.append(cropped[0])
+                valid.append(inside)
+                if volume.label is not None:
+                    labels.append(cropped[1])
+        return np.stack(images), np.stack(valid), np.stack(labels) if labels else None
+
+    def model_array(self, volume: Volume) -> np.ndarray:
+        """A whole volume in model intensities (C, z, y, x) float32, for validation."""
+        import torch
+
+        stored = torch.from_numpy(volume.stored)
+        return self.to_model(stored, torch.ones_like(stored[:1])).numpy()
+
+    def to_model(self, stored, valid):
+        """Stored crops → model intensities (float32 tensors on the crops' device), 0 on padding."""
+        intensity = self.preprocessing.intensity
+        image = stored.float()
+        if intensity.kind == "window":
+            low, high = intensity.output_range
+            image = image * ((high - low) / 255.0) + low
+        return image * valid
+
+
+def _crop(arrays: list[np.ndarray], centre, size: int, rng: np.random.Generator):
+    """The same size³ box of each (C, z, y, x) array around ``centre``, and its mask of real voxels."""
+    source, target = [], []
+    for axis, extent in enumerate(arrays[0].shape[1:]):
+        if extent >= size:
+            start = int(np.clip(centre[axis] - size // 2, 0, extent - size))
+            source.append(slice(start, start + size))
+            target.append(slice(0, size))
+        else:
+            offset = int(rng.integers(size - extent + 1))
+            source.append(slice(0, extent))
+            target.append(slice(offset, offset + extent))
+    inside = np.zeros((1, size, size, size), dtype=np.uint8)
+    inside[(slice(None), *target)] = 1
+    cropped = []
+    for array in arrays:
+        box = np.zeros((array.shape[0], size, size, size), dtype=array.dtype)
+        box[(slice(None), *target)] = array[(slice(None), *source)]
+        cropped.append(box)
+    return cropped, inside
+
+
+def _encode(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    intensity = preprocessing.intensity
+    if intensity.kind == "window":
+        low, high = intensity.output_range
+        return np.round((array - low) * (255.0 / (high - low))).clip(0, 255).astype(np.uint8)
+    return array.astype(np.float16)
+
+
+def _cache_key(case: Case, preprocessing: Preprocessing, classes: dict | None) -> str:
+    identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted((classes or {}).items())]
+    for path in case.channels + ((case.label,) if classes else ()):
+        stat = path.stat()
+        identity.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    keep = rng.choice(len(points), size=min(FOREGROUND_SAMPLES, len(points)), replace=False)
+    return points[np.sort(keep)].astype(np.int32)
+
+
+def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None) -> dict:
+    import SimpleITK as sitk
+
+    from .imageio import read_channels, read_volume
+    from .modelgrid import prepare
+
+    label = sitk.Cast(read_volume(case.label), sitk.sitkUInt16) if classes else None
+    model_input = prepare(read_channels(case.channels), preprocessing, label)
+    array = model_input.array
+    if preprocessing.foreground_threshold is not None:
+        scale, offset = model_input.intensity_maps[0]
+        threshold = preprocessing.foreground_threshold * scale + offset
+        candidates = np.argwhere(array[0] > threshold)
+    else:
+        candidates = np.empty((0, 3), dtype=np.int64)
+    if len(candidates) == 0:
+        candidates = np.argwhere(np.ones(array.shape[1:], dtype=bool))
+    rng = np.random.default_rng(int(key[:8], 16))
+    prepared = {"image": _encode(array, preprocessing), "centres": _sample(candidates, rng)}
+    if classes:
+        lookup = np.zeros(max(int(model_input.label.max()), max(classes)) + 1, dtype=np.uint8)
+        for value, index in classes.items():
+            lookup[value] = index
+        prepared["label"] = lookup[model_input.label]
+        prepared["label_centres"] = _sample(np.argwhere(prepared["label"] > 0), rng)
+    return prepared
+
+
+def _load_npz(path: Path) -> dict:
+    with np.load(path) as f:
+        return {key: f[key] for key in f.files}
+
+
+def _volume(name: str, arrays: dict) -> Volume:
+    return Volume(name, arrays["image"], arrays["centres"], arrays.get("label"), arrays.get("label_centres"))
+
+
+def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, reporter: Reporter,
+                  classes: dict[int, int] | None = None) -> PreparedData:
+    """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
+
+    ``classes``: label value → class index, to prepare the label maps too (other values become 0).
+    """
+    from .download import file_sha256
+
+    if not cases:
+        raise UserError("no volumes to pre-train on")
+    cache.mkdir(parents=True, exist_ok=True)
+    reporter.stage("prepare data")
+    volumes, sources, entries = [], [], []
+    for done, case in enumerate(cases):
+        key = _cache_key(case, preprocessing, classes)
+        path = cache / f"{key}.npz"
+        if path.is_file():
+            arrays = _load_npz(path)
+        else:
+            arrays = _prepare_volume(case, preprocessing, key, classes)
+            with atomic_output(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
+        channels = arrays["image"].shape[0]
+        if channels != len(cases[0].channels):
+            raise UserError(f"{case.name}: {channels} channels where the first case has {len(cases[0].channels)}")
+        volumes.append(_volume(case.name, arrays))
+        files = case.channels + ((case.label,) if classes else ())
+        source = {"name": case.name, "files": [p.name for p in files],
+                  "sha256": [file_sha256(p) for p in files], "shape": list(arrays["image"].shape[1:])}
+        sources.append(source)
+        entries.append({**source, "file": path.name})
+        reporter.progress(done + 1, len(cases))
+    index = {"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
+             "classes": {str(k): v for k, v in (classes or {}).items()}, "volumes": entries}
+    with atomic_output(cache / INDEX_NAME) as tmp:
+        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    return PreparedData(volumes, preprocessing, sources)
+
+
+def is_prepared_folder(path) -> bool:
+    return (Path(path) / INDEX_NAME).is_file()
+
+
+def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter,
+                  classes: dict[int, int] | None = None) -> PreparedData:
+    """A cache folder given as data; its pre-processing (and label classes) must be the run's."""
+    index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+    if index.get("format") != CACHE_FORMAT:
+        raise UserError(f"{folder}: prepared with another version of the engine; prepare the data again")
+    if Preprocessing.from_dict(index["preprocessing"]) != preprocessing:
+        raise UserError(f"{folder}: prepared with other pre-processing than the recipe's; prepare the data again")
+    if classes and {int(k): v for k, v in index.get("classes", {}).items()} != classes:
+        raise UserError(f"{folder}: prepared without these labels; prepare the data again")
+    reporter.stage("load data")
+    volumes, sources = [], []
+    for done, entry in enumerate(index["volumes"]):
+        volumes.append(_volume(entry["name"], _load_npz(folder / entry["file"])))
+        sources.append({k: v for k, v in entry.items() if k != "file"})
+        reporter.progress(done + 1, len(index["volumes"]))
+    return PreparedData(volumes, preprocessing, sources)

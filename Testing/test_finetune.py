@@ -1,0 +1,179 @@
+"""`hybridmim finetune` on real sarcoma CTs: Dice rises, weights transfer, exact resume, clear refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEFAULT_MODEL, MODELS, REPO, data_file, run_cli
+from hybridmim.checkpoint import read_metadata
+from hybridmim.errors import UserError
+from hybridmim.networks import build_network
+from hybridmim.progress import Reporter, parse_event
+from hybridmim.training import runstate
+from hybridmim.training.finetune import load_recipe, resolve_start, run_finetune, split_cases, transfer_weights
+
+# A small U-Net at 3 mm on 48³ windows; tumour only. Everything else from Resources/Recipes/finetune.json.
+TINY = {
+    "scratch": {"network": {"name": "unet", "features": [8, 16, 16, 32], "dropout": 0.0},
+                "preprocessing": {"spacing": [3.0, 3.0, 3.0],
+                                  "intensity": {"type": "window", "window": [-200, 300], "output_range": [0.001, 1.0]}},
+                "roi_size": [48, 48, 48]},
+    "labels": [{"value": 1, "name": "soft-tissue sarcoma", "color": [230, 60, 60]}],
+    "train": {"epochs": 4, "steps_per_epoch": 10, "volumes_per_step": 2, "crops_per_volume": 1, "lr": 3e-3,
+              "warmup_steps": 5, "patience": 0, "amp": "none", "half_precision": False},
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Dataset folders (case folders with image.nii.gz and label.nii.gz) linking the real sarcoma cases."""
+    root = tmp_path_factory.mktemp("sarcoma")
+    for split, cases in {"train": (1, 2, 3, 4), "val": (36, 37)}.items():
+        (root / split).mkdir()
+        for number in cases:
+            (root / split / f"STS_{number:03d}").symlink_to(data_file(f"sarcoma_ct/STS_{number:03d}"))
+    recipe = root / "tiny.json"
+    recipe.write_text(json.dumps(TINY), encoding="utf-8")
+    return {"train": root / "train", "val": root / "val", "recipe": recipe, "cache": root / "cache"}
+
+
+def test_a_short_finetune_raises_validation_dice(folders, tmp_path):
+    stream = io.StringIO()
+    output = tmp_path / "sarcoma.safetensors"
+    outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream),
+                           val_paths=[str(folders["val"])], recipe_file=str(folders["recipe"]),
+                           cache=str(folders["cache"]), device="cpu")
+    events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+    metrics = [e for e in events if e["event"] == "metric"]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3, 4]
+    start, best = metrics[0]["dice"], max(m["dice"] for m in metrics)
+    assert best > start + 0.15, [m["dice"] for m in metrics]
+    assert set(metrics[1]["dice_per_label"]) == {"soft-tissue sarcoma"}
+    assert outputs["best_dice"] == pytest.approx(best)
+
+    meta = read_metadata(output)
+    assert meta.task == "segmentation" and [label.name for label in meta.labels] == ["soft-tissue sarcoma"]
+    assert meta.metrics["validation"]["cases"] == ["STS_036", "STS_037"]
+    assert meta.metrics["validation"]["mean_dice"] == pytest.approx(best, abs=1e-4)
+    assert meta.provenance["epoch"] == outputs["best_epoch"] and meta.method == "supervised from scratch"
+    assert sorted(d["name"] for d in meta.provenance["train_data"]) == ["STS_001", "STS_002", "STS_003", "STS_004"]
+    assert output.with_name("sarcoma.curve.png").stat().st_size > 10_000
+
+    # The model it wrote is a working segmentation model.
+    seg = tmp_path / "sts036.nii.gz"
+    run_cli("segment", folders["val"] / "STS_036" / "image.nii.gz", "-o", seg, "--model", output, check_rc=0)
+    assert seg.is_file()
+
+
+def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new():
+    recipe = load_recipe(None)
+    start = resolve_start("ct-hybridmim-cnn", recipe, str(REPO / "scripts/labels/btcv13.json"),
+                          Reporter("quiet"))
+    assert start.init["task"] == "reconstruction" and not start.keep_head
+    assert start.roi_size == (96, 96, 96) and start.preprocessing.spacing == (1.5, 1.5, 2.0)
+    network = build_network(start.network)
+    summary = transfer_weights(network, start.weights, keep_head=False)
+    assert summary["new"] == ["head.bias", "head.weight"]
+    pretrained = load_file(str(MODELS / "ct-hybridmim-cnn.safetensors"))
+    loaded = network.state_dict()
+    assert summary["transferred"] == len(loaded) - 2
+    for name, tensor in pretrained.items():
+        if name.startswith("head."):
+            assert loaded[name].shape[0] == 14 and tensor.shape[0] == 1
+        else:
+            assert torch.equal(loaded[name], tensor.float()), name
+    assert any(k.startswith("downs.") for k in pretrained) and any(k.startswith("ups.") for k in pretrained)
+
+    # A segmentation model refined on its own labels keeps its output layer too.
+    start = resolve_start(str(DEFAULT_MODEL), recipe, None, Reporter("quiet"))
+    assert start.keep_head and len(start.labels) == 13
+    network = build_network(start.network)
+    assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
+    assert torch.equal(network.state_dict()["head.weight"], load_file(str(DEFAULT_MODEL))["head.weight"].float())
+
+
+def _start(folders, output, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "hybridmim", "finetune", "--init", "scratch", "--data", str(folders["train"]),
+               "--val", str(folders["val"]), "--recipe", str(folders["recipe"]), "--cache", str(folders["cache"]),
+               "-o", str(output), "--device", "cpu", "--progress", "json", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, tmp_path):
+    reference = tmp_path / "reference.safetensors"
+    assert _start(folders, reference).wait(timeout=300) == 0
+    output = tmp_path / "run.safetensors"
+    process = _start(folders, output)
+    for line in process.stdout:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 13:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    stopped = runstate.load_resume_state(output, "finetune")
+    assert 13 <= stopped["step"] < 40 and stopped["step"] % 10  # stopped inside an epoch
+
+    resumed = run_cli("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
+                      "--cache", folders["cache"], "-o", output, "--resume", "--device", "cpu", "--progress", "json",
+                      check_rc=0)
+    assert any(e and e["event"] == "message" and f"resuming at step {stopped['step']}" in e["text"]
+               for e in map(parse_event, resumed.stdout.splitlines()))
+    final, expected = runstate.load_resume_state(output, "finetune"), runstate.load_resume_state(reference, "finetune")
+    assert final["step"] == expected["step"] == 40
+    for name, tensor in expected["network"].items():
+        assert torch.equal(final["network"][name], tensor), name
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in expected["history"]]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in final["history"]] == strip
+    assert load_file(str(output)).keys() == load_file(str(reference)).keys()
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    cases = [f"case{i}" for i in range(10)]
+    train, val = split_cases(cases, 0.2, seed=0)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(cases)
+    assert split_cases(cases, 0.2, seed=0) == (train, val)
+    assert split_cases(["only"], 0.5, seed=0) == (["only"], [])
+
+
+def test_bad_requests_are_refused_with_one_line(folders, tmp_path, capsys):
+    from hybridmim.cli import main
+
+    def refused(*args, message):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["finetune", *map(str, args)])
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+
+    out = tmp_path / "m.safetensors"
+    refused("--init", "scratch", "--data", folders["train"], "-o", out, message="name the structures to segment with --labels")
+    refused("--init", "scratch", "--data", folders["train"], "--val", folders["val"], "--val-fraction", "0.2",
+            "--recipe", folders["recipe"], "-o", out, message="either --val or --val-fraction")
+    unlabelled = tmp_path / "unlabelled"
+    (unlabelled / "case").mkdir(parents=True)
+    (unlabelled / "case" / "image.nii.gz").symlink_to(data_file("sarcoma_ct/STS_005/image.nii.gz"))
+    refused("--init", "scratch", "--data", unlabelled, "--recipe", folders["recipe"], "-o", out,
+            message="no label map for case")
+    refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "-o", tmp_path / "m.pt",
+            message="a checkpoint is a .safetensors file")
+    refused("--init", "no-such-model", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
+            message="no-such-model")
+    refused("--init", "scratch", "--data", folders["train"], "-o", out, "--resume", message="nothing to resume")
+    (tmp_path / "labels.json").write_text(json.dumps([{"value": 1, "name": "x", "color": [1, 2]}]))
+    refused("--init", "scratch", "--data", folders["train"], "--labels", tmp_path / "labels.json", "-o", out,
+            message="'color' must be [r, g, b]")
+    assert not out.exists()
+    with pytest.raises(UserError, match="resume state of a pretrain run"):
+        state = runstate.state_path(tmp_path / "p.safetensors")
+        torch.save({"format": runstate.STATE_FORMAT, "kind": "pretrain"}, state)
+        runstate.load_resume_state(tmp_path / "p.safetensors", "finetune")
