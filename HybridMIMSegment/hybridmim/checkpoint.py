@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .labels import Label, parse_labels
+from .labels import Label, parse_labels, parse_regions, source_lookup
 from .preprocessing import Preprocessing
 
 FORMAT = "hybridmim-checkpoint"
@@ -42,6 +42,12 @@ class ModelMeta:
     description: str = ""
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    regions: list[dict] = field(default_factory=list)  # named unions of labels that evaluate scores
+
+    @property
+    def source_lookup(self) -> dict[int, int]:
+        """{value in reference label maps: label value} (see labels.py)."""
+        return source_lookup(self.labels)
 
     @property
     def output_values(self) -> list[int]:
@@ -70,6 +76,7 @@ class ModelMeta:
             "pretraining": self.pretraining,
             "provenance": self.provenance,
             "metrics": self.metrics,
+            **({"regions": self.regions} if self.regions else {}),
         }
 
     @classmethod
@@ -88,6 +95,7 @@ class ModelMeta:
             roi_size = tuple(int(v) for v in inference["roi_size"])
             overlap = float(inference.get("overlap", 0.5))
             labels = parse_labels(d["labels"], f"{source} labels") if task == "segmentation" else []
+            regions = parse_regions(d.get("regions", []), labels, f"{source} regions")
             preprocessing = Preprocessing.from_dict(d["preprocessing"])
             pretraining = dict(d.get("pretraining") or {})
         except (KeyError, TypeError, ValueError) as exc:
@@ -104,7 +112,7 @@ class ModelMeta:
             raise UserError(f"{source}: bad inference settings {inference}")
         return cls(network, channels, preprocessing, roi_size, overlap, labels, str(d.get("method", "unknown")),
                    task, pretraining, str(d.get("title", "")), str(d.get("description", "")),
-                   dict(d.get("provenance") or {}), dict(d.get("metrics") or {}))
+                   dict(d.get("provenance") or {}), dict(d.get("metrics") or {}), regions)
 
 
 def _open_header(path: Path) -> dict[str, str]:

@@ -108,6 +108,19 @@ def _cmd_finetune(args, reporter: Reporter) -> None:
         print(f"wrote {outputs['checkpoint']}{best}; curve {outputs['curve']}", file=sys.stderr)
 
 
+def _cmd_evaluate(args, reporter: Reporter) -> None:
+    from .evaluate import evaluate
+
+    report = evaluate(args.model, args.data, args.output, args.overlays, args.device, args.overwrite, reporter)
+    if reporter.mode != "json":
+        print(f"{len(report['cases'])} cases, {report['seconds']} s", file=sys.stderr)
+        for name, s in report["summary"].items():
+            dice = "-" if s["dice_mean"] is None else f"{s['dice_mean']:.3f}"
+            hd95 = "-" if s["hd95_mm_mean"] is None else f"{s['hd95_mm_mean']:.1f} mm"
+            undefined = f" ({s['hd95_undefined']} undefined)" if s["hd95_undefined"] else ""
+            print(f"  {name:<32} Dice {dice:>6}  HD95 {hd95:>9}{undefined}  over {s['cases']} cases")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridmim", description="Masked-image-modelling pre-trained 3D segmentation (HybridMIMSegment engine).")
     parser.add_argument("--version", action="version", version=f"hybridmim {__version__}")
@@ -175,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _add_progress(fin)
     fin.set_defaults(handler=_cmd_finetune)
+
+    ev = commands.add_parser("evaluate", help="Dice and HD95 of a model on labelled cases, per case and label")
+    ev.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
+    ev.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                    help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon folders")
+    ev.add_argument("-o", "--output", metavar="REPORT", help="JSON report to write; the CSV goes beside it")
+    ev.add_argument("--overlays", metavar="DIR", help="also write one PNG per case: reference vs model outlines")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--overwrite", action="store_true", help="replace existing report and overlay files")
+    _add_progress(ev)
+    ev.set_defaults(handler=_cmd_evaluate)
 
     conv = commands.add_parser("convert", help="import an official HybridMIM SwinUNETR pre-training checkpoint (.pt)")
     conv.add_argument("source", metavar="PT", help="official checkpoint (.pt/.pth); loaded with weights_only=True")

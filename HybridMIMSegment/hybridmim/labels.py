@@ -3,6 +3,13 @@
 A terminology entry uses Slicer's structure (as in slicerio): ``category``
 and ``type`` (and optional ``typeModifier``, ``anatomicRegion``,
 ``anatomicRegionModifier``) are ``[scheme, code, meaning]`` triplets.
+
+``source_values``: the values that stand for a label in the training data's
+label maps when they differ from its own value (BraTS maps, for instance,
+code necrosis 1 and non-enhancing tumour 3, which one label may join).
+Regions are named unions of labels scored by ``evaluate`` (BraTS whole
+tumour, tumour core); a labels file is then ``{"labels": [...], "regions":
+[{"name": ..., "values": [...]}]}`` instead of a plain list.
 """
 
 from __future__ import annotations
@@ -21,11 +28,19 @@ class Label:
     name: str
     color: tuple[int, int, int]
     terminology: dict = field(default_factory=dict, compare=False)
+    source_values: tuple[int, ...] = ()
+
+    @property
+    def sources(self) -> tuple[int, ...]:
+        """The label-map values this label stands for in training data."""
+        return self.source_values or (self.value,)
 
     def to_dict(self) -> dict:
         out = {"value": self.value, "name": self.name, "color": list(self.color)}
         if self.terminology:
             out["terminology"] = self.terminology
+        if self.source_values:
+            out["source_values"] = list(self.source_values)
         return out
 
     def slicer_terminology(self) -> dict | None:
@@ -68,6 +83,51 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
                 _check_code(f"{where}, terminology {key}", terminology[key])
         if terminology and not all(k in terminology for k in ("category", "type")):
             raise UserError(f"{where}: terminology needs at least 'category' and 'type'")
+        sources = entry.get("source_values", [])
+        if not (isinstance(sources, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                  for v in sources)):
+            raise UserError(f"{where}: 'source_values' must be a list of positive integers")
         seen_values.add(value)
-        labels.append(Label(value, name.strip(), tuple(color), dict(terminology)))
+        labels.append(Label(value, name.strip(), tuple(color), dict(terminology), tuple(sources)))
+    source_lookup(labels, source)
     return labels
+
+
+def source_lookup(labels: list[Label], source: str = "label table") -> dict[int, int]:
+    """{value in the training label maps: label value}; a map value may stand for one label only."""
+    lookup: dict[int, int] = {}
+    for label in labels:
+        for value in label.sources:
+            if value in lookup:
+                raise UserError(f"{source}: label-map value {value} is claimed by two labels")
+            lookup[value] = label.value
+    return lookup
+
+
+def parse_regions(entries, labels: list[Label], source: str = "label table") -> list[dict]:
+    """Validated regions: [{"name": str, "values": [label values]}]."""
+    if not isinstance(entries, list):
+        raise UserError(f"{source}: 'regions' must be a list")
+    known, names = {label.value for label in labels}, {label.name for label in labels}
+    regions = []
+    for i, entry in enumerate(entries):
+        where = f"{source}, region {i + 1}"
+        name, values = (entry.get("name"), entry.get("values")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(name, str) or not name.strip() or name.strip() in names:
+            raise UserError(f"{where}: 'name' must be a non-empty string unlike every other label or region name")
+        if not (isinstance(values, list) and values and set(values) <= known):
+            raise UserError(f"{where}: 'values' must list some of the labels' values {sorted(known)}")
+        names.add(name.strip())
+        regions.append({"name": name.strip(), "values": sorted(set(values))})
+    return regions
+
+
+def parse_label_file(document, source: str = "labels file") -> tuple[list[Label], list[dict]]:
+    """(labels, regions) from a labels document: a list of labels, or {"labels": [...], "regions": [...]}."""
+    if isinstance(document, dict):
+        unknown = set(document) - {"labels", "regions"}
+        if unknown:
+            raise UserError(f"{source}: unknown keys {sorted(unknown)} (expected 'labels' and 'regions')")
+        labels = parse_labels(document.get("labels"), source)
+        return labels, parse_regions(document.get("regions", []), labels, source)
+    return parse_labels(document, source), []

@@ -157,3 +157,40 @@ def render_preview(image: sitk.Image, labels: sitk.Image, label_table: list[Labe
             ax.set_title(f"{by_value[value].name} · {view}", color="white", fontsize=7)
             ax.axis("off")
     _save_figure(fig, path, dpi=90)
+
+
+def render_comparison(image: sitk.Image, prediction: sitk.Image, reference: sitk.Image, label_table: list[Label],
+                      path: Path, window=None, title: str = "") -> None:
+    """Write a PNG for evaluation QA: for each label in either map, the three planes through its reference
+    centre (the prediction's when the reference lacks it), reference outlined solid, prediction dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image_lps = sitk.DICOMOrient(image, "LPS")
+    img = sitk.GetArrayViewFromImage(image_lps)
+    predicted, expected = (sitk.GetArrayFromImage(sitk.DICOMOrient(i, "LPS")) for i in (prediction, reference))
+    low, high = _display_range(img, window)
+    shown = [l for l in label_table if (expected == l.value).any() or (predicted == l.value).any()]
+    views = _orthogonal_views(image_lps.GetSpacing())
+    fig, axes = plt.subplots(max(1, len(shown)), 3, figsize=(9, 3 * max(1, len(shown))), facecolor="black",
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for row, label in enumerate(shown):
+        in_reference = expected == label.value
+        centre = _median_index(in_reference if in_reference.any() else predicted == label.value)
+        colour = np.asarray(label.color) / 255
+        for col, (view, take, aspect, origin) in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(take(img, centre), cmap="gray", vmin=low, vmax=high, aspect=aspect, origin=origin,
+                      interpolation="bilinear")
+            for mask, style in ((take(expected, centre) == label.value, "solid"),
+                                (take(predicted, centre) == label.value, "dashed")):
+                if mask.any():
+                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style)
+            ax.set_title(f"{label.name} · {view}", color="white", fontsize=8)
+    if title:
+        fig.suptitle(title, color="white", fontsize=10)
+    _save_figure(fig, path, dpi=90)

@@ -34,7 +34,7 @@ from ..catalog import resolve_model, resources_dir
 from ..checkpoint import ModelMeta, read_metadata, save_checkpoint
 from ..download import cache_dir, file_sha256
 from ..errors import UserError
-from ..labels import Label, parse_labels
+from ..labels import Label, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
@@ -84,16 +84,16 @@ def load_recipe(recipe_file: str | None) -> dict:
     return merge_recipes(default, override)
 
 
-def read_labels(source) -> list[Label]:
-    """Labels from a JSON file path or an inline list."""
-    if isinstance(source, list):
-        return parse_labels(source, "recipe labels")
+def read_labels(source) -> tuple[list[Label], list[dict]]:
+    """(labels, regions) from a labels file path or an inline document (see labels.py)."""
+    if not isinstance(source, str):
+        return parse_label_file(source, "recipe labels")
     path = Path(source)
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable labels file ({exc})") from None
-    return parse_labels(entries, str(path))
+    return parse_label_file(document, str(path))
 
 
 @dataclass
@@ -106,6 +106,7 @@ class Start:
     roi_size: tuple
     overlap: float
     labels: list[Label]
+    regions: list[dict]
     init: dict  # provenance of the init checkpoint ({} from scratch)
     weights: dict | None
     keep_head: bool  # the init model segments these very labels: its output layer carries over too
@@ -129,18 +130,18 @@ def resolve_start(init: str, recipe: dict, labels_file: str | None, reporter: Re
         provenance = {"file": path.name, "sha256": file_sha256(path), "task": init_meta.task,
                       "method": init_meta.method, "title": init_meta.title, "pretraining": init_meta.pretraining}
     if labels_file:
-        labels = read_labels(labels_file)
+        labels, regions = read_labels(labels_file)
     elif recipe.get("labels"):
-        labels = read_labels(recipe["labels"])
+        labels, regions = read_labels(recipe["labels"])
     elif init_meta is not None and init_meta.labels:
-        labels = list(init_meta.labels)
+        labels, regions = list(init_meta.labels), list(init_meta.regions)
     else:
         raise UserError("name the structures to segment with --labels FILE (a JSON list of value, name, colour "
                         "and terminology; see scripts/labels/)")
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
     keep_head = init_meta is not None and [l.to_dict() for l in init_meta.labels] == [l.to_dict() for l in labels]
     return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
-                 provenance, weights, keep_head)
+                 regions, provenance, weights, keep_head)
 
 
 def transfer_weights(network: torch.nn.Module, weights: dict, keep_head: bool) -> dict:
@@ -223,7 +224,7 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
             recipe["train"] = {**recipe.get("train", {}), "val_fraction": float(val_fraction)}
     schedule = read_schedule(FinetuneSchedule, recipe)
     start = resolve_start(init, recipe, labels_file, reporter)
-    classes = {label.value: i + 1 for i, label in enumerate(start.labels)}
+    classes = {source: i + 1 for i, label in enumerate(start.labels) for source in label.sources}
 
     folder = Path(cache) if cache else cache_dir() / "prepared"
     if val_paths:
@@ -387,7 +388,7 @@ def _save_model(output: Path, network, start: Start, schedule: FinetuneSchedule,
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     meta = ModelMeta(
         network=start.network, channels=start.channels, preprocessing=start.preprocessing, roi_size=start.roi_size,
-        overlap=start.overlap, labels=start.labels,
+        overlap=start.overlap, labels=start.labels, regions=start.regions,
         method=f"{from_what}{f' ({method} pre-training)' if method else ''}",
         title=recipe.get("title", ""), description=recipe.get("description", ""),
         provenance={

@@ -1,0 +1,206 @@
+"""``hybridmim evaluate``: a model against reference label maps, per case and per label.
+
+Each case is segmented exactly as ``hybridmim segment`` does it, and compared
+with its reference on the input's own grid: Dice, and the 95th-percentile
+symmetric Hausdorff distance in millimetres (MONAI's surface distances, with
+the voxel spacing). Reference values are mapped onto the model's labels
+through the labels' source values (e.g. BraTS 1 and 3 → tumour core), and
+the model's regions (unions of labels, e.g. BraTS whole tumour) are scored
+too. The report is one JSON file and a CSV beside it (one row per case and
+label), both written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_output, check_new_output
+from .errors import UserError
+from .progress import Reporter
+
+
+def _union_box(mask_a: np.ndarray, mask_b: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
+    """The bounding box of both masks, ``margin`` voxels wider (clipped): surface distances stay the same
+    inside it, and the distance transform runs on a fraction of the volume."""
+    either = mask_a | mask_b
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(either.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, hit[0] - margin), min(either.shape[axis], hit[-1] + margin + 1)))
+    return tuple(box)
+
+
+def overlap_scores(prediction: np.ndarray, reference: np.ndarray, spacing_zyx) -> dict:
+    """Dice and HD95 (mm) of two boolean masks (z, y, x).
+
+    Both empty: both None (nothing to score). One empty: Dice 0 and HD95 None (undefined).
+    """
+    predicted, expected = int(prediction.sum()), int(reference.sum())
+    if predicted == 0 and expected == 0:
+        return {"dice": None, "hd95_mm": None}
+    dice = 2.0 * int(np.logical_and(prediction, reference).sum()) / (predicted + expected)
+    if predicted == 0 or expected == 0:
+        return {"dice": dice, "hd95_mm": None}
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    box = _union_box(prediction, reference)
+    as_batch = [torch.from_numpy(np.ascontiguousarray(m[box]))[None, None] for m in (prediction, reference)]
+    with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = compute_hausdorff_distance(*as_batch, include_background=True, percentile=95,
+                                          spacing=[float(s) for s in spacing_zyx])
+    return {"dice": dice, "hd95_mm": float(hd95.item())}
+
+
+def reference_on_model_labels(reference: np.ndarray, meta) -> np.ndarray:
+    """A reference label map's values turned into the model's label values (0 where none applies)."""
+    lookup = np.zeros(max(int(reference.max()), max(meta.source_lookup)) + 1, dtype=np.uint16)
+    for source, value in meta.source_lookup.items():
+        lookup[source] = value
+    return lookup[reference]
+
+
+def score_case(prediction: np.ndarray, reference: np.ndarray, meta, spacing_zyx) -> dict[str, dict]:
+    """{structure name: scores} for every label and region of the model."""
+    scores = {label.name: overlap_scores(prediction == label.value, reference == label.value, spacing_zyx)
+              for label in meta.labels}
+    for region in meta.regions:
+        values = list(region["values"])
+        scores[region["name"]] = overlap_scores(np.isin(prediction, values), np.isin(reference, values), spacing_zyx)
+    return scores
+
+
+def summarise(cases: list[dict], names: list[str]) -> dict[str, dict]:
+    """Per structure: mean Dice over the cases where it is in either map, mean HD95 over those where
+    it is in both, and how many cases had an undefined HD95 (found in only one of the two maps)."""
+    summary = {}
+    for name in names:
+        scored = [c["scores"][name] for c in cases if c["scores"][name]["dice"] is not None]
+        distances = [s["hd95_mm"] for s in scored if s["hd95_mm"] is not None]
+        summary[name] = {"dice_mean": float(np.mean([s["dice"] for s in scored])) if scored else None,
+                         "hd95_mm_mean": float(np.mean(distances)) if distances else None,
+                         "cases": len(scored), "hd95_undefined": len(scored) - len(distances)}
+    return summary
+
+
+def _csv_text(cases: list[dict], names: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["case", "structure", "dice", "hd95_mm"])
+    for case in cases:
+        for name in names:
+            s = case["scores"][name]
+            writer.writerow([case["case"], name, "" if s["dice"] is None else f"{s['dice']:.4f}",
+                             "" if s["hd95_mm"] is None else f"{s['hd95_mm']:.2f}"])
+    return out.getvalue()
+
+
+def _check_reference_grid(case) -> None:
+    """Refuse, from the file headers alone, a label map that does not lie on its image's grid."""
+    import SimpleITK as sitk
+
+    headers = []
+    for path in (case.channels[0], case.label):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise UserError(f"case {case.name}: {path.name} is not a readable image") from None
+        headers.append(reader)
+    image, label = headers
+    same = (image.GetSize() == label.GetSize()
+            and np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=1e-4)
+            and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-3 * max(image.GetSpacing()))
+            and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-4))
+    if not same:
+        raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
+                        "from the image's; resample it onto the image first")
+
+
+def evaluate(model: str | None, data: list[str], output: str | None = None, overlays: str | None = None,
+             device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
+    """Segment every labelled case in ``data`` with ``model`` and score it; returns the report."""
+    from .catalog import resolve_model
+    from .checkpoint import read_metadata
+    from .volumes import find_cases
+
+    reporter = reporter or Reporter("quiet")
+    report_path = check_new_output(output, overwrite) if output else None
+    if report_path is not None and report_path.suffix.lower() != ".json":
+        raise UserError(f"{report_path}: the report is JSON; name it *.json (the CSV is written beside it)")
+    csv_path = report_path.with_suffix(".csv") if report_path else None
+    if csv_path is not None:
+        check_new_output(csv_path, overwrite)
+    overlay_dir = Path(overlays) if overlays else None
+    if overlay_dir is not None and overlay_dir.is_file():
+        raise UserError(f"{overlay_dir}: is a file; --overlays names a folder")
+    cases = find_cases(data, labelled=True)
+    checkpoint = resolve_model(model, reporter)
+    meta = read_metadata(checkpoint)
+    if meta.task != "segmentation":
+        raise UserError(f"model {checkpoint.name} is a pre-trained {meta.task} model; evaluate a segmentation model")
+    for case in cases:
+        meta.check_input_count(len(case.channels), checkpoint.name)
+        _check_reference_grid(case)
+    if overlay_dir is not None:
+        for case in cases:
+            check_new_output(overlay_dir / f"{case.name}.png", overwrite)
+
+    import SimpleITK as sitk
+
+    from .checkpoint import load_model
+    from .imageio import read_channels, read_volume
+    from .inference import predict_labels, select_device
+    from .modelgrid import prepare, restore_labels
+
+    torch_device = select_device(device, reporter)
+    _, network = load_model(checkpoint, torch_device)
+    names = [label.name for label in meta.labels] + [region["name"] for region in meta.regions]
+    results, started = [], time.time()
+    reporter.stage("evaluate")
+    for index, case in enumerate(cases):
+        channels = read_channels(case.channels, reporter.warning)
+        reference_image = read_volume(case.label)
+        model_input = prepare(channels, meta.preprocessing)
+        labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
+                                      torch_device, Reporter("quiet"))
+        prediction_image = restore_labels(labels_model, model_input.grid, channels[0])
+        prediction = sitk.GetArrayFromImage(prediction_image)
+        reference = reference_on_model_labels(sitk.GetArrayFromImage(reference_image).astype(np.int64), meta)
+        scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1])
+        results.append({"case": case.name, "scores": scores})
+        reporter.metric(case=case.name, **{f"dice {n}": s["dice"] for n, s in scores.items()})
+        if overlay_dir is not None:
+            from .preview import render_comparison
+
+            reference_labels = sitk.GetImageFromArray(reference.astype(prediction.dtype))
+            reference_labels.CopyInformation(prediction_image)
+            render_comparison(channels[0], prediction_image, reference_labels, meta.labels,
+                              overlay_dir / f"{case.name}.png", meta.preprocessing.intensity.window,
+                              f"{case.name}: reference (solid) vs model (dashed)")
+        reporter.progress(index + 1, len(cases))
+
+    report = {"model": {"file": checkpoint.name, "title": meta.title},
+              "data": [str(p) for p in data], "device": str(torch_device),
+              "seconds": round(time.time() - started, 1),
+              "summary": summarise(results, names), "cases": results}
+    outputs = {}
+    if report_path is not None:
+        with atomic_output(report_path) as tmp:
+            tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        with atomic_output(csv_path) as tmp:
+            tmp.write_text(_csv_text(results, names), encoding="utf-8")
+        outputs = {"report": str(report_path), "csv": str(csv_path)}
+    if overlay_dir is not None:
+        outputs["overlays"] = str(overlay_dir)
+    reporter.done({**outputs, "summary": report["summary"]})
+    return report

@@ -1,0 +1,166 @@
+"""`hybridmim evaluate`: Dice and HD95 against hand-computable masks, label mapping, regions, and a real
+end-to-end run whose numbers match an independent comparison of `segment`'s output."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import DEFAULT_MODEL, run_cli
+from hybridmim.checkpoint import read_metadata
+from hybridmim.errors import UserError
+from hybridmim.evaluate import overlap_scores, reference_on_model_labels, score_case, summarise
+from hybridmim.labels import parse_label_file
+
+
+def _cube(shape=(20, 20, 40), low=(5, 5, 5), size=6) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[low[0]:low[0] + size, low[1]:low[1] + size, low[2]:low[2] + size] = True
+    return mask
+
+
+def test_identical_masks_score_dice_one_and_no_distance():
+    assert overlap_scores(_cube(), _cube(), (3.0, 1.0, 2.0)) == {"dice": 1.0, "hd95_mm": 0.0}
+
+
+def test_hd95_is_in_millimetres_along_the_right_axis():
+    a, b = np.zeros((20, 20, 40), dtype=bool), np.zeros((20, 20, 40), dtype=bool)
+    a[5, 5, 5], b[5, 5, 15] = True, True  # 10 voxels apart along x, whose spacing is 2 mm
+    assert overlap_scores(a, b, (3.0, 1.0, 2.0)) == {"dice": 0.0, "hd95_mm": pytest.approx(20.0)}
+    c = np.zeros_like(a)
+    c[9, 5, 5] = True  # 4 voxels along z at 3 mm
+    assert overlap_scores(a, c, (3.0, 1.0, 2.0))["hd95_mm"] == pytest.approx(12.0)
+
+
+def test_hd95_ignores_a_lone_outlier_that_the_maximum_would_not():
+    reference = _cube(size=10)
+    prediction = reference.copy()
+    prediction[18, 18, 38] = True  # one stray voxel far away: 1 of ~490 surface voxels
+    scores = overlap_scores(prediction, reference, (1.0, 1.0, 1.0))
+    assert scores["dice"] == pytest.approx(2 * 1000 / 2001)
+    assert scores["hd95_mm"] == 0.0
+
+
+def test_partial_overlap_dice_and_empty_cases():
+    reference, prediction = _cube(size=10), np.zeros((20, 20, 40), dtype=bool)
+    prediction[5:15, 5:15, 5:10] = True  # half of the reference cube
+    assert overlap_scores(prediction, reference, (1, 1, 1))["dice"] == pytest.approx(2 * 500 / 1500)
+    assert overlap_scores(np.zeros_like(reference), reference, (1, 1, 1)) == {"dice": 0.0, "hd95_mm": None}
+    empty = np.zeros_like(reference)
+    assert overlap_scores(empty, empty, (1, 1, 1)) == {"dice": None, "hd95_mm": None}
+
+
+BRATS_LABELS = {
+    "labels": [
+        {"value": 1, "name": "oedema", "color": [90, 200, 90], "source_values": [2]},
+        {"value": 2, "name": "non-enhancing tumour core", "color": [230, 200, 60], "source_values": [1, 3]},
+        {"value": 3, "name": "enhancing tumour", "color": [230, 60, 60], "source_values": [4]},
+    ],
+    "regions": [{"name": "whole tumour", "values": [1, 2, 3]}, {"name": "tumour core", "values": [2, 3]}],
+}
+
+
+def test_source_values_map_reference_maps_and_regions_are_scored():
+    meta = read_metadata(DEFAULT_MODEL)
+    meta.labels, meta.regions = parse_label_file(BRATS_LABELS)
+    brats = np.array([[[0, 1, 2, 3, 4, 7]]])  # 7: not a structure of this model
+    assert reference_on_model_labels(brats, meta).tolist() == [[[0, 2, 1, 2, 3, 0]]]
+
+    reference = np.zeros((10, 10, 10), dtype=np.uint16)
+    reference[2:8, 2:8, 2:8] = 1  # oedema shell
+    reference[3:7, 3:7, 3:7] = 2
+    reference[4:6, 4:6, 4:6] = 3
+    prediction = reference.copy()
+    prediction[prediction == 2] = 1  # the model calls the core oedema
+    scores = score_case(prediction, reference, meta, (1.0, 1.0, 1.0))
+    assert scores["whole tumour"]["dice"] == 1.0  # regions: a union is right even when its parts are not
+    assert scores["tumour core"]["dice"] == pytest.approx(2 * 8 / (8 + 64))
+    assert scores["non-enhancing tumour core"]["dice"] == 0.0
+    assert scores["oedema"]["dice"] == pytest.approx(2 * 152 / (152 + 208))
+
+
+def test_bad_label_files_are_refused():
+    with pytest.raises(UserError, match="claimed by two labels"):
+        parse_label_file([{"value": 1, "name": "a", "color": [1, 2, 3], "source_values": [2]},
+                          {"value": 2, "name": "b", "color": [1, 2, 3]}])
+    with pytest.raises(UserError, match="'values' must list"):
+        parse_label_file({"labels": BRATS_LABELS["labels"], "regions": [{"name": "x", "values": [9]}]})
+
+
+def test_summary_means_skip_absent_structures_and_count_undefined_distances():
+    cases = [{"case": "a", "scores": {"liver": {"dice": 0.8, "hd95_mm": 4.0}}},
+             {"case": "b", "scores": {"liver": {"dice": 0.0, "hd95_mm": None}}},
+             {"case": "c", "scores": {"liver": {"dice": None, "hd95_mm": None}}}]
+    assert summarise(cases, ["liver"]) == {"liver": {"dice_mean": 0.4, "hd95_mm_mean": 4.0, "cases": 2,
+                                                     "hd95_undefined": 1}}
+
+
+@pytest.fixture(scope="module")
+def case_folder(abdomen_crop, tmp_path_factory):
+    """The cropped ct_a as a dataset folder with one case."""
+    root = tmp_path_factory.mktemp("evaluate")
+    (root / "data" / "ct_a").mkdir(parents=True)
+    (root / "data" / "ct_a" / "image.nii.gz").symlink_to(abdomen_crop["image"])
+    (root / "data" / "ct_a" / "label.nii.gz").symlink_to(abdomen_crop["label"])
+    return root
+
+
+def test_evaluate_end_to_end_matches_an_independent_comparison(case_folder, abdomen_crop):
+    report_path, overlays = case_folder / "report.json", case_folder / "overlays"
+    run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,
+            "--overlays", overlays, "--device", "cpu", check_rc=0)
+    report = json.loads(report_path.read_text())
+    segmentation = case_folder / "seg.nii.gz"
+    run_cli("segment", abdomen_crop["image"], "-o", segmentation, "--model", DEFAULT_MODEL, "--device", "cpu",
+            check_rc=0)
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation)))
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["label"])))
+    meta = read_metadata(DEFAULT_MODEL)
+    scores = report["cases"][0]["scores"]
+    assert report["cases"][0]["case"] == "ct_a" and list(scores) == [label.name for label in meta.labels]
+    for label in meta.labels:
+        p, r = predicted == label.value, expected == label.value
+        dice = 2 * (p & r).sum() / (p.sum() + r.sum()) if p.any() or r.any() else None
+        assert scores[label.name]["dice"] == pytest.approx(dice), label.name
+    assert max(s["dice"] or 0 for s in scores.values()) > 0.5  # the model does find organs here
+    assert report["summary"]["liver"]["dice_mean"] == pytest.approx(scores["liver"]["dice"])
+
+    rows = list(csv.DictReader((case_folder / "report.csv").open()))
+    assert len(rows) == len(meta.labels)
+    liver = next(r for r in rows if r["structure"] == "liver")
+    assert float(liver["dice"]) == pytest.approx(scores["liver"]["dice"], abs=1e-4)
+    assert float(liver["hd95_mm"]) == pytest.approx(scores["liver"]["hd95_mm"], abs=0.01)
+    assert (overlays / "ct_a.png").stat().st_size > 10_000
+
+    again = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,
+                    check_rc=2)
+    assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+
+
+def test_a_label_map_off_the_image_grid_is_refused(abdomen_crop, tmp_path):
+    case = tmp_path / "data" / "shifted"
+    case.mkdir(parents=True)
+    (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
+    label = sitk.ReadImage(str(abdomen_crop["label"]))
+    label.SetOrigin([o + 5.0 for o in label.GetOrigin()])
+    sitk.WriteImage(label, str(case / "label.nii.gz"))
+    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "data", "-o", tmp_path / "r.json",
+                     check_rc=2)
+    assert "grid" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_regions_and_source_values_survive_the_checkpoint_metadata():
+    from hybridmim.checkpoint import ModelMeta
+
+    meta = read_metadata(DEFAULT_MODEL)
+    meta.labels, meta.regions = parse_label_file(BRATS_LABELS)
+    meta.network = {**meta.network, "out_channels": 4}
+    again = ModelMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
+    assert again.regions == BRATS_LABELS["regions"]
+    assert [label.sources for label in again.labels] == [(2,), (1, 3), (4,)]
+    assert again.source_lookup == {2: 1, 1: 2, 3: 2, 4: 3}
