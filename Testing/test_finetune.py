@@ -169,6 +169,13 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, capsys):
     refused("--init", "no-such-model", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
             message="no-such-model")
     refused("--init", "scratch", "--data", folders["train"], "-o", out, "--resume", message="nothing to resume")
+    (tmp_path / "window.json").write_text(json.dumps({**TINY, "train": {**TINY["train"], "window": [30, 32, 32]}}))
+    refused("--init", "scratch", "--data", folders["train"], "--recipe", tmp_path / "window.json", "-o", out,
+            message="'train.window' must be three multiples of 16")
+    refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "--prepare-only",
+            message="--prepare-only needs --cache")
+    refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "--exclude", "STS_099",
+            "-o", out, message="--exclude names no case in the data: STS_099")
     (tmp_path / "labels.json").write_text(json.dumps([{"value": 1, "name": "x", "color": [1, 2]}]))
     refused("--init", "scratch", "--data", folders["train"], "--labels", tmp_path / "labels.json", "-o", out,
             message="'color' must be [r, g, b]")
@@ -177,3 +184,20 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, capsys):
         state = runstate.state_path(tmp_path / "p.safetensors")
         torch.save({"format": runstate.STATE_FORMAT, "kind": "pretrain"}, state)
         runstate.load_resume_state(tmp_path / "p.safetensors", "finetune")
+
+
+def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path):
+    from hybridmim.preprocessing import Preprocessing
+    from hybridmim.volumes import load_prepared
+
+    cache = tmp_path / "prepared"
+    run_cli("finetune", "--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"],
+            "--cache", cache, "--prepare-only", check_rc=0)
+    index = json.loads((cache / "prepared.json").read_text())
+    assert [v["name"] for v in index["volumes"]] == ["STS_001", "STS_002", "STS_003", "STS_004"]
+    assert index["classes"] == {"1": 1}
+    recipe = load_recipe(str(folders["recipe"]))
+    preprocessing = Preprocessing.from_dict(recipe["scratch"]["preprocessing"])
+    subset = load_prepared(cache, preprocessing, Reporter("quiet"), {1: 1}, exclude=["STS_002", "STS_004"])
+    assert [v.name for v in subset.volumes] == ["STS_001", "STS_003"]
+    assert all(v.label is not None and v.label.max() == 1 for v in subset.volumes)

@@ -287,8 +287,8 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
     refused("--data", prepared, "-o", tmp_path / "model.pt", message="a checkpoint is a .safetensors file")
     refused("--data", prepared, message="give the checkpoint to write with -o")
     refused("--data", tmp_path / "missing", "-o", tmp_path / "m.safetensors", message="no such file or folder")
-    refused("--data", prepared, "--exclude", "lung", "-o", tmp_path / "m.safetensors",
-            message="--exclude applies to scans")
+    refused("--data", prepared, "--recipe", recipe_file, "--exclude", "nothing", "-o", tmp_path / "m.safetensors",
+            message="--exclude names no case in the data: nothing")
     (tmp_path / "bad.json").write_text("{not json")
     refused("--data", prepared, "--recipe", tmp_path / "bad.json", "-o", tmp_path / "m.safetensors",
             message="unreadable recipe")

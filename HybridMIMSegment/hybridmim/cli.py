@@ -101,8 +101,12 @@ def _cmd_finetune(args, reporter: Reporter) -> None:
     from .training.finetune import run_finetune
 
     outputs = run_finetune(args.init, args.data, args.output, reporter, args.val, args.val_fraction, args.labels,
-                           args.epochs, args.recipe, args.resume, args.overwrite, args.cache, args.device)
-    if reporter.mode == "tqdm":
+                           args.epochs, args.recipe, args.resume, args.overwrite, args.cache, args.device,
+                           args.prepare_only, args.exclude)
+    if args.prepare_only:
+        if reporter.mode == "tqdm":
+            print(f"prepared {outputs['volumes']} cases into {outputs['folder']}", file=sys.stderr)
+    elif reporter.mode == "tqdm":
         best = "" if outputs["best_dice"] is None else f", best validation Dice {outputs['best_dice']:.3f} " \
                                                       f"at epoch {outputs['best_epoch']}"
         print(f"wrote {outputs['checkpoint']}{best}; curve {outputs['curve']}", file=sys.stderr)
@@ -175,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--data", nargs="+", required=True, metavar="PATH",
                      help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon "
                           "folders, or one folder prepared earlier")
-    fin.add_argument("-o", "--output", required=True, help="the best model (.safetensors); resume state and curve beside it")
+    fin.add_argument("-o", "--output", help="the best model (.safetensors); resume state and curve beside it")
     fin.add_argument("--val", nargs="+", metavar="PATH", help="validation cases (default: --val-fraction of --data)")
     fin.add_argument("--val-fraction", type=float, help="share of --data held out for validation (recipe default 0.2)")
     fin.add_argument("--labels", metavar="FILE", help="JSON list of the labels: value, name, colour, terminology "
@@ -185,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--resume", action="store_true", help="continue the run that wrote -o")
     fin.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
     fin.add_argument("--cache", metavar="DIR", help="where prepared cases are kept (default ~/.cache/hybridmim/prepared)")
+    fin.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                     help="case names in --data to leave out (e.g. to train on a subset)")
+    fin.add_argument("--prepare-only", action="store_true",
+                     help="prepare --data into --cache for this init model and labels, and stop; that folder can "
+                          "then be given as --data or --val")
     fin.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _add_progress(fin)
     fin.set_defaults(handler=_cmd_finetune)

@@ -67,6 +67,12 @@ def _decathlon_cases(folder: Path) -> list[Case]:
     return cases
 
 
+def _check_excluded(names, exclude) -> None:
+    unknown = set(exclude) - set(names)
+    if unknown:
+        raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
+
+
 def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
     """Volumes from image files, case folders, folders of case folders, Decathlon folders
     (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
@@ -90,11 +96,8 @@ def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
             if not found:
                 raise UserError(f"{path}: no images found (expected case folders with image.nii.gz, or image files)")
             cases += found
-    excluded = set(exclude)
-    unknown = excluded - {c.name for c in cases}
-    if unknown:
-        raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
-    cases = [c for c in cases if c.name not in excluded]
+    _check_excluded([c.name for c in cases], exclude)
+    cases = [c for c in cases if c.name not in set(exclude)]
     if labelled:
         unlabelled = [c.name for c in cases if c.label is None]
         if unlabelled:
@@ -302,8 +305,9 @@ def is_prepared_folder(path) -> bool:
 
 
 def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter,
-                  classes: dict[int, int] | None = None) -> PreparedData:
-    """A cache folder given as data; its pre-processing (and label classes) must be the run's."""
+                  classes: dict[int, int] | None = None, exclude=()) -> PreparedData:
+    """A cache folder given as data, less the ``exclude``d case names; its pre-processing (and label
+    classes) must be the run's."""
     index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
     if index.get("format") != CACHE_FORMAT:
         raise UserError(f"{folder}: prepared with another version of the engine; prepare the data again")
@@ -311,10 +315,12 @@ def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter
         raise UserError(f"{folder}: prepared with other pre-processing than the recipe's; prepare the data again")
     if classes and {int(k): v for k, v in index.get("classes", {}).items()} != classes:
         raise UserError(f"{folder}: prepared without these labels; prepare the data again")
+    _check_excluded([entry["name"] for entry in index["volumes"]], exclude)
+    entries = [entry for entry in index["volumes"] if entry["name"] not in set(exclude)]
     reporter.stage("load data")
     volumes, sources = [], []
-    for done, entry in enumerate(index["volumes"]):
+    for done, entry in enumerate(entries):
         volumes.append(_volume(entry["name"], _load_npz(folder / entry["file"])))
         sources.append({k: v for k, v in entry.items() if k != "file"})
-        reporter.progress(done + 1, len(index["volumes"]))
+        reporter.progress(done + 1, len(entries))
     return PreparedData(volumes, preprocessing, sources)

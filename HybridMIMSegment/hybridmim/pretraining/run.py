@@ -69,9 +69,7 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
         check_recipe(with_steps(recipe, steps))
 
     if len(data_paths) == 1 and is_prepared_folder(data_paths[0]):
-        if exclude:
-            raise UserError("--exclude applies to scans, not to a prepared folder")
-        data = load_prepared(Path(data_paths[0]), preprocessing, reporter)
+        data = load_prepared(Path(data_paths[0]), preprocessing, reporter, exclude=exclude)
     else:
         folder = Path(cache) if cache else cache_dir() / "prepared"
         data = prepare_cases(find_cases(data_paths, exclude), preprocessing, folder, reporter)

@@ -64,6 +64,9 @@ class FinetuneSchedule:
     seed: int = 0
     num_threads: int | None = None
     half_precision: bool = True
+    window: list | None = None  # training crop [z, y, x] (default: the model's inference window); smaller is
+    #                             cheaper per step, and the fully convolutional network still infers on its own
+
 
     POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume")
 
@@ -171,10 +174,28 @@ def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
-def _load_data(paths, preprocessing, classes, cache: Path, reporter: Reporter) -> PreparedData:
+def _load_data(paths, preprocessing, classes, cache: Path, reporter: Reporter, exclude=()) -> PreparedData:
     if len(paths) == 1 and is_prepared_folder(paths[0]):
-        return load_prepared(Path(paths[0]), preprocessing, reporter, classes)
-    return prepare_cases(find_cases(paths, labelled=True), preprocessing, cache, reporter, classes)
+        return load_prepared(Path(paths[0]), preprocessing, reporter, classes, exclude)
+    return prepare_cases(find_cases(paths, exclude, labelled=True), preprocessing, cache, reporter, classes)
+
+
+def _classes(start: Start) -> dict[int, int]:
+    """{value in the data's label maps: class index}."""
+    return {source: i + 1 for i, label in enumerate(start.labels) for source in label.sources}
+
+
+def _prepare_only(init: str, data_paths, labels_file, recipe_file, cache, reporter: Reporter) -> dict:
+    """Prepare labelled cases into ``cache`` as a run from ``init`` would; the folder can then be --data
+    (on a machine without the scans or SimpleITK, for example)."""
+    if not cache:
+        raise UserError("--prepare-only needs --cache DIR: the folder to prepare into")
+    start = resolve_start(init, load_recipe(recipe_file), labels_file, reporter)
+    data = prepare_cases(find_cases(data_paths, labelled=True), start.preprocessing, Path(cache), reporter,
+                         _classes(start))
+    outputs = {"volumes": len(data.volumes), "folder": str(cache)}
+    reporter.done(outputs)
+    return outputs
 
 
 def validate(network, data: PreparedData, start: Start, device, classes: int) -> dict:
@@ -200,10 +221,16 @@ def validate(network, data: PreparedData, start: Start, device, classes: int) ->
 def run_finetune(init: str, data_paths: list[str], output: str, reporter: Reporter, val_paths=None,
                  val_fraction: float | None = None, labels_file: str | None = None, epochs: int | None = None,
                  recipe_file: str | None = None, resume: bool = False, overwrite: bool = False,
-                 cache: str | None = None, device: str = "auto") -> dict:
+                 cache: str | None = None, device: str = "auto", prepare_only: bool = False, exclude=()) -> dict:
     from ..inference import select_device
     from ..networks import build_network
 
+    if prepare_only:
+        if val_paths or resume:
+            raise UserError("--prepare-only prepares --data alone (prepare validation cases in a run of their own)")
+        return _prepare_only(init, data_paths, labels_file, recipe_file, cache, reporter)
+    if output is None:
+        raise UserError("give the checkpoint to write with -o (or --prepare-only to prepare the data alone)")
     output_path = Path(output)
     if not output_path.name.endswith(".safetensors"):
         raise UserError(f"{output_path}: a checkpoint is a .safetensors file")
@@ -223,15 +250,17 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
                 raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
             recipe["train"] = {**recipe.get("train", {}), "val_fraction": float(val_fraction)}
     schedule = read_schedule(FinetuneSchedule, recipe)
+    if schedule.window is not None and not (len(schedule.window) == 3 and all(
+            isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
+        raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
     start = resolve_start(init, recipe, labels_file, reporter)
-    classes = {source: i + 1 for i, label in enumerate(start.labels) for source in label.sources}
-
+    classes = _classes(start)
     folder = Path(cache) if cache else cache_dir() / "prepared"
     if val_paths:
-        train_data = _load_data(data_paths, start.preprocessing, classes, folder, reporter)
+        train_data = _load_data(data_paths, start.preprocessing, classes, folder, reporter, exclude)
         val_data = _load_data(val_paths, start.preprocessing, classes, folder, reporter)
     else:
-        all_data = _load_data(data_paths, start.preprocessing, classes, folder, reporter)
+        all_data = _load_data(data_paths, start.preprocessing, classes, folder, reporter, exclude)
         train_volumes, val_volumes = split_cases(all_data.volumes, schedule.val_fraction, schedule.seed)
         train_data = PreparedData(train_volumes, start.preprocessing, all_data.sources)
         val_data = PreparedData(val_volumes, start.preprocessing, all_data.sources) if val_volumes else None
@@ -270,8 +299,9 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
         optimiser, lambda s: warmup_cosine(s, schedule.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and schedule.amp == "fp16")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    augment = crop_augmentations(start.roi_size, schedule.organ_contrast, device)
-    crop = int(np.ceil(max(start.roi_size) * CROP_MARGIN))
+    window = tuple(schedule.window or start.roi_size)
+    augment = crop_augmentations(window, schedule.organ_contrast, device)
+    crop = int(np.ceil(max(window) * CROP_MARGIN))
     classes = len(start.labels)
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {}}
     if state is not None:
