@@ -201,3 +201,17 @@ def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path)
     subset = load_prepared(cache, preprocessing, Reporter("quiet"), {1: 1}, exclude=["STS_002", "STS_004"])
     assert [v.name for v in subset.volumes] == ["STS_001", "STS_003"]
     assert all(v.label is not None and v.label.max() == 1 for v in subset.volumes)
+
+    # Train on that subset, validating every second epoch (and the last).
+    recipe = tmp_path / "every2.json"
+    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 3, "steps_per_epoch": 2,
+                                                    "validate_every": 2}}))
+    stream = io.StringIO()
+    outputs = run_finetune("scratch", [str(cache)], str(tmp_path / "subset.safetensors"), Reporter("json", stream),
+                           val_paths=[str(folders["val"])], recipe_file=str(recipe), cache=str(folders["cache"]),
+                           device="cpu", exclude=["STS_002", "STS_004"])
+    metrics = [e for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "metric"]
+    assert [(m["epoch"], "dice" in m) for m in metrics] == [(0, True), (1, False), (2, True), (3, True)]
+    meta = read_metadata(tmp_path / "subset.safetensors")
+    assert sorted(d["name"] for d in meta.provenance["train_data"]) == ["STS_001", "STS_003"]
+    assert outputs["best_epoch"] in (2, 3)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .atomic import atomic_output
 
-_NOT_PLOTTED = {"step", "lr", "seconds", "seconds_per_step"}
+_NOT_PLOTTED = {"step", "epoch", "lr", "seconds", "seconds_per_step"}
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
@@ -16,15 +16,17 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [k for k in history[0] if k not in _NOT_PLOTTED and isinstance(history[0][k], (int, float))]
+    names = [k for k in dict.fromkeys(k for h in history for k in h)  # every quantity, even if not logged each time
+             if k not in _NOT_PLOTTED and any(isinstance(h.get(k), (int, float)) for h in history)]
     columns = min(3, len(names))
     rows = -(-len(names) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     steps = [h["step"] for h in history]
     for ax, name in zip(axes.flat, names):
-        values = [h.get(name) for h in history]
-        ax.plot(steps, values, lw=1.2)
-        if all(v is not None and v > 0 for v in values):
+        logged = [(step, h[name]) for step, h in zip(steps, history) if isinstance(h.get(name), (int, float))]
+        values = [v for _, v in logged]
+        ax.plot([step for step, _ in logged], values, lw=1.2, marker="." if len(logged) < 30 else None)
+        if min(values) > 0 and max(values) > 10 * min(values):  # losses falling by orders of magnitude
             ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)

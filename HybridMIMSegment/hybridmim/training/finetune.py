@@ -58,6 +58,7 @@ class FinetuneSchedule:
     weight_decay: float = 1e-5
     warmup_steps: int = 100
     patience: int = 20  # epochs without a better validation Dice before stopping; 0: never
+    validate_every: int = 1  # epochs between validations (and the last epoch); validation is slow on a CPU
     amp: str = "bf16"
     grad_clip: float | None = 1.0
     organ_contrast: bool = False
@@ -68,7 +69,7 @@ class FinetuneSchedule:
     #                             cheaper per step, and the fully convolutional network still infers on its own
 
 
-    POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume")
+    POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume", "validate_every")
 
 
 def load_recipe(recipe_file: str | None) -> dict:
@@ -387,7 +388,8 @@ def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val
              "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
     run["losses"] = []
     scores = None
-    if val_data is not None:
+    last = epoch == schedule.epochs
+    if val_data is not None and (epoch % schedule.validate_every == 0 or last):
         reporter.stage("validate")
         scores = validate(network, val_data, start, device, classes)
         entry["dice"] = scores["dice"]
@@ -395,12 +397,11 @@ def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val
     run["history"].append(entry)
     reporter.metric(**entry, **({"dice_per_label": {start.labels[c - 1].name: v for c, v in scores["per_class"].items()}}
                                 if scores else {}))
-    last = epoch == schedule.epochs
     if scores is not None and scores["dice"] > run["best"]:
         run["best"], run["best_epoch"] = scores["dice"], epoch
         run["best_scores"] = {start.labels[c - 1].name: round(v, 4) for c, v in scores["per_class"].items()}
         _save_model(output, network, start, schedule, recipe, train_data, val_data, run, seconds)
-    elif scores is None and last:
+    elif val_data is None and last:
         run["best_epoch"] = epoch
         _save_model(output, network, start, schedule, recipe, train_data, val_data, run, seconds)
     plot_curves([h for h in run["history"] if h["step"] > 0] or run["history"], curve_path(output),
