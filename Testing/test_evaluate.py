@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DEFAULT_MODEL, run_cli
+from conftest import DEFAULT_MODEL, data_file, run_cli
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
 from hybridmim.evaluate import overlap_scores, reference_on_model_labels, score_case, summarise
@@ -164,3 +164,30 @@ def test_regions_and_source_values_survive_the_checkpoint_metadata():
     assert again.regions == BRATS_LABELS["regions"]
     assert [label.sources for label in again.labels] == [(2,), (1, 3), (4,)]
     assert again.source_lookup == {2: 1, 1: 2, 3: 2, 4: 3}
+
+
+BRAIN_WHOLE_TUMOUR_FLOOR = 0.7  # measured 0.79 on pat0003 (docs/models/brain-tumor-mr.md)
+
+
+def test_shipped_brain_model_two_channels_brats_codes_and_regions(tmp_path):
+    """The shipped brain-tumor-mr model on a validation case: FLAIR + T1c in, BraTS label-map codes mapped
+    onto its labels, whole tumour and tumour core scored as regions. The whole scan, not a crop: the model
+    z-scores over the whole image, so a crop shifts its intensities (see its model card)."""
+    source = data_file("brain_tumor_mr/brats_2013_pat0003_1")
+    case = tmp_path / "data" / "pat0003"
+    case.mkdir(parents=True)
+    for name, target in (("Flair_subtrMeanDivStd", "image_0000"), ("T1c_subtrMeanDivStd", "image_0001"),
+                         ("OTMultiClass", "label")):
+        (case / f"{target}.nii.gz").symlink_to(source / f"{name}.nii.gz")
+    report_path = tmp_path / "report.json"
+    run_cli("evaluate", "--model", "brain-tumor-mr", "--data", tmp_path / "data", "-o", report_path,
+            "--device", "cpu", check_rc=0)
+    summary = json.loads(report_path.read_text())["summary"]
+    assert list(summary) == ["peritumoral oedema", "necrotic and non-enhancing tumour core", "enhancing tumour",
+                             "whole tumour", "tumour core"]
+    assert summary["whole tumour"]["dice_mean"] > BRAIN_WHOLE_TUMOUR_FLOOR, summary
+
+    info = run_cli("info", "brain-tumor-mr", check_rc=0).stdout
+    assert "FLAIR (MR), T1c (MR)" in info and "(label-map values 1, 3)" in info
+    assert "region:        whole tumour = peritumoral oedema + necrotic and non-enhancing tumour core + " \
+           "enhancing tumour" in info

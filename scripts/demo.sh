@@ -19,6 +19,8 @@ echo "segmentation: $OUT/abdomen_ct.seg.nrrd"
 echo "preview:      $OUT/abdomen_ct_preview.png"
 
 if [ -f "$SHARED/ct_b.nii.gz" ]; then
-  # A second, contrast-enhanced CT the model never saw, with reference labels.
-  python scripts/evaluate_default_model.py --data-root "$SHARED/.."
+  # A second, contrast-enhanced CT the model never saw, with reference labels
+  # (TotalSegmentator predictions): Dice and HD95 per organ.
+  python scripts/link_datasets.py > /dev/null
+  hybridmim evaluate --data .devdata/datasets/abdomen/val -o "$OUT/ct_b_evaluation.json" --overwrite
 fi

@@ -122,7 +122,7 @@ def _cmd_evaluate(args, reporter: Reporter) -> None:
             dice = "-" if s["dice_mean"] is None else f"{s['dice_mean']:.3f}"
             hd95 = "-" if s["hd95_mm_mean"] is None else f"{s['hd95_mm_mean']:.1f} mm"
             undefined = f" ({s['hd95_undefined']} undefined)" if s["hd95_undefined"] else ""
-            print(f"  {name:<32} Dice {dice:>6}  HD95 {hd95:>9}{undefined}  over {s['cases']} cases")
+            print(f"  {name:<40} Dice {dice:>6}  HD95 {hd95:>9}{undefined}  over {s['cases']} cases")
 
 
 def build_parser() -> argparse.ArgumentParser:

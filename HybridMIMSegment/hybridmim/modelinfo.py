@@ -35,7 +35,11 @@ def describe(meta: ModelMeta, path: Path) -> str:
         code = label.terminology.get("type", ["", "", ""])
         modifier = label.terminology.get("typeModifier")
         codes = f"{code[0]} {code[1]} {code[2]}" + (f", {modifier[2]}" if modifier else "") if code[1] else "no code"
-        lines.append(f"    {label.value:>3} {label.name:<28} rgb{tuple(label.color)}  [{codes}]")
+        sources = f"  (label-map values {', '.join(map(str, label.source_values))})" if label.source_values else ""
+        lines.append(f"    {label.value:>3} {label.name:<28} rgb{tuple(label.color)}  [{codes}]{sources}")
+    for region in meta.regions:
+        names = [label.name for label in meta.labels if label.value in region["values"]]
+        lines.append(f"  region:        {region['name']} = {' + '.join(names)}")
     if meta.description:
         lines.append(f"  description:   {meta.description}")
     provenance = meta.provenance

@@ -123,7 +123,7 @@ class PreparedData:
 
     def __init__(self, volumes: list[Volume], preprocessing: Preprocessing, sources: list[dict]):
         if not volumes:
-            raise UserError("no volumes to pre-train on")
+            raise UserError("no volumes to train on")
         self.volumes = volumes
         self.preprocessing = preprocessing
         self.sources = sources
@@ -269,7 +269,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     from .download import file_sha256
 
     if not cases:
-        raise UserError("no volumes to pre-train on")
+        raise UserError("no volumes to train on")
     cache.mkdir(parents=True, exist_ok=True)
     reporter.stage("prepare data")
     volumes, sources, entries = [], [], []
