@@ -251,7 +251,7 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
                 raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
             recipe["train"] = {**recipe.get("train", {}), "val_fraction": float(val_fraction)}
     schedule = read_schedule(FinetuneSchedule, recipe)
-    if schedule.window is not None and not (len(schedule.window) == 3 and all(
+    if schedule.window is not None and not (isinstance(schedule.window, list) and len(schedule.window) == 3 and all(
             isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
     start = resolve_start(init, recipe, labels_file, reporter)
