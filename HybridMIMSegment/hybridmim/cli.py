@@ -23,6 +23,18 @@ def _add_progress(parser: argparse.ArgumentParser) -> None:
                         help="json: machine-readable progress lines on stdout (see docs/PROGRESS.md)")
 
 
+def _add_training_run_options(parser: argparse.ArgumentParser, prepare_only_help: str) -> None:
+    """The options pre-training and fine-tuning share: resume, overwrite, the prepared-data cache, device."""
+    parser.add_argument("--resume", action="store_true", help="continue the run that wrote -o from its resume state")
+    parser.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
+    parser.add_argument("--cache", metavar="DIR", help="where prepared cases are kept (default ~/.cache/hybridmim/prepared)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
+                        help="case names in --data to leave out (held-out cases, or to train on a subset)")
+    parser.add_argument("--prepare-only", action="store_true", help=prepare_only_help)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_progress(parser)
+
+
 def _cmd_segment(args, reporter: Reporter) -> None:
     from .segment import segment
 
@@ -163,14 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over the method's defaults "
                                                       "(Resources/Recipes/; examples in scripts/recipes/)")
     pre.add_argument("--steps", type=int, help="total optimiser steps (overrides the recipe)")
-    pre.add_argument("--resume", action="store_true", help="continue the run that wrote -o from its last checkpoint")
-    pre.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
-    pre.add_argument("--cache", metavar="DIR", help="where prepared volumes are kept (default ~/.cache/hybridmim/prepared)")
-    pre.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="case names to leave out (e.g. held-out cases)")
-    pre.add_argument("--prepare-only", action="store_true",
-                     help="prepare the data into --cache and stop; that folder can then be given as --data")
-    pre.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    _add_progress(pre)
+    _add_training_run_options(pre, "prepare the data into --cache and stop; that folder can then be given as --data")
     pre.set_defaults(handler=_cmd_pretrain)
 
     fin = commands.add_parser("finetune", help="train a segmentation model from a pre-trained checkpoint or from scratch")
@@ -186,16 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: the recipe's, else the init model's)")
     fin.add_argument("--epochs", type=int, help="maximum epochs (overrides the recipe)")
     fin.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over Resources/Recipes/finetune.json")
-    fin.add_argument("--resume", action="store_true", help="continue the run that wrote -o")
-    fin.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
-    fin.add_argument("--cache", metavar="DIR", help="where prepared cases are kept (default ~/.cache/hybridmim/prepared)")
-    fin.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
-                     help="case names in --data to leave out (e.g. to train on a subset)")
-    fin.add_argument("--prepare-only", action="store_true",
-                     help="prepare --data into --cache for this init model and labels, and stop; that folder can "
-                          "then be given as --data or --val")
-    fin.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    _add_progress(fin)
+    _add_training_run_options(fin, "prepare --data into --cache for this init model and labels, and stop; that "
+                                   "folder can then be given as --data or --val")
     fin.set_defaults(handler=_cmd_finetune)
 
     ev = commands.add_parser("evaluate", help="Dice and HD95 of a model on labelled cases, per case and label")

@@ -36,8 +36,8 @@ from ..errors import UserError
 from ..networks import build_network
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
-from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, curve_path, read_schedule, state_path,
-                                 step_generators)
+from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, curve_path, optimiser_step, read_schedule,
+                                 state_path, step_generators)
 from ..training.schedule import warmup_cosine
 from ..volumes import PreparedData
 from .hybridmim import HybridMIM
@@ -192,13 +192,7 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     with StopRequest() as stop:
         while step < schedule.steps:
             terms = _one_step(model, method, data, schedule, dist, scaler, step)
-            if schedule.grad_clip:
-                scaler.unscale_(optimiser)
-                torch.nn.utils.clip_grad_norm_(method.parameters(), schedule.grad_clip)
-            scaler.step(optimiser)
-            scaler.update()
-            optimiser.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimiser_step(optimiser, scheduler, scaler, method.parameters(), schedule.grad_clip)
             step += 1
             window.append(terms)
             reporter.progress(step, schedule.steps)

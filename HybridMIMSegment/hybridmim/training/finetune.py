@@ -39,7 +39,7 @@ from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
 from .runstate import (STATE_FORMAT, StopRequest, autocast, check_new_run, curve_path, load_resume_state,
-                       read_schedule, state_path, step_generators)
+                       optimiser_step, read_schedule, state_path, step_generators)
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
 
@@ -348,13 +348,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             with autocast(device, schedule.amp):
                 loss = loss_fn(network(x).float(), y)
             scaler.scale(loss).backward()
-            if schedule.grad_clip:
-                scaler.unscale_(optimiser)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), schedule.grad_clip)
-            scaler.step(optimiser)
-            scaler.update()
-            optimiser.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimiser_step(optimiser, scheduler, scaler, network.parameters(), schedule.grad_clip)
             run["step"] = step + 1
             run["losses"].append(float(loss.detach()))
             reporter.progress(run["step"], total_steps)

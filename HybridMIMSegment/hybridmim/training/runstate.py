@@ -90,6 +90,17 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def optimiser_step(optimiser, scheduler, scaler, parameters, grad_clip: float | None) -> None:
+    """After the backward pass: unscale and clip the gradients (when asked), step, clear, advance the schedule."""
+    if grad_clip:
+        scaler.unscale_(optimiser)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scaler.step(optimiser)
+    scaler.update()
+    optimiser.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def read_schedule(cls, recipe: dict):
     """The recipe's ``train`` block as the dataclass ``cls``: unknown names and bad values refused."""
     block = dict(recipe.get("train") or {})
