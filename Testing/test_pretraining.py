@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, crop, data_file, run_cli
@@ -22,9 +23,9 @@ from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.volumes import find_cases, load_prepared, prepare_cases
 from hybridmim.pretraining.run import load_recipe
-from hybridmim.pretraining.trainer import pretrain
+from hybridmim.pretraining.trainer import build_method, pretrain
 from hybridmim.training import runstate
-from hybridmim.training.runstate import state_path
+from hybridmim.training.runstate import state_path, step_generators
 
 # Tiny U-Net (bottleneck stride 8), 8³ patches → 48³ crops, 3 mm voxels; fp32 weights for exact comparisons.
 TINY_RECIPE = {
@@ -69,6 +70,31 @@ def recipe_for(recipe_file: Path) -> dict:
     return load_recipe(None, None, str(recipe_file))
 
 
+def initial_method(recipe: dict, data) -> torch.nn.Module:
+    """The HybridMIM wrapper with the weights a run of ``recipe`` starts from."""
+    torch.manual_seed(recipe["train"].get("seed", 0))
+    return build_method(recipe, data.channels)
+
+
+def terms_on_fixed_batches(method: torch.nn.Module, data, seed: int, batches: int = 4) -> list[dict]:
+    """Loss terms (eval mode, no dropout) on ``batches`` batches of 2 × 4 crops and masks drawn from ``seed``."""
+    method.eval()
+    results = []
+    with torch.no_grad():
+        for index in range(batches):
+            rng, generator = step_generators(seed, 0, index, 0)
+            stored, valid, _ = data.sample_crops(rng, 2, 4, method.crop_size)
+            valid = torch.from_numpy(valid)
+            image = data.to_model(torch.from_numpy(stored), valid)
+            loss, terms = method(image, valid, **method.sample(image.shape[0], generator))
+            results.append({"loss": float(loss), **{name: float(value) for name, value in terms.items()}})
+    return results
+
+
+def mean_term(results: list[dict], name: str) -> float:
+    return float(np.mean([r[name] for r in results]))
+
+
 def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_path):
     recipe = recipe_for(recipe_file)
     recipe["train"].update(steps=40, lr=1e-2, log_every=10, checkpoint_every=40, num_threads=None)
@@ -81,10 +107,17 @@ def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_
     metrics = [e for e in events if e["event"] == "metric"]
     assert [m["step"] for m in metrics] == [10, 20, 30, 40]
     assert set(metrics[0]) >= {"loss", "pixel", "count", "location", "consistency", "contrast", "lr", "seconds"}
-    first, last = metrics[0], metrics[-1]  # each a mean over 10 steps
-    assert last["loss"] < 0.95 * first["loss"], [m["loss"] for m in metrics]
-    assert last["pixel"] < 0.85 * first["pixel"], [m["pixel"] for m in metrics]
-    assert last["count"] < first["count"] - 0.2, [m["count"] for m in metrics]
+    # Training windows are too noisy to compare (the pixel term of one step ranges 0.006–0.047 with the
+    # crops drawn); the initial and the trained model are compared on the same fixed batches instead.
+    data_seed = 1234  # batches the run never drew (its seed is 0)
+    before = terms_on_fixed_batches(initial_method(recipe, data), data, data_seed)
+    trained = initial_method(recipe, data)
+    trained.load_state_dict(load_resume_state(output)["method"])
+    after = terms_on_fixed_batches(trained, data, data_seed)
+    assert all(a["pixel"] < b["pixel"] for a, b in zip(after, before)), (before, after)
+    assert mean_term(after, "pixel") < 0.8 * mean_term(before, "pixel"), (before, after)
+    assert mean_term(after, "count") < mean_term(before, "count") - 0.3, (before, after)
+    assert mean_term(after, "loss") < 0.9 * mean_term(before, "loss"), (before, after)
     assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "pre-train"] == list(range(1, 41))
     assert events[-1]["event"] == "done" and events[-1]["outputs"]["stopped"] is False
 
