@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
 from conftest import DEFAULT_MODEL, MODELS, REPO, data_file, run_cli
+from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
 from hybridmim.networks import build_network
@@ -108,9 +110,30 @@ def _start(folders, output, *extra) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
-def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, tmp_path):
-    reference = tmp_path / "reference.safetensors"
+@pytest.fixture(scope="module")
+def uninterrupted(folders, tmp_path_factory) -> Path:
+    reference = tmp_path_factory.mktemp("uninterrupted") / "reference.safetensors"
     assert _start(folders, reference).wait(timeout=300) == 0
+    return reference
+
+
+def _resume(folders, output) -> subprocess.CompletedProcess:
+    return run_cli("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
+                   "--cache", folders["cache"], "-o", output, "--resume", "--device", "cpu", "--progress", "json",
+                   check_rc=0)
+
+
+def _assert_same_run(output: Path, reference: Path) -> None:
+    final, expected = runstate.load_resume_state(output, "finetune"), runstate.load_resume_state(reference, "finetune")
+    assert final["step"] == expected["step"] == 40
+    for name, tensor in expected["network"].items():
+        assert torch.equal(final["network"][name], tensor), name
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in expected["history"]]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in final["history"]] == strip
+    assert load_file(str(output)).keys() == load_file(str(reference)).keys()
+
+
+def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
     output = tmp_path / "run.safetensors"
     process = _start(folders, output)
     for line in process.stdout:
@@ -123,18 +146,38 @@ def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folde
     stopped = runstate.load_resume_state(output, "finetune")
     assert 13 <= stopped["step"] < 40 and stopped["step"] % 10  # stopped inside an epoch
 
-    resumed = run_cli("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
-                      "--cache", folders["cache"], "-o", output, "--resume", "--device", "cpu", "--progress", "json",
-                      check_rc=0)
+    resumed = _resume(folders, output)
     assert any(e and e["event"] == "message" and f"resuming at step {stopped['step']}" in e["text"]
                for e in map(parse_event, resumed.stdout.splitlines()))
-    final, expected = runstate.load_resume_state(output, "finetune"), runstate.load_resume_state(reference, "finetune")
-    assert final["step"] == expected["step"] == 40
-    for name, tensor in expected["network"].items():
-        assert torch.equal(final["network"][name], tensor), name
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in expected["history"]]
-    assert [{k: v for k, v in h.items() if k != "seconds"} for h in final["history"]] == strip
-    assert load_file(str(output)).keys() == load_file(str(reference)).keys()
+    _assert_same_run(output, uninterrupted)
+
+
+def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
+    """No chance to save: the run resumes from the last epoch's state, and no file is left half-written."""
+    output = tmp_path / "run.safetensors"
+    process = _start(folders, output)
+    for line in process.stdout:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 25:
+            process.kill()
+            break
+    process.wait(timeout=60)
+    state = runstate.load_resume_state(output, "finetune")
+    assert state["step"] == 20  # the end of epoch 2
+    assert load_file(str(output)).keys()  # the best checkpoint so far is whole
+    _resume(folders, output)
+    _assert_same_run(output, uninterrupted)
+
+
+def test_a_resume_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.marker = marker
+    output = tmp_path / "m.safetensors"
+    torch.save({"format": runstate.STATE_FORMAT, "kind": "finetune", "extra": payload}, runstate.state_path(output))
+    with pytest.raises(UserError, match="not a readable resume state"):
+        runstate.load_resume_state(output, "finetune")
+    assert not marker.exists()
 
 
 def test_validation_split_is_seeded_and_disjoint():
@@ -179,7 +222,14 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, capsys):
     (tmp_path / "labels.json").write_text(json.dumps([{"value": 1, "name": "x", "color": [1, 2]}]))
     refused("--init", "scratch", "--data", folders["train"], "--labels", tmp_path / "labels.json", "-o", out,
             message="'color' must be [r, g, b]")
-    assert not out.exists()
+    coarse = tmp_path / "coarse" / "STS_005"
+    coarse.mkdir(parents=True)
+    (coarse / "image.nii.gz").symlink_to(data_file("sarcoma_ct/STS_005/image.nii.gz"))
+    label = sitk.ReadImage(str(data_file("sarcoma_ct/STS_005/label.nii.gz")))
+    sitk.WriteImage(label[::2, ::2, :], str(coarse / "label.nii.gz"))
+    refused("--init", "scratch", "--data", coarse.parent, "--recipe", folders["recipe"], "--cache", tmp_path / "c",
+            "-o", out, message="case STS_005: the label map's grid (size, spacing, origin or direction) differs")
+    assert not out.exists() and not (tmp_path / "c").exists()
     with pytest.raises(UserError, match="resume state of a pretrain run"):
         state = runstate.state_path(tmp_path / "p.safetensors")
         torch.save({"format": runstate.STATE_FORMAT, "kind": "pretrain"}, state)

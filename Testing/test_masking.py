@@ -1,9 +1,12 @@
-"""Patch masking and HybridMIM's region labels: counts, alignment with the bottleneck tokens."""
+"""Patch masking and HybridMIM's region labels: counts, alignment with the bottleneck tokens
+(hand-checked cases, then properties over many drawn grids, ratios and seeds)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridmim.masking import (complete_regions, expand_patch_mask, masked_count, patchify, random_patch_mask,
                                region_labels, unpatchify, volume_patch_mask)
@@ -100,3 +103,49 @@ def test_volume_mask_covers_partial_patches_at_the_far_edges():
     patches = 3 * 3 * 2
     masked = sum(bool(mask[z, y, x]) for z in (0, 16, 32) for y in (0, 16, 32) for x in (0, 16))
     assert masked == masked_count(patches, 0.5)
+
+
+# Property-based: the same invariants for every grid, ratio, patch size and seed hypothesis draws.
+grids = st.tuples(*[st.integers(1, 4).map(lambda n: 2 * n)] * 3)  # even: whole 2×2×2 regions
+ratios = st.floats(0.0, 0.95, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids, ratios, st.integers(1, 3), st.integers(0, 2**31))
+def test_property_mask_count_and_region_labels_agree_with_the_mask(grid, ratio, batch, seed):
+    mask = random_patch_mask(batch, grid, ratio, torch.Generator().manual_seed(seed))
+    patches = grid[0] * grid[1] * grid[2]
+    assert mask.flatten(1).sum(1).tolist() == [masked_count(patches, ratio)] * batch
+    count, location = region_labels(mask)
+    assert count.shape == (batch, patches // 8) and location.shape == (batch, patches // 8, 8)
+    assert torch.equal(count, location.sum(-1).long()) and int(count.sum()) == int(mask.sum())
+    # every location bit is the patch at its (a, b, c) offset in its region
+    for r_index in range(patches // 8):
+        rz, rest = divmod(r_index, (grid[1] // 2) * (grid[2] // 2))
+        ry, rx = divmod(rest, grid[2] // 2)
+        cube = mask[:, 2 * rz:2 * rz + 2, 2 * ry:2 * ry + 2, 2 * rx:2 * rx + 2].reshape(batch, 8)
+        assert torch.equal(location[:, r_index].bool(), cube)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(*[st.integers(1, 3)] * 3), st.sampled_from([1, 2, 4]), st.integers(1, 2), st.integers(0, 2**31))
+def test_property_patchify_inverts_and_expanded_masks_are_whole_patches(grid, patch, channels, seed):
+    generator = torch.Generator().manual_seed(seed)
+    volume = torch.rand(2, channels, *(g * patch for g in grid), generator=generator)
+    assert torch.equal(unpatchify(patchify(volume, patch), patch, grid, channels), volume)
+    mask = random_patch_mask(2, grid, 0.5, generator)
+    rows = patchify(expand_patch_mask(mask, patch).float(), patch)
+    assert torch.equal(rows.amin(-1), rows.amax(-1)) and torch.equal(rows[..., 0].bool(), mask.flatten(1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.tuples(*[st.integers(1, 40)] * 3), st.sampled_from([4, 8, 16]), ratios, st.integers(0, 2**31))
+def test_property_volume_mask_covers_the_volume_and_is_reproducible(shape, patch, ratio, seed):
+    mask = volume_patch_mask(shape, patch, ratio, seed)
+    assert tuple(mask.shape) == shape
+    assert torch.equal(mask, volume_patch_mask(shape, patch, ratio, seed))
+    grid = [-(-n // patch) for n in shape]
+    chosen = random_patch_mask(1, tuple(grid), ratio, torch.Generator().manual_seed(seed))[0]
+    # each voxel carries its patch's choice
+    z, y, x = (torch.arange(n) // patch for n in shape)
+    assert torch.equal(mask, chosen[z][:, y][:, :, x])

@@ -1,5 +1,5 @@
-"""Outputs are written atomically (temporary file, then rename) and never
-overwrite an existing file unless asked to."""
+"""Outputs are written atomically (temporary file, then rename), never
+overwrite an existing file unless asked to, and belong to one run at a time."""
 
 from __future__ import annotations
 
@@ -52,3 +52,47 @@ def atomic_output(path: Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _try_lock(handle) -> bool:
+    """An exclusive, non-blocking lock on an open file; the OS drops it when the process dies."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def output_lock(path: str | Path):
+    """Held while a run writes ``path``: a second run for the same output refuses instead of interleaving.
+
+    The lock is a hidden file beside the output, removed on exit; after a crash the
+    OS has already released it, so a stale file never blocks the next run.
+    """
+    path = Path(path).absolute()
+    lock = path.with_name(f".{path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(lock, "a+")
+        if not _try_lock(handle):
+            handle.close()
+            raise UserError(f"{path}: another run is writing this output now; wait for it to end or choose another name")
+        try:  # the file may have been removed by the previous holder between open and lock: take a fresh one
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()

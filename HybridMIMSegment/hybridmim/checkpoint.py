@@ -167,9 +167,22 @@ def load_model(path: str | Path, device="cpu"):
     path = Path(path)
     meta = read_metadata(path)
     network = build_network(meta.network)
+    _check_tensor_shapes(path, {name: tuple(t.shape) for name, t in network.state_dict().items()})
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not match the described network ({str(exc).splitlines()[0]})") from None
+    network.load_state_dict(state, strict=True)
     return meta, network.to(device).eval()
+
+
+def _check_tensor_shapes(path: Path, expected: dict[str, tuple]) -> None:
+    """Refuse, from the header alone (before any weight is read), tensors that do not fit the described network."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    problems = [f"missing {name}" for name in expected if name not in found]
+    problems += [f"unexpected {name}" for name in found if name not in expected]
+    problems += [f"{name} is {list(found[name])}, the network needs {list(shape)}"
+                 for name, shape in expected.items() if name in found and found[name] != shape]
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise UserError(f"{path}: weights do not match the described network ({problems[0]}{more})")

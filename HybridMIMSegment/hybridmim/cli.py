@@ -7,8 +7,10 @@ import argparse
 import json
 import sys
 import traceback
+from contextlib import nullcontext
 
 from . import __version__
+from .atomic import output_lock
 from .errors import UserError
 from .progress import Reporter
 
@@ -240,7 +242,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.print_help()
             raise SystemExit(2)
         reporter = Reporter(args.progress)
-        args.handler(args, reporter)
+        output = getattr(args, "output", None)
+        with output_lock(output) if output else nullcontext():
+            args.handler(args, reporter)
     except UserError as exc:
         reporter.error(str(exc))
         print(f"error: {exc}", file=sys.stderr)

@@ -103,35 +103,12 @@ def _csv_text(cases: list[dict], names: list[str]) -> str:
     return out.getvalue()
 
 
-def _check_reference_grid(case) -> None:
-    """Refuse, from the file headers alone, a label map that does not lie on its image's grid."""
-    import SimpleITK as sitk
-
-    headers = []
-    for path in (case.channels[0], case.label):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise UserError(f"case {case.name}: {path.name} is not a readable image") from None
-        headers.append(reader)
-    image, label = headers
-    same = (image.GetSize() == label.GetSize()
-            and np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=1e-4)
-            and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-3 * max(image.GetSpacing()))
-            and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-4))
-    if not same:
-        raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
-                        "from the image's; resample it onto the image first")
-
-
 def evaluate(model: str | None, data: list[str], output: str | None = None, overlays: str | None = None,
              device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
     """Segment every labelled case in ``data`` with ``model`` and score it; returns the report."""
     from .catalog import resolve_model
     from .checkpoint import read_metadata
-    from .volumes import find_cases
+    from .volumes import check_label_grid, find_cases
 
     reporter = reporter or Reporter("quiet")
     report_path = check_new_output(output, overwrite) if output else None
@@ -150,7 +127,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
         raise UserError(f"model {checkpoint.name} is a pre-trained {meta.task} model; evaluate a segmentation model")
     for case in cases:
         meta.check_input_count(len(case.channels), checkpoint.name)
-        _check_reference_grid(case)
+        check_label_grid(case)
     if overlay_dir is not None:
         for case in cases:
             check_new_output(overlay_dir / f"{case.name}.png", overwrite)

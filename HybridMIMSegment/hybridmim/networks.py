@@ -80,6 +80,7 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(_Down(a, b, dropout) for a, b in zip(features[:-1], features[1:]))
         self.ups = nn.ModuleList(_Up(b, a, dropout) for a, b in reversed(list(zip(features[:-1], features[1:]))))
         self.head = nn.Conv3d(features[0], out_channels, kernel_size=1)
+        self.out_channels = out_channels
         self.bottleneck_stride = 2 ** (len(features) - 1)
         self.bottleneck_channels = features[-1]
 
@@ -123,6 +124,7 @@ class SwinUNETRBackbone(SwinUNETR):
                  depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), use_v2: bool = False):
         super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                          drop_rate=drop_rate, depths=tuple(depths), num_heads=tuple(num_heads), use_v2=use_v2)
+        self.out_channels = out_channels
         self.bottleneck_channels = 16 * feature_size
 
     def encode(self, x: torch.Tensor, box: Box | None = None) -> list[torch.Tensor]:

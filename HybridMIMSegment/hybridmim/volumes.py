@@ -223,14 +223,40 @@ def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return points[np.sort(keep)].astype(np.int32)
 
 
-def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None) -> dict:
+def check_label_grid(case: Case) -> None:
+    """Refuse, from the file headers alone, a label map that does not lie on its image's grid."""
+    import SimpleITK as sitk
+
+    headers = []
+    for path in (case.channels[0], case.label):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise UserError(f"case {case.name}: {path.name} is not a readable image") from None
+        headers.append(reader)
+    image, label = headers
+    same = (image.GetSize() == label.GetSize()
+            and np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=1e-4)
+            and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-3 * max(image.GetSpacing()))
+            and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-4))
+    if not same:
+        raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
+                        "from the image's; resample it onto the image first")
+
+
+def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None, warn) -> dict:
     import SimpleITK as sitk
 
     from .imageio import read_channels, read_volume
     from .modelgrid import prepare
+    from .scancheck import finite_volume
 
+    channels = [finite_volume(image, f"{case.name}: {path.name}", warn)
+                for image, path in zip(read_channels(case.channels, warn), case.channels)]
     label = sitk.Cast(read_volume(case.label), sitk.sitkUInt16) if classes else None
-    model_input = prepare(read_channels(case.channels), preprocessing, label)
+    model_input = prepare(channels, preprocessing, label)
     array = model_input.array
     if preprocessing.foreground_threshold is not None:
         scale, offset = model_input.intensity_maps[0]
@@ -270,6 +296,8 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
 
     if not cases:
         raise UserError("no volumes to train on")
+    for case in cases if classes else ():
+        check_label_grid(case)  # headers only: refuse before an hour of preparing
     cache.mkdir(parents=True, exist_ok=True)
     reporter.stage("prepare data")
     volumes, sources, entries = [], [], []
@@ -279,7 +307,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         if path.is_file():
             arrays = _load_npz(path)
         else:
-            arrays = _prepare_volume(case, preprocessing, key, classes)
+            arrays = _prepare_volume(case, preprocessing, key, classes, reporter.warning)
             with atomic_output(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **arrays)

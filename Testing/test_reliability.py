@@ -1,0 +1,221 @@
+"""Bad scans, concurrent runs, huge volumes and GPU faults: a one-line refusal or a correct result,
+never a crash, a wrong geometry or a lost file. Every scan is derived from ../shared/data in the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO, data_file, run_cli
+from hybridmim.atomic import output_lock
+from hybridmim.errors import UserError
+from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, window_plans
+from hybridmim.memory import BASE_BYTES, GIB, segment_bytes
+from hybridmim.networks import build_network
+from hybridmim.progress import Reporter, parse_event
+from hybridmim.scancheck import finite_volume, warn_if_unlike_modality
+
+FLAIR = "brain_tumor_mr/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"
+
+
+def one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
+    events = [parse_event(line) for line in result.stdout.splitlines()]
+    return [e["text"] for e in events if e and e["event"] == "message" and e["level"] == "warning"]
+
+
+@pytest.fixture(scope="module")
+def nan_ct(abdomen_crop, tmp_path_factory):
+    """The abdomen crop as float32 with a NaN slab, a few +Inf and a few -Inf voxels."""
+    image = sitk.Cast(sitk.ReadImage(str(abdomen_crop["image"])), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[:3] = np.nan
+    array[10, 10, :5] = np.inf
+    array[20, 20, :5] = -np.inf
+    poisoned = sitk.GetImageFromArray(array)
+    poisoned.CopyInformation(image)
+    path = tmp_path_factory.mktemp("nan") / "nan.nrrd"
+    sitk.WriteImage(poisoned, str(path))
+    return path
+
+
+def test_non_finite_voxels_become_the_lowest_finite_value_with_a_warning(nan_ct):
+    image = sitk.ReadImage(str(nan_ct))
+    array = sitk.GetArrayFromImage(image)
+    bad = ~np.isfinite(array)
+    said = []
+    fixed = sitk.GetArrayFromImage(finite_volume(image, "nan.nrrd", said.append))
+    assert np.isfinite(fixed).all()
+    np.testing.assert_array_equal(fixed[~bad], array[~bad])
+    assert (fixed[bad] == array[~bad].min()).all()
+    assert len(said) == 1 and f"{int(bad.sum())} voxels" in said[0]
+
+
+def test_segmenting_a_scan_with_nan_voxels_warns_and_keeps_the_grid(nan_ct, tmp_path):
+    output = tmp_path / "seg.nii.gz"
+    result = run_cli("segment", nan_ct, "-o", output, "--device", "cpu", "--progress", "json", check_rc=0)
+    assert any("NaN or infinite" in w for w in warnings_of(result))
+    segmentation, image = sitk.ReadImage(str(output)), sitk.ReadImage(str(nan_ct))
+    assert segmentation.GetSize() == image.GetSize() and segmentation.GetDirection() == image.GetDirection()
+    assert sitk.GetArrayViewFromImage(segmentation).any()
+
+
+@pytest.mark.parametrize("fill, message", [(np.nan, "every voxel is NaN or infinite"),
+                                           (40.0, "every voxel has the same value (40)")])
+def test_an_all_nan_or_constant_scan_is_refused_with_one_line(abdomen_crop, tmp_path, fill, message):
+    image = sitk.Cast(sitk.ReadImage(str(abdomen_crop["image"])), sitk.sitkFloat32)
+    blank = sitk.GetImageFromArray(np.full(sitk.GetArrayViewFromImage(image).shape, fill, dtype=np.float32))
+    blank.CopyInformation(image)
+    path = tmp_path / "blank.nrrd"
+    sitk.WriteImage(blank, str(path))
+    output = tmp_path / "out" / "seg.nii.gz"
+    one_line_error(run_cli("segment", path, "-o", output), message)
+    assert not output.exists()
+
+
+def test_intensities_unlike_the_expected_modality_are_warned_about(abdomen_crop):
+    mr, ct = sitk.ReadImage(str(data_file(FLAIR))), sitk.ReadImage(str(abdomen_crop["image"]))
+    said = []
+    warn_if_unlike_modality(ct, "ct", "CT", said.append)
+    warn_if_unlike_modality(mr, "flair", "MR", said.append)
+    assert said == []
+    warn_if_unlike_modality(mr, "flair", "CT", said.append)
+    warn_if_unlike_modality(ct, "ct", "MR", said.append)
+    assert len(said) == 2 and "is this an MR" in said[0] and "like a CT in Hounsfield units" in said[1]
+
+
+def test_an_mr_given_to_the_ct_model_runs_with_a_warning(tmp_path):
+    mr = sitk.ReadImage(str(data_file(FLAIR)))
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(mr[40:140:2, 40:180:2, 40:120:2], str(path))
+    result = run_cli("segment", path, "-o", tmp_path / "seg.nii.gz", "--device", "cpu", "--progress", "json",
+                     check_rc=0)
+    assert any("the model expects CT" in w for w in warnings_of(result))
+
+
+def test_a_left_handed_grid_gives_the_same_labels_on_its_own_grid(abdomen_crop, tmp_path):
+    """The same anatomy stored with its x axis reversed (direction determinant -1)."""
+    image = sitk.ReadImage(str(abdomen_crop["image"]))
+    array = sitk.GetArrayFromImage(image)
+    mirrored = sitk.GetImageFromArray(np.ascontiguousarray(array[:, :, ::-1]))
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    direction[:, 0] *= -1
+    mirrored.SetSpacing(image.GetSpacing())
+    mirrored.SetDirection(tuple(direction.ravel()))
+    mirrored.SetOrigin(image.TransformIndexToPhysicalPoint((image.GetSize()[0] - 1, 0, 0)))
+    assert np.linalg.det(direction) < 0
+    sitk.WriteImage(mirrored, str(tmp_path / "left.nrrd"))
+    for name, source in (("straight", abdomen_crop["image"]), ("left", tmp_path / "left.nrrd")):
+        run_cli("segment", source, "-o", tmp_path / f"{name}_seg.nrrd", "--device", "cpu", "--progress", "quiet",
+                check_rc=0)
+    straight, left = (sitk.ReadImage(str(tmp_path / f"{n}_seg.nrrd")) for n in ("straight", "left"))
+    assert left.GetDirection() == mirrored.GetDirection() and left.GetOrigin() == mirrored.GetOrigin()
+    labels = sitk.GetArrayFromImage(left)
+    assert labels.any()
+    np.testing.assert_array_equal(labels[:, :, ::-1], sitk.GetArrayFromImage(straight))
+
+
+def test_an_absurdly_large_volume_is_refused_from_its_header(tmp_path):
+    """A MetaImage header announcing 4000³ voxels whose data file was never written."""
+    header = tmp_path / "huge.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\nElementType = MET_SHORT\n"
+                      "ElementSpacing = 1 1 1\nElementDataFile = huge.raw\n", encoding="ascii")
+    started = time.time()
+    one_line_error(run_cli("segment", header, "-o", tmp_path / "seg.nii.gz"), "GiB of memory and")
+    assert time.time() - started < 60
+
+
+def test_the_memory_estimate_grows_with_the_voxels_and_the_classes():
+    small = segment_bytes((100, 100, 100), (1.5, 1.5, 2.0), 1, 14, (1.5, 1.5, 2.0)) - BASE_BYTES
+    assert segment_bytes((200, 200, 200), (1.5, 1.5, 2.0), 1, 14, (1.5, 1.5, 2.0)) - BASE_BYTES == 8 * small
+    # the model grid counts: the same scan at half the spacing of the model grid needs more
+    assert segment_bytes((100, 100, 100), (3.0, 3.0, 4.0), 1, 14, (1.5, 1.5, 2.0)) - BASE_BYTES > 4 * small
+    assert segment_bytes((100, 100, 100), (1.5, 1.5, 2.0), 1, 28, (1.5, 1.5, 2.0)) - BASE_BYTES > small
+    # a 512 x 512 x 300 CT at 0.8 mm onto a 1.5 mm grid, 14 classes: a few GiB, not tens
+    assert 1 * GIB < segment_bytes((512, 512, 300), (0.8, 0.8, 1.0), 1, 14, (1.5, 1.5, 2.0)) < 6 * GIB
+
+
+def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_block(abdomen_crop, tmp_path):
+    output = tmp_path / "seg.nii.gz"
+    with output_lock(output):
+        result = run_cli("segment", abdomen_crop["image"], "-o", output, "--device", "cpu")
+        one_line_error(result, "another run is writing this output now")
+        with pytest.raises(UserError, match="another run"):
+            with output_lock(output):
+                pass
+    assert not output.exists() and list(tmp_path.iterdir()) == []  # the lock file is gone too
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hybridmim.atomic import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(output)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match="another run"):
+        with output_lock(output):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    with output_lock(output):  # the OS released the dead holder's lock; its file is reused
+        pass
+
+
+def _tiny_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_network({"name": "unet", "features": [4, 8], "in_channels": 1, "out_channels": 3}).eval()
+
+
+class _RunsOutOfMemoryOnBatches(torch.nn.Module):
+    """Fault injection (no GPU here): the real network, but a batch of more than one window raises
+    the error CUDA raises when it runs out of memory."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.out_channels = network, network.out_channels
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.network(x)
+
+
+def test_window_plans_fall_back_to_host_blending_then_the_cpu():
+    assert window_plans("cpu", 10 * GIB, None, 4) == [WindowPlan("cpu", "cpu", 4)]
+    assert window_plans("cuda", GIB, 8 * GIB, 4) == [WindowPlan("cuda", "cuda", 4), WindowPlan("cuda", "cpu", 1),
+                                                     WindowPlan("cpu", "cpu", 4)]
+    # an output buffer larger than half the free GPU memory is blended on the host from the start
+    assert window_plans("cuda", 5 * GIB, 8 * GIB, 1) == [WindowPlan("cuda", "cpu", 1), WindowPlan("cpu", "cpu", 1)]
+
+
+def test_out_of_memory_retries_with_the_next_plan_and_says_so():
+    network = _tiny_network()
+    volume = np.random.default_rng(0).normal(size=(1, 40, 40, 40)).astype(np.float32)
+    expected = sliding_window(network, volume, (32, 32, 32), 0.5, torch.device("cpu"), Reporter("quiet"), 4)
+    said = []
+
+    class Listening(Reporter):
+        def warning(self, text):
+            said.append(text)
+
+    faulty = _RunsOutOfMemoryOnBatches(network)
+    plans = [WindowPlan("cpu", "cpu", 4), WindowPlan("cpu", "cpu", 1)]
+    from hybridmim.inference import _sliding_window
+
+    result = run_with_fallbacks(plans, lambda p: _sliding_window(faulty, volume, (32, 32, 32), 0.5, p, Reporter("quiet")),
+                                Listening("quiet"))
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert len(said) == 1 and "out of GPU memory with 4 window(s)" in said[0] and "retrying with 1 window(s)" in said[0]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_with_fallbacks(plans[:1], lambda p: _sliding_window(faulty, volume, (32, 32, 32), 0.5, p,
+                                                                Reporter("quiet")), Reporter("quiet"))
