@@ -77,11 +77,14 @@ def test_engine_never_imports_slicer_and_module_never_imports_torch():
     for path in (MODULE / "hybridmim").rglob("*.py"):
         assert not _imports(path) & {"slicer", "qt", "ctk", "vtkMRML", "mrml"}, path
     assert not _imports(MODULE / "HybridMIMSegment.py") & {"torch", "monai"}
+    for path in (MODULE / "HybridMIMSegmentLib").rglob("*.py"):  # tested in CI, outside Slicer
+        assert not _imports(path) & {"slicer", "qt", "ctk", "vtkMRML", "mrml", "torch", "monai"}, path
 
 
-def test_catalog_and_progress_load_without_torch():
-    code = "import sys, hybridmim.catalog, hybridmim.progress, hybridmim.cli; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_catalog_progress_and_module_lib_load_without_torch():
+    code = ("import sys, hybridmim.catalog, hybridmim.progress, hybridmim.cli, HybridMIMSegmentLib.engine, "
+            "HybridMIMSegmentLib.states, HybridMIMSegmentLib.commands; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=MODULE)
 
 
 def _python_3_10() -> str | None:

@@ -156,7 +156,7 @@ def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_bl
         with pytest.raises(UserError, match="another run"):
             with output_lock(output):
                 pass
-    assert not output.exists() and list(tmp_path.iterdir()) == []  # the lock file is gone too
+    assert not output.exists() and list(tmp_path.iterdir()) == []  # nothing is left beside the output
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hybridmim.atomic import output_lock\n"
                                "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",

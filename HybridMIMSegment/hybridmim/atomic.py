@@ -74,11 +74,16 @@ def _try_lock(handle) -> bool:
 def output_lock(path: str | Path):
     """Held while a run writes ``path``: a second run for the same output refuses instead of interleaving.
 
-    The lock is a hidden file beside the output, removed on exit; after a crash the
-    OS has already released it, so a stale file never blocks the next run.
+    The lock is a file in the cache's ``locks`` folder named after the output's real
+    path (nothing is left beside the output, even when a run is killed); the OS
+    releases it when its process ends, so a stale file never blocks the next run.
     """
-    path = Path(path).absolute()
-    lock = path.with_name(f".{path.name}.lock")
+    import hashlib
+
+    from .download import cache_dir
+
+    path = Path(os.path.realpath(path))
+    lock = cache_dir() / "locks" / f"{hashlib.sha256(str(path).encode('utf-8')).hexdigest()[:32]}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         handle = open(lock, "a+")

@@ -1,0 +1,51 @@
+"""The engine command lines the panel runs (arguments after ``python -m hybridmim``;
+EngineProcess adds ``--progress json``). One builder per panel action."""
+
+from __future__ import annotations
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def _device(device: str) -> list[str]:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return ["--device", device]
+
+
+def segment_command(inputs: list[str], output: str, model: str | None = None, device: str = "auto") -> list[str]:
+    """Segment: one input file per model channel, in the model's order; the output is new (no --overwrite)."""
+    if not inputs:
+        raise ValueError("segment needs at least one input volume")
+    return ["segment", *inputs, "-o", output, *(["--model", model] if model else []), *_device(device)]
+
+
+def reconstruct_command(inputs: list[str], output_dir: str, model: str | None = None, mask_ratio: float | None = None,
+                        seed: int = 0, device: str = "auto") -> list[str]:
+    command = ["reconstruct", *inputs, "-o", output_dir, "--seed", str(int(seed)), *_device(device)]
+    if model:
+        command += ["--model", model]
+    if mask_ratio is not None:
+        command += ["--mask-ratio", f"{mask_ratio:g}"]
+    return command
+
+
+def finetune_command(init: str, data: list[str], output: str, epochs: int | None = None, labels: str | None = None,
+                     val: list[str] | None = None, device: str = "auto", resume: bool = False) -> list[str]:
+    """Fine-tune from ``init`` on case folders ``data``; ``resume`` continues the run that wrote ``output``."""
+    if not data:
+        raise ValueError("fine-tuning needs at least one training folder")
+    command = ["finetune", "--init", init, "--data", *data, "-o", output, *_device(device)]
+    if val:
+        command += ["--val", *val]
+    if resume:
+        return command + ["--resume"]
+    if epochs is not None:
+        command += ["--epochs", str(int(epochs))]
+    if labels:
+        command += ["--labels", labels]
+    return command
+
+
+def convert_command(source: str, output: str) -> list[str]:
+    """Import an official HybridMIM .pt checkpoint as one of ours."""
+    return ["convert", source, "-o", output]

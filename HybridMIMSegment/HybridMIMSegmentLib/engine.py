@@ -1,0 +1,148 @@
+"""The engine (``python -m hybridmim …``) as a child process: progress events read on a
+thread into a queue the GUI drains from a timer, and cancel that ends the whole process tree."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybridmim.progress import parse_event
+
+MODULE_DIR = Path(__file__).resolve().parents[1]  # holds the hybridmim package
+
+
+@dataclass
+class EngineResult:
+    """How a finished run ended: ``outputs`` of its ``done`` event, or ``error`` in one line."""
+
+    returncode: int
+    outputs: dict | None = None
+    error: str | None = None
+    cancelled: bool = False
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.returncode == 0 and not self.cancelled
+
+
+class EngineProcess:
+    """One engine run. ``python``: the interpreter to run it with (in Slicer: PythonSlicer)."""
+
+    def __init__(self, arguments: list[str], python: str | None = None, env: dict | None = None):
+        self.command = [python or sys.executable, "-m", "hybridmim", *map(str, arguments), "--progress", "json"]
+        environment = dict(os.environ if env is None else env)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(MODULE_DIR), environment.get("PYTHONPATH", "")) if p)
+        environment["PYTHONUNBUFFERED"] = "1"
+        self._env = environment
+        self.events: queue.Queue = queue.Queue()
+        self._stderr: list[str] = []
+        self._last_error: str | None = None
+        self._outputs: dict | None = None
+        self._cancelled = False
+        self._process: subprocess.Popen | None = None
+        self._readers: list[threading.Thread] = []
+
+    def start(self) -> None:
+        own_group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else \
+            {"start_new_session": True}  # its own process group: cancel reaches its children too
+        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         encoding="utf-8", errors="replace", env=self._env, **own_group)
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stdout(self) -> None:
+        for line in self._process.stdout:
+            event = parse_event(line)
+            if event is None:
+                continue
+            if event["event"] == "error":
+                self._last_error = event.get("message")
+            elif event["event"] == "done":
+                self._outputs = event.get("outputs")
+            self.events.put(event)
+
+    def _read_stderr(self) -> None:
+        for line in self._process.stderr:
+            self._stderr.append(line.rstrip("\n"))
+
+    def drain(self) -> list[dict]:
+        """The events that arrived since the last call (for a GUI timer)."""
+        drained = []
+        while True:
+            try:
+                drained.append(self.events.get_nowait())
+            except queue.Empty:
+                return drained
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def cancel(self) -> None:
+        """End the run and every process it started, at once (no chance to write anything more)."""
+        if not self.running:
+            return
+        self._cancelled = True
+        kill_tree(self._process.pid)
+
+    def wait(self, timeout: float | None = None) -> EngineResult:
+        returncode = self._process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout=5)
+        error = self._last_error
+        if returncode != 0 and error is None and not self._cancelled:
+            error = next((line for line in reversed(self._stderr) if line.strip()), f"exit code {returncode}")
+        return EngineResult(returncode, self._outputs, error, self._cancelled, list(self._stderr))
+
+
+def kill_tree(pid: int) -> None:
+    """Kill ``pid`` and its descendants (psutil where present; else its process group)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(pid)
+            processes = parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=5)
+    elif os.name == "nt":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True)
+    else:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_to_end(arguments: list[str], python: str | None = None, on_event=None) -> EngineResult:
+    """Run and wait (scripts and tests: ``process(..., waitForCompletion=True)``); ``on_event`` sees each event."""
+    engine = EngineProcess(arguments, python)
+    engine.start()
+    result = None
+    while result is None:
+        try:
+            result = engine.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        for event in engine.drain():
+            if on_event is not None:
+                on_event(event)
+    return result
