@@ -1,19 +1,44 @@
-"""HybridMIMSegment: the 3D Slicer module (thin glue over the ``hybridmim`` engine).
+"""HybridMIMSegment: the 3D Slicer module, thin glue over the ``hybridmim`` engine.
 
-The engine runs as a separate process (``PythonSlicer -m hybridmim …``); this
-file never imports torch. The full panel comes with the module issue; this
-version registers the module and shows the bundled model catalog.
+The engine runs as a separate process (PythonSlicer -m hybridmim …, see
+HybridMIMSegmentLib.engine): the GUI stays responsive, Cancel ends the whole process
+tree, and this file never imports torch. Everything that does not need Slicer (running
+the engine, the processing states, the command lines, the model list, training-case
+export rules, the requirement check) lives in HybridMIMSegmentLib and is tested in CI.
 """
 
 import os
+import shutil
+import sys
+import tempfile
+import time
 
+import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+
+from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file
+from HybridMIMSegmentLib.commands import (devices_command, finetune_command, reconstruct_command,
+                                          segment_command)
+from HybridMIMSegmentLib.dependencies import missing_requirements
+from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
+from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
+from HybridMIMSegmentLib.states import BUSY, Processing, State
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_NAME = "HybridMIMAbdomenCT"
+COMPARE_LAYOUT_ID = 47301  # three linked axial views: masked input, reconstruction, error
+COMPARE_LAYOUT = """<layout type="horizontal">{}</layout>""".format("".join(
+    f'<item><view class="vtkMRMLSliceNode" singletontag="{tag}"><property name="orientation" action="default">'
+    f'Axial</property><property name="viewlabel" action="default">{label}</property><property name="viewcolor" '
+    f'action="default">{color}</property></view></item>'
+    for tag, label, color in (("Red", "M", "#F34A33"), ("Yellow", "R", "#EDD54C"), ("Green", "E", "#6EB04B"))))
 
 
 class HybridMIMSegment(ScriptedLoadableModule):
@@ -25,7 +50,8 @@ class HybridMIMSegment(ScriptedLoadableModule):
         self.parent.contributors = ["HybridMIMSegment developers"]
         self.parent.helpText = (
             "Segment organs and tumours on CT and MR with 3D encoder-decoders pre-trained by masked image "
-            "modelling (HybridMIM, MiM, SelfMedHPM). Models run on the GPU when there is one, otherwise on the CPU. "
+            "modelling (HybridMIM, MiM, SelfMedHPM); look at a pre-trained model's reconstructions; fine-tune a "
+            "model on your own corrected cases. Models run on the GPU when there is one, otherwise on the CPU. "
             "The same engine runs from a terminal: <code>hybridmim segment INPUT -o OUTPUT.seg.nrrd</code>. "
             "Not for clinical use."
         )
@@ -33,42 +59,596 @@ class HybridMIMSegment(ScriptedLoadableModule):
             "Methods: HybridMIM (Xing et al., IEEE JBHI 2024), MiM (Zhuang et al., IEEE TMI 2025), SelfMedHPM. "
             "Built on MONAI, PyTorch, SimpleITK and VTK."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The catalog's sample CT in the Sample Data module (downloaded once, SHA256-checked)."""
+    import SampleData
+    from hybridmim.catalog import load_catalog
+
+    sample = load_catalog().sample("abdomen-ct")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="HybridMIM Segment", sampleName=SAMPLE_NAME, uris=sample.url,
+        fileNames=f"{SAMPLE_NAME}.nii.gz", nodeNames=SAMPLE_NAME, checksums=f"SHA256:{sample.sha256}",
+        thumbnailFileName=os.path.join(MODULE_DIR, "Resources", "Icons", "HybridMIMSegment.png"))
 
 
 class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        import qt
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/HybridMIMSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        box = qt.QGroupBox("Bundled models")
-        layout = qt.QVBoxLayout(box)
-        for entry in HybridMIMSegmentLogic().catalogModels():
-            label = qt.QLabel(f"<b>{entry.name}</b> ({entry.modality}): {entry.title}")
-            label.wordWrap = True
-            label.toolTip = entry.description
-            layout.addWidget(label)
-        self.layout.addWidget(box)
-        self.layout.addStretch(1)
+        self.logic = HybridMIMSegmentLogic()
+        self.processing = Processing("Apply")
+        self.training = Processing("Start")
+        self.run = None  # (EngineProcess, Processing, on_success) of the segment/reconstruct run
+        self.trainer = None  # the same for a fine-tuning run
+        self.inputSelectors = []
+        self.trainingPairs = []  # (volume node ID, segmentation node ID)
+        self.lastTraining = None  # (command without --epochs/--labels, output) for Resume
+        self.chart = None
+
+        for text, value in (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu")):
+            self.ui.deviceComboBox.addItem(text, value)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.loadCheckpointButton.connect("clicked()", self.onLoadCheckpoint)
+        self.ui.applyButton.connect("clicked()", self.onApply)
+        self.ui.reconstructButton.connect("clicked()", self.onReconstruct)
+        self.ui.addTrainingPairButton.connect("clicked()", self.onAddTrainingPair)
+        self.ui.removeTrainingPairButton.connect("clicked()", self.onRemoveTrainingPair)
+        self.ui.finetuneButton.connect("clicked()", self.onFinetune)
+        self.ui.resumeButton.connect("clicked()", self.onResume)
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(100)
+        self.timer.connect("timeout()", self.onTimer)
+        self.refreshModels()
+        self.showView(self.processing.view())
+        self.showTrainingView(self.training.view())
+        self.detectDevices()
+
+    def cleanup(self):
+        for run in (self.run, self.trainer):
+            if run is not None:
+                run[0].cancel()
+        self.timer.stop()
+
+    # --- models and devices -------------------------------------------------------------
+    def refreshModels(self, select=None):
+        choices = self.logic.modelChoices()
+        self.choices = choices
+        for combo in (self.ui.modelComboBox, self.ui.baseModelComboBox):
+            combo.blockSignals(True)
+            combo.clear()
+            for choice in choices:
+                combo.addItem(choice.label, choice.spec)
+                combo.setItemData(combo.count - 1, choice.details, qt.Qt.ToolTipRole)
+            combo.blockSignals(False)
+        index = next((i for i, c in enumerate(choices) if c.spec == select), 0)
+        self.ui.modelComboBox.setCurrentIndex(index)
+        self.onModelChanged(index)
+
+    def currentChoice(self):
+        index = self.ui.modelComboBox.currentIndex
+        return self.choices[index] if 0 <= index < len(self.choices) else None
+
+    def onModelChanged(self, index):
+        choice = self.currentChoice()
+        self.ui.modelDetailsLabel.text = choice.details if choice else ""
+        self.ui.applyButton.enabled = choice is not None and choice.task == "segmentation"
+        for selector in self.inputSelectors:
+            self.ui.inputsWidget.layout().removeRow(selector)
+        self.inputSelectors = []
+        for name in (choice.channels if choice else ()):
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.addEnabled = selector.removeEnabled = False
+            selector.noneEnabled = True
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.toolTip = f"The {name} volume the model expects"
+            self.ui.inputsWidget.layout().addRow(f"{name}:", selector)
+            self.inputSelectors.append(selector)
+
+    def onLoadCheckpoint(self):
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), "Load checkpoint", "",
+            "Checkpoints (*.safetensors *.pt *.pth *.ckpt)")
+        if not path:
+            return
+        try:
+            choice = self.logic.addUserModel(path, self.log)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        self.refreshModels(select=choice.spec)
+
+    def detectDevices(self):
+        engine = EngineProcess(devices_command(), python=self.logic.python())
+        try:
+            engine.start()
+        except OSError as error:
+            self.ui.deviceStatusLabel.text = f"cannot start the engine: {error}"
+            return
+        self.deviceProbe = engine
+        self.timer.start()
+
+    # --- segment and reconstruct --------------------------------------------------------
+    def inputVolumes(self):
+        volumes = [selector.currentNode() for selector in self.inputSelectors]
+        if not volumes or None in volumes:
+            raise RuntimeError("Choose an input volume for every channel the model expects.")
+        return volumes
+
+    def onApply(self):
+        if self.processing.state in BUSY:
+            self.cancelRun()
+            return
+        try:
+            self.logic.ensureDependencies()
+            volumes = self.inputVolumes()
+            target = self.ui.outputSegmentationSelector.currentNode()
+            if target is not None and not slicer.util.confirmOkCancelDisplay(
+                    f"Replace the segments of '{target.GetName()}' with the model's result?"):
+                return
+            choice = self.currentChoice()
+            command, output = self.logic.segmentCommand(volumes, choice.spec, self.ui.deviceComboBox.currentData)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        show3D = self.ui.show3DCheckBox.checked
+
+        def imported(result):
+            node = self.logic.importSegmentation(output, volumes[0], target, choice.label, show3D)
+            found = sum(1 for s in result.outputs["segments"] if s["volume_ml"] > 0)
+            return f"{found} of {len(result.outputs['segments'])} segments found in {result.outputs['seconds']} s " \
+                   f"({result.outputs['device']}): {node.GetName()}"
+
+        self.startRun(command, imported)
+
+    def onReconstruct(self):
+        if self.processing.state in BUSY:
+            slicer.util.errorDisplay("Wait for the current run to end (or cancel it) first.")
+            return
+        try:
+            self.logic.ensureDependencies()
+            choice = self.currentChoice()
+            model = choice.spec if choice is not None and choice.task == "reconstruction" else None
+            volumes = self.inputVolumes() if model else [self.firstVolume()]
+            command, folder = self.logic.reconstructCommand(volumes, model, self.ui.maskRatioSpinBox.value,
+                                                            self.ui.seedSpinBox.value,
+                                                            self.ui.deviceComboBox.currentData)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error))
+            return
+
+        def shown(result):
+            self.logic.showReconstruction(result.outputs)
+            return f"masked-voxel error: model {result.outputs['mae_model']}, interpolation " \
+                   f"{result.outputs['mae_interpolation']} (input units)"
+
+        self.startRun(command, shown)
+
+    def firstVolume(self):
+        volume = self.inputSelectors[0].currentNode() if self.inputSelectors else None
+        if volume is None:
+            raise RuntimeError("Choose an input volume first.")
+        return volume
+
+    def startRun(self, command, onSuccess):
+        engine = EngineProcess(command, python=self.logic.python())
+        self.ui.logTextEdit.clear()
+        self.log("$ hybridmim " + " ".join(command))
+        self.showView(self.processing.go(State.STARTING))
+        try:
+            engine.start()
+        except OSError as error:
+            self.showView(self.processing.go(State.FAILED, f"cannot start the engine: {error}"))
+            return
+        self.run = (engine, self.processing, onSuccess)
+        self.timer.start()
+
+    def cancelRun(self):
+        engine, processing, _ = self.run
+        self.showView(processing.go(State.CANCELLING))
+        engine.cancel()
+
+    # --- fine-tuning ----------------------------------------------------------------------
+    def onAddTrainingPair(self):
+        volume, segmentation = self.ui.trainVolumeSelector.currentNode(), self.ui.trainSegmentationSelector.currentNode()
+        if volume is None or segmentation is None:
+            slicer.util.errorDisplay("Choose a volume and the segmentation you corrected on it.")
+            return
+        self.trainingPairs.append((volume.GetID(), segmentation.GetID()))
+        self.ui.trainingPairsList.addItem(f"{volume.GetName()}  ←  {segmentation.GetName()}")
+
+    def onRemoveTrainingPair(self):
+        row = self.ui.trainingPairsList.currentRow
+        if 0 <= row < len(self.trainingPairs):
+            del self.trainingPairs[row]
+            self.ui.trainingPairsList.takeItem(row)
+
+    def onFinetune(self):
+        if self.training.state in BUSY:
+            self.trainer[0].stop()  # saves its state: Resume continues it
+            self.showTrainingView(self.training.go(State.CANCELLING))
+            return
+        try:
+            self.logic.ensureDependencies()
+            pairs = [(slicer.mrmlScene.GetNodeByID(v), slicer.mrmlScene.GetNodeByID(s)) for v, s in self.trainingPairs]
+            folder = self.ui.trainingFolderPathLineEdit.currentPath
+            init = self.ui.baseModelComboBox.currentData
+            command, output, resume = self.logic.finetuneCommands(pairs, folder, init, self.ui.epochsSpinBox.value,
+                                                                  self.ui.deviceComboBox.currentData)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        self.lastTraining = (resume, output)
+        self.startTraining(command, output)
+
+    def onResume(self):
+        if self.lastTraining is not None and self.training.state not in BUSY:
+            self.startTraining(*self.lastTraining)
+
+    def startTraining(self, command, output):
+        self.chart = self.logic.newTrainingChart()
+        engine = EngineProcess(command, python=self.logic.python())
+        self.showTrainingView(self.training.go(State.STARTING))
+        engine.start()
+
+        def added(result):
+            if result.outputs.get("stopped"):
+                return f"Stopped at step {result.outputs['step']} of {result.outputs['steps']}: Resume continues."
+            choice = self.logic.addUserModel(output, self.log)
+            self.refreshModels(select=choice.spec)
+            return f"Done: {choice.label} added to the models and selected."
+
+        self.trainer = (engine, self.training, added)
+        self.timer.start()
+
+    # --- events from the engine -----------------------------------------------------------
+    def onTimer(self):
+        probe = getattr(self, "deviceProbe", None)
+        if probe is not None and not probe.running:
+            result = probe.wait()
+            from hybridmim.modelinfo import describe_devices
+
+            self.ui.deviceStatusLabel.text = describe_devices(result.outputs) if result.succeeded else \
+                f"device check failed: {result.error}"
+            self.deviceProbe = None
+        for attribute, show in (("run", self.showView), ("trainer", self.showTrainingView)):
+            if getattr(self, attribute) is not None and self.follow(getattr(self, attribute), show):
+                setattr(self, attribute, None)
+        if self.run is None and self.trainer is None and getattr(self, "deviceProbe", None) is None:
+            self.timer.stop()
+
+    def follow(self, run, show):
+        """Apply the run's new events; True once it has ended and been handled."""
+        engine, processing, onSuccess = run
+        for event in engine.drain():
+            if event["event"] == "message":
+                self.log(("warning: " if event["level"] == "warning" else "") + event["text"])
+            elif event["event"] == "metric" and processing is self.training:
+                self.logic.addChartPoint(self.chart, event)
+            if processing.state in (State.STARTING, State.RUNNING):
+                show(processing.on_event(event))
+        if engine.running:
+            return False
+        result = engine.wait()
+        for line in result.log[-20:] if not result.succeeded else ():
+            self.log(line)
+        if result.cancelled:
+            if processing.state is not State.CANCELLING:
+                processing.go(State.CANCELLING)
+            show(processing.go(State.CANCELLED))
+        elif result.succeeded:  # a stopped training run ends normally too
+            show(processing.go(State.IMPORTING))
+            try:
+                message = onSuccess(result)
+            except Exception as error:  # the scene import failed: say so, keep the GUI usable
+                show(processing.go(State.FAILED, str(error)))
+                return True
+            show(processing.go(State.DONE, message))
+            self.ui.resumeButton.enabled = processing is self.training and bool(result.outputs.get("stopped"))
+        else:
+            show(processing.go(State.FAILED, result.error or "the engine failed"))
+        return True
+
+    def showView(self, view):
+        self.ui.applyButton.text = view.button_text
+        self.ui.applyButton.enabled = view.button_enabled
+        self.ui.modelComboBox.enabled = self.ui.loadCheckpointButton.enabled = view.inputs_enabled
+        self.ui.reconstructButton.enabled = view.inputs_enabled
+        self.ui.progressBar.visible = view.progress_visible
+        self.ui.progressBar.value = self.processing.percent
+        self.ui.statusLabel.text = view.status
+
+    def showTrainingView(self, view):
+        self.ui.finetuneButton.text = "Stop" if view.button_text == "Cancel" else view.button_text
+        self.ui.finetuneButton.enabled = view.button_enabled
+        self.ui.finetuneStatusLabel.text = view.status
+
+    def log(self, text):
+        self.ui.logTextEdit.appendPlainText(text)
 
 
 class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
-    def catalogModels(self):
-        """Entries of the model catalog (reading it needs no torch)."""
-        from hybridmim.catalog import load_catalog
+    """What the panel does, usable from scripts: ``process(…, waitForCompletion=True)``."""
 
-        return load_catalog().models
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.dependenciesChecked = False
+        self.userModels = UserModels(os.path.join(self.userFolder(), "user-models.json"))
+
+    @staticmethod
+    def userFolder():
+        return os.path.join(os.path.dirname(slicer.app.slicerUserSettingsFilePath), "HybridMIMSegment")
+
+    @staticmethod
+    def python():
+        """PythonSlicer: Slicer's Python with the engine's packages, as a separate process."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def ensureDependencies(self):
+        """torch through the PyTorch extension, the rest from Resources/requirements.txt; asks first."""
+        if self.dependenciesChecked:
+            return
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError("This module needs the PyTorch extension: install it from the Extensions Manager.")
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            if slicer.app.testingEnabled():
+                raise RuntimeError("PyTorch is not installed (testing mode installs nothing).")
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
+                raise RuntimeError("PyTorch is needed to run the models.")
+        requirements = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+        packaging = getattr(slicer, "packaging", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure(packaging.load_requirements(requirements), requester="HybridMIM Segment")
+        else:
+            missing = missing_requirements(requirements)
+            if missing:
+                if slicer.app.testingEnabled():
+                    raise RuntimeError(f"Missing Python packages: {', '.join(missing)} (testing mode installs nothing).")
+                if not slicer.util.confirmOkCancelDisplay(
+                        f"HybridMIM Segment needs these Python packages: {', '.join(missing)}. Install them now?"):
+                    raise RuntimeError("The required Python packages were not installed.")
+                slicer.util.pip_install(f"-r {requirements}")
+        self.dependenciesChecked = True
+
+    def modelChoices(self):
+        return catalog_choices() + self.userModels.choices()
+
+    def addUserModel(self, path, log=print):
+        """Remember a checkpoint; an official .pt is converted into the user folder first."""
+        if needs_conversion(path):
+            self.ensureDependencies()
+            converted = os.path.join(self.userFolder(), "models", os.path.splitext(os.path.basename(path))[0]
+                                     + ".safetensors")
+            result = run_to_end(["convert", path, "-o", converted], self.python())
+            if not result.succeeded:
+                raise RuntimeError(f"Could not convert {path}: {result.error}")
+            log(f"converted {path} into {converted}")
+            path = converted
+        from hybridmim.errors import UserError
+
+        try:
+            return self.userModels.add(path)
+        except UserError as error:
+            raise RuntimeError(str(error))
+
+    @staticmethod
+    def workFolder():
+        return tempfile.mkdtemp(prefix="hybridmim-", dir=slicer.util.tempDirectory())
+
+    @staticmethod
+    def exportVolumes(volumes, folder):
+        paths = []
+        for index, volume in enumerate(volumes):
+            path = os.path.join(folder, f"input_{index}.nrrd")
+            if not slicer.util.exportNode(volume, path):
+                raise RuntimeError(f"Could not write {volume.GetName()} for the engine.")
+            paths.append(path)
+        return paths
+
+    def segmentCommand(self, volumes, model, device):
+        folder = self.workFolder()
+        output = os.path.join(folder, "segmentation.seg.nrrd")
+        return segment_command(self.exportVolumes(volumes, folder), output, model, device), output
+
+    def reconstructCommand(self, volumes, model, maskRatio, seed, device):
+        folder = self.workFolder()
+        output = os.path.join(folder, "reconstruction")
+        return reconstruct_command(self.exportVolumes(volumes, folder), output, model, maskRatio, seed, device), output
+
+    def process(self, volumes, model=None, device="auto", waitForCompletion=True, target=None, show3D=False):
+        """Segment ``volumes`` (one per channel) into a segmentation node, for scripts and the self-test."""
+        if not waitForCompletion:
+            raise ValueError("from scripts, use waitForCompletion=True; the panel runs it in the background")
+        self.ensureDependencies()
+        command, output = self.segmentCommand(volumes, model, device)
+        result = run_to_end(command, self.python())
+        if not result.succeeded:
+            raise RuntimeError(result.error or "the engine failed")
+        return self.importSegmentation(output, volumes[0], target, model or "default model", show3D)
+
+    @staticmethod
+    def importSegmentation(path, referenceVolume, target, modelName, show3D):
+        """The engine's .seg.nrrd (names, colours, terminology) as a node under the input's study."""
+        loaded = slicer.util.loadSegmentation(path)
+        if target is not None:
+            target.GetSegmentation().DeepCopy(loaded.GetSegmentation())
+            slicer.mrmlScene.RemoveNode(loaded)
+            node = target
+        else:
+            node = loaded
+            node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{referenceVolume.GetName()} segmentation"))
+        node.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(referenceVolume))
+        if study:
+            hierarchy.SetItemParent(hierarchy.GetItemByDataNode(node), study)
+        node.SetAttribute("HybridMIMSegment.model", modelName)
+        if show3D:
+            node.CreateClosedSurfaceRepresentation()
+        return node
+
+    @staticmethod
+    def showReconstruction(outputs):
+        """Masked input, reconstruction and error side by side in linked axial views, the mask over each."""
+        volumes = [slicer.util.loadVolume(outputs[kind]) for kind in ("masked", "reconstruction", "error")]
+        mask = slicer.util.loadLabelVolume(outputs["mask"])
+        layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode()
+        if not layoutNode.IsLayoutDescription(COMPARE_LAYOUT_ID):
+            layoutNode.AddLayoutDescription(COMPARE_LAYOUT_ID, COMPARE_LAYOUT)
+        layoutNode.SetViewArrangement(COMPARE_LAYOUT_ID)
+        for view, volume in zip(("Red", "Yellow", "Green"), volumes):
+            composite = slicer.app.layoutManager().sliceWidget(view).mrmlSliceCompositeNode()
+            composite.SetBackgroundVolumeID(volume.GetID())
+            composite.SetLabelVolumeID(mask.GetID())
+            composite.SetLabelOpacity(0.25)
+            composite.SetLinkedControl(True)
+        slicer.util.resetSliceViews()
+
+    def finetuneCommands(self, pairs, folder, init, epochs, device):
+        """(start command, output checkpoint, resume command) for the scene's pairs and/or a case folder."""
+        if not pairs and not folder:
+            raise RuntimeError("Add at least one volume + corrected segmentation pair, or choose a case folder.")
+        data, labels = [], None
+        if pairs:
+            root = os.path.join(self.workFolder(), "cases")
+            labels = self.exportTrainingCases(pairs, root)
+            data.append(root)
+        if folder:
+            data.append(folder)
+        output = os.path.join(self.userFolder(), "models", time.strftime("finetuned-%Y%m%d-%H%M%S.safetensors"))
+        return (finetune_command(init, data, output, epochs, labels, device=device), output,
+                finetune_command(init, data, output, device=device, resume=True))
+
+    @staticmethod
+    def exportTrainingCases(pairs, root):
+        """Each pair as a case folder (image + label map); returns the labels file all cases share."""
+        names = None
+        for index, (volume, segmentation) in enumerate(pairs):
+            segments = segmentation.GetSegmentation()
+            ids = [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())]
+            pairNames = [segments.GetSegment(i).GetName() for i in ids]
+            if names is None:
+                names = pairNames
+                described = []
+                for segmentId in ids:
+                    segment = segments.GetSegment(segmentId)
+                    tag = vtk.mutable("")
+                    segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+                    described.append({"name": segment.GetName(), "color": segment.GetColor(), "terminology": str(tag)})
+                labels = labels_from_segments(described)
+            elif sorted(pairNames) != sorted(names):
+                raise RuntimeError(f"{segmentation.GetName()} has segments {pairNames}; every case needs {names}.")
+            ordered = vtk.vtkStringArray()
+            for name in names:  # the same label value for the same name in every case
+                ordered.InsertNextValue(segments.GetSegmentIdBySegmentName(name))
+            paths = case_folder(root, index, volume.GetName())
+            os.makedirs(paths["folder"], exist_ok=True)
+            labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            try:
+                slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation, ordered, labelmap, volume)
+                if not (slicer.util.exportNode(volume, str(paths["image"]))
+                        and slicer.util.exportNode(labelmap, str(paths["label"]))):
+                    raise RuntimeError(f"Could not write the training case {volume.GetName()}.")
+            finally:
+                slicer.mrmlScene.RemoveNode(labelmap)
+        return str(write_labels_file(os.path.join(root, "labels.json"), labels))
+
+    @staticmethod
+    def newTrainingChart():
+        """A table and a chart of loss and validation Dice per epoch, shown in the plot view."""
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "HybridMIM fine-tuning")
+        for name in ("epoch", "loss", "dice"):
+            column = table.AddColumn(vtk.vtkDoubleArray())
+            column.SetName(name)
+        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "HybridMIM fine-tuning")
+        chart.SetXAxisTitle("epoch")
+        for name in ("loss", "dice"):
+            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"validation {name}"
+                                                        if name == "dice" else f"training {name}")
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("epoch")
+            series.SetYColumnName(name)
+            series.SetPlotType(series.PlotTypeScatter)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        return table
+
+    @staticmethod
+    def addChartPoint(table, metric):
+        if "epoch" not in metric or table is None:
+            return
+        row = table.AddEmptyRow()
+        for column, name in enumerate(("epoch", "loss", "dice")):
+            value = metric.get(name)
+            table.GetTable().GetColumn(column).SetValue(row, float("nan") if value is None else float(value))
+        table.GetTable().Modified()
 
 
 class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: the sample CT, the bundled default model on the CPU, the result in the scene."""
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_catalog_lists_default_model()
+        self.test_catalog_lists_the_default_model()
+        self.setUp()
+        self.test_default_model_on_the_sample_ct()
 
-    def test_catalog_lists_default_model(self):
-        names = [entry.name for entry in HybridMIMSegmentLogic().catalogModels()]
-        self.assertIn("abdomen-ct-scratch", names)
-        moduleDir = os.path.dirname(slicer.modules.hybridmimsegment.path)
-        self.assertTrue(os.path.isfile(os.path.join(moduleDir, "Resources", "Models", "catalog.json")))
+    def test_catalog_lists_the_default_model(self):
+        from hybridmim.catalog import load_catalog
+
+        names = [choice.spec for choice in catalog_choices()]
+        self.assertEqual(names[0], load_catalog().default_model)
+        self.assertTrue(os.path.isfile(os.path.join(MODULE_DIR, "Resources", "Models", "catalog.json")))
+
+    def test_default_model_on_the_sample_ct(self):
+        """Names, colours and terminology from the model; the scene's labels equal the engine's own file."""
+        import numpy as np
+        import SampleData
+        from hybridmim.catalog import load_catalog, resolve_model
+        from hybridmim.checkpoint import read_metadata
+        from hybridmim.progress import Reporter
+
+        registerSampleData()
+        volume = SampleData.downloadSample(SAMPLE_NAME)
+        logic = HybridMIMSegmentLogic()
+        node = logic.process([volume], device="cpu")
+        meta = read_metadata(resolve_model(load_catalog().default_model, Reporter("quiet")))
+        segmentation = node.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, [label.name for label in meta.labels])
+        liver = next(label for label in meta.labels if label.name == "liver")
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver"))
+        tag = vtk.mutable("")
+        segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+        self.assertIn(liver.terminology["type"][1], str(tag))
+
+        # Dice of the scene's liver against the engine's label map for the same volume.
+        folder = logic.workFolder()
+        reference = os.path.join(folder, "reference.nii.gz")
+        result = run_to_end(segment_command(logic.exportVolumes([volume], folder), reference, device="cpu"),
+                            logic.python())
+        self.assertTrue(result.succeeded, result.error)
+        referenceNode = slicer.util.loadLabelVolume(reference)
+        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName("liver"))
+        slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(node, ids, labelmap, volume)
+        scene = slicer.util.arrayFromVolume(labelmap) > 0
+        engine = slicer.util.arrayFromVolume(referenceNode) == liver.value
+        dice = 2 * np.logical_and(scene, engine).sum() / max(1, scene.sum() + engine.sum())
+        self.assertGreater(dice, 0.99)
+        self.delayDisplay(f"default model on the sample CT: liver Dice vs the engine's file {dice:.4f}")

@@ -11,13 +11,17 @@ import time
 import psutil
 import pytest
 import SimpleITK as sitk
+from hybridmim.errors import UserError
 
-from conftest import REPO, data_file
+from conftest import MODELS, REPO, data_file
 
 sys.path.insert(0, str(REPO / "HybridMIMSegment"))
-from HybridMIMSegmentLib.commands import (convert_command, finetune_command, reconstruct_command,  # noqa: E402
-                                          segment_command)
+from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file  # noqa: E402
+from HybridMIMSegmentLib.commands import (convert_command, devices_command, finetune_command,  # noqa: E402
+                                          reconstruct_command, segment_command)
+from HybridMIMSegmentLib.dependencies import missing_requirements, requirement_names  # noqa: E402
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
+from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
 
 
@@ -130,3 +134,107 @@ def test_a_reconstruct_command_runs_for_real(abdomen_crop, tmp_path):
                                             device="cpu"))
     assert result.succeeded, result.log
     assert {"mask", "masked", "reconstruction", "error"} <= set(result.outputs)
+
+
+def test_devices_are_reported_for_the_panel():
+    from hybridmim.modelinfo import describe_devices
+
+    result = run_to_end(devices_command())
+    assert result.succeeded and result.outputs["cpu_threads"] >= 1
+    import torch
+
+    assert len(result.outputs["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    text = describe_devices(result.outputs)
+    assert text.startswith("GPU: ") if result.outputs["gpus"] else text.startswith("no GPU: the CPU will be used")
+    assert describe_devices({"cpu_threads": 8, "gpus": [{"name": "NVIDIA H100", "memory_gib": 79.2}]}) == \
+        "GPU: NVIDIA H100 (79.2 GiB)"
+
+
+def test_the_catalog_models_come_with_their_details_and_the_default_first():
+    from hybridmim.catalog import load_catalog
+
+    choices = catalog_choices()
+    assert choices[0].spec == load_catalog().default_model
+    brain = next(c for c in choices if c.spec == "brain-tumor-mr")
+    assert brain.channels == ("FLAIR", "T1c") and brain.modality == "MR" and brain.task == "segmentation"
+    assert "Segments: " in brain.details and "Regions: whole tumour" in brain.details
+    assert "Licence: CC-BY-NC-SA-3.0" in brain.details and "validation" in brain.details
+
+
+def test_user_models_are_remembered_checked_and_forgotten_when_gone(tmp_path):
+    store = tmp_path / "settings" / "user-models.json"
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes((MODELS / "brain-tumor-mr.safetensors").read_bytes())
+    models = UserModels(store)
+    assert models.choices() == []
+    choice = models.add(mine)
+    assert choice.user and choice.spec == str(mine.resolve()) and "your model" in choice.label
+    models.add(mine)  # once only
+    assert [c.spec for c in UserModels(store).choices()] == [str(mine.resolve())]
+    not_ours = tmp_path / "notes.safetensors"
+    not_ours.write_text("text", encoding="utf-8")
+    with pytest.raises(UserError, match="not a safetensors checkpoint"):
+        models.add(not_ours)
+    mine.unlink()
+    assert models.choices() == [] and UserModels(tmp_path / "absent.json").choices() == []
+    assert needs_conversion("official.pt") and not needs_conversion("ours.safetensors")
+
+
+SPLEEN_TAG = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~"
+              "SCT^78961009^Spleen~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+def test_scene_segments_become_a_labels_file_the_engine_accepts(tmp_path):
+    from hybridmim.training.finetune import read_labels
+
+    labels = labels_from_segments([{"name": "spleen", "color": (0.616, 0.424, 0.635), "terminology": SPLEEN_TAG},
+                                   {"name": "my lesion", "color": (1.0, 0.0, 0.0), "terminology": ""}])
+    assert labels[0] == {"value": 1, "name": "spleen", "color": [157, 108, 162], "terminology": {
+        "category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "78961009", "Spleen"]}}
+    assert labels[1] == {"value": 2, "name": "my lesion", "color": [255, 0, 0]}
+    path = write_labels_file(tmp_path / "labels.json", labels)
+    parsed, _ = read_labels(str(path))
+    assert [(l.value, l.name) for l in parsed] == [(1, "spleen"), (2, "my lesion")]
+    assert parsed[0].terminology["type"][1] == "78961009"
+    with pytest.raises(UserError, match="'name' must be a non-empty string"):
+        labels_from_segments([{"name": " ", "color": (0, 0, 0)}])
+    paths = case_folder(tmp_path, 3, "CT chest: 2024/05 (contrast)")
+    assert paths["folder"].name == "003_CT_chest_2024_05_contrast" and paths["label"].name == "label.nii.gz"
+
+
+def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
+    shipped = REPO / "HybridMIMSegment" / "Resources" / "requirements.txt"
+    assert requirement_names(shipped) == ["monai", "einops", "safetensors", "slicerio", "pynrrd", "matplotlib", "tqdm"]
+    assert missing_requirements(shipped) == []  # all present in the development environment
+    wanted = tmp_path / "requirements.txt"
+    wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\nno-such-package-xyz==1.0 ; python_version>'3'\n")
+    assert missing_requirements(wanted) == ["no-such-package-xyz"]
+
+
+def test_stop_asks_a_real_finetune_to_save_its_state_and_resume_continues_it(tmp_path):
+    import json
+
+    from test_finetune import TINY
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for number in (1, 2):
+        (cases / f"STS_{number:03d}").symlink_to(data_file(f"sarcoma_ct/STS_{number:03d}"))
+    recipe = tmp_path / "tiny.json"
+    short = {**TINY["train"], "val_fraction": 0.0, "epochs": 2, "steps_per_epoch": 5}
+    recipe.write_text(json.dumps({**TINY, "train": short}), encoding="utf-8")
+    output = tmp_path / "mine.safetensors"
+    extra = ["--recipe", str(recipe), "--cache", str(tmp_path / "cache")]
+    engine = EngineProcess(finetune_command("scratch", [str(cases)], str(output), device="cpu") + extra)
+    engine.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and engine.running:
+        if any(e["event"] == "progress" and e["stage"] == "fine-tune" and e["done"] >= 2 for e in engine.drain()):
+            engine.stop()
+            break
+        time.sleep(0.05)
+    result = engine.wait(timeout=120)
+    assert result.succeeded and result.outputs["stopped"] and 2 <= result.outputs["step"] < 10, result.log
+    resumed = run_to_end(finetune_command("scratch", [str(cases)], str(output), device="cpu", resume=True)
+                         + ["--cache", str(tmp_path / "cache")])
+    assert resumed.succeeded and resumed.outputs["step"] == 10 and not resumed.outputs["stopped"], resumed.log

@@ -82,9 +82,22 @@ def test_engine_never_imports_slicer_and_module_never_imports_torch():
 
 
 def test_catalog_progress_and_module_lib_load_without_torch():
-    code = ("import sys, hybridmim.catalog, hybridmim.progress, hybridmim.cli, HybridMIMSegmentLib.engine, "
-            "HybridMIMSegmentLib.states, HybridMIMSegmentLib.commands; assert 'torch' not in sys.modules")
+    lib = ", ".join(f"HybridMIMSegmentLib.{p.stem}" for p in (MODULE / "HybridMIMSegmentLib").glob("[a-z]*.py"))
+    code = (f"import sys, hybridmim.catalog, hybridmim.progress, hybridmim.cli, {lib}\n"
+            "heavy = {'torch', 'monai', 'SimpleITK', 'matplotlib', 'slicerio'} & set(sys.modules)\n"
+            "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=MODULE)
+
+
+def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
+    import xml.etree.ElementTree as ElementTree
+
+    tree = ElementTree.parse(MODULE / "Resources" / "UI" / "HybridMIMSegment.ui")
+    widgets = {w.get("name") for w in tree.iter("widget")}
+    used = set(re.findall(r"self\.ui\.([A-Za-z0-9_]+)", (MODULE / "HybridMIMSegment.py").read_text(encoding="utf-8")))
+    assert used and used <= widgets, used - widgets
+    source = (MODULE / "HybridMIMSegment.py").read_text(encoding="utf-8")
+    assert 'loadUI(self.resourcePath("UI/HybridMIMSegment.ui"))' in source
 
 
 def _python_3_10() -> str | None:

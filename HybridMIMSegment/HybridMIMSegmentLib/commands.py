@@ -49,3 +49,8 @@ def finetune_command(init: str, data: list[str], output: str, epochs: int | None
 def convert_command(source: str, output: str) -> list[str]:
     """Import an official HybridMIM .pt checkpoint as one of ours."""
     return ["convert", source, "-o", output]
+
+
+def devices_command() -> list[str]:
+    """What the engine finds: its ``done`` outputs feed hybridmim.modelinfo.describe_devices."""
+    return ["devices"]

@@ -88,6 +88,11 @@ class EngineProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def stop(self) -> None:
+        """Ask a training run to stop at the next step and save its state (``--resume`` continues it)."""
+        if self.running:
+            self._process.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
+
     def cancel(self) -> None:
         """End the run and every process it started, at once (no chance to write anything more)."""
         if not self.running:

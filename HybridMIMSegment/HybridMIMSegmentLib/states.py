@@ -24,7 +24,8 @@ TRANSITIONS = {
     State.STARTING: {State.RUNNING, State.FAILED, State.CANCELLING},
     State.RUNNING: {State.IMPORTING, State.FAILED, State.CANCELLING},
     State.IMPORTING: {State.DONE, State.FAILED},
-    State.CANCELLING: {State.CANCELLED},
+    # a training run asked to stop ends normally (its state saved) or may still fail
+    State.CANCELLING: {State.CANCELLED, State.IMPORTING, State.FAILED},
     State.DONE: {State.STARTING, State.IDLE},
     State.CANCELLED: {State.STARTING, State.IDLE},
     State.FAILED: {State.STARTING, State.IDLE},

@@ -121,7 +121,7 @@ def _open_header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
             return f.metadata() or {}
     except Exception as exc:  # safetensors raises several types for a bad header
         hint = " (official .pt checkpoints must be imported first)" if path.suffix in (".pt", ".pth", ".ckpt") else ""
@@ -177,7 +177,7 @@ def _check_tensor_shapes(path: Path, expected: dict[str, tuple]) -> None:
     """Refuse, from the header alone (before any weight is read), tensors that do not fit the described network."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="np") as f:
         found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     problems = [f"missing {name}" for name in expected if name not in found]
     problems += [f"unexpected {name}" for name in found if name not in expected]

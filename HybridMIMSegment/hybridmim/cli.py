@@ -76,6 +76,16 @@ def _cmd_sample(args, reporter: Reporter) -> None:
     print(resolve_sample(args.name, reporter))
 
 
+def _cmd_devices(args, reporter: Reporter) -> None:
+    from .inference import available_devices
+    from .modelinfo import describe_devices
+
+    devices = available_devices()
+    reporter.done(devices)
+    if reporter.mode != "json":
+        print(describe_devices(devices))
+
+
 def _cmd_reconstruct(args, reporter: Reporter) -> None:
     from .reconstruct import reconstruct
 
@@ -225,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     _add_progress(models)
     models.set_defaults(handler=_cmd_models)
+
+    devices = commands.add_parser("devices", help="the GPUs torch can use here (none: the CPU is used)")
+    _add_progress(devices)
+    devices.set_defaults(handler=_cmd_devices)
 
     sample = commands.add_parser("sample", help="print the path of a sample volume, downloading and verifying it once")
     sample.add_argument("name", help="sample name from the catalog, e.g. abdomen-ct")

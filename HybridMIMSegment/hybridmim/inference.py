@@ -31,6 +31,16 @@ def select_device(requested: str, reporter: Reporter) -> torch.device:
     return torch.device("cpu")
 
 
+def available_devices() -> dict:
+    """What this machine offers: torch's version, CPU threads, and each CUDA GPU with its memory."""
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"index": index, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)})
+    return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "gpus": gpus}
+
+
 def load_and_prepare(inputs, checkpoint, meta, device: str, reporter: Reporter):
     """The run-time start of ``segment`` and ``reconstruct``: read the input images, load the
     network on the chosen device, and bring the images to the model's grid.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
-_CODE_FIELDS = ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier")
+CODE_FIELDS = ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier")
 DEFAULT_CONTEXT = "Segmentation category and type - DICOM master list"
 
 
@@ -78,7 +78,7 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
         terminology = entry.get("terminology") or {}
         if not isinstance(terminology, dict):
             raise UserError(f"{where}: 'terminology' must be an object")
-        for key in _CODE_FIELDS:
+        for key in CODE_FIELDS:
             if key in terminology:
                 _check_code(f"{where}, terminology {key}", terminology[key])
         if terminology and not all(k in terminology for k in ("category", "type")):

@@ -1,4 +1,4 @@
-"""Human-readable descriptions of checkpoints and of the catalog."""
+"""Human-readable descriptions of checkpoints, of the catalog and of the devices (CLI and Slicer panel)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,9 @@ def list_models() -> list[dict]:
                 row["status"] = f"unreadable: {exc}"
         rows.append(row)
     return rows
+
+
+def describe_devices(devices: dict) -> str:
+    """One line for ``hybridmim devices``' outputs: the GPUs, or that the CPU will be used."""
+    gpus = ", ".join(f"{g['name']} ({g['memory_gib']:g} GiB)" for g in devices["gpus"])
+    return f"GPU: {gpus}" if gpus else f"no GPU: the CPU will be used ({devices['cpu_threads']} threads)"

@@ -56,7 +56,7 @@ def load_resume_state(output: Path, kind: str) -> dict:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop stops after the current step."""
+    """SIGTERM / SIGINT (SIGBREAK on Windows) set a flag; the loop stops after the current step."""
 
     def __init__(self):
         self.requested = False
@@ -64,8 +64,10 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            # SIGBREAK: what a stop request (CTRL_BREAK_EVENT) raises on Windows
+            for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGBREAK", None)):
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):

@@ -1,0 +1,46 @@
+"""Training cases from the scene, in the dataset layout the engine reads: one folder per case
+with ``image.nii.gz`` and ``label.nii.gz``, and a labels file made from the segments' names,
+colours and terminology (label value = segment order + 1, as the label-map export writes them)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from hybridmim.atomic import atomic_output
+from hybridmim.labels import CODE_FIELDS, parse_labels
+
+
+def case_folder(root: str | Path, index: int, volume_name: str) -> dict[str, Path]:
+    """Where case ``index`` goes: a folder named after the volume, made safe for any file system."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", volume_name).strip("._") or "case"
+    folder = Path(root) / f"{index:03d}_{safe}"
+    return {"folder": folder, "image": folder / "image.nii.gz", "label": folder / "label.nii.gz"}
+
+
+def labels_from_segments(segments: list[dict]) -> list[dict]:
+    """Label entries from segments given as ``{"name", "color": (r, g, b) in 0..1, "terminology":
+    Slicer's terminology tag or ""}``; checked as the engine will check them."""
+    from slicerio.segmentation import terminology_entry_from_string
+
+    labels = []
+    for value, segment in enumerate(segments, start=1):
+        entry = {"value": value, "name": segment["name"],
+                 "color": [max(0, min(255, round(c * 255))) for c in segment["color"]]}
+        tag = segment.get("terminology") or ""
+        if tag:
+            parsed = terminology_entry_from_string(tag)
+            codes = {k: list(parsed[k]) for k in CODE_FIELDS if k in parsed and parsed[k] and parsed[k][1]}
+            if "category" in codes and "type" in codes:
+                entry["terminology"] = codes
+        labels.append(entry)
+    parse_labels(labels, "the scene's segments")
+    return labels
+
+
+def write_labels_file(path: str | Path, labels: list[dict]) -> Path:
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(labels, indent=1), encoding="utf-8")
+    return path
