@@ -239,17 +239,21 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         return volume
 
     def startRun(self, command, onSuccess):
-        engine = EngineProcess(command, python=self.logic.python())
         self.ui.logTextEdit.clear()
         self.log("$ hybridmim " + " ".join(command))
-        self.showView(self.processing.go(State.STARTING))
+        self.run = self.launch(command, self.processing, self.showView, onSuccess)
+
+    def launch(self, command, processing, show, onSuccess):
+        """Start the engine for ``processing``; the timer follows it. None when it could not start."""
+        engine = EngineProcess(command, python=self.logic.python())
+        show(processing.go(State.STARTING))
         try:
             engine.start()
         except OSError as error:
-            self.showView(self.processing.go(State.FAILED, f"cannot start the engine: {error}"))
-            return
-        self.run = (engine, self.processing, onSuccess)
+            show(processing.go(State.FAILED, f"cannot start the engine: {error}"))
+            return None
         self.timer.start()
+        return engine, processing, onSuccess
 
     def cancelRun(self):
         engine, processing, _ = self.run
@@ -295,9 +299,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
 
     def startTraining(self, command, output):
         self.chart = self.logic.newTrainingChart()
-        engine = EngineProcess(command, python=self.logic.python())
-        self.showTrainingView(self.training.go(State.STARTING))
-        engine.start()
+        self.ui.resumeButton.enabled = False
 
         def added(result):
             if result.outputs.get("stopped"):
@@ -306,8 +308,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             self.refreshModels(select=choice.spec)
             return f"Done: {choice.label} added to the models and selected."
 
-        self.trainer = (engine, self.training, added)
-        self.timer.start()
+        self.trainer = self.launch(command, self.training, self.showTrainingView, added)
 
     # --- events from the engine -----------------------------------------------------------
     def onTimer(self):
@@ -352,7 +353,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                 show(processing.go(State.FAILED, str(error)))
                 return True
             show(processing.go(State.DONE, message))
-            self.ui.resumeButton.enabled = processing is self.training and bool(result.outputs.get("stopped"))
+            if processing is self.training:
+                self.ui.resumeButton.enabled = bool(result.outputs.get("stopped"))
         else:
             show(processing.go(State.FAILED, result.error or "the engine failed"))
         return True
