@@ -100,18 +100,19 @@ def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
     assert 'loadUI(self.resourcePath("UI/HybridMIMSegment.ui"))' in source
 
 
-def _python_3_10() -> str | None:
-    candidates = [shutil.which("python3.10"), *map(str, Path.home().glob(".pyenv/versions/3.10*/bin/python3.10"))]
+def _python(version: str) -> str | None:
+    candidates = [shutil.which(f"python{version}"), *map(str, Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))]
     for candidate in filter(None, candidates):
         if subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
             return candidate
     return None
 
 
-def test_engine_compiles_on_python_3_10(tmp_path):
-    python = _python_3_10()
+@pytest.mark.parametrize("version", ["3.10", "3.12"])  # the engine's oldest Python; Slicer 5.10's
+def test_engine_and_module_compile_on_python(version, tmp_path):
+    python = _python(version)
     if python is None:
-        pytest.skip("no working python3.10 on this machine")
+        pytest.skip(f"no working python{version} on this machine")
     files = [str(p) for p in MODULE.rglob("*.py")]
     code = "import sys\nfor f in sys.argv[1:]: compile(open(f).read(), f, 'exec')"
     subprocess.run([python, "-c", code, *files], check=True, cwd=tmp_path)
