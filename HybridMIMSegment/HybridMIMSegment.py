@@ -503,7 +503,10 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def showReconstruction(outputs):
         """Masked input, reconstruction and error side by side in linked axial views, the mask over each."""
-        volumes = [slicer.util.loadVolume(outputs[kind]) for kind in ("masked", "reconstruction", "error")]
+        def first(kind):  # several channels: masked_flair, masked_t1c, …; the first is shown
+            return next(outputs[key] for key in outputs if key == kind or key.startswith(kind + "_"))
+
+        volumes = [slicer.util.loadVolume(first(kind)) for kind in ("masked", "reconstruction", "error")]
         mask = slicer.util.loadLabelVolume(outputs["mask"])
         layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode()
         if not layoutNode.IsLayoutDescription(COMPARE_LAYOUT_ID):

@@ -8,17 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO
+from conftest import DEFAULT_MODEL
 from hybridmim.checkpoint import METADATA_KEY, ModelMeta, load_model, read_metadata, save_checkpoint
 from hybridmim.errors import UserError
 from hybridmim.networks import build_network
-from hybridmim.training.supervised import meta_from_recipe
 
 
 def tiny_meta() -> ModelMeta:
-    recipe = json.loads((REPO / "scripts/recipes/abdomen-ct-scratch.json").read_text(encoding="utf-8"))
-    recipe["network"] = {"name": "unet", "features": [4, 8]}
-    meta = meta_from_recipe(recipe, REPO / "scripts/recipes")
+    """The default model's description (labels, terminology, pre-processing) on a tiny network."""
+    meta = read_metadata(DEFAULT_MODEL)
+    meta.network = {**meta.network, "features": [4, 8]}
     meta.metrics = {"dice_ct_b": {"liver": 0.9}}
     meta.provenance = {"steps": 3}
     return meta

@@ -123,7 +123,7 @@ def test_wheel_ships_engine_catalog_and_bundled_model(tmp_path):
                     str(tmp_path), str(REPO)], check=True, capture_output=True)
     wheel = next(tmp_path.glob("hybridmim-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "hybridmim/cli.py" in names and "hybridmim/training/supervised.py" in names
+    assert "hybridmim/cli.py" in names and "hybridmim/training/finetune.py" in names
     assert "hybridmim/resources/Models/catalog.json" in names
     assert "hybridmim/resources/Models/abdomen-ct-scratch.safetensors" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

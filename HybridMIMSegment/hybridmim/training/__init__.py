@@ -1,1 +1,1 @@
-"""Training: supervised segmentation now; the pre-training methods build on it."""
+"""Training segmentation models (fine-tuning) and what pre-training shares with it (schedule, run state)."""

@@ -1,21 +1,18 @@
-"""Random crops and augmentations for segmentation training (MONAI transforms)."""
+"""Augmentations of segmentation training crops (MONAI transforms and two of our own)."""
 
 from __future__ import annotations
 
-import numpy as np
 from monai.transforms import (
     Compose,
     MapTransform,
     RandAdjustContrastd,
     RandAffined,
-    RandCropByLabelClassesd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandHistogramShiftd,
     RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    SpatialPadd,
 )
 
 
@@ -90,34 +87,18 @@ def _intensity_changes() -> list:
     ]
 
 
-def segmentation_augmentations(roi_size, num_classes: int, samples_per_volume: int) -> Compose:
-    """Class-balanced crops (every labelled structure equally often), then spatial and intensity changes.
-
-    Crops are taken 25% larger than the ROI so rotations do not bring in empty corners.
-    """
-    roi_size = tuple(int(r) for r in roi_size)
-    crop = tuple(int(np.ceil(r * 1.25)) for r in roi_size)
-    keys = ("image", "label")
-    return Compose([
-        SpatialPadd(keys, spatial_size=crop),
-        RandCropByLabelClassesd(keys, label_key="label", spatial_size=crop, num_classes=num_classes,
-                                num_samples=samples_per_volume, warn=False),
-        _rotate_and_scale(keys, roi_size),
-        RandAxialSlabd(keys, prob=0.4, min_slices=max(4, roi_size[0] // 8), max_slices=roi_size[0] // 2),
-        # Wide intensity changes: contrast-enhanced and non-contrast CT differ by 50-200 HU in organs.
-        RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35)),
-        *_intensity_changes(),
-    ])
-
-
-def crop_augmentations(roi_size, organ_contrast: bool = False, device=None) -> Compose:
+def crop_augmentations(roi_size, organ_contrast: bool = False, axial_slabs: bool = False, device=None) -> Compose:
     """Rotation, scaling and intensity changes of an already sampled crop (1.25 × the ROI) down to the ROI.
 
     ``organ_contrast``: also shift each labelled structure's intensity (imitates contrast phases on CT).
+    ``axial_slabs``: sometimes keep only a slab of slices (scans that cover a few centimetres).
     No flips: left and right structures carry different labels. ``device``: where the resampling runs
     (the crops should already be there).
     """
     keys = ("image", "label")
-    per_structure = [RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35))] if organ_contrast else []
-    return Compose([_rotate_and_scale(keys, tuple(int(r) for r in roi_size), device), *per_structure,
-                    *_intensity_changes()])
+    roi_size = tuple(int(r) for r in roi_size)
+    contrast = [RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35))] if organ_contrast else []
+    # Slabs last: the blanked slices stay exact zeros, as the padding of a thin scan is at inference.
+    slabs = [RandAxialSlabd(keys, prob=0.4, min_slices=max(4, roi_size[0] // 8), max_slices=roi_size[0] // 2)
+             ] if axial_slabs else []
+    return Compose([_rotate_and_scale(keys, roi_size, device), *contrast, *_intensity_changes(), *slabs])

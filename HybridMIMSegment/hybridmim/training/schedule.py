@@ -1,4 +1,4 @@
-"""Learning-rate schedule shared by supervised training and pre-training."""
+"""Learning-rate schedule shared by fine-tuning and pre-training."""
 
 from __future__ import annotations
 

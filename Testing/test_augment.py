@@ -1,0 +1,55 @@
+"""Fine-tuning's own augmentations on a real cropped CT: per-structure contrast shifts, axial slabs."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from hybridmim.training.augment import RandAxialSlabd, RandLabelIntensityShiftd, crop_augmentations
+
+
+def _crop_tensors(abdomen_crop):
+    image = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["image"]))).astype(np.float32))[None]
+    label = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["label"]))).astype(np.int64))[None]
+    return image, label
+
+
+def test_label_intensity_shift_moves_each_structure_by_one_constant(abdomen_crop):
+    image, label = _crop_tensors(abdomen_crop)
+    shift = RandLabelIntensityShiftd("image", "label", prob=1.0, shift_range=(0.1, 0.3))
+    shift.set_random_state(0)
+    out = shift({"image": image, "label": label})
+    delta = out["image"] - image
+    assert (delta[label == 0] == 0).all()
+    for value in (1, 6, 7):
+        region = delta[label == value]
+        assert 0.1 <= float(region[0]) <= 0.3 and torch.allclose(region, region[0].expand_as(region), atol=1e-3)
+
+    slab = RandAxialSlabd(("image", "label"), prob=1.0, min_slices=4, max_slices=8)
+    slab.set_random_state(0)
+    out = slab({"image": image + 1, "label": label})
+    kept = (out["image"][0] != 0).flatten(1).any(1)
+    assert 4 <= int(kept.sum()) <= 8
+    assert (out["label"][0][~kept] == 0).all()
+
+
+def test_finetune_crops_get_axial_slabs_only_when_asked(abdomen_crop):
+    image, label = _crop_tensors(abdomen_crop)
+    image = (image[:, :48, :64, :64] + 1100.0) / 1000.0  # positive everywhere, like a normalised crop
+    label = label[:, :48, :64, :64]
+
+    def blanked_slices(axial_slabs: bool) -> list[int]:
+        augment = crop_augmentations((32, 48, 48), axial_slabs=axial_slabs)
+        counts = []
+        for seed in range(12):
+            augment.set_random_state(seed=seed)
+            out = augment({"image": image.clone(), "label": label.clone()})
+            empty = (out["image"][0] == 0).flatten(1).all(1)
+            assert (out["label"][0][empty] == 0).all()
+            counts.append(int(empty.sum()))
+        return counts
+
+    # rotations leave at most a corner slice empty; a slab blanks at least half the crop's slices
+    assert max(blanked_slices(False)) < 16
+    assert sum(c >= 16 for c in blanked_slices(True)) >= 2
