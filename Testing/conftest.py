@@ -40,6 +40,15 @@ def abdomen_crop(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def small_ct(abdomen_crop) -> Path:
+    """The centre of the abdomen crop, 48 x 48 x 32 voxels at 3 mm: one inference window, for tests of
+    the pipeline's mechanics rather than of the model."""
+    path = abdomen_crop["image"].with_name("small_ct.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(abdomen_crop["image"]))[20:68, 10:58, 10:42], str(path))
+    return path
+
+
 def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     """``python -m hybridmim ARGS`` in a subprocess, as users and the Slicer module run it."""
     result = subprocess.run([sys.executable, "-m", "hybridmim", *map(str, args)], capture_output=True, text=True,

@@ -25,10 +25,10 @@ from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conver
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
 
 
-def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output(abdomen_crop, tmp_path):
+def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output(small_ct, tmp_path):
     output = tmp_path / "seg.seg.nrrd"
     events = []
-    result = run_to_end(segment_command([str(abdomen_crop["image"])], str(output), device="cpu"),
+    result = run_to_end(segment_command([str(small_ct)], str(output), device="cpu"),
                         on_event=events.append)
     assert result.succeeded and result.error is None, result.log
     stages = [e["name"] for e in events if e["event"] == "stage"]
@@ -37,7 +37,7 @@ def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output
     assert inference == sorted(inference) and inference[-1] == [e for e in events if e["event"] == "progress"
                                                                 and e["stage"] == "inference"][-1]["total"]
     assert events[-1]["event"] == "done" and result.outputs["segmentation"] == str(output)
-    assert sitk.ReadImage(str(output)).GetSize() == sitk.ReadImage(str(abdomen_crop["image"])).GetSize()
+    assert sitk.ReadImage(str(output)).GetSize() == sitk.ReadImage(str(small_ct)).GetSize()
 
 
 def test_an_engine_error_arrives_as_one_readable_line(tmp_path):
@@ -127,10 +127,8 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
         segment_command(["ct.nii.gz"], "o.nii.gz", device="gpu")
 
 
-def test_a_reconstruct_command_runs_for_real(abdomen_crop, tmp_path):
-    small = tmp_path / "small.nii.gz"  # one 96³ window of the pre-trained model
-    sitk.WriteImage(sitk.ReadImage(str(abdomen_crop["image"]))[20:68, 10:58, 10:42], str(small))
-    result = run_to_end(reconstruct_command([str(small)], str(tmp_path / "recon"), mask_ratio=0.5, seed=1,
+def test_a_reconstruct_command_runs_for_real(small_ct, tmp_path):
+    result = run_to_end(reconstruct_command([str(small_ct)], str(tmp_path / "recon"), mask_ratio=0.5, seed=1,
                                             device="cpu"))
     assert result.succeeded, result.log
     assert {"mask", "masked", "reconstruction", "error"} <= set(result.outputs)

@@ -38,9 +38,9 @@ def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def nan_ct(abdomen_crop, tmp_path_factory):
-    """The abdomen crop as float32 with a NaN slab, a few +Inf and a few -Inf voxels."""
-    image = sitk.Cast(sitk.ReadImage(str(abdomen_crop["image"])), sitk.sitkFloat32)
+def nan_ct(small_ct, tmp_path_factory):
+    """A small CT as float32 with a NaN slab, a few +Inf and a few -Inf voxels."""
+    image = sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(image)
     array[:3] = np.nan
     array[10, 10, :5] = np.inf
@@ -75,8 +75,8 @@ def test_segmenting_a_scan_with_nan_voxels_warns_and_keeps_the_grid(nan_ct, tmp_
 
 @pytest.mark.parametrize("fill, message", [(np.nan, "every voxel is NaN or infinite"),
                                            (40.0, "every voxel has the same value (40)")])
-def test_an_all_nan_or_constant_scan_is_refused_with_one_line(abdomen_crop, tmp_path, fill, message):
-    image = sitk.Cast(sitk.ReadImage(str(abdomen_crop["image"])), sitk.sitkFloat32)
+def test_an_all_nan_or_constant_scan_is_refused_with_one_line(small_ct, tmp_path, fill, message):
+    image = sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkFloat32)
     blank = sitk.GetImageFromArray(np.full(sitk.GetArrayViewFromImage(image).shape, fill, dtype=np.float32))
     blank.CopyInformation(image)
     path = tmp_path / "blank.nrrd"
@@ -106,9 +106,9 @@ def test_an_mr_given_to_the_ct_model_runs_with_a_warning(tmp_path):
     assert any("the model expects CT" in w for w in warnings_of(result))
 
 
-def test_a_left_handed_grid_gives_the_same_labels_on_its_own_grid(abdomen_crop, tmp_path):
+def test_a_left_handed_grid_gives_the_same_labels_on_its_own_grid(small_ct, tmp_path):
     """The same anatomy stored with its x axis reversed (direction determinant -1)."""
-    image = sitk.ReadImage(str(abdomen_crop["image"]))
+    image = sitk.ReadImage(str(small_ct))
     array = sitk.GetArrayFromImage(image)
     mirrored = sitk.GetImageFromArray(np.ascontiguousarray(array[:, :, ::-1]))
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
@@ -118,7 +118,7 @@ def test_a_left_handed_grid_gives_the_same_labels_on_its_own_grid(abdomen_crop, 
     mirrored.SetOrigin(image.TransformIndexToPhysicalPoint((image.GetSize()[0] - 1, 0, 0)))
     assert np.linalg.det(direction) < 0
     sitk.WriteImage(mirrored, str(tmp_path / "left.nrrd"))
-    for name, source in (("straight", abdomen_crop["image"]), ("left", tmp_path / "left.nrrd")):
+    for name, source in (("straight", small_ct), ("left", tmp_path / "left.nrrd")):
         run_cli("segment", source, "-o", tmp_path / f"{name}_seg.nrrd", "--device", "cpu", "--progress", "quiet",
                 check_rc=0)
     straight, left = (sitk.ReadImage(str(tmp_path / f"{n}_seg.nrrd")) for n in ("straight", "left"))
@@ -148,10 +148,10 @@ def test_the_memory_estimate_grows_with_the_voxels_and_the_classes():
     assert 1 * GIB < segment_bytes((512, 512, 300), (0.8, 0.8, 1.0), 1, 14, (1.5, 1.5, 2.0)) < 6 * GIB
 
 
-def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_block(abdomen_crop, tmp_path):
+def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_block(small_ct, tmp_path):
     output = tmp_path / "seg.nii.gz"
     with output_lock(output):
-        result = run_cli("segment", abdomen_crop["image"], "-o", output, "--device", "cpu")
+        result = run_cli("segment", small_ct, "-o", output, "--device", "cpu")
         one_line_error(result, "another run is writing this output now")
         with pytest.raises(UserError, match="another run"):
             with output_lock(output):
