@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from contextlib import nullcontext
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         reporter = Reporter(args.progress)
         output = getattr(args, "output", None)
-        with output_lock(output) if output else nullcontext():
+        writer = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes (and locks)
+        with output_lock(output) if output and writer else nullcontext():
             args.handler(args, reporter)
     except UserError as exc:
         reporter.error(str(exc))
