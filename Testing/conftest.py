@@ -51,8 +51,9 @@ def small_ct(abdomen_crop) -> Path:
 
 def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     """``python -m hybridmim ARGS`` in a subprocess, as users and the Slicer module run it."""
+    # The engine writes UTF-8 (tqdm bars), whatever the locale of the test run.
     result = subprocess.run([sys.executable, "-m", "hybridmim", *map(str, args)], capture_output=True, text=True,
-                            cwd=REPO, timeout=600)
+                            encoding="utf-8", errors="replace", cwd=REPO, timeout=600)
     if check_rc is not None:
         assert result.returncode == check_rc, f"rc={result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}"
     return result

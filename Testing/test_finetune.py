@@ -45,7 +45,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             (root / split / f"STS_{number:03d}").symlink_to(data_file(f"sarcoma_ct/STS_{number:03d}"))
     recipe = root / "tiny.json"
     recipe.write_text(json.dumps(TINY), encoding="utf-8")
-    return {"train": root / "train", "val": root / "val", "recipe": recipe, "cache": root / "cache"}
+    short = root / "short.json"  # for the interrupted runs: 3 epochs of 6 steps
+    short.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 3, "steps_per_epoch": 6}}), encoding="utf-8")
+    return {"train": root / "train", "val": root / "val", "recipe": recipe, "short": short, "cache": root / "cache"}
 
 
 def test_a_short_finetune_raises_validation_dice(folders, tmp_path):
@@ -105,9 +107,10 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new():
 
 def _start(folders, output, *extra) -> subprocess.Popen:
     command = [sys.executable, "-m", "hybridmim", "finetune", "--init", "scratch", "--data", str(folders["train"]),
-               "--val", str(folders["val"]), "--recipe", str(folders["recipe"]), "--cache", str(folders["cache"]),
+               "--val", str(folders["val"]), "--recipe", str(folders["short"]), "--cache", str(folders["cache"]),
                "-o", str(output), "--device", "cpu", "--progress", "json", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace", cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,7 @@ def _resume(folders, output) -> subprocess.CompletedProcess:
 
 def _assert_same_run(output: Path, reference: Path) -> None:
     final, expected = runstate.load_resume_state(output, "finetune"), runstate.load_resume_state(reference, "finetune")
-    assert final["step"] == expected["step"] == 40
+    assert final["step"] == expected["step"] == 18
     for name, tensor in expected["network"].items():
         assert torch.equal(final["network"][name], tensor), name
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in expected["history"]]
@@ -138,13 +141,13 @@ def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folde
     process = _start(folders, output)
     for line in process.stdout:
         event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 13:
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 8:
             process.send_signal(signal.SIGTERM)
             break
     process.stdout.read()
     assert process.wait(timeout=120) == 0, process.stderr.read()
     stopped = runstate.load_resume_state(output, "finetune")
-    assert 13 <= stopped["step"] < 40 and stopped["step"] % 10  # stopped inside an epoch
+    assert 8 <= stopped["step"] < 18 and stopped["step"] % 6  # stopped inside an epoch
 
     resumed = _resume(folders, output)
     assert any(e and e["event"] == "message" and f"resuming at step {stopped['step']}" in e["text"]
@@ -158,12 +161,12 @@ def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(fol
     process = _start(folders, output)
     for line in process.stdout:
         event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 25:
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 15:
             process.kill()
             break
     process.wait(timeout=60)
     state = runstate.load_resume_state(output, "finetune")
-    assert state["step"] == 20  # the end of epoch 2
+    assert state["step"] == 12  # the end of epoch 2
     assert load_file(str(output)).keys()  # the best checkpoint so far is whole
     _resume(folders, output)
     _assert_same_run(output, uninterrupted)

@@ -134,7 +134,8 @@ def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_
 def _start(recipe_file, prepared, output, *extra) -> subprocess.Popen:
     command = [sys.executable, "-m", "hybridmim", "pretrain", "--recipe", str(recipe_file), "--data", str(prepared),
                "-o", str(output), "--device", "cpu", "--progress", "json", *map(str, extra)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace", cwd=REPO)
 
 
 def _weights(path: Path) -> dict:
@@ -213,7 +214,7 @@ def test_two_process_gloo_run_completes(prepared, recipe_file, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "hybridmim", "pretrain", "--recipe", str(recipe_file), "--data", str(prepared), "-o", str(output),
          "--steps", "3", "--device", "cpu", "--progress", "json"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     done = [e for e in map(parse_event, result.stdout.splitlines()) if e and e["event"] == "done"]
     assert len(done) == 1  # only rank 0 reports

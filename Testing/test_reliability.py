@@ -160,7 +160,7 @@ def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_bl
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom hybridmim.atomic import output_lock\n"
                                "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
-                               str(output)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                               str(output)], cwd=REPO, stdout=subprocess.PIPE, text=True, encoding="utf-8")
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match="another run"):
         with output_lock(output):

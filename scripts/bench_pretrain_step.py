@@ -105,7 +105,8 @@ def main() -> None:
                        "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
             if args.tiny_swin:
                 command.append("--tiny-swin")
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                    check=True)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(f"{backbone:5} {variant:8} {rows[-1]['seconds_per_step']:8.3f} s/step "
                   f"{rows[-1]['peak_memory_mib']:10.0f} MiB  ({rows[-1]['device']})", flush=True)

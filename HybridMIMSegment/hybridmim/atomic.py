@@ -99,5 +99,8 @@ def output_lock(path: str | Path):
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        try:
+            lock.unlink()  # while still held; Windows cannot remove an open file: it stays, unlocked, reusable
+        except OSError:
+            pass
         handle.close()
