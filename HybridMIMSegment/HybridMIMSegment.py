@@ -89,7 +89,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.trainer = None  # the same for a fine-tuning run
         self.inputSelectors = []
         self.trainingPairs = []  # (volume node ID, segmentation node ID)
-        self.lastTraining = None  # (command without --epochs/--labels, output) for Resume
+        self.lastTraining = None  # (resume command, output checkpoint) of the last training run
         self.chart = None
 
         for text, value in (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu")):
@@ -139,7 +139,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
     def onModelChanged(self, index):
         choice = self.currentChoice()
         self.ui.modelDetailsLabel.text = choice.details if choice else ""
-        self.ui.applyButton.enabled = choice is not None and choice.task == "segmentation"
+        self.showView(self.processing.view())
         for selector in self.inputSelectors:
             self.ui.inputsWidget.layout().removeRow(selector)
         self.inputSelectors = []
@@ -360,8 +360,10 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         return True
 
     def showView(self, view):
+        choice = self.currentChoice()
+        segments = choice is not None and choice.task == "segmentation"  # a pre-trained model only reconstructs
         self.ui.applyButton.text = view.button_text
-        self.ui.applyButton.enabled = view.button_enabled
+        self.ui.applyButton.enabled = view.button_enabled and (segments or self.processing.state in BUSY)
         self.ui.modelComboBox.enabled = self.ui.loadCheckpointButton.enabled = view.inputs_enabled
         self.ui.reconstructButton.enabled = view.inputs_enabled
         self.ui.progressBar.visible = view.progress_visible
