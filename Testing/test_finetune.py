@@ -113,6 +113,18 @@ def _start(folders, output, *extra) -> subprocess.Popen:
                             errors="replace", cwd=REPO)
 
 
+def _start_and_signal_at(folders, output, step: int, signal_number) -> subprocess.Popen:
+    """A run sent ``signal_number`` once it reports fine-tuning step ``step``; its stdout read to the end."""
+    process = _start(folders, output)
+    for line in process.stdout:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == step:
+            process.send_signal(signal_number)
+            break
+    process.stdout.read()
+    return process
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(folders, tmp_path_factory) -> Path:
     reference = tmp_path_factory.mktemp("uninterrupted") / "reference.safetensors"
@@ -138,13 +150,7 @@ def _assert_same_run(output: Path, reference: Path) -> None:
 
 def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
     output = tmp_path / "run.safetensors"
-    process = _start(folders, output)
-    for line in process.stdout:
-        event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 8:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.stdout.read()
+    process = _start_and_signal_at(folders, output, 8, signal.SIGTERM)
     assert process.wait(timeout=120) == 0, process.stderr.read()
     stopped = runstate.load_resume_state(output, "finetune")
     assert 8 <= stopped["step"] < 18 and stopped["step"] % 6  # stopped inside an epoch
@@ -158,13 +164,7 @@ def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folde
 def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
     """No chance to save: the run resumes from the last epoch's state, and no file is left half-written."""
     output = tmp_path / "run.safetensors"
-    process = _start(folders, output)
-    for line in process.stdout:
-        event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == 15:
-            process.kill()
-            break
-    process.wait(timeout=60)
+    _start_and_signal_at(folders, output, 15, signal.SIGKILL).wait(timeout=60)
     state = runstate.load_resume_state(output, "finetune")
     assert state["step"] == 12  # the end of epoch 2
     assert load_file(str(output)).keys()  # the best checkpoint so far is whole

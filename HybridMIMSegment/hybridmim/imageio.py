@@ -84,6 +84,20 @@ def _check_nifti_complete(path: Path) -> None:
         raise UserError(f"{path}: truncated file ({length} of {expected} bytes)")
 
 
+def read_header(path: str | Path) -> sitk.ImageFileReader | None:
+    """An image file's header (size, spacing, origin, direction) without its voxels; None for
+    folders (DICOM series) and files whose header cannot be read."""
+    if Path(path).is_dir():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
+
+
 def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) -> sitk.Image:
     """One scalar 3-D volume from a file or DICOM folder, or a UserError saying why not."""
     path = Path(path)

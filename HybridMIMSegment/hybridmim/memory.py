@@ -45,17 +45,10 @@ def available_bytes() -> int | None:
 def header_size(path: str | Path) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
     """(size, spacing) from an image file's header without reading its voxels; None for folders
     (DICOM series) and for files whose header cannot be read (the reader says why later)."""
-    import SimpleITK as sitk
+    from .imageio import read_header
 
-    if Path(path).is_dir():
-        return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return tuple(reader.GetSize()), tuple(reader.GetSpacing())
+    header = read_header(path)
+    return None if header is None else (tuple(header.GetSize()), tuple(header.GetSpacing()))
 
 
 def segment_bytes(size, spacing, channels: int, classes: int, target_spacing) -> int:

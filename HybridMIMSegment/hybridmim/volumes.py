@@ -225,17 +225,14 @@ def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def check_label_grid(case: Case) -> None:
     """Refuse, from the file headers alone, a label map that does not lie on its image's grid."""
-    import SimpleITK as sitk
+    from .imageio import read_header
 
     headers = []
     for path in (case.channels[0], case.label):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise UserError(f"case {case.name}: {path.name} is not a readable image") from None
-        headers.append(reader)
+        header = read_header(path)
+        if header is None:
+            raise UserError(f"case {case.name}: {path.name} is not a readable image")
+        headers.append(header)
     image, label = headers
     same = (image.GetSize() == label.GetSize()
             and np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=1e-4)
