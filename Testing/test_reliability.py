@@ -191,9 +191,9 @@ class _RunsOutOfMemoryOnBatches(torch.nn.Module):
 
 
 def test_window_plans_fall_back_to_host_blending_then_the_cpu():
-    assert window_plans("cpu", 10 * GIB, None, 4) == [WindowPlan("cpu", "cpu", 4)]
+    assert window_plans("cpu", 10 * GIB, None, 4) == [WindowPlan("cpu", "cpu", 1)]
     assert window_plans("cuda", GIB, 8 * GIB, 4) == [WindowPlan("cuda", "cuda", 4), WindowPlan("cuda", "cpu", 1),
-                                                     WindowPlan("cpu", "cpu", 4)]
+                                                     WindowPlan("cpu", "cpu", 1)]
     # an output buffer larger than half the free GPU memory is blended on the host from the start
     assert window_plans("cuda", 5 * GIB, 8 * GIB, 1) == [WindowPlan("cuda", "cpu", 1), WindowPlan("cpu", "cpu", 1)]
 

@@ -147,7 +147,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     for index, case in enumerate(cases):
         channels = read_channels(case.channels, reporter.warning)
         reference_image = read_volume(case.label)
-        model_input = prepare(channels, meta.preprocessing)
+        model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
         labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
                                       torch_device, Reporter("quiet"))
         prediction_image = restore_labels(labels_model, model_input.grid, channels[0])

@@ -49,21 +49,30 @@ class Grid:
         return matrix
 
 
-def resample_to_spacing(image: sitk.Image, spacing, interpolator, default_value: float = 0.0) -> sitk.Image:
+def resample_to_spacing(image: sitk.Image, spacing, interpolator, pixel_type=None) -> sitk.Image:
     """Resample onto a grid with ``spacing`` that starts at the same first voxel centre.
 
     Anchoring at the first voxel keeps grids nested: when ``spacing`` divides
     the input spacing, every input voxel centre is also a centre of the new grid,
-    which makes nearest-neighbour round trips exact.
+    which makes nearest-neighbour round trips exact. The size is MONAI's
+    (``Spacing``: the extent between first and last centres, rounded), so a
+    model sees the voxels it would see in a MONAI pipeline; new centres beyond
+    the last input centre take the values MONAI's "border" padding gives them.
+    ``pixel_type``: the output's (default the input's), so that an integer CT
+    is resampled as it is, not cast to float at full resolution first.
     """
     spacing = tuple(float(s) for s in spacing)
-    size = [
-        int(math.ceil((n - 1) * s / t - 1e-6)) + 1
-        for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)
-    ]
+    size = [int(round((n - 1) * s / t + 1.0)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    # Border padding = the last plane repeated far enough for every new centre to interpolate inside.
+    overshoot = [max(0.0, (m - 1) * t - (n - 1) * s) for m, n, s, t in
+                 zip(size, image.GetSize(), image.GetSpacing(), spacing)]
+    if any(overshoot):
+        origin = image.GetOrigin()
+        image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], [math.ceil(o / s) for o, s in zip(overshoot, image.GetSpacing())])
+        image.SetOrigin(origin)
     return sitk.Resample(
         image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing, image.GetDirection(),
-        default_value, image.GetPixelID(),
+        0.0, image.GetPixelID() if pixel_type is None else pixel_type,
     )
 
 

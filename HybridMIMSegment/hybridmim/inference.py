@@ -1,16 +1,17 @@
-"""Device choice and sliding-window inference (MONAI, Gaussian blending)."""
+"""Device choice and sliding-window inference (MONAI's window layout and Gaussian blending)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
 from .progress import Reporter
+from .windows import window_starts
 
 
 def select_device(requested: str, reporter: Reporter) -> torch.device:
@@ -41,41 +42,23 @@ def available_devices() -> dict:
     return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "gpus": gpus}
 
 
-def load_and_prepare(inputs, checkpoint, meta, device: str, reporter: Reporter):
-    """The run-time start of ``segment`` and ``reconstruct``: read the input images, load the
-    network on the chosen device, and bring the images to the model's grid.
+def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter, windows=None):
+    """The run-time start of ``segment`` and ``reconstruct``: the input images from ``reading``
+    (``imageio.start_reading``, under way while torch was imported), the network on the chosen
+    device, and the images on the model's grid (``windows``: see ``modelgrid.prepare``).
 
     Returns (channels as read, ModelInput, network, torch device).
     """
-    from .checkpoint import load_model
-    from .imageio import read_channels
-    from .memory import check_fits, header_size, segment_bytes
     from .modelgrid import prepare
     from .scancheck import checked_channels
+    from .traced import load_for_inference
 
-    reporter.stage("read")
-    header = header_size(inputs[0])
-    if header is not None:
-        size, spacing = header
-        needed = segment_bytes(size, spacing, len(inputs), int(meta.network["out_channels"]), meta.preprocessing.spacing)
-        check_fits(needed, f"{Path(inputs[0]).name} ({' x '.join(map(str, size))} voxels)")
     modalities = [c.get("modality", "") for c in meta.channels]
-    channels = checked_channels(read_channels(inputs, reporter.warning), inputs, modalities, reporter.warning)
+    channels = checked_channels(reading.result(reporter.warning), reading.paths, modalities, reporter.warning)
     torch_device = select_device(device, reporter)
-    _, network = load_model(checkpoint, torch_device)
+    network, _ = load_for_inference(checkpoint, meta, torch_device, reporter)
     reporter.stage("preprocess")
-    return channels, prepare(channels, meta.preprocessing), network, torch_device
-
-
-def count_windows(shape, roi_size, overlap: float) -> int:
-    """How many windows MONAI's sliding window visits (each axis padded up to the ROI)."""
-    total = 1
-    for size, roi in zip(shape, roi_size):
-        if size <= roi:
-            continue
-        interval = max(1, int(roi * (1 - overlap)))
-        total *= math.ceil((size - roi) / interval) + 1
-    return total
+    return channels, prepare(channels, meta.preprocessing, windows=windows), network, torch_device
 
 
 @dataclass(frozen=True)
@@ -95,13 +78,15 @@ class WindowPlan:
 
 
 def window_plans(device_type: str, output_bytes: int, free_gpu_bytes: int | None, batch: int) -> list[WindowPlan]:
-    """The plans to try in order: on a GPU, as asked (output blended on the GPU only when it fits
-    in half its free memory), then one window at a time blending on the host, then the CPU."""
+    """The plans to try in order: on a GPU, ``batch`` windows at a time (output blended on the GPU
+    only when it fits in half its free memory), then one window at a time blending on the host,
+    then the CPU. The CPU takes one window at a time: as fast as two on 2 cores (10.7 s for the
+    25 windows of ct_b either way) and 176 MB lighter."""
     if device_type != "cuda":
-        return [WindowPlan("cpu", "cpu", batch)]
+        return [WindowPlan("cpu", "cpu", 1)]
     fits = free_gpu_bytes is not None and output_bytes < free_gpu_bytes // 2
     plans = [WindowPlan("cuda", "cuda" if fits else "cpu", batch), WindowPlan("cuda", "cpu", 1),
-             WindowPlan("cpu", "cpu", batch)]
+             WindowPlan("cpu", "cpu", 1)]
     return [p for i, p in enumerate(plans) if p not in plans[:i]]
 
 
@@ -131,27 +116,48 @@ def sliding_window(network: torch.nn.Module, volume: np.ndarray, roi_size, overl
                               reporter)
 
 
+def gaussian_weights(roi_size) -> torch.Tensor:
+    """MONAI's "gaussian" blending weights for one window: sigma = roi / 8 per axis, peak 1, floor 1e-3."""
+    weights = None
+    for roi in roi_size:
+        x = torch.arange(-(roi - 1) / 2.0, (roi - 1) / 2.0 + 1, dtype=torch.float)
+        axis = torch.exp(x**2 / (-2 * (roi * 0.125) ** 2))
+        weights = axis if weights is None else weights.unsqueeze(-1) * axis
+    return weights.clamp(min=max(weights.min().item(), 1e-3))
+
+
 def _sliding_window(network, volume: np.ndarray, roi_size, overlap: float, plan: WindowPlan, reporter: Reporter):
-    from monai.inferers import sliding_window_inference
-
-    windows = count_windows(volume.shape[1:], roi_size, overlap)
-    batches = math.ceil(windows / plan.batch)
-    calls = 0
+    """MONAI's sliding-window inference (same windows, padding and weights: results agree with
+    ``sliding_window_inference`` to float rounding), written out so that inference needs no MONAI
+    import (2 s of a cold start on a 2-core CPU) and keeps the input on the host."""
+    roi = tuple(int(r) for r in roi_size)
+    shape = volume.shape[1:]
+    # An axis shorter than the window is padded with zeros, split evenly (MONAI's padding).
+    pads = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(shape, roi)]
+    x = torch.nn.functional.pad(torch.from_numpy(volume), [v for pad in reversed(pads) for v in pad])
+    padded = tuple(x.shape[1:])
+    starts = list(itertools.product(*(window_starts(n, r, overlap) for n, r in zip(padded, roi))))
+    batches = math.ceil(len(starts) / plan.batch)
+    weights = gaussian_weights(roi).to(plan.output_device)
+    weight_sum = torch.zeros(padded, device=plan.output_device)
+    output = None
     network = network.to(plan.window_device)
-
-    def predictor(x: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        out = network(x)
-        calls += 1
-        reporter.progress(min(calls, batches), batches)
-        return out
-
-    x = torch.from_numpy(volume)[None].to(plan.output_device)
     on_gpu = plan.window_device == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else torch.autocast("cpu", enabled=False)
     with torch.inference_mode(), autocast:
-        return sliding_window_inference(x, roi_size, plan.batch, predictor, overlap=overlap, mode="gaussian",
-                                        sw_device=plan.window_device, device=plan.output_device)
+        for batch, first in enumerate(range(0, len(starts), plan.batch)):
+            boxes = [tuple(slice(s, s + r) for s, r in zip(start, roi)) for start in starts[first:first + plan.batch]]
+            windows = torch.stack([x[(slice(None), *box)] for box in boxes]).to(plan.window_device)
+            predicted = network(windows).to(plan.output_device, torch.float32)
+            if output is None:
+                output = torch.zeros((predicted.shape[1], *padded), device=plan.output_device)
+            for window, box in zip(predicted, boxes):
+                output[(slice(None), *box)] += window * weights
+                weight_sum[box] += weights
+            reporter.progress(batch + 1, batches)
+        output /= weight_sum
+    inside = tuple(slice(before, before + n) for (before, _), n in zip(pads, shape))
+    return output[(slice(None), *inside)][None]
 
 
 def predict_labels(network: torch.nn.Module, volume: np.ndarray, roi_size, overlap: float, output_values,

@@ -56,7 +56,7 @@ def segment_bytes(size, spacing, channels: int, classes: int, target_spacing) ->
 
     Input grid: the channels as read and as float32, the label map written back. Model
     grid (before the foreground crop, so an upper bound): the resampled channels twice
-    (oriented and normalised), MONAI's blended output and weight map in float32, the argmax.
+    (oriented and normalised), the blended output and weight map in float32, the argmax.
     """
     input_voxels = math.prod(size)
     scale = [s / t for s, t in zip(spacing, target_spacing)] if target_spacing else [1.0] * len(size)

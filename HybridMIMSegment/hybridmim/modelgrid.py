@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from .errors import UserError
 from .geometry import Grid, resample_onto, resample_to_spacing
 from .preprocessing import Preprocessing
+from .windows import window_aligned_box
 
 
 @dataclass
@@ -44,37 +45,38 @@ def _foreground_box(array_zyx: np.ndarray, threshold: float, margin_voxels) -> t
     return tuple(box)
 
 
-def _to_model_grid(image: sitk.Image, spec: Preprocessing, interpolator, default_value: float) -> sitk.Image:
+def _to_model_grid(image: sitk.Image, spec: Preprocessing, interpolator, pixel_type=None) -> sitk.Image:
     oriented = sitk.DICOMOrient(image, spec.orientation)
     if spec.spacing is None:
-        return oriented
-    return resample_to_spacing(oriented, spec.spacing, interpolator, default_value)
+        return oriented if pixel_type is None else sitk.Cast(oriented, pixel_type)
+    return resample_to_spacing(oriented, spec.spacing, interpolator, pixel_type)
 
 
-def prepare(channels: list[sitk.Image], spec: Preprocessing, label: sitk.Image | None = None) -> ModelInput:
-    """Model input from input channels (all on the grid of ``channels[0]``) and an optional label map."""
+def prepare(channels: list[sitk.Image], spec: Preprocessing, label: sitk.Image | None = None,
+            windows: tuple[tuple[int, ...], float] | None = None) -> ModelInput:
+    """Model input from input channels (all on the grid of ``channels[0]``) and an optional label map.
+
+    ``windows`` (roi size, overlap), for inference: the body crop grows to whole windows of a
+    pass over the uncropped grid, so that the result inside the body does not depend on the crop.
+    """
     reference = Grid.of(channels[0])
-    arrays = []
-    for image in channels:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-        # Pad with the darkest value (air on CT) rather than 0 HU (water).
-        darkest = float(sitk.GetArrayViewFromImage(image).min())
-        arrays.append(sitk.GetArrayFromImage(_to_model_grid(image, spec, sitk.sitkLinear, darkest)))
-    # The model grid, computed on an empty image of the reference geometry.
-    blank = sitk.Image(list(reference.size), sitk.sitkUInt8)
-    blank.CopyInformation(channels[0])
-    model_image = _to_model_grid(blank, spec, sitk.sitkNearestNeighbor, 0)
+    model_images = [_to_model_grid(image, spec, sitk.sitkLinear, sitk.sitkFloat32) for image in channels]
+    model_image = model_images[0]
     grid = Grid.of(model_image)
+    arrays = [sitk.GetArrayFromImage(image) for image in model_images]
+    del model_images
     label_array = None
     if label is not None:
         if not Grid.of(label).matches(reference):
             raise UserError("the label map's grid differs from the image's")
-        label_array = sitk.GetArrayFromImage(_to_model_grid(label, spec, sitk.sitkNearestNeighbor, 0))
+        label_array = sitk.GetArrayFromImage(_to_model_grid(label, spec, sitk.sitkNearestNeighbor))
 
     box = (slice(None),) * 3
     if spec.foreground_threshold is not None:
         margin = [math.ceil(spec.foreground_margin_mm / s) for s in reversed(grid.spacing)]
         box = _foreground_box(arrays[0], spec.foreground_threshold, margin)
+        if windows is not None:
+            box = window_aligned_box(box, arrays[0].shape, *windows)
         start_xyz = [int(b.start) for b in reversed(box)]
         grid = Grid(
             size=tuple(int(b.stop - b.start) for b in reversed(box)),

@@ -24,6 +24,7 @@ from .atomic import check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
 from .errors import UserError
+from .imageio import start_reading
 from .progress import Reporter
 
 BASELINE_SIGMAS = (2.0, 4.0, 8.0)  # voxels
@@ -129,9 +130,10 @@ def reconstruct(inputs: list[str], output_dir: str, model: str | None = None, ma
     paths = {kind: check_new_output(folder / name, overwrite) for kind, name in output_names(channel_names).items()}
     check_inputs_kept(inputs, paths.values())
 
+    reading = start_reading(inputs, meta, reporter)
     from .inference import load_and_prepare
 
-    channels, model_input, network, torch_device = load_and_prepare(inputs, checkpoint, meta, device, reporter)
+    channels, model_input, network, torch_device = load_and_prepare(reading, checkpoint, meta, device, reporter)
     array = model_input.array
     mask, prediction = mask_and_fill(network, array, meta, ratio, seed, torch_device, reporter)
 

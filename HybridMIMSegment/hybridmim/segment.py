@@ -10,7 +10,7 @@ from .atomic import check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
 from .errors import UserError
-from .imageio import check_labelmap_path, write_labelmap
+from .imageio import check_labelmap_path, start_reading, write_labelmap
 from .progress import Reporter
 
 
@@ -37,11 +37,13 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
                         "fine-tune it on labelled cases first (or view it with `hybridmim reconstruct`)")
     meta.check_input_count(len(inputs), checkpoint.name)
 
-    # imported after the cheap checks: importing torch takes a while
+    reading = start_reading(inputs, meta, reporter)
+    # imported after the cheap checks, while the images are read: importing torch takes a while
     from .inference import load_and_prepare, predict_labels
     from .modelgrid import restore_labels
 
-    channels, model_input, network, torch_device = load_and_prepare(inputs, checkpoint, meta, device, reporter)
+    channels, model_input, network, torch_device = load_and_prepare(reading, checkpoint, meta, device, reporter,
+                                                                    windows=(meta.roi_size, meta.overlap))
 
     reporter.stage("inference")
     labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
@@ -64,7 +66,9 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
 
     import SimpleITK as sitk
 
-    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=max(meta.output_values) + 1)
+    # counted in slabs: bincount widens its input to int64 (8 bytes a voxel) first
+    voxels, slab, bins = sitk.GetArrayViewFromImage(labels).ravel(), 1 << 24, max(meta.output_values) + 1
+    counts = sum(np.bincount(voxels[i:i + slab], minlength=bins) for i in range(0, voxels.size, slab))
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     segments = [{"value": l.value, "name": l.name, "volume_ml": round(float(counts[l.value]) * voxel_ml, 2)}
                 for l in meta.labels]

@@ -1,0 +1,155 @@
+"""Inference as fast as the plain MONAI pipeline allows without changing its result: the same model
+grid as MONAI's Orientation + Spacing, the same windows and blending as sliding_window_inference,
+a body crop that never changes the result inside the body, and a cached trace that starts runs
+without importing MONAI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import DEFAULT_MODEL, REPO, data_file
+from hybridmim.checkpoint import load_model, read_metadata
+from hybridmim.inference import predict_labels, sliding_window
+from hybridmim.modelgrid import prepare
+from hybridmim.progress import Reporter
+from hybridmim.traced import TracedNetwork, load_for_inference, trace_path
+from hybridmim.windows import count_windows, window_aligned_box, window_starts
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model(DEFAULT_MODEL, CPU)
+
+
+def test_window_starts_are_monais():
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    for size in range(1, 200, 3):
+        for roi in (16, 31, 64, 96):
+            for overlap in (0.0, 0.25, 0.5, 0.75):
+                padded = max(size, roi)
+                interval = _get_scan_interval((padded,), (roi,), 1, (overlap,))
+                expected = [s[0].start for s in dense_patch_slices((padded,), (roi,), interval)]
+                assert window_starts(size, roi, overlap) == expected, (size, roi, overlap)
+
+
+def test_sliding_window_equals_monais(default_model):
+    from monai.inferers import sliding_window_inference
+
+    meta, network = default_model
+    # z shorter than the window (padded), y two windows, x one window exactly
+    volume = np.random.default_rng(0).random((1, 10, 70, 64), dtype=np.float32)
+    ours = sliding_window(network, volume, meta.roi_size, 0.5, CPU, Reporter("quiet"))
+    with torch.inference_mode():
+        reference = sliding_window_inference(torch.from_numpy(volume)[None], meta.roi_size, 1, network,
+                                             overlap=0.5, mode="gaussian")
+    assert ours.shape == reference.shape
+    assert float((ours - reference).abs().max()) <= 1e-6
+    assert torch.equal(ours.argmax(1), reference.argmax(1))
+
+
+def test_model_grid_is_monais_orientation_and_spacing():
+    """ct_b (0.98 x 0.98 x 2 mm, LPS) onto the default model's 3 mm RAS grid: the same voxels, values
+    and size as MONAI's Orientation + Spacing (bilinear, border), including the last plane that lies
+    beyond the scan's last slice centre."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, ScaleIntensityRange, Spacing
+
+    image = sitk.ReadImage(str(data_file("abdomen_ct/ct_b.nii.gz")))[150:350, 180:330, :]
+    spec = dataclasses.replace(read_metadata(DEFAULT_MODEL).preprocessing, foreground_threshold=None)
+    ours = prepare([image], spec)
+
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = lps_to_ras @ np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin())
+    xyz = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)[None]
+    monai = Orientation(axcodes="RAS")(MetaTensor(torch.from_numpy(xyz.copy()), affine=torch.from_numpy(affine)))
+    monai = Spacing(pixdim=spec.spacing, mode="bilinear")(monai)
+    window = spec.intensity
+    monai = ScaleIntensityRange(*window.window, *window.output_range, clip=True)(monai)
+    monai_zyx = monai[0].numpy().transpose(2, 1, 0)
+    assert monai_zyx.shape == ours.array.shape[1:]
+    assert float(np.abs(monai_zyx - ours.array[0]).max()) < 1e-5
+
+
+def test_body_crop_to_whole_windows_keeps_the_result_inside_the_body(small_ct, default_model):
+    """A scan with 100 voxels of air beside the body: the crop skips the windows that lie wholly in
+    the air, and every voxel of the body gets exactly the label of a pass over the whole scan."""
+    meta, network = default_model
+    body = sitk.ReadImage(str(small_ct))
+    wide = sitk.ConstantPad(body, [100, 0, 0], [0, 0, 0], -1024.0)
+    whole = prepare([wide], dataclasses.replace(meta.preprocessing, foreground_threshold=None))
+    cropped = prepare([wide], meta.preprocessing, windows=(meta.roi_size, meta.overlap))
+    assert count_windows(cropped.array.shape[1:], meta.roi_size, 0.5) < count_windows(whole.array.shape[1:],
+                                                                                        meta.roi_size, 0.5)
+
+    def labels(model_input):
+        return predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values, CPU,
+                              Reporter("quiet"))
+
+    offset = [round((c - w) / s) for c, w, s in zip(cropped.grid.origin, whole.grid.origin, whole.grid.spacing)]
+    offset = [abs(o) for o in offset]  # RAS grids run against LPS coordinates along x and y
+    x0 = offset[0]
+    inside = labels(whole)[:, :, x0:x0 + cropped.grid.size[0]]
+    body_x = slice(100 - x0 if 100 > x0 else 0, None)  # the body starts 100 voxels in
+    assert np.array_equal(labels(cropped)[:, :, body_x], inside[:, :, body_x])
+
+
+def test_window_aligned_box_holds_exactly_the_windows_touching_the_box():
+    assert window_aligned_box((slice(100, 140),), (148,), (64,), 0.5) == (slice(64, 148),)
+    assert window_aligned_box((slice(0, 10),), (148,), (64,), 0.5) == (slice(0, 64),)
+    assert window_aligned_box((slice(5, 20),), (30,), (64,), 0.5) == (slice(0, 30),)  # one padded window
+    # a pass over the aligned box visits the same starts as the whole pass, shifted
+    box = window_aligned_box((slice(40, 90),), (200,), (64,), 0.5)[0]
+    inner = [box.start + s for s in window_starts(box.stop - box.start, 64, 0.5)]
+    assert inner == [s for s in window_starts(200, 64, 0.5) if s < 90 and s + 64 > 40]
+
+
+def test_a_second_run_starts_from_the_cached_trace_without_monai(small_ct, tmp_path):
+    env = {**os.environ, "HYBRIDMIM_CACHE": str(tmp_path / "cache")}
+    code = ("import sys, SimpleITK as s\n"
+            "from hybridmim.segment import segment\n"
+            "segment([sys.argv[1]], sys.argv[2], device='cpu')\n"
+            "print('monai imported' if 'monai' in sys.modules else 'no monai')\n")
+    outputs = []
+    for run in ("first", "second"):
+        output = tmp_path / f"{run}.nii.gz"
+        done = subprocess.run([sys.executable, "-c", code, str(small_ct), str(output)], capture_output=True,
+                              text=True, encoding="utf-8", cwd=REPO / "HybridMIMSegment", env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append((done.stdout.strip().splitlines()[-1], sitk.GetArrayFromImage(sitk.ReadImage(str(output)))))
+    assert outputs[0][0] == "monai imported" and outputs[1][0] == "no monai"
+    assert np.array_equal(outputs[0][1], outputs[1][1])
+
+
+def test_an_unreadable_trace_is_said_and_rebuilt(tmp_path, monkeypatch, default_model):
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path))
+    meta, network = default_model
+    path = trace_path(DEFAULT_MODEL)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a torchscript archive")
+    warnings = []
+
+    class Collect(Reporter):
+        def warning(self, message):
+            warnings.append(message)
+
+    built, traced = load_for_inference(DEFAULT_MODEL, meta, CPU, Collect("quiet"))
+    assert not traced and len(warnings) == 1 and "cached trace" in warnings[0]
+    loaded, traced = load_for_inference(DEFAULT_MODEL, meta, CPU, Collect("quiet"))
+    assert traced and isinstance(loaded, TracedNetwork) and loaded.out_channels == network.out_channels
+    probe = torch.rand(2, 1, *meta.roi_size)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(probe), network(probe), atol=1e-5)
