@@ -61,21 +61,23 @@ def test_sliding_window_equals_monais(default_model):
 
 def test_model_grid_is_monais_orientation_and_spacing():
     """ct_b (0.98 x 0.98 x 2 mm, LPS) onto the default model's 3 mm RAS grid: the same voxels, values
-    and size as MONAI's Orientation + Spacing (bilinear, border), including the last plane that lies
-    beyond the scan's last slice centre."""
+    and size as MONAI's Spacing (bilinear, border) of the RAS-oriented scan, including the last plane
+    that lies beyond the scan's last slice centre."""
     from monai.data import MetaTensor
-    from monai.transforms import Orientation, ScaleIntensityRange, Spacing
+    from monai.transforms import ScaleIntensityRange, Spacing
 
     image = sitk.ReadImage(str(data_file("abdomen_ct/ct_b.nii.gz")))[150:350, 180:330, :]
     spec = dataclasses.replace(read_metadata(DEFAULT_MODEL).preprocessing, foreground_threshold=None)
     ours = prepare([image], spec)
 
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    affine = np.eye(4)
-    affine[:3, :3] = lps_to_ras @ np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin())
-    xyz = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)[None]
-    monai = Orientation(axcodes="RAS")(MetaTensor(torch.from_numpy(xyz.copy()), affine=torch.from_numpy(affine)))
+    # MONAI's RAS orientation of this LPS-aligned scan, done by hand (Orientation needs nibabel):
+    # x and y reversed, the affine's origin at the voxel that becomes the first
+    assert np.allclose(image.GetDirection(), np.eye(3).ravel())
+    xyz = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)[::-1, ::-1, :]
+    affine = np.diag([*image.GetSpacing(), 1.0])
+    last = image.TransformIndexToPhysicalPoint([image.GetSize()[0] - 1, image.GetSize()[1] - 1, 0])
+    affine[:3, 3] = [-last[0], -last[1], last[2]]  # LPS → RAS
+    monai = MetaTensor(torch.from_numpy(xyz.copy())[None], affine=torch.from_numpy(affine))
     monai = Spacing(pixdim=spec.spacing, mode="bilinear")(monai)
     window = spec.intensity
     monai = ScaleIntensityRange(*window.window, *window.output_range, clip=True)(monai)
