@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,23 @@ def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     if check_rc is not None:
         assert result.returncode == check_rc, f"rc={result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}"
     return result
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory) -> Path:
+    """Two real CTs, cropped: a chest (lung tumour) and an abdomen, as a folder of image files."""
+    folder = tmp_path_factory.mktemp("scans")
+    lung = sitk.ReadImage(str(data_file("lung_tumor_ct/image.nii.gz")))
+    sitk.WriteImage(lung[30:174, 40:170, 10:50], str(folder / "lung.nii.gz"))
+    sitk.WriteImage(crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))), str(folder / "abdomen.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared(scans, tmp_path_factory) -> Path:
+    """The scans prepared once by the CLI at 3 mm (the tiny pre-training recipes' grid), as a --data folder."""
+    folder = tmp_path_factory.mktemp("prepared")
+    recipe = folder.with_name("prepare-3mm.json")
+    recipe.write_text(json.dumps({"preprocessing": {"spacing": [3.0, 3.0, 3.0]}}), encoding="utf-8")
+    run_cli("pretrain", "--prepare-only", "--recipe", recipe, "--cache", folder, "--data", scans, check_rc=0)
+    return folder

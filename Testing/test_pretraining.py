@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, crop, data_file, run_cli
+from conftest import REPO, run_cli
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
@@ -38,28 +37,10 @@ TINY_RECIPE = {
 
 
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory) -> Path:
-    """Two real CTs, cropped: a chest (lung tumour) and an abdomen, as a folder of image files."""
-    folder = tmp_path_factory.mktemp("scans")
-    lung = sitk.ReadImage(str(data_file("lung_tumor_ct/image.nii.gz")))
-    sitk.WriteImage(lung[30:174, 40:170, 10:50], str(folder / "lung.nii.gz"))
-    sitk.WriteImage(crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))), str(folder / "abdomen.nii.gz"))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "tiny.json"
     path.write_text(json.dumps(TINY_RECIPE), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def prepared(scans, recipe_file, tmp_path_factory) -> Path:
-    """The scans prepared once by the CLI, as the folder later runs take as --data."""
-    cache = tmp_path_factory.mktemp("prepared")
-    run_cli("pretrain", "--prepare-only", "--recipe", recipe_file, "--cache", cache, "--data", scans, check_rc=0)
-    return cache
 
 
 def load_resume_state(output: Path) -> dict:
@@ -76,14 +57,16 @@ def initial_method(recipe: dict, data) -> torch.nn.Module:
     return build_method(recipe, data.channels)
 
 
-def terms_on_fixed_batches(method: torch.nn.Module, data, seed: int, batches: int = 4) -> list[dict]:
-    """Loss terms (eval mode, no dropout) on ``batches`` batches of 2 × 4 crops and masks drawn from ``seed``."""
+def terms_on_fixed_batches(method: torch.nn.Module, data, seed: int, batches: int = 4, volumes: int = 2,
+                           crops: int = 4) -> list[dict]:
+    """Loss terms (eval mode, no dropout) on ``batches`` batches of ``volumes`` × ``crops`` crops and masks
+    drawn from ``seed``."""
     method.eval()
     results = []
     with torch.no_grad():
         for index in range(batches):
             rng, generator = step_generators(seed, 0, index, 0)
-            stored, valid, _ = data.sample_crops(rng, 2, 4, method.crop_size)
+            stored, valid, _ = data.sample_crops(rng, volumes, crops, method.crop_size)
             valid = torch.from_numpy(valid)
             image = data.to_model(torch.from_numpy(stored), valid)
             loss, terms = method(image, valid, **method.sample(image.shape[0], generator))

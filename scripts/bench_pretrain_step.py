@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Seconds per step and peak memory of HybridMIM's partial-region step against a full-volume step.
+"""Seconds per step and peak memory of a pre-training step: HybridMIM's partial-region step against a
+full-volume step, and MiM's and SelfMedHPM's steps beside them.
 
-Same backbone, batch, crops and masks; the only difference is the decoder:
-on a 64³ block of the 96³ crop (HybridMIM) or on the whole crop (SimMIM-style
-full-volume reconstruction). One step = forward, backward, optimiser step, as
-in training. Each variant runs in its own process so peak memory is its own
-(CPU: peak resident set size; CUDA: peak allocated by PyTorch).
+For HybridMIM, same backbone, batch, crops and masks; the only difference is
+the decoder: on a 64³ block of the 96³ crop (HybridMIM) or on the whole crop
+(SimMIM-style full-volume reconstruction). MiM and SelfMedHPM run their packaged
+recipes' hybrid network with ``--batch`` crops (a MiM crop is 192³ and makes
+1 + 4 + 16 volumes of 96³). One step = forward, backward, optimiser step (and
+SelfMedHPM's teacher update), as in training. Each variant runs in its own
+process so peak memory is its own (CPU: peak resident set size; CUDA: peak
+allocated by PyTorch).
 
     .venv/bin/python scripts/bench_pretrain_step.py --data ../shared/data/lung_tumor_ct -o bench.json
 """
@@ -21,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {"partial": 2, "full": 3}
+VARIANTS = {"partial": 2, "full": 3}  # HybridMIM's decoder_regions
+OTHER_METHODS = ("mim", "hpm")
 
 
 def run_variant(args) -> dict:
@@ -32,11 +37,13 @@ def run_variant(args) -> dict:
     from hybridmim.preprocessing import Preprocessing
     from hybridmim.volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
     from hybridmim.pretraining.run import load_recipe
-    from hybridmim.pretraining.trainer import _autocast, build_method
+    from hybridmim.pretraining.trainer import build_method
     from hybridmim.progress import Reporter
+    from hybridmim.training.runstate import autocast
 
-    recipe = load_recipe("hybridmim", args.backbone, None)
-    recipe["hybridmim"]["decoder_regions"] = VARIANTS[args.variant]
+    recipe = load_recipe(args.method, args.backbone, None)
+    if args.method == "hybridmim":
+        recipe["hybridmim"]["decoder_regions"] = VARIANTS[args.variant]
     if args.tiny_swin and args.backbone == "swin":
         recipe["network"].update(feature_size=12, depths=[1, 1, 1, 1])
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
@@ -48,30 +55,33 @@ def run_variant(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     method = build_method(recipe, data.channels).to(device).train()
-    optimiser = torch.optim.AdamW(method.parameters(), lr=1e-4)
+    optimiser = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4)
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
     times = []
     for step in range(args.warmup + args.steps):
         stored, valid, _ = data.sample_crops(rng, 1, args.batch, method.crop_size)
         valid = torch.from_numpy(valid).to(device)
         image = data.to_model(torch.from_numpy(stored).to(device), valid)
-        choices = method.sample(image.shape[0], generator)
+        choices = method.sample(image.shape[0], generator, progress=0.5)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        with _autocast(device, "bf16"):
+        with autocast(device, "bf16"):
             loss, _ = method(image, valid, **choices)
         loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
+        if hasattr(method, "after_step"):
+            method.after_step(step + 1, 1000)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
-            "decoded_voxels": (VARIANTS[args.variant] * method.region_size) ** 3, "batch": args.batch,
+    decoded = (VARIANTS[args.variant] * method.region_size) ** 3 if args.method == "hybridmim" else None
+    return {"method": args.method, "backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
+            "crop_size": method.crop_size, "decoded_voxels": decoded, "batch": args.batch,
             "seconds_per_step": float(np.median(times)), "steps_timed": len(times),
             "peak_memory_mib": round(peak / 2**20, 1),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, "
@@ -82,7 +92,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="scans, or a folder prepared by `pretrain --prepare-only`")
     parser.add_argument("--cache", default=".cache/bench", help="where scans are prepared")
-    parser.add_argument("--backbones", nargs="+", default=["cnn", "swin"], choices=["cnn", "swin"])
+    parser.add_argument("--backbones", nargs="*", default=["cnn", "swin"], choices=["cnn", "swin"],
+                        help="HybridMIM's backbones, each with a partial and a full decoder (none: the other methods alone)")
+    parser.add_argument("--methods", nargs="*", default=list(OTHER_METHODS), choices=OTHER_METHODS,
+                        help="the other methods (hybrid network); none: HybridMIM alone")
     parser.add_argument("--batch", type=int, default=2, help="crops per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -90,6 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--tiny-swin", action="store_true", help="SwinUNETR feature_size 12, depth 1 (CPU-friendly)")
     parser.add_argument("-o", "--output", help="JSON report")
+    parser.add_argument("--method", default="hybridmim", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,21 +112,22 @@ def main() -> None:
         return
 
     rows = []
-    for backbone in args.backbones:
-        for variant in VARIANTS:
-            command = [sys.executable, __file__, "--backbone", backbone, "--variant", variant, "--data", *args.data,
-                       "--cache", args.cache, "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
-            if args.tiny_swin:
-                command.append("--tiny-swin")
-            result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
-                                    check=True)
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(f"{backbone:5} {variant:8} {rows[-1]['seconds_per_step']:8.3f} s/step "
-                  f"{rows[-1]['peak_memory_mib']:10.0f} MiB  ({rows[-1]['device']})", flush=True)
+    runs = [("hybridmim", backbone, variant) for backbone in args.backbones for variant in VARIANTS]
+    runs += [(method, "hybrid", "-") for method in args.methods]
+    for method, backbone, variant in runs:
+        command = [sys.executable, __file__, "--method", method, "--backbone", backbone, "--variant", variant,
+                   "--data", *args.data, "--cache", args.cache, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
+        if args.tiny_swin:
+            command.append("--tiny-swin")
+        result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                check=True)
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(f"{method:9} {backbone:6} {variant:8} {rows[-1]['seconds_per_step']:8.3f} s/step "
+              f"{rows[-1]['peak_memory_mib']:10.0f} MiB  ({rows[-1]['device']})", flush=True)
     report = {"rows": rows, "speed-up": {}}
     for backbone in args.backbones:
-        by_variant = {r["variant"]: r for r in rows if r["backbone"] == backbone}
+        by_variant = {r["variant"]: r for r in rows if r["method"] == "hybridmim" and r["backbone"] == backbone}
         report["speed-up"][backbone] = {
             "time_full_over_partial": round(by_variant["full"]["seconds_per_step"] / by_variant["partial"]["seconds_per_step"], 2),
             "memory_full_over_partial": round(by_variant["full"]["peak_memory_mib"] / by_variant["partial"]["peak_memory_mib"], 2),

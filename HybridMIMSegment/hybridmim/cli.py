@@ -178,13 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress(rec)
     rec.set_defaults(handler=_cmd_reconstruct)
 
-    pre = commands.add_parser("pretrain", help="self-supervised pre-training on unlabelled scans (HybridMIM)")
+    pre = commands.add_parser("pretrain", help="self-supervised pre-training on unlabelled scans "
+                                               "(HybridMIM, MiM or SelfMedHPM)")
     pre.add_argument("--data", nargs="+", required=True, metavar="PATH",
                      help="image files, case folders (image.nii.gz or image_0000…), folders of them, Decathlon "
                           "folders, or one folder prepared by --prepare-only")
     pre.add_argument("-o", "--output", help="checkpoint to write (.safetensors); the resume state goes beside it")
-    pre.add_argument("--method", choices=["hybridmim"], help="pre-training method (default: the recipe's, else hybridmim)")
-    pre.add_argument("--backbone", choices=["cnn", "swin"], help="U-Net or SwinUNETR (default: the recipe's, else cnn)")
+    pre.add_argument("--method", choices=["hybridmim", "mim", "hpm"],
+                     help="pre-training method (default: the recipe's, else hybridmim)")
+    pre.add_argument("--backbone", choices=["cnn", "swin", "hybrid"],
+                     help="U-Net, SwinUNETR or the convolution + transformer hybrid (default: the recipe's, else "
+                          "cnn for hybridmim and hybrid for mim and hpm, the only one they take)")
     pre.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over the method's defaults "
                                                       "(Resources/Recipes/; examples in scripts/recipes/)")
     pre.add_argument("--steps", type=int, help="total optimiser steps (overrides the recipe)")

@@ -42,10 +42,11 @@ def available_devices() -> dict:
     return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "gpus": gpus}
 
 
-def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter, windows=None):
+def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter, windows=None, trace: bool = True):
     """The run-time start of ``segment`` and ``reconstruct``: the input images from ``reading``
     (``imageio.start_reading``, under way while torch was imported), the network on the chosen
-    device, and the images on the model's grid (``windows``: see ``modelgrid.prepare``).
+    device (``trace``: see ``traced.load_for_inference``), and the images on the model's grid
+    (``windows``: see ``modelgrid.prepare``).
 
     Returns (channels as read, ModelInput, network, torch device).
     """
@@ -56,7 +57,7 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
     modalities = [c.get("modality", "") for c in meta.channels]
     channels = checked_channels(reading.result(reporter.warning), reading.paths, modalities, reporter.warning)
     torch_device = select_device(device, reporter)
-    network, _ = load_for_inference(checkpoint, meta, torch_device, reporter)
+    network, _ = load_for_inference(checkpoint, meta, torch_device, reporter, trace)
     reporter.stage("preprocess")
     return channels, prepare(channels, meta.preprocessing, windows=windows), network, torch_device
 

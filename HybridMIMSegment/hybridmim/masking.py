@@ -104,3 +104,29 @@ def complete_regions(valid: torch.Tensor, patch_size: int, region: int = 2) -> t
     """
     patch_has_image = F.max_pool3d(valid.float(), patch_size)[:, 0] > 0
     return _regions(patch_has_image, region).all(-1)
+
+
+def octant_token_mask(octants: torch.Tensor, grid: int) -> torch.Tensor:
+    """MiM's level-1 mask: (B, 2, 2, 2) octant booleans → (B, grid, grid, grid) token booleans, each
+    octant the (grid/2)³ cube of tokens it covers (3×3×3 on a 6³ grid).
+
+    The official MiM code took 27 consecutive flattened token indices per octant (the first
+    four and a half rows of the grid, not a cube), so its level-2 volumes were not the masked regions.
+    """
+    if grid % 2:
+        raise ValueError(f"a token grid of {grid} per axis has no octants")
+    return expand_patch_mask(octants, grid // 2)[:, 0]
+
+
+def hard_patch_mask(predicted: torch.Tensor, noise: torch.Tensor, masked: int, hard: int) -> torch.Tensor:
+    """SelfMedHPM's mask: (B, L) booleans with exactly ``masked`` tokens per sample, the ``hard`` of them
+    with the highest ``predicted`` loss included, the rest drawn by ``noise`` (uniform in [0, 1)).
+
+    One top-k over scores where the hardest sit above any noise value: no per-sample loop.
+    """
+    if not 0 <= hard <= masked <= predicted.shape[1]:
+        raise ValueError(f"need 0 ≤ hard ({hard}) ≤ masked ({masked}) ≤ tokens ({predicted.shape[1]})")
+    scores = noise.clone()
+    scores.scatter_(1, predicted.topk(hard, dim=1).indices, 2.0)
+    mask = torch.zeros_like(noise, dtype=torch.bool)
+    return mask.scatter_(1, scores.topk(masked, dim=1).indices, True)

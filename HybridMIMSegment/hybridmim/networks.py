@@ -1,4 +1,4 @@
-"""The two backbone families, built from MONAI, behind one factory.
+"""The backbone families, built from MONAI blocks, behind one factory.
 
 Every network has ``encode(x, box=None) -> features`` (skip features first,
 the bottleneck last), ``decode(features) -> decoder output``, ``bottleneck(x)``
@@ -6,14 +6,19 @@ the bottleneck last), ``decode(features) -> decoder output``, ``bottleneck(x)``
 output layer named by ``head_name``. Pre-training methods call these
 separately (HybridMIM decodes only a sub-volume: ``box`` crops the skip
 features to it), and fine-tuning transfers every weight except the head.
+The hybrid network's ``encode`` also takes a token ``mask``: MiM and
+SelfMedHPM hide whole tokens from it, as MAE does.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
-from monai.networks.blocks import Convolution, UpSample
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, TransformerBlock, UpSample
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
@@ -150,7 +155,86 @@ class SwinUNETRBackbone(SwinUNETR):
         return self.out(self.decode(self.encode(x)))
 
 
-ARCHITECTURES = {"unet": UNet, "swinunetr": SwinUNETRBackbone}
+class HybridUNet(UNet):
+    """Convolution stages, then transformer blocks on tokens, with the U-Net decoder: MiM's and SelfMedHPM's backbone.
+
+    ConvMAE-style: ``features`` are convolution stages at strides 1, 2, 4, …
+    (default 16, 48, 96, 192 channels at 96³, 48³, 24³, 12³ for a 96³ input —
+    MiM's 48/96/192 stages plus a thin full-resolution one the decoder needs
+    for voxel outputs); a stride-2 convolution then embeds one token per
+    ``token_size``³ voxels (16³ by default: the 6³ tokens of a 96³ crop) for
+    ``depth`` transformer blocks with fixed sin-cos positions. The decoder
+    upsamples the tokens back through every convolution stage, so encoder
+    and decoder both carry over to fine-tuning as for the U-Net.
+
+    With a token ``mask`` (True = hidden) the encoder is MAE's: the masked
+    patches are zeroed, every convolution stage's output is zeroed there too
+    (masked convolution: no visible feature draws on a hidden voxel, however
+    wide its receptive field), and the transformer's keys exclude the hidden
+    tokens, which is what dropping them does to the visible ones while
+    allowing a different count per sample. The hidden tokens then become a
+    learnt mask token (plus position) for the decoder to fill in.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, features=(16, 48, 96, 192), embed_dim: int = 384,
+                 depth: int = 4, num_heads: int = 6, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__(in_channels, out_channels, features, dropout)
+        if embed_dim % 6 or embed_dim % num_heads:
+            raise UserError(f"hybrid network: embed_dim {embed_dim} must divide by 6 (3-D sin-cos positions) "
+                            f"and by num_heads {num_heads}")
+        self.embed = nn.Conv3d(self.bottleneck_channels, embed_dim, kernel_size=2, stride=2)
+        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, int(mlp_ratio * embed_dim), num_heads, dropout,
+                                                     qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim))
+        self.ups.insert(0, _Up(embed_dim, self.bottleneck_channels, dropout))
+        self.bottleneck_stride *= 2
+        self.bottleneck_channels = embed_dim
+        self.token_size = self.bottleneck_stride
+        self._position_tables: dict[tuple, torch.Tensor] = {}
+
+    def encode(self, x: torch.Tensor, box: Box | None = None, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``mask``: (B, gz, gy, gx) booleans over the token grid, True = hidden from the encoder."""
+        visible = None if mask is None else (~mask.to(x.device))[:, None].to(x.dtype)
+
+        def hide(feature: torch.Tensor) -> torch.Tensor:
+            if visible is None:
+                return feature
+            return feature * F.interpolate(visible, size=feature.shape[2:], mode="nearest").to(feature.dtype)
+
+        features = [hide(self.stem(hide(x)))]
+        for down in self.downs:
+            features.append(hide(down(features[-1])))
+        tokens = self.embed(features[-1])
+        grid = tokens.shape[2:]
+        tokens = tokens.flatten(2).transpose(1, 2) + self._positions(grid, tokens)
+        keys = None if mask is None else visible.flatten(1)
+        for block in self.blocks:
+            tokens = block(tokens, attn_mask=keys)
+        tokens = self.norm(tokens)
+        if mask is not None:  # hidden tokens: the mask token at their position, for the decoder to fill in
+            hidden = mask.to(x.device).flatten(1)[..., None]
+            tokens = torch.where(hidden, self.mask_token.to(tokens.dtype) + self._positions(grid, tokens), tokens)
+        features.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid))
+        if box is not None:
+            features[:-1] = [crop_to_box(f, box, x.shape[2:]) for f in features[:-1]]
+        return features
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)[-1]
+
+    def _positions(self, grid, like: torch.Tensor) -> torch.Tensor:
+        """(1, L, embed_dim) fixed sin-cos positions of a token grid (any size: windows and crops alike)."""
+        key = tuple(grid)
+        if key not in self._position_tables:
+            with warnings.catch_warnings():  # MONAI's meshgrid call predates the indexing argument
+                warnings.simplefilter("ignore", UserWarning)
+                table = build_sincos_position_embedding(list(grid), self.bottleneck_channels, spatial_dims=3)
+            self._position_tables[key] = table.data
+        return self._position_tables[key].to(like.device, like.dtype)
+
+
+ARCHITECTURES = {"unet": UNet, "swinunetr": SwinUNETRBackbone, "hybrid": HybridUNet}
 
 
 def build_network(spec: dict) -> nn.Module:

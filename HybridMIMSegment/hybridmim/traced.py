@@ -47,15 +47,16 @@ def trace_path(checkpoint: Path) -> Path:
     return cache_dir() / "traced" / f"{checkpoint.stem}-{key}.pt"
 
 
-def load_for_inference(checkpoint: Path, meta, device: torch.device, reporter: Reporter):
+def load_for_inference(checkpoint: Path, meta, device: torch.device, reporter: Reporter, trace: bool = True):
     """(the network for ``checkpoint`` (metadata ``meta``) on ``device``, whether it is a cached trace).
 
     On the CPU a cached trace is loaded when there is one; otherwise the network is built and
-    a trace cached for the next run. A GPU always gets the built network (autocast applies to it).
+    a trace cached for the next run. A GPU always gets the built network (autocast applies to it),
+    and so does a caller that needs more than its forward (``trace=False``).
     """
     from .checkpoint import load_model
 
-    if device.type != "cpu":
+    if device.type != "cpu" or not trace:
         return load_model(checkpoint, device)[1], False
     cached = trace_path(Path(checkpoint))
     if cached.is_file():

@@ -63,7 +63,7 @@ class HybridMIM(nn.Module):
         self.network = network
         self.patch_size = patch_size
         self.region_size = region_size
-        self.crop_size = REGIONS_PER_AXIS * region_size
+        self.crop_size = self.window_size = REGIONS_PER_AXIS * region_size
         self.mask_ratio = mask_ratio
         self.decoder_regions = decoder_regions
         self.loss_weights = {**OFFICIAL_LOSS_WEIGHTS, **(loss_weights or {})}
@@ -80,8 +80,8 @@ class HybridMIM(nn.Module):
                 "crop_size": self.crop_size, "decoder_regions": self.decoder_regions,
                 "loss_weights": self.loss_weights}
 
-    def sample(self, batch: int, generator: torch.Generator) -> dict:
-        """One step's random choices: the patch mask and where the decoded block sits."""
+    def sample(self, batch: int, generator: torch.Generator, progress: float = 1.0) -> dict:
+        """One step's random choices: the patch mask and where the decoded block sits (the same at any ``progress``)."""
         grid = (2 * REGIONS_PER_AXIS,) * 3
         mask = random_patch_mask(batch, grid, self.mask_ratio, generator)
         positions = REGIONS_PER_AXIS - self.decoder_regions + 1

@@ -11,7 +11,8 @@ from ..errors import UserError
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 
-BACKBONES = ("cnn", "swin")
+BACKBONES = ("cnn", "swin", "hybrid")
+DEFAULT_BACKBONES = {"hybridmim": "cnn", "mim": "hybrid", "hpm": "hybrid"}  # MiM and HPM hide tokens: hybrid only
 
 
 def merge_recipes(base: dict, override: dict) -> dict:
@@ -34,12 +35,15 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
         except (OSError, ValueError) as exc:
             raise UserError(f"{recipe_file}: unreadable recipe ({exc})") from None
     method = method or override.get("method", "hybridmim")
-    backbone = backbone or override.get("backbone", "cnn")
+    if method not in DEFAULT_BACKBONES:
+        raise UserError(f"unknown pre-training method {method!r} (known: {', '.join(DEFAULT_BACKBONES)})")
+    backbone = backbone or override.get("backbone", DEFAULT_BACKBONES[method])
     if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r} (use {' or '.join(BACKBONES)})")
+        raise UserError(f"unknown backbone {backbone!r} (use {', '.join(BACKBONES)})")
     default = resources_dir() / "Recipes" / f"pretrain-{method}-{backbone}.json"
     if not default.is_file():
-        raise UserError(f"unknown pre-training method {method!r}")
+        packaged = sorted(p.stem.rsplit("-", 1)[1] for p in default.parent.glob(f"pretrain-{method}-*.json"))
+        raise UserError(f"no {method} recipe for the {backbone} backbone (packaged: {', '.join(packaged)})")
     recipe = merge_recipes(json.loads(default.read_text(encoding="utf-8")), override)
     return {**recipe, "method": method, "backbone": backbone}
 

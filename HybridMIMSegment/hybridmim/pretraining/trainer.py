@@ -40,9 +40,11 @@ from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, curve_path
                                  state_path, step_generators)
 from ..training.schedule import warmup_cosine
 from ..volumes import PreparedData
+from .hpm import HPM
 from .hybridmim import HybridMIM
+from .mim import MiM
 
-METHODS = {HybridMIM.name: HybridMIM}
+METHODS = {method.name: method for method in (HybridMIM, MiM, HPM)}
 
 
 @dataclass
@@ -166,7 +168,8 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
            reporter: Reporter) -> dict:
     torch.manual_seed(schedule.seed)  # the same initial weights on every rank and every run
     method = build_method(recipe, data.channels).to(dist.device)
-    optimiser = torch.optim.AdamW(method.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    learnt = [p for p in method.parameters() if p.requires_grad]  # not an EMA teacher's
+    optimiser = torch.optim.AdamW(learnt, lr=schedule.lr, weight_decay=schedule.weight_decay)
     lr_lambda = lambda s: warmup_cosine(s, schedule.warmup_steps, schedule.steps)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda)
     scaler = torch.amp.GradScaler("cuda", enabled=dist.device.type == "cuda" and schedule.amp == "fp16")
@@ -192,8 +195,10 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     with StopRequest() as stop:
         while step < schedule.steps:
             terms = _one_step(model, method, data, schedule, dist, scaler, step)
-            optimiser_step(optimiser, scheduler, scaler, method.parameters(), schedule.grad_clip)
+            optimiser_step(optimiser, scheduler, scaler, learnt, schedule.grad_clip)
             step += 1
+            if hasattr(method, "after_step"):  # SelfMedHPM's teacher follows the student
+                method.after_step(step, schedule.steps)
             window.append(terms)
             reporter.progress(step, schedule.steps)
             if step % schedule.log_every == 0 or step == schedule.steps:
@@ -221,7 +226,7 @@ def _one_step(model, method, data: PreparedData, schedule: Schedule, dist: _Dist
         stored, valid, _ = data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume, method.crop_size)
         valid = torch.from_numpy(valid).to(dist.device, non_blocking=True)
         image = data.to_model(torch.from_numpy(stored).to(dist.device, non_blocking=True), valid)
-        choices = method.sample(image.shape[0], generator)
+        choices = method.sample(image.shape[0], generator, progress=(step + 1) / schedule.steps)
         last = micro == schedule.accumulate - 1
         sync = nullcontext() if last or dist.world == 1 else model.no_sync()
         with sync:
@@ -255,7 +260,7 @@ def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step
         network={**recipe["network"], "in_channels": data.channels, "out_channels": data.channels},
         channels=recipe["channels"],
         preprocessing=data.preprocessing,
-        roi_size=(method.crop_size,) * 3,
+        roi_size=(method.window_size,) * 3,
         overlap=0.5,
         labels=[],
         method=method.name,

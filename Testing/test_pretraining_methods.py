@@ -1,0 +1,345 @@
+"""MiM and SelfMedHPM beside HybridMIM: their masks, levels, losses and teacher, trained a few steps on real CT
+crops, resumed exactly, fine-tuned from, and shown by `reconstruct`."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from conftest import data_file, run_cli
+from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
+from hybridmim.networks import build_network
+from hybridmim.preprocessing import Preprocessing
+from hybridmim.pretraining.hpm import ranking_loss
+from hybridmim.pretraining.mae import denormalise, hidden_pass, token_losses
+from hybridmim.pretraining.run import load_recipe, merge_recipes
+from hybridmim.pretraining.trainer import build_method, pretrain
+from hybridmim.progress import Reporter, parse_event
+from hybridmim.training import runstate
+from hybridmim.training.finetune import resolve_start, transfer_weights
+from hybridmim.volumes import load_prepared
+from safetensors.torch import load_file
+from test_pretraining import mean_term, terms_on_fixed_batches
+
+# The hybrid network at its smallest: convolution stages at strides 1, 2, 4, tokens of 8³ voxels, one block.
+TINY_NETWORK = {"features": [4, 8, 8], "embed_dim": 24, "depth": 1, "num_heads": 2}
+TINY_TRAIN = {"steps": 6, "volumes_per_step": 1, "crops_per_volume": 2, "lr": 1e-2, "warmup_steps": 2,
+              "checkpoint_every": 3, "log_every": 3, "amp": "none", "half_precision": False, "num_threads": 1}
+TINY = {
+    "mim": {"network": TINY_NETWORK, "preprocessing": {"spacing": [3.0, 3.0, 3.0]},
+            "mim": {"patch_size": 8, "volume_size": 32, "fine_per_volume": 2, "hidden_dim": 32, "projection_dim": 16},
+            "train": {**TINY_TRAIN, "crops_per_volume": 1}},
+    "hpm": {"network": TINY_NETWORK, "preprocessing": {"spacing": [3.0, 3.0, 3.0]},
+            "hpm": {"patch_size": 8, "crop_size": 32, "predictor_hidden": 16},
+            "train": {**TINY_TRAIN, "crops_per_volume": 4}},
+}
+
+
+def tiny_recipe(method: str, **train) -> dict:
+    recipe = merge_recipes(load_recipe(method, None, None), TINY[method])
+    recipe["train"].update(train)
+    return recipe
+
+
+def tiny_method(method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_method(tiny_recipe(method), 1)
+
+
+@pytest.fixture(scope="module")
+def ct_crop() -> torch.Tensor:
+    """A real abdominal CT block, HU [-1000, 1000] → [0, 1], as a (1, 1, 64, 64, 64) batch."""
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    z, y, x = (max((n - 64) // 2, 0) for n in array.shape)
+    block = np.clip((array[z:z + 64, y:y + 64, x:x + 64].astype(np.float32) + 1000) / 2000, 0, 1)
+    assert block.shape == (64, 64, 64)
+    return torch.from_numpy(block)[None, None]
+
+
+# --- masks and levels -------------------------------------------------------------------------------------------
+
+def test_octants_are_three_cubed_token_cubes():
+    for octant in range(8):
+        chosen = torch.zeros(1, 8, dtype=torch.bool)
+        chosen[0, octant] = True
+        tokens = octant_token_mask(chosen.view(1, 2, 2, 2), 6)[0]
+        a, b, c = (octant >> 2) & 1, (octant >> 1) & 1, octant & 1
+        expected = torch.zeros(6, 6, 6, dtype=torch.bool)
+        expected[3 * a:3 * a + 3, 3 * b:3 * b + 3, 3 * c:3 * c + 3] = True
+        assert torch.equal(tokens, expected), octant
+    first = octant_token_mask(torch.tensor([True] + [False] * 7).view(1, 2, 2, 2), 6)[0].flatten()
+    assert first.nonzero().flatten().tolist()[:6] == [0, 1, 2, 6, 7, 8]  # not the official 0..26
+    assert int(first.sum()) == 27
+
+
+def test_each_level_is_cut_from_the_region_hidden_above(ct_crop):
+    mim = tiny_method("mim")  # 32³ volumes of 8³ tokens from 64³ crops
+    choices = mim.sample(1, torch.Generator().manual_seed(3))
+    valid = torch.ones_like(ct_crop)
+    levels = mim.levels(ct_crop, valid, **choices)
+    coarse, _, coarse_mask = levels["coarse"]
+    middle, _, middle_mask = levels["middle"]
+    fine, _, fine_mask = levels["fine"]
+    assert coarse.shape == (1, 1, 32, 32, 32) and middle.shape == (4, 1, 32, 32, 32) and fine.shape == (8, 1, 32, 32, 32)
+    assert int(coarse_mask.sum()) == 4 * 8 and int(middle_mask[0].sum()) == math.ceil(0.6 * 64)
+    hidden_octants = choices["octants"][0].flatten().nonzero().flatten().tolist()
+    for j, octant in enumerate(hidden_octants):
+        a, b, c = (octant >> 2) & 1, (octant >> 1) & 1, octant & 1
+        region = (slice(32 * a, 32 * a + 32), slice(32 * b, 32 * b + 32), slice(32 * c, 32 * c + 32))
+        assert torch.equal(middle[j, 0], ct_crop[(0, 0, *region)])  # the octant at native resolution …
+        half = tuple(slice(s.start // 2, s.stop // 2) for s in region)
+        assert torch.allclose(F.avg_pool3d(middle[j:j + 1], 2)[0, 0], coarse[(0, 0, *half)], atol=1e-6)  # … seen coarse
+        tokens = tuple(slice(s.start // 8, s.stop // 8) for s in half)
+        assert coarse_mask[(0, *tokens)].all()  # and hidden there
+    for index, token in enumerate(choices["fine_tokens"].flatten().tolist()):
+        parent = index // 2
+        assert middle_mask[parent].flatten()[token]  # a patch hidden at the middle level …
+        z, y, x = token // 16, token // 4 % 4, token % 4
+        patch = middle[parent:parent + 1, :, 8 * z:8 * z + 8, 8 * y:8 * y + 8, 8 * x:8 * x + 8]
+        upsampled = F.interpolate(patch, size=(32, 32, 32), mode="trilinear", align_corners=False)
+        assert torch.allclose(fine[index], upsampled[0], atol=1e-6)  # … upsampled to the volume size
+    assert int(fine_mask[0].sum()) == 32
+
+
+def test_the_coarse_feature_enters_the_coarse_middle_alignment():
+    mim = tiny_method("mim")
+    choices = mim.sample(1, torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(0)
+    decoded = {"coarse": torch.randn(1, 4, 32, 32, 32, generator=generator),
+               "middle": torch.randn(4, 4, 32, 32, 32, generator=generator),
+               "fine": torch.randn(8, 4, 32, 32, 32, generator=generator)}
+    reference = mim.alignment(decoded, choices["octants"], choices["fine_tokens"])
+    octants = choices["octants"][0].flatten()
+    for octant, hidden in [(int(octants.nonzero()[0]), True), (int((~octants).nonzero()[0]), False)]:
+        a, b, c = (octant >> 2) & 1, (octant >> 1) & 1, octant & 1
+        changed = {**decoded, "coarse": decoded["coarse"].clone()}
+        changed["coarse"][:, :, 16 * a:16 * a + 16, 16 * b:16 * b + 16, 16 * c:16 * c + 16] += 3.0
+        terms = mim.alignment(changed, choices["octants"], choices["fine_tokens"])
+        moved = not torch.isclose(terms["align_coarse_middle"], reference["align_coarse_middle"])
+        assert moved == hidden, (octant, hidden)  # only the octants the middle level came from count
+        assert torch.equal(terms["align_middle_fine"], reference["align_middle_fine"])
+
+
+def test_hidden_voxels_reach_no_feature_of_the_encoder(ct_crop):
+    network = build_network({"name": "hybrid", "in_channels": 1, "out_channels": 1, **TINY_NETWORK}).eval()
+    mask = torch.rand(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    voxels = mask.repeat_interleave(8, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)[:, None]
+    image = ct_crop[..., :32, :32, :32]
+    other = torch.where(voxels, torch.rand_like(image), image)
+    with torch.no_grad():
+        first, second = hidden_pass(network, image, mask), hidden_pass(network, other, mask)
+        shown = hidden_pass(network, other, None)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.allclose(first[0], shown[0])  # without the mask, the same voxels do count
+
+
+def test_denormalise_inverts_the_normalised_target(ct_crop):
+    image = ct_crop[..., :32, :32, :32]
+    patches = patchify(image, 8)
+    normalised = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+    prediction = unpatchify(normalised, 8, (4, 4, 4), 1)
+    assert torch.allclose(token_losses(prediction, image, 8), torch.zeros(1, 64), atol=1e-8)
+    assert torch.allclose(denormalise(prediction, image, 8), image, atol=1e-5)
+
+
+def test_hard_patch_mask_counts_and_hardest_share_follow_the_schedule():
+    hpm = tiny_method("hpm")  # 4³ = 64 tokens, 48 hidden
+    assert hpm.masked == 48
+    steps = 8
+    predicted = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    for step in range(steps):
+        choices = hpm.sample(3, torch.Generator().manual_seed(step), progress=(step + 1) / steps)
+        assert choices["hard"] == int(0.5 * (step + 1) / steps * 48)  # α = 0.5·(epoch + 1)/T
+        mask = hard_patch_mask(predicted, choices["noise"], hpm.masked, choices["hard"])
+        assert mask.sum(1).tolist() == [48, 48, 48]
+        hardest = predicted.topk(choices["hard"], dim=1).indices
+        assert mask.gather(1, hardest).all()
+    # With no hard share the mask is the noise's alone; with all of it, exactly the predicted hardest.
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(hard_patch_mask(predicted, noise, 48, 0), hard_patch_mask(-predicted, noise, 48, 0))
+    everything = hard_patch_mask(predicted, noise, 48, 48)
+    assert torch.equal(everything, predicted >= predicted.topk(48, dim=1).values[:, -1:])
+
+
+def test_ranking_loss_by_hand():
+    log_sigmoid = lambda v: math.log(1 / (1 + math.exp(-v)))  # noqa: E731
+    both = torch.tensor([[True, True]])
+    # p = (0, 1), t = (0, 1): σ(1) against 1 for the pair (0, 1), σ(−1) against 0 for (1, 0).
+    assert float(ranking_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]), both)) == pytest.approx(-log_sigmoid(1))
+    # Ties rank nothing above: σ(0) against 0 both ways.
+    assert float(ranking_loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), both)) == pytest.approx(math.log(2))
+    # An unscored token (the third) takes part in no pair; the predictions rank the other two the wrong way.
+    loss = ranking_loss(torch.tensor([[2.0, 0.0, 5.0]]), torch.tensor([[0.0, 1.0, 9.0]]), torch.tensor([[True, True, False]]))
+    assert float(loss) == pytest.approx(-log_sigmoid(-2))
+
+
+def test_ema_teacher_follows_the_student_on_its_schedule():
+    hpm = tiny_method("hpm")
+    assert hpm.ema_decay_at(0, 100) == pytest.approx(0.999)
+    assert hpm.ema_decay_at(25, 100) == pytest.approx(0.99945)  # half-way through the ramp (half the run)
+    assert hpm.ema_decay_at(50, 100) == pytest.approx(0.9999) and hpm.ema_decay_at(90, 100) == pytest.approx(0.9999)
+    teacher_before = {k: v.clone() for k, v in hpm.teacher.state_dict().items()}
+    with torch.no_grad():
+        for parameter in [*hpm.network.parameters(), *hpm.loss_predictor.parameters()]:
+            parameter.add_(torch.randn_like(parameter))
+    student = {**{f"network.{k}": v for k, v in hpm.network.state_dict().items()},
+               **{f"loss_predictor.{k}": v for k, v in hpm.loss_predictor.state_dict().items()}}
+    hpm.after_step(25, 100)
+    for name, value in hpm.teacher.state_dict().items():
+        expected = 0.99945 * teacher_before[name] + 0.00055 * student[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert not any(p.requires_grad for p in hpm.teacher.parameters())
+
+
+# --- training on real crops -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory) -> dict:
+    """Each method trained a few steps (MiM 20, SelfMedHPM 30) on the real crops, with its events."""
+    runs = {}
+    for method, steps in (("mim", 20), ("hpm", 30)):
+        recipe = tiny_recipe(method, steps=steps, log_every=10, checkpoint_every=steps, num_threads=None)
+        data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
+        output = tmp_path_factory.mktemp(method) / f"{method}.safetensors"
+        stream = io.StringIO()
+        pretrain(recipe, data, output, Reporter("json", stream), device="cpu")
+        runs[method] = {"recipe": recipe, "data": data, "output": output,
+                        "events": [e for e in map(parse_event, stream.getvalue().splitlines()) if e]}
+    return runs
+
+
+@pytest.mark.parametrize("method, terms", [("mim", ["coarse", "middle", "fine", "align_coarse_middle",
+                                                    "align_middle_fine"]),
+                                           ("hpm", ["reconstruction", "ranking", "hard_share"])])
+def test_a_few_steps_on_real_ct_crops_lower_the_loss(trained, method, terms):
+    run = trained[method]
+    metrics = [e for e in run["events"] if e["event"] == "metric"]
+    assert set(metrics[-1]) >= {"loss", *terms}
+    before = terms_on_fixed_batches(tiny_method(method), run["data"], 1234, volumes=2, crops=1)
+    after_method = tiny_method(method)
+    after_method.load_state_dict(runstate.load_resume_state(run["output"], "pretrain")["method"])
+    after = terms_on_fixed_batches(after_method, run["data"], 1234, volumes=2, crops=1)
+    assert all(a["loss"] < b["loss"] for a, b in zip(after, before)), (before, after)
+    reconstruction = ["coarse", "middle", "fine"] if method == "mim" else ["reconstruction"]
+    for name in reconstruction:
+        assert mean_term(after, name) < mean_term(before, name) - 0.02, (name, before, after)
+    # Below 1: better than predicting each patch's own mean, which scores exactly 1 (measured 0.985–0.99).
+    assert np.mean([mean_term(after, name) for name in reconstruction]) < 1.0, after
+    if method == "mim":
+        assert mean_term(after, "align_coarse_middle") < 0.5 * mean_term(before, "align_coarse_middle")
+
+    from hybridmim.checkpoint import read_metadata
+    meta = read_metadata(run["output"])
+    assert meta.method == method and meta.pretraining["masking"] == "tokens"
+    assert meta.roi_size == (32, 32, 32) and meta.network["name"] == "hybrid"
+
+
+@pytest.mark.parametrize("method", ["mim", "hpm"])
+def test_stop_then_resume_ends_exactly_like_an_uninterrupted_run(prepared, method, tmp_path):
+    recipe = tiny_recipe(method)
+    data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
+    whole = tmp_path / "whole.safetensors"
+    pretrain(recipe, data, whole, Reporter("quiet"), device="cpu")
+
+    class StopAtStep3(io.StringIO):  # a stop request (SIGTERM) as step 3's progress is reported
+        def write(self, text):
+            event = parse_event(text.strip())
+            if event and event["event"] == "progress" and event.get("done") == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().write(text)
+
+    parts = tmp_path / "parts.safetensors"
+    outputs = pretrain(recipe, data, parts, Reporter("json", StopAtStep3()), device="cpu")
+    assert outputs["step"] == 3
+    state = runstate.load_resume_state(parts, "pretrain")
+    pretrain(state["recipe"], data, parts, Reporter("quiet"), state=state, device="cpu")
+    first, second = load_file(str(whole)), load_file(str(parts))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # The teacher (SelfMedHPM) and every head resume too, not only the network a checkpoint keeps.
+    whole_state, parts_state = (runstate.load_resume_state(p, "pretrain")["method"] for p in (whole, parts))
+    assert all(torch.equal(whole_state[k], parts_state[k]) for k in whole_state)
+
+
+@pytest.mark.parametrize("method", ["mim", "hpm"])
+def test_finetune_starts_from_the_checkpoint_with_encoder_and_decoder(trained, method):
+    from hybridmim.training.finetune import load_recipe as finetune_recipe
+
+    checkpoint = trained[method]["output"]
+    start = resolve_start(str(checkpoint), finetune_recipe(None), str(Path(__file__).parents[1] / "scripts/labels/sarcoma.json"),
+                          Reporter("quiet"))
+    assert start.init["pretraining"]["method"] == method and start.roi_size == (32, 32, 32)
+    network = build_network(start.network)
+    summary = transfer_weights(network, start.weights, keep_head=False)
+    assert summary["new"] == ["head.bias", "head.weight"]
+    loaded, pretrained = network.state_dict(), load_file(str(checkpoint))
+    for name in pretrained:
+        if not name.startswith("head."):
+            assert torch.equal(loaded[name], pretrained[name].float()), name
+    assert {"blocks.0.attn.qkv.weight", "embed.weight", "ups.0.up.deconv.weight", "stem.0.conv.weight"} <= set(pretrained)
+
+
+def test_reconstruct_shows_a_token_masked_model(trained, scans, tmp_path):
+    output = tmp_path / "recon"
+    result = run_cli("reconstruct", scans / "abdomen.nii.gz", "-o", output, "--model", trained["hpm"]["output"],
+                     "--device", "cpu", "--progress", "json", check_rc=0)
+    done = [e for e in map(parse_event, result.stdout.splitlines()) if e and e["event"] == "done"][0]["outputs"]
+    assert done["patch_mean_and_spread_from_truth"] is True and done["mask_ratio"] == 0.75
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(scans / "abdomen.nii.gz"))).astype(np.float32)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "mask.nii.gz"))).astype(bool)
+    rebuilt = sitk.GetArrayFromImage(sitk.ReadImage(str(output / "reconstruction.nii.gz")))
+    assert 0.6 < mask.mean() < 0.9 and np.array_equal(rebuilt[~mask], original[~mask])
+    assert np.isfinite(rebuilt).all() and 0 < done["mae_model"] < 1000
+    assert json.loads(json.dumps(done))  # the summary is plain JSON
+
+
+def test_every_packaged_and_script_recipe_builds_and_a_wrong_backbone_is_refused(tmp_path, capsys):
+    from hybridmim.pretraining.trainer import check_recipe
+
+    repo = Path(__file__).parents[1]
+    packaged = sorted((repo / "HybridMIMSegment/Resources/Recipes").glob("pretrain-*.json"))
+    scripts = sorted((repo / "scripts/recipes").glob("*pretrain-*.json"))
+    assert {p.stem for p in packaged} >= {"pretrain-mim-hybrid", "pretrain-hpm-hybrid"} and len(scripts) >= 2
+    for path in packaged + scripts:
+        recipe = load_recipe(None, None, str(path))
+        check_recipe(recipe)
+        assert recipe["method"] in path.stem
+    assert load_recipe("mim", None, None)["network"]["name"] == "hybrid"  # MiM's own default backbone
+    result = run_cli("pretrain", "--method", "mim", "--backbone", "cnn", "--data", tmp_path, "-o",
+                     tmp_path / "x.safetensors", check_rc=2)
+    assert result.stderr.strip().splitlines() == ["error: no mim recipe for the cnn backbone (packaged: hybrid)"]
+
+
+def test_a_model_finetuned_from_selfmedhpm_trains_and_segments(trained, tmp_path):
+    from hybridmim.checkpoint import read_metadata
+    from hybridmim.training.finetune import run_finetune
+
+    for split, number in (("train", 1), ("train", 2), ("val", 36)):
+        (tmp_path / split).mkdir(exist_ok=True)
+        (tmp_path / split / f"STS_{number:03d}").symlink_to(data_file(f"sarcoma_ct/STS_{number:03d}"))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"labels": [{"value": 1, "name": "soft-tissue sarcoma", "color": [230, 60, 60]}],
+                                  "train": {"epochs": 1, "steps_per_epoch": 3, "volumes_per_step": 2, "lr": 1e-3,
+                                            "warmup_steps": 1, "amp": "none", "half_precision": False}}))
+    output = tmp_path / "sts.safetensors"
+    outputs = run_finetune(str(trained["hpm"]["output"]), [str(tmp_path / "train")], str(output), Reporter("quiet"),
+                           val_paths=[str(tmp_path / "val")], recipe_file=str(recipe), cache=str(tmp_path / "cache"),
+                           device="cpu")
+    meta = read_metadata(output)
+    assert meta.task == "segmentation" and "hpm pre-training" in meta.method and meta.network["name"] == "hybrid"
+    assert 0.0 <= outputs["best_dice"] <= 1.0
+    segmentation = tmp_path / "sts036.nii.gz"
+    image = tmp_path / "val" / "STS_036" / "image.nii.gz"
+    run_cli("segment", image, "-o", segmentation, "--model", output, "--device", "cpu", check_rc=0)
+    result, source = sitk.ReadImage(str(segmentation)), sitk.ReadImage(str(image))
+    assert result.GetSize() == source.GetSize() and result.GetOrigin() == source.GetOrigin()
+    assert set(np.unique(sitk.GetArrayViewFromImage(result))) <= {0, 1}
