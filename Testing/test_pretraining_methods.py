@@ -314,6 +314,13 @@ def test_every_packaged_and_script_recipe_builds_and_a_wrong_backbone_is_refused
         check_recipe(recipe)
         assert recipe["method"] in path.stem
     assert load_recipe("mim", None, None)["network"]["name"] == "hybrid"  # MiM's own default backbone
+    from hybridmim.training.finetune import load_recipe as finetune_recipe
+    scratch_networks = {}
+    for path in sorted((repo / "scripts/recipes").glob("label-efficiency-*.json")):  # the study's scratch arms
+        start = resolve_start("scratch", finetune_recipe(str(path)), None, Reporter("quiet"))
+        build_network(start.network)
+        scratch_networks[path.stem] = start.network["name"]
+    assert scratch_networks == {"label-efficiency-sarcoma": "unet", "label-efficiency-sarcoma-hybrid": "hybrid"}
     result = run_cli("pretrain", "--method", "mim", "--backbone", "cnn", "--data", tmp_path, "-o",
                      tmp_path / "x.safetensors", check_rc=2)
     assert result.stderr.strip().splitlines() == ["error: no mim recipe for the cnn backbone (packaged: hybrid)"]

@@ -9,15 +9,6 @@
 # (or give it to scripts/label_efficiency.py --inits).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO_ROOT"
-RECIPE=scripts/recipes/self-pretrain-hpm-sarcoma.json
-RUN=runs/sts/sts-hpm-hybrid.safetensors
-held_out=$(printf 'STS_%03d ' $(seq 36 45))
-python -m hybridmim pretrain --prepare-only --recipe $RECIPE --cache .devdata/sts-train \
-  --data ../shared/data/sarcoma_ct --exclude $held_out
-mkdir -p runs/sts
-steps=${1:+--steps $1}
-if [ -f "${RUN%.safetensors}.resume.pt" ]; then
-  python -m hybridmim pretrain --data .devdata/sts-train -o $RUN --resume $steps
-else
-  python -m hybridmim pretrain --data .devdata/sts-train --recipe $RECIPE -o $RUN $steps
-fi
+source scripts/_pretrain_run.sh
+pretrain_run scripts/recipes/self-pretrain-hpm-sarcoma.json runs/sts/sts-hpm-hybrid.safetensors .devdata/sts-train \
+  "${1:-}" ../shared/data/sarcoma_ct --exclude $(printf 'STS_%03d ' $(seq 36 45))
