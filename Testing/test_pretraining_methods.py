@@ -8,6 +8,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from conftest import data_file, run_cli
+from conftest import REPO, data_file, run_cli
 from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
 from hybridmim.networks import build_network
 from hybridmim.preprocessing import Preprocessing
@@ -201,6 +203,17 @@ def test_ema_teacher_follows_the_student_on_its_schedule():
     assert not any(p.requires_grad for p in hpm.teacher.parameters())
 
 
+@pytest.mark.parametrize("method", ["mim", "hpm"])
+def test_every_trainable_parameter_gets_a_gradient(ct_crop, method):
+    """What DDP needs: a parameter that never gets a gradient stalls every multi-GPU run."""
+    model = tiny_method(method)
+    image = ct_crop if method == "mim" else ct_crop[..., :32, :32, :32]
+    image = image.expand(2, -1, -1, -1, -1)
+    loss, _ = model(image, torch.ones_like(image), **model.sample(2, torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 # --- training on real crops -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -350,3 +363,17 @@ def test_a_model_finetuned_from_selfmedhpm_trains_and_segments(trained, tmp_path
     result, source = sitk.ReadImage(str(segmentation)), sitk.ReadImage(str(image))
     assert result.GetSize() == source.GetSize() and result.GetOrigin() == source.GetOrigin()
     assert set(np.unique(sitk.GetArrayViewFromImage(result))) <= {0, 1}
+
+
+def test_two_process_gloo_run_of_selfmedhpm_completes(prepared, tmp_path):
+    recipe = tmp_path / "hpm.json"
+    recipe.write_text(json.dumps({"method": "hpm", **TINY["hpm"]}), encoding="utf-8")
+    output = tmp_path / "ddp.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hybridmim", "pretrain", "--recipe", str(recipe), "--data", str(prepared), "-o", str(output),
+         "--steps", "3", "--device", "cpu", "--progress", "quiet"],
+        capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert runstate.load_resume_state(output, "pretrain")["step"] == 3

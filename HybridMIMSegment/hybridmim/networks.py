@@ -185,6 +185,8 @@ class HybridUNet(UNet):
         self.embed = nn.Conv3d(self.bottleneck_channels, embed_dim, kernel_size=2, stride=2)
         self.blocks = nn.ModuleList(TransformerBlock(embed_dim, int(mlp_ratio * embed_dim), num_heads, dropout,
                                                      qkv_bias=True) for _ in range(depth))
+        for block in self.blocks:  # MONAI builds this norm even without cross-attention; an unused
+            block.norm_cross_attn = nn.Identity()  # parameter would leave DDP waiting for its gradient
         self.norm = nn.LayerNorm(embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
         self.ups.insert(0, _Up(embed_dim, self.bottleneck_channels, dropout))
