@@ -214,6 +214,20 @@ def test_every_trainable_parameter_gets_a_gradient(ct_crop, method):
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+def test_mim_recompute_gives_the_same_loss_and_gradients(ct_crop):
+    results = []
+    for recompute in (0, 3):  # 3: chunks of 3, 3 and 1 fine volumes, of 3 and 1 middle ones
+        torch.manual_seed(0)
+        model = build_method(merge_recipes(tiny_recipe("mim"), {"mim": {"recompute": recompute}}), 1)
+        loss, _ = model(ct_crop, torch.ones_like(ct_crop), **model.sample(1, torch.Generator().manual_seed(2)))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    assert torch.allclose(plain, recomputed, atol=1e-6) and plain_grads.keys() == recomputed_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, recomputed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
 # --- training on real crops -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,8 @@ def run_variant(args) -> dict:
     recipe = load_recipe(args.method, args.backbone, None)
     if args.method == "hybridmim":
         recipe["hybridmim"]["decoder_regions"] = VARIANTS[args.variant]
+    if args.method == "mim":
+        recipe["mim"]["recompute"] = args.recompute
     if args.tiny_swin and args.backbone == "swin":
         recipe["network"].update(feature_size=12, depths=[1, 1, 1, 1])
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
@@ -80,7 +82,7 @@ def run_variant(args) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     decoded = (VARIANTS[args.variant] * method.region_size) ** 3 if args.method == "hybridmim" else None
-    return {"method": args.method, "backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
+    return {"method": args.method, "recompute": args.recompute if args.method == "mim" else None, "backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
             "crop_size": method.crop_size, "decoded_voxels": decoded, "batch": args.batch,
             "seconds_per_step": float(np.median(times)), "steps_timed": len(times),
             "peak_memory_mib": round(peak / 2**20, 1),
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--recompute", type=int, default=0,
+                        help="MiM: keep activations for this many volumes at a time, recompute them in the "
+                             "backward pass (0: off, as the recipe)")
     parser.add_argument("--tiny-swin", action="store_true", help="SwinUNETR feature_size 12, depth 1 (CPU-friendly)")
     parser.add_argument("-o", "--output", help="JSON report")
     parser.add_argument("--method", default="hybridmim", help=argparse.SUPPRESS)
@@ -117,7 +122,8 @@ def main() -> None:
     for method, backbone, variant in runs:
         command = [sys.executable, __file__, "--method", method, "--backbone", backbone, "--variant", variant,
                    "--data", *args.data, "--cache", args.cache, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
+                   "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads),
+                   "--recompute", str(args.recompute)]
         if args.tiny_swin:
             command.append("--tiny-swin")
         result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
