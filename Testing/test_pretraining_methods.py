@@ -351,6 +351,12 @@ def test_every_packaged_and_script_recipe_builds_and_a_wrong_backbone_is_refused
     result = run_cli("pretrain", "--method", "mim", "--backbone", "cnn", "--data", tmp_path, "-o",
                      tmp_path / "x.safetensors", check_rc=2)
     assert result.stderr.strip().splitlines() == ["error: no mim recipe for the cnn backbone (packaged: hybrid)"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "hpm", "hpm": {"ema_decay": [0.999]}}), encoding="utf-8")
+    result = run_cli("pretrain", "--recipe", bad, "--data", tmp_path, "-o", tmp_path / "x.safetensors", check_rc=2)
+    assert result.stderr.strip().splitlines() == [
+        "error: SelfMedHPM: ema_decay must be [start, end], each in [0, 1), got [0.999]"]
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_model_finetuned_from_selfmedhpm_trains_and_segments(trained, tmp_path):

@@ -63,6 +63,8 @@ class HPM(nn.Module):
         self.hard_share = hard_share
         self.ranking_weight = ranking_weight
         self.ema_decay = tuple(float(d) for d in ema_decay)
+        if len(self.ema_decay) != 2 or not all(0.0 <= d < 1.0 for d in self.ema_decay):
+            raise UserError(f"SelfMedHPM: ema_decay must be [start, end], each in [0, 1), got {list(ema_decay)}")
         self.ema_ramp = ema_ramp
         channels = getattr(network, network.head_name).in_channels
         self.loss_predictor = nn.Sequential(nn.Linear(channels, predictor_hidden), nn.GELU(),
