@@ -73,7 +73,7 @@ def run_variant(args) -> dict:
         loss.backward()
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
-        if hasattr(method, "after_step"):
+        if hasattr(method, "after_step"):  # the teacher update's cost; its decay value does not matter here
             method.after_step(step + 1, 1000)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -70,6 +70,18 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, grid: tuple[int, int, int]
     return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, channels, gz * p, gy * p, gx * p)
 
 
+def patch_cubes(rows: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """(N, p³·C) rows of :func:`patchify` → (N, C, p, p, p): each patch as a volume of its own."""
+    p = patch_size
+    return rows.reshape(-1, p, p, p, channels).permute(0, 4, 1, 2, 3)
+
+
+def patch_means(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, D, H, W) → (B, L, C): a feature averaged over each patch, patches in row-major grid order."""
+    pooled = F.avg_pool3d(feature, patch_size) if patch_size > 1 else feature
+    return pooled.flatten(2).transpose(1, 2)
+
+
 def _regions(grid_values: torch.Tensor, region: int) -> torch.Tensor:
     """(B, gz, gy, gx) → (B, regions, region³): each region's patches, the region's own (a, b, c) order."""
     b, gz, gy, gx = grid_values.shape

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..masking import hard_patch_mask, masked_count
-from .mae import check_token_network, complete_tokens, hidden_pass, masked_token_mean, pooled_tokens, token_losses
+from ..masking import hard_patch_mask, masked_count, patch_means
+from .mae import check_token_network, complete_tokens, hidden_pass, masked_token_mean, mlp, token_losses
 
 
 def ranking_loss(predicted: torch.Tensor, actual: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -67,8 +67,7 @@ class HPM(nn.Module):
             raise UserError(f"SelfMedHPM: ema_decay must be [start, end], each in [0, 1), got {list(ema_decay)}")
         self.ema_ramp = ema_ramp
         channels = getattr(network, network.head_name).in_channels
-        self.loss_predictor = nn.Sequential(nn.Linear(channels, predictor_hidden), nn.GELU(),
-                                            nn.Linear(predictor_hidden, 1))
+        self.loss_predictor = mlp(channels, predictor_hidden, 1)
         self.teacher = copy.deepcopy(nn.ModuleDict({"network": network, "loss_predictor": self.loss_predictor}))
         self.teacher.requires_grad_(False)
 
@@ -91,7 +90,7 @@ class HPM(nn.Module):
 
     def _expected_losses(self, predictor: nn.Module, decoded: torch.Tensor) -> torch.Tensor:
         """(B, L) per-token losses a loss predictor expects from a last decoder feature."""
-        return predictor(pooled_tokens(decoded.float(), self.patch_size))[..., 0]
+        return predictor(patch_means(decoded.float(), self.patch_size))[..., 0]
 
     def forward(self, image: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor, hard: int):
         """``image`` (B, C, S, S, S), zero where ``valid`` (B, 1, ...) is 0. Returns (total loss, terms detached)."""

@@ -30,7 +30,7 @@ from monai.losses import ContrastiveLoss
 from torch import nn
 
 from ..errors import UserError
-from ..masking import complete_regions, expand_patch_mask, random_patch_mask, region_labels
+from ..masking import complete_regions, expand_patch_mask, patch_means, random_patch_mask, region_labels
 from ..networks import crop_to_box
 
 REGIONS_PER_AXIS = 3  # 27 region tokens per crop
@@ -90,8 +90,7 @@ class HybridMIM(nn.Module):
 
     def region_tokens(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """(B, C, ...) bottleneck → (B, 27, C): one token per region, row-major."""
-        pooled = F.avg_pool3d(bottleneck, self.token_pool) if self.token_pool > 1 else bottleneck
-        return pooled.flatten(2).transpose(1, 2)
+        return patch_means(bottleneck, self.token_pool)
 
     def forward(self, image: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, block_start) -> tuple[torch.Tensor, dict]:
         """``image`` (B, C, 96, 96, 96) in (0, 1], zero where ``valid`` (B, 1, ...) is 0 (padding).

@@ -62,9 +62,9 @@ def hidden_pass(network, image: torch.Tensor, mask: torch.Tensor | None) -> tupl
     return getattr(network, network.head_name)(decoded), decoded
 
 
-def pooled_tokens(feature: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, D, H, W) → (B, L, C): a feature averaged over each token's patch."""
-    return F.avg_pool3d(feature, patch_size).flatten(2).transpose(1, 2)
+def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    """The small heads of MiM and SelfMedHPM: linear, GELU, linear."""
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
 
 
 class TokenMaskedFill(nn.Module):

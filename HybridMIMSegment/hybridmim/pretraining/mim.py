@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..masking import masked_count, octant_token_mask, patchify, random_patch_mask
-from .mae import check_token_network, complete_tokens, hidden_pass, masked_token_mean, pooled_tokens, token_losses
+from ..masking import masked_count, octant_token_mask, patch_cubes, patch_means, patchify, random_patch_mask
+from .mae import check_token_network, complete_tokens, hidden_pass, masked_token_mean, mlp, token_losses
 
 LEVELS = ("coarse", "middle", "fine")
 ALIGNMENTS = ("align_coarse_middle", "align_middle_fine")
@@ -40,23 +40,16 @@ OFFICIAL_LOSS_WEIGHTS = {"coarse": 1.0, "middle": 1.0, "fine": 1.0, "align_coars
 def octant_volumes(volume: torch.Tensor, octants: torch.Tensor) -> torch.Tensor:
     """(B, C, 2S, 2S, 2S) and (B, 2, 2, 2) booleans → (N, C, S, S, S): the chosen octants at native
     resolution, crop by crop, each crop's in row-major octant order."""
-    b, c, size = volume.shape[0], volume.shape[1], volume.shape[2] // 2
-    blocks = volume.reshape(b, c, 2, size, 2, size, 2, size).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    return blocks.reshape(b, 8, c, size, size, size)[octants.flatten(1)]
+    size = volume.shape[2] // 2
+    return patch_cubes(patchify(volume, size)[octants.flatten(1)], size, volume.shape[1])
 
 
 def patch_volumes(volumes: torch.Tensor, tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(N, C, S, S, S) and (N, k) token indices → (N·k, C, S, S, S): those patches upsampled to the volume size."""
-    n, c, size = volumes.shape[0], volumes.shape[1], volumes.shape[2]
     patches = patchify(volumes, patch_size)
-    picked = patches.gather(1, tokens[..., None].expand(-1, -1, patches.shape[-1]))
-    p = patch_size
-    cubes = picked.reshape(n * tokens.shape[1], p, p, p, c).permute(0, 4, 1, 2, 3)
-    return F.interpolate(cubes, size=(size,) * 3, mode="trilinear", align_corners=False)
-
-
-def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+    picked = patches.gather(1, tokens[..., None].expand(-1, -1, patches.shape[-1])).flatten(0, 1)
+    cubes = patch_cubes(picked, patch_size, volumes.shape[1])
+    return F.interpolate(cubes, size=volumes.shape[2:], mode="trilinear", align_corners=False)
 
 
 class MiM(nn.Module):
@@ -93,12 +86,12 @@ class MiM(nn.Module):
         self.fine_per_volume = fine_per_volume
         # A crop makes 1 + 4 + 16 volumes for one graph: with ``recompute`` = n, the network's
         # activations are kept for n volumes at a time and recomputed in the backward pass
-        # (about a third more compute for a fraction of the memory).
+        # (one more forward pass of each volume for a fraction of the memory).
         self.recompute = recompute
         self.loss_weights = {**OFFICIAL_LOSS_WEIGHTS, **(loss_weights or {})}
         channels = getattr(network, network.head_name).in_channels
-        self.projector = _mlp(channels, hidden_dim, projection_dim)
-        self.predictor = _mlp(projection_dim, hidden_dim, projection_dim)
+        self.projector = mlp(channels, hidden_dim, projection_dim)
+        self.predictor = mlp(projection_dim, hidden_dim, projection_dim)
 
     def settings(self) -> dict:
         """What a checkpoint records (``reconstruct`` reads patch size, mask ratio and masking)."""
@@ -134,9 +127,9 @@ class MiM(nn.Module):
 
     def alignment(self, decoded: dict, octants: torch.Tensor, fine_tokens: torch.Tensor) -> dict:
         """The two cross-level terms from each level's last decoder feature (B·, C, S, S, S)."""
-        coarse_octants = F.adaptive_avg_pool3d(decoded["coarse"].float(), 2).flatten(2).transpose(1, 2)
+        coarse_octants = patch_means(decoded["coarse"].float(), self.volume_size // 2)
         middle_parents = coarse_octants[octants.to(coarse_octants.device).flatten(1)]
-        middle_tokens = pooled_tokens(decoded["middle"].float(), self.patch_size)
+        middle_tokens = patch_means(decoded["middle"].float(), self.patch_size)
         index = fine_tokens.to(middle_tokens.device)[..., None].expand(-1, -1, middle_tokens.shape[-1])
         fine_parents = middle_tokens.gather(1, index).flatten(0, 1)
         return {"align_coarse_middle": self._byol(decoded["middle"], middle_parents),
