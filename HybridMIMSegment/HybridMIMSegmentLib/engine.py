@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def kill_tree(pid: int) -> None:
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(processes, timeout=5)
+        _wait_until_dead(psutil, processes, timeout=5)
     elif os.name == "nt":
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True)
     else:
@@ -135,6 +136,20 @@ def kill_tree(pid: int) -> None:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _wait_until_dead(psutil, processes, timeout: float) -> None:
+    """Wait until each process is gone or a zombie. A killed grandchild stays a zombie until init reaps
+    it, which can take seconds (psutil.wait_procs would wait for that); a zombie runs no more code."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        while time.monotonic() < deadline:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
 
 
 def run_to_end(arguments: list[str], python: str | None = None, on_event=None) -> EngineResult:
