@@ -60,6 +60,22 @@ def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.fixture
+def refused(capsys):
+    """``refused(*args, message=...)``: the CLI, run in this process (no torch import to wait for), exits
+    with code 2 and one line on stderr that holds ``message``; returns that line."""
+    from hybridmim.cli import main
+
+    def check(*args, message: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+        return lines[0]
+    return check
+
+
 @pytest.fixture(scope="session")
 def scans(tmp_path_factory) -> Path:
     """Two real CTs, cropped: a chest (lung tumour) and an abdomen, as a folder of image files."""

@@ -79,25 +79,21 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert marker.exists()
 
 
-def test_other_files_are_refused_with_one_line(tmp_path):
+def test_other_files_are_refused_with_one_line(tmp_path, refused):
     unet = tmp_path / "unet.pt"
     torch.save(build_network({"name": "unet", "in_channels": 1, "out_channels": 1, "features": [4, 8]}).state_dict(), unet)
-    result = run_cli("convert", unet, "-o", tmp_path / "a.safetensors", check_rc=2)
-    assert "not an official HybridMIM SwinUNETR checkpoint" in result.stderr
+    refused("convert", unet, "-o", tmp_path / "a.safetensors", message="not an official HybridMIM SwinUNETR checkpoint")
 
     segmentation = tmp_path / "seg.pt"
     torch.save(build_network({**TINY_SWIN, "out_channels": 14}).state_dict(), segmentation)
-    result = run_cli("convert", segmentation, "-o", tmp_path / "b.safetensors", check_rc=2)
-    assert "not a pre-training (reconstruction) checkpoint" in result.stderr
+    refused("convert", segmentation, "-o", tmp_path / "b.safetensors",
+            message="not a pre-training (reconstruction) checkpoint")
 
     partial = {k: v for k, v in official_state().items() if "decoder1." not in k}
     torch.save(partial, tmp_path / "partial.pt")
-    result = run_cli("convert", tmp_path / "partial.pt", "-o", tmp_path / "c.safetensors", check_rc=2)
-    assert "SwinUNETR weights missing" in result.stderr
+    refused("convert", tmp_path / "partial.pt", "-o", tmp_path / "c.safetensors", message="SwinUNETR weights missing")
 
     (tmp_path / "text.pt").write_text("hello")
-    result = run_cli("convert", tmp_path / "text.pt", "-o", tmp_path / "d.safetensors", check_rc=2)
-    assert "not a readable PyTorch checkpoint" in result.stderr
-    result = run_cli("convert", tmp_path / "missing.pt", "-o", tmp_path / "e.safetensors", check_rc=2)
-    assert "no such file" in result.stderr
+    refused("convert", tmp_path / "text.pt", "-o", tmp_path / "d.safetensors", message="not a readable PyTorch checkpoint")
+    refused("convert", tmp_path / "missing.pt", "-o", tmp_path / "e.safetensors", message="no such file")
     assert not list(tmp_path.glob("*.safetensors"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -288,17 +289,8 @@ def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, 
     assert np.abs(decoded - exact).max() <= (high - low) / 255.0 / 2 + 1e-6
 
 
-def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterrupted, tmp_path, capsys):
-    from hybridmim.cli import main
-
-    def refused(*args, message):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            main(["pretrain", *map(str, args)])
-        stderr = capsys.readouterr().err
-        lines = stderr.strip().splitlines()
-        assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], stderr
-
+def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterrupted, tmp_path, refused):
+    refused = functools.partial(refused, "pretrain")
     refused("--data", prepared, "-o", uninterrupted, message="already exists; pass --resume")
     refused("--data", prepared, "-o", tmp_path / "new.safetensors", "--resume", message="nothing to resume")
     refused("--data", prepared, "-o", tmp_path / "model.pt", message="a checkpoint is a .safetensors file")

@@ -329,7 +329,7 @@ def test_reconstruct_shows_a_token_masked_model(trained, scans, tmp_path):
     assert json.loads(json.dumps(done))  # the summary is plain JSON
 
 
-def test_every_packaged_and_script_recipe_builds_and_a_wrong_backbone_is_refused(tmp_path, capsys):
+def test_every_packaged_and_script_recipe_builds_and_a_wrong_backbone_is_refused(tmp_path, refused):
     from hybridmim.pretraining.trainer import check_recipe
 
     repo = Path(__file__).parents[1]
@@ -348,14 +348,12 @@ def test_every_packaged_and_script_recipe_builds_and_a_wrong_backbone_is_refused
         build_network(start.network)
         scratch_networks[path.stem] = start.network["name"]
     assert scratch_networks == {"label-efficiency-sarcoma": "unet", "label-efficiency-sarcoma-hybrid": "hybrid"}
-    result = run_cli("pretrain", "--method", "mim", "--backbone", "cnn", "--data", tmp_path, "-o",
-                     tmp_path / "x.safetensors", check_rc=2)
-    assert result.stderr.strip().splitlines() == ["error: no mim recipe for the cnn backbone (packaged: hybrid)"]
+    refused("pretrain", "--method", "mim", "--backbone", "cnn", "--data", tmp_path, "-o", tmp_path / "x.safetensors",
+            message="error: no mim recipe for the cnn backbone (packaged: hybrid)")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"method": "hpm", "hpm": {"ema_decay": [0.999]}}), encoding="utf-8")
-    result = run_cli("pretrain", "--recipe", bad, "--data", tmp_path, "-o", tmp_path / "x.safetensors", check_rc=2)
-    assert result.stderr.strip().splitlines() == [
-        "error: SelfMedHPM: ema_decay must be [start, end], each in [0, 1), got [0.999]"]
+    refused("pretrain", "--recipe", bad, "--data", tmp_path, "-o", tmp_path / "x.safetensors",
+            message="error: SelfMedHPM: ema_decay must be [start, end], each in [0, 1), got [0.999]")
     assert not (tmp_path / "x.safetensors").exists()
 
 
