@@ -3,6 +3,7 @@ never a crash, a wrong geometry or a lost file. Every scan is derived from ../sh
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,11 +15,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import REPO, data_file, run_cli
+from conftest import DEFAULT_MODEL, REPO, data_file, run_cli
+from hybridmim.checkpoint import read_metadata
 from hybridmim.atomic import output_lock
 from hybridmim.errors import UserError
 from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, window_plans
-from hybridmim.memory import BASE_BYTES, GIB, segment_bytes
+from hybridmim.memory import BASE_BYTES, GIB, ScanHeader, segment_bytes, window_bytes
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.scancheck import finite_volume, warn_if_unlike_modality
@@ -138,14 +140,41 @@ def test_an_absurdly_large_volume_is_refused_from_its_header(tmp_path):
     assert time.time() - started < 60
 
 
-def test_the_memory_estimate_grows_with_the_voxels_and_the_classes():
-    small = segment_bytes((100, 100, 100), (1.5, 1.5, 2.0), 1, 14, (1.5, 1.5, 2.0)) - BASE_BYTES
-    assert segment_bytes((200, 200, 200), (1.5, 1.5, 2.0), 1, 14, (1.5, 1.5, 2.0)) - BASE_BYTES == 8 * small
-    # the model grid counts: the same scan at half the spacing of the model grid needs more
-    assert segment_bytes((100, 100, 100), (3.0, 3.0, 4.0), 1, 14, (1.5, 1.5, 2.0)) - BASE_BYTES > 4 * small
-    assert segment_bytes((100, 100, 100), (1.5, 1.5, 2.0), 1, 28, (1.5, 1.5, 2.0)) - BASE_BYTES > small
+def test_the_memory_estimate_grows_with_the_voxels_the_classes_and_the_window():
+    meta = read_metadata(DEFAULT_MODEL)  # 3 mm grid, 64³ windows
+
+    def estimate(size=(100, 100, 100), spacing=(3.0, 3.0, 3.0), voxel_bytes=2, **changes):
+        return segment_bytes(ScanHeader(size, spacing, voxel_bytes), 1, dataclasses.replace(meta, **changes))
+
+    fixed = BASE_BYTES + window_bytes(meta.network, meta.roi_size)
+    small = estimate() - fixed
+    assert estimate(size=(200, 200, 200)) - fixed == 8 * small
+    assert estimate(spacing=(6.0, 6.0, 6.0)) - fixed > 4 * small  # the model grid counts: finer than the scan
+    assert estimate(voxel_bytes=4) > estimate()  # a float32 scan is held as read
+    assert estimate(network={**meta.network, "out_channels": 28}) > estimate()
+    assert estimate(roi_size=(96, 96, 96)) > estimate() + 100 * 2**20  # activations of a larger window
     # a 512 x 512 x 300 CT at 0.8 mm onto a 1.5 mm grid, 14 classes: a few GiB, not tens
-    assert 1 * GIB < segment_bytes((512, 512, 300), (0.8, 0.8, 1.0), 1, 14, (1.5, 1.5, 2.0)) < 6 * GIB
+    assert 1 * GIB < estimate((512, 512, 300), (0.8, 0.8, 1.0), preprocessing=dataclasses.replace(
+        meta.preprocessing, spacing=(1.5, 1.5, 2.0))) < 6 * GIB
+
+
+def test_the_memory_estimate_bounds_a_real_run_on_a_large_ct_closely(tmp_path):
+    """ct_a resampled to 512 x 512 x 400 (int16, as the inference benchmark's largest case), segmented for
+    real: its peak resident memory lies under the estimate, and not far under."""
+    source = sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))
+    size = (512, 512, 400)
+    spacing = [n * s / m for n, s, m in zip(source.GetSize(), source.GetSpacing(), size)]
+    large = tmp_path / "large.nii"  # uncompressed: written in a second
+    sitk.WriteImage(sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, source.GetOrigin(), spacing,
+                                  source.GetDirection(), -1024.0, sitk.sitkInt16), str(large))
+    code = ("import resource, sys\nfrom hybridmim.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+            "    print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    result = subprocess.run([sys.executable, "-c", code, "segment", str(large), "-o", str(tmp_path / "seg.nii.gz"),
+                             "--device", "cpu", "--progress", "quiet"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    peak = int(result.stdout.split("peak")[-1])
+    estimated = segment_bytes(ScanHeader(size, tuple(spacing), 2), 1, read_metadata(DEFAULT_MODEL))
+    assert peak < estimated < 1.4 * peak, (peak / GIB, estimated / GIB)
 
 
 def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_block(small_ct, tmp_path):

@@ -158,14 +158,13 @@ class BackgroundRead:
 def start_reading(paths, meta, reporter) -> BackgroundRead:
     """Stage "read": refuse, from its header, a scan too large for this machine's memory, then
     start reading the channels in the background."""
-    from .memory import check_fits, header_size, segment_bytes
+    from .memory import check_fits, scan_header, segment_bytes
 
     reporter.stage("read")
-    header = header_size(paths[0])
-    if header is not None:
-        size, spacing = header
-        needed = segment_bytes(size, spacing, len(paths), int(meta.network["out_channels"]), meta.preprocessing.spacing)
-        check_fits(needed, f"{Path(paths[0]).name} ({' x '.join(map(str, size))} voxels)")
+    scan = scan_header(paths[0])
+    if scan is not None:
+        voxels = " x ".join(map(str, scan.size))
+        check_fits(segment_bytes(scan, len(paths), meta), f"{Path(paths[0]).name} ({voxels} voxels)")
     return BackgroundRead(paths)
 
 
