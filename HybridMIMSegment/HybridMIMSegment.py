@@ -286,7 +286,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             folder = self.ui.trainingFolderPathLineEdit.currentPath
             init = self.ui.baseModelComboBox.currentData
             command, output, resume = self.logic.finetuneCommands(pairs, folder, init, self.ui.epochsSpinBox.value,
-                                                                  self.ui.deviceComboBox.currentData)
+                                                                  self.ui.deviceComboBox.currentData,
+                                                                  self.ui.timeLimitSpinBox.value or None)
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error))
             return
@@ -522,7 +523,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             composite.SetLinkedControl(True)
         slicer.util.resetSliceViews()
 
-    def finetuneCommands(self, pairs, folder, init, epochs, device):
+    def finetuneCommands(self, pairs, folder, init, epochs, device, max_minutes=None):
         """(start command, output checkpoint, resume command) for the scene's pairs and/or a case folder."""
         if not pairs and not folder:
             raise RuntimeError("Add at least one volume + corrected segmentation pair, or choose a case folder.")
@@ -534,7 +535,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         if folder:
             data.append(folder)
         output = os.path.join(self.userFolder(), "models", time.strftime("finetuned-%Y%m%d-%H%M%S.safetensors"))
-        return (finetune_command(init, data, output, epochs, labels, device=device), output,
+        return (finetune_command(init, data, output, epochs, labels, device=device, max_minutes=max_minutes), output,
                 finetune_command(init, data, output, device=device, resume=True))
 
     @staticmethod

@@ -114,7 +114,8 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
         segment_command(["flair.nii.gz", "t1c.nii.gz"], "out.seg.nrrd", model="brain-tumor-mr", device="cuda"),
         reconstruct_command(["ct.nii.gz"], "recon", mask_ratio=0.6, seed=3, device="cpu"),
         reconstruct_command(["ct.nii.gz"], "recon", model="ct-hybridmim-cnn"),
-        finetune_command("abdomen-ct", ["cases"], "mine.safetensors", epochs=5, labels="labels.json", val=["val"]),
+        finetune_command("abdomen-ct", ["cases"], "mine.safetensors", epochs=5, labels="labels.json", val=["val"],
+                         max_minutes=30),
         finetune_command("abdomen-ct", ["cases"], "mine.safetensors", resume=True),
         convert_command("official.pt", "converted.safetensors"),
     ]
@@ -123,6 +124,7 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
         assert args.command == command[0] and args.progress == "json"
     assert parser.parse_args(reconstruct_command(["ct.nii.gz"], "r", mask_ratio=0.6)).mask_ratio == 0.6
     assert parser.parse_args(finetune_command("x", ["d"], "o.safetensors", resume=True)).resume
+    assert parser.parse_args(finetune_command("x", ["d"], "o.safetensors", max_minutes=7.5)).max_minutes == 7.5
     with pytest.raises(ValueError, match="device"):
         segment_command(["ct.nii.gz"], "o.nii.gz", device="gpu")
 

@@ -30,8 +30,10 @@ def reconstruct_command(inputs: list[str], output_dir: str, model: str | None = 
 
 
 def finetune_command(init: str, data: list[str], output: str, epochs: int | None = None, labels: str | None = None,
-                     val: list[str] | None = None, device: str = "auto", resume: bool = False) -> list[str]:
-    """Fine-tune from ``init`` on case folders ``data``; ``resume`` continues the run that wrote ``output``."""
+                     val: list[str] | None = None, device: str = "auto", resume: bool = False,
+                     max_minutes: float | None = None) -> list[str]:
+    """Fine-tune from ``init`` on case folders ``data`` (at most ``epochs``, and only those that fit in
+    ``max_minutes``); ``resume`` continues the run that wrote ``output``."""
     if not data:
         raise ValueError("fine-tuning needs at least one training folder")
     command = ["finetune", "--init", init, "--data", *data, "-o", output, *_device(device)]
@@ -41,6 +43,8 @@ def finetune_command(init: str, data: list[str], output: str, epochs: int | None
         return command + ["--resume"]
     if epochs is not None:
         command += ["--epochs", str(int(epochs))]
+    if max_minutes is not None:
+        command += ["--max-minutes", f"{max_minutes:g}"]
     if labels:
         command += ["--labels", labels]
     return command

@@ -127,7 +127,7 @@ def _cmd_finetune(args, reporter: Reporter) -> None:
 
     outputs = run_finetune(args.init, args.data, args.output, reporter, args.val, args.val_fraction, args.labels,
                            args.epochs, args.recipe, args.resume, args.overwrite, args.cache, args.device,
-                           args.prepare_only, args.exclude)
+                           args.prepare_only, args.exclude, args.max_minutes)
     if args.prepare_only:
         if reporter.mode == "tqdm":
             print(f"prepared {outputs['volumes']} cases into {outputs['folder']}", file=sys.stderr)
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--labels", metavar="FILE", help="JSON list of the labels: value, name, colour, terminology "
                                                       "(default: the recipe's, else the init model's)")
     fin.add_argument("--epochs", type=int, help="maximum epochs (overrides the recipe)")
+    fin.add_argument("--max-minutes", type=float, metavar="M",
+                     help="time limit for training: the first epoch is timed and the run keeps the epochs that fit")
     fin.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over Resources/Recipes/finetune.json")
     _add_training_run_options(fin, "prepare --data into --cache for this init model and labels, and stop; that "
                                    "folder can then be given as --data or --val")

@@ -11,7 +11,9 @@ Per step: crops 1.25 × the window, centred on a labelled voxel or anywhere in
 the body at the recipe's ratio, rotated/scaled down to the window and
 intensity-augmented (MONAI), DiceCE loss. Per epoch: sliding-window Dice on
 every validation case on the model grid; the best epoch is the model (``-o``),
-written atomically; no improvement for ``patience`` epochs stops the run. The
+written atomically; no improvement for ``patience`` epochs stops the run. With
+``max_minutes`` the first epoch is timed and the run shortened to the epochs
+that fit (the learning-rate schedule then ends on the new last step). The
 resume state (``*.resume.pt``) is written every epoch and on SIGTERM/Ctrl-C,
 and ``--resume`` continues with the batches the uninterrupted run would have
 drawn (training.runstate).
@@ -68,6 +70,7 @@ class FinetuneSchedule:
     half_precision: bool = True
     window: list | None = None  # training crop [z, y, x] (default: the model's inference window); smaller is
     #                             cheaper per step, and the fully convolutional network still infers on its own
+    max_minutes: float | None = None  # after the first epoch, keep only as many epochs (≤ epochs) as fit in this
 
 
     POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume", "validate_every")
@@ -223,7 +226,8 @@ def validate(network, data: PreparedData, start: Start, device, classes: int) ->
 def run_finetune(init: str, data_paths: list[str], output: str, reporter: Reporter, val_paths=None,
                  val_fraction: float | None = None, labels_file: str | None = None, epochs: int | None = None,
                  recipe_file: str | None = None, resume: bool = False, overwrite: bool = False,
-                 cache: str | None = None, device: str = "auto", prepare_only: bool = False, exclude=()) -> dict:
+                 cache: str | None = None, device: str = "auto", prepare_only: bool = False, exclude=(),
+                 max_minutes: float | None = None) -> dict:
     from ..inference import select_device
     from ..networks import build_network
 
@@ -247,6 +251,8 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
         recipe = load_recipe(recipe_file)
         if epochs is not None:
             recipe["train"] = {**recipe.get("train", {}), "epochs": int(epochs)}
+        if max_minutes is not None:
+            recipe["train"] = {**recipe.get("train", {}), "max_minutes": float(max_minutes)}
         if val_fraction is not None:
             if not 0.0 <= val_fraction < 1.0:
                 raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -255,6 +261,8 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
     if schedule.window is not None and not (isinstance(schedule.window, list) and len(schedule.window) == 3 and all(
             isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
+    if schedule.max_minutes is not None and not schedule.max_minutes > 0:
+        raise UserError(f"the time limit must be a positive number of minutes, got {schedule.max_minutes:g}")
     start = resolve_start(init, recipe, labels_file, reporter)
     classes = _classes(start)
     folder = Path(cache) if cache else cache_dir() / "prepared"
@@ -295,24 +303,27 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     from .schedule import warmup_cosine
 
     monai.data.set_track_meta(False)
-    total_steps = schedule.epochs * schedule.steps_per_epoch
     optimiser = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: warmup_cosine(s, schedule.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # reads schedule.epochs each step: a time limit may lower it
+        optimiser, lambda s: warmup_cosine(s, schedule.warmup_steps, schedule.epochs * schedule.steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and schedule.amp == "fp16")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     window = tuple(schedule.window or start.roi_size)
     augment = crop_augmentations(window, schedule.organ_contrast, schedule.axial_slabs, device)
     crop = int(np.ceil(max(window) * CROP_MARGIN))
     classes = len(start.labels)
-    run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {}}
+    run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
+           "epochs": schedule.epochs}
     if state is not None:
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        run = {k: state[k] for k in run}
-        reporter.info(f"resuming at step {run['step']} of {total_steps} (epoch {run['step'] // schedule.steps_per_epoch + 1})")
+        run = {k: state.get(k, fresh) for k, fresh in run.items()}  # states from before time limits lack "epochs"
+        schedule.epochs = run["epochs"]
+        reporter.info(f"resuming at step {run['step']} of {schedule.epochs * schedule.steps_per_epoch} "
+                      f"(epoch {run['step'] // schedule.steps_per_epoch + 1})")
+    total_steps = schedule.epochs * schedule.steps_per_epoch
     network.train()
     started = time.time()
 
@@ -354,6 +365,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             run["losses"].append(float(loss.detach()))
             reporter.progress(run["step"], total_steps)
             if run["step"] % schedule.steps_per_epoch == 0:
+                if run["step"] == schedule.steps_per_epoch and schedule.max_minutes:
+                    total_steps = _fit_epochs_in_time(run, schedule, elapsed(), reporter)
                 early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
                                    output, recipe, train_data, reporter)
                 save_state()
@@ -370,6 +383,17 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                       f"{run['step'] // schedule.steps_per_epoch}, best epoch {run['best_epoch']}")
     reporter.done(outputs)
     return outputs
+
+
+def _fit_epochs_in_time(run: dict, schedule: FinetuneSchedule, first_epoch_seconds: float, reporter: Reporter) -> int:
+    """Lower the run's epochs to those that fit in ``max_minutes`` at the first epoch's pace (its
+    validation not yet counted: the first validation, before training, stands in for it); the new total steps."""
+    fit = max(1, int(schedule.max_minutes * 60 // first_epoch_seconds))
+    if fit < schedule.epochs:
+        reporter.info(f"the first epoch took {first_epoch_seconds:.1f} s: {fit} of {schedule.epochs} epochs fit "
+                      f"in {schedule.max_minutes:g} minutes")
+        schedule.epochs = run["epochs"] = fit
+    return schedule.epochs * schedule.steps_per_epoch
 
 
 def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
