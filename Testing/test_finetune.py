@@ -163,6 +163,19 @@ def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folde
     _assert_same_run(output, uninterrupted)
 
 
+def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_path):
+    output = tmp_path / "run.safetensors"
+    process = _start(folders, output)
+    for line in process.stdout:
+        if parse_event(line) == {"event": "stage", "name": "validate"}:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    state = runstate.load_resume_state(output, "finetune")
+    assert state["step"] == 0 and [h["epoch"] for h in state["history"]] == [0]  # its validation finished
+
+
 def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
     """No chance to save: the run resumes from the last epoch's state, and no file is left half-written."""
     output = tmp_path / "run.safetensors"

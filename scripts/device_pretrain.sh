@@ -6,16 +6,13 @@
 #   next calls:  [METHOD=…] scripts/device_pretrain.sh resume SECONDS
 # Outputs (model, curve, logs, benchmark) go to $OUT; the resume state stays in runs/ on the machine.
 set -uo pipefail
-OUT=${OUT:-runs/ct/out}; mkdir -p "$OUT"
 mode=$1; budget=$2
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/HybridMIMSegment PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/_device.sh"
 METHOD=${METHOD:-hybridmim}
 backbone=$([ "$METHOD" = hybridmim ] && echo cnn || echo hybrid)
 RUN=runs/ct/ct-$METHOD-$backbone.safetensors
 RECIPE=scripts/recipes/pretrain-$METHOD-$backbone-ct.json
 crops=$(python3 -c "import json; t=json.load(open('$RECIPE'))['train']; print(t['volumes_per_step'] * t['crops_per_volume'])")
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$mode" = start ]; then
   python3 scripts/bench_pretrain_step.py --data .devdata/ct --batch 2 --steps 10 --warmup 3 -o "$OUT/bench_gpu_batch2.json"
   if [ "$METHOD" = hybridmim ]; then which=(--backbones cnn --methods); else which=(--backbones --methods "$METHOD"); fi

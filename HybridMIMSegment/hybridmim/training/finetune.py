@@ -337,15 +337,15 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                         "network": network.state_dict(), "optimizer": optimiser.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
 
-    if state is None and val_data is not None:
-        reporter.stage("validate")
-        before = validate(network, val_data, start, device, classes)
-        run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
-        reporter.metric(epoch=0, dice=before["dice"])
-
-    reporter.stage("fine-tune")
     stopped, early = False, False
     with StopRequest() as stop:
+        if state is None and val_data is not None:
+            reporter.stage("validate")
+            before = validate(network, val_data, start, device, classes)
+            run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
+            reporter.metric(epoch=0, dice=before["dice"])
+            stopped = stop.requested
+        reporter.stage("fine-tune")
         while run["step"] < total_steps and not (stopped or early):
             step = run["step"]
             rng, _ = step_generators(schedule.seed, 0, step, 0)
@@ -371,8 +371,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                                    output, recipe, train_data, reporter)
                 save_state()
             stopped = stop.requested
-    if stopped and run["step"] % schedule.steps_per_epoch:
-        save_state()  # mid-epoch: the epoch's losses so far travel in the state
+    if stopped and (run["step"] % schedule.steps_per_epoch or run["step"] == 0):
+        save_state()  # mid-epoch (the epoch's losses so far travel in the state), or before the first step
     outputs = {"checkpoint": str(output), "resume_state": str(state_path(output)), "curve": str(curve_path(output)),
                "step": run["step"], "steps": total_steps, "best_dice": run["best"] if val_data is not None else None,
                "best_epoch": run["best_epoch"], "stopped": stopped, "stopped_early": early}
