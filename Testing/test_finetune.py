@@ -37,18 +37,38 @@ TINY = {
 }
 
 
+def _around_the_tumour(case: Path, target: Path, margin_mm: float = 15.0) -> None:
+    """The case cut to its tumour's box and a margin: validation then needs a few windows, not sixteen."""
+    target.mkdir()
+    image, label = (sitk.ReadImage(str(case / name)) for name in ("image.nii.gz", "label.nii.gz"))
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(sitk.Cast(label > 0, sitk.sitkUInt8))
+    box = shape.GetBoundingBox(1)
+    cut = tuple(slice(max(0, box[i] - round(margin_mm / image.GetSpacing()[i])),
+                      min(image.GetSize()[i], box[i] + box[i + 3] + round(margin_mm / image.GetSpacing()[i])))
+                for i in range(3))
+    sitk.WriteImage(image[cut], str(target / "image.nii.gz"))
+    sitk.WriteImage(label[cut], str(target / "label.nii.gz"))
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    """Dataset folders (case folders with image.nii.gz and label.nii.gz) linking the real sarcoma cases."""
+    """Dataset folders (case folders with image.nii.gz and label.nii.gz): the real sarcoma cases, the
+    validation ones cut to their tumour."""
     root = tmp_path_factory.mktemp("sarcoma")
     for split, cases in {"train": (1, 2, 3, 4), "val": (36, 37)}.items():
         (root / split).mkdir()
         for number in cases:
-            (root / split / f"STS_{number:03d}").symlink_to(data_file(f"sarcoma_ct/STS_{number:03d}"))
+            source = data_file(f"sarcoma_ct/STS_{number:03d}")
+            if split == "train":
+                (root / split / source.name).symlink_to(source)
+            else:
+                _around_the_tumour(source, root / split / source.name)
     recipe = root / "tiny.json"
     recipe.write_text(json.dumps(TINY), encoding="utf-8")
-    short = root / "short.json"  # for the interrupted runs: 3 epochs of 6 steps
-    short.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 3, "steps_per_epoch": 6}}), encoding="utf-8")
+    short = root / "short.json"  # for the interrupted runs: 3 epochs of 6 steps, validated at 0, 2 and 3
+    short.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 3, "steps_per_epoch": 6,
+                                                   "validate_every": 2}}), encoding="utf-8")
     return {"train": root / "train", "val": root / "val", "recipe": recipe, "short": short, "cache": root / "cache"}
 
 
@@ -188,25 +208,25 @@ def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(fol
 
 
 def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too(folders, tmp_path):
-    recipe = tmp_path / "long.json"  # 30 epochs of 6 steps: far more than half a minute on any CPU
-    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 30, "steps_per_epoch": 6}}))
+    recipe = tmp_path / "long.json"  # 30 epochs of 3 steps: far more than a quarter of a minute on any CPU
+    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 30, "steps_per_epoch": 3}}))
     output = tmp_path / "timed.safetensors"
-    process, events = _start_and_signal_at(folders, output, 8, signal.SIGTERM, "--max-minutes", "0.5",
+    process, events = _start_and_signal_at(folders, output, 4, signal.SIGTERM, "--max-minutes", "0.25",
                                            recipe=recipe)
     assert process.wait(timeout=120) == 0, process.stderr.read()
-    sized = [re.fullmatch(r"the first epoch took ([0-9.]+) s: ([0-9]+) of 30 epochs fit in 0.5 minutes", e["text"])
+    sized = [re.fullmatch(r"the first epoch took ([0-9.]+) s: ([0-9]+) of 30 epochs fit in 0.25 minutes", e["text"])
              for e in events if e["event"] == "message"]
     assert sum(map(bool, sized)) == 1, [e for e in events if e["event"] == "message"]
     seconds, epochs = next((float(m[1]), int(m[2])) for m in sized if m)
-    assert 30 // (seconds + 0.05) <= epochs <= 30 // (seconds - 0.05)
-    assert 2 <= epochs < 30  # and so the SIGTERM at step 8 came after the sizing
+    assert 15 // (seconds + 0.05) <= epochs <= 15 // (seconds - 0.05)
+    assert 2 <= epochs < 30  # and so the SIGTERM at step 4 came after the sizing
 
     _resume(folders, output)  # the resumed run keeps the sized run's epochs and schedule
     final = runstate.load_resume_state(output, "finetune")
-    assert final["step"] == 6 * epochs and final["epochs"] == epochs
+    assert final["step"] == 3 * epochs and final["epochs"] == epochs
     assert [h["epoch"] for h in final["history"]] == list(range(epochs + 1))
     assert final["history"][-1]["lr"] == 0.0  # the cosine ended on the new last step
-    assert final["elapsed"] < 60
+    assert final["elapsed"] < 30
 
 
 def test_a_resume_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
@@ -248,7 +268,7 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
     refused("--init", "scratch", "--data", folders["train"], "--recipe", tmp_path / "window.json", "-o", out,
             message="'train.window' must be three multiples of 16")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
-            "--max-minutes", "0", message="the time limit must be a positive number of minutes, got 0")
+            "--max-minutes", "0", message="the time limit must be a positive number of minutes, got 0.0")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "--prepare-only",
             message="--prepare-only needs --cache")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "--exclude", "STS_099",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -124,8 +123,9 @@ def child(args) -> None:
     clock = _Clock(args.started)
     clock.stage("python started")
     (run_ours if args.pipeline == "ours" else run_monai)(args.image, args.output, args.model, args.device, clock)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"stages": clock.stages, "first_window_s": clock.first_window, "peak_rss_bytes": peak}))
+    from hybridmim.memory import peak_rss_bytes
+
+    print(json.dumps({"stages": clock.stages, "first_window_s": clock.first_window, "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def measure(pipeline: str, image: Path, output: Path, model: str, device: str, cache: Path) -> dict:

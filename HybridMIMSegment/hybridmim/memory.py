@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,21 @@ def segment_bytes(scan: ScanHeader, channels: int, meta) -> int:
     on_input = math.prod(scan.size) * (channels * scan.voxel_bytes + 2)
     on_model = model_voxels * (channels * 8 + (classes + 1) * 4 + 9)
     return BASE_BYTES + window_bytes(meta.network, meta.roi_size) + on_input + on_model
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from /proc (VmHWM): ``ru_maxrss`` of a child
+    process also counts its parent's memory at the fork, so it overstates a child started by a big parent."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX (this is for benchmarks and tests, not for Windows)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def check_fits(needed: int, what: str) -> None:

@@ -70,7 +70,7 @@ class FinetuneSchedule:
     half_precision: bool = True
     window: list | None = None  # training crop [z, y, x] (default: the model's inference window); smaller is
     #                             cheaper per step, and the fully convolutional network still infers on its own
-    max_minutes: float | None = None  # after the first epoch, keep only as many epochs (≤ epochs) as fit in this
+    max_minutes: float | None = None  # time limit: after the first epoch, keep only the epochs (≤ epochs) that fit
 
 
     POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume", "validate_every")
@@ -261,8 +261,9 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
     if schedule.window is not None and not (isinstance(schedule.window, list) and len(schedule.window) == 3 and all(
             isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
-    if schedule.max_minutes is not None and not schedule.max_minutes > 0:
-        raise UserError(f"the time limit must be a positive number of minutes, got {schedule.max_minutes:g}")
+    limit = schedule.max_minutes
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        raise UserError(f"the time limit must be a positive number of minutes, got {limit!r}")
     start = resolve_start(init, recipe, labels_file, reporter)
     classes = _classes(start)
     folder = Path(cache) if cache else cache_dir() / "prepared"
