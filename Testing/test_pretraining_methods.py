@@ -203,15 +203,21 @@ def test_ema_teacher_follows_the_student_on_its_schedule():
     assert not any(p.requires_grad for p in hpm.teacher.parameters())
 
 
+@pytest.mark.parametrize("bfloat16", [False, True])
 @pytest.mark.parametrize("method", ["mim", "hpm"])
-def test_every_trainable_parameter_gets_a_gradient(ct_crop, method):
-    """What DDP needs: a parameter that never gets a gradient stalls every multi-GPU run."""
+def test_every_trainable_parameter_gets_a_finite_gradient(ct_crop, method, bfloat16):
+    """What DDP needs: a parameter that never gets a gradient stalls every multi-GPU run. Also under
+    bfloat16 autocast, the GPU recipes' setting: the CPU's autocast finds dtype clashes without a GPU."""
     model = tiny_method(method)
     image = ct_crop if method == "mim" else ct_crop[..., :32, :32, :32]
-    image = image.expand(2, -1, -1, -1, -1)
-    loss, _ = model(image, torch.ones_like(image), **model.sample(2, torch.Generator().manual_seed(0)))
+    batch = 1 if bfloat16 else 2  # bfloat16 is emulated, and slow, on CPUs without it
+    image = image.expand(batch, -1, -1, -1, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        loss, _ = model(image, torch.ones_like(image), **model.sample(batch, torch.Generator().manual_seed(0)))
     loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()] == []
 
 
 def test_mim_recompute_gives_the_same_loss_and_gradients(ct_crop):
