@@ -127,24 +127,24 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new():
     assert torch.equal(network.state_dict()["head.weight"], load_file(str(DEFAULT_MODEL))["head.weight"].float())
 
 
-def _start(folders, output, *extra, recipe=None) -> subprocess.Popen:
+def _start(folders, output, *extra) -> subprocess.Popen:
     command = [sys.executable, "-m", "hybridmim", "finetune", "--init", "scratch", "--data", str(folders["train"]),
-               "--val", str(folders["val"]), "--recipe", str(recipe or folders["short"]),
-               "--cache", str(folders["cache"]), "-o", str(output), "--device", "cpu", "--progress", "json", *extra]
+               "--val", str(folders["val"]), "--recipe", str(folders["short"]), "--cache", str(folders["cache"]),
+               "-o", str(output), "--device", "cpu", "--progress", "json", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
                             errors="replace", cwd=REPO)
 
 
-def _start_and_signal_at(folders, output, step: int, signal_number, *extra, recipe=None):
-    """A run sent ``signal_number`` once it reports fine-tuning step ``step``: (process, its events to the end)."""
-    process = _start(folders, output, *extra, recipe=recipe)
-    events = []
+def _start_and_signal_at(folders, output, step: int, signal_number) -> subprocess.Popen:
+    """A run sent ``signal_number`` once it reports fine-tuning step ``step``; its stdout read to the end."""
+    process = _start(folders, output)
     for line in process.stdout:
-        events.append(parse_event(line))
-        if events[-1] and events[-1]["event"] == "progress" and events[-1]["stage"] == "fine-tune" \
-                and events[-1]["done"] == step:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == step:
             process.send_signal(signal_number)
-    return process, [e for e in events if e]
+            break
+    process.stdout.read()
+    return process
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def _assert_same_run(output: Path, reference: Path) -> None:
 
 def test_stop_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
     output = tmp_path / "run.safetensors"
-    process, _ = _start_and_signal_at(folders, output, 8, signal.SIGTERM)
+    process = _start_and_signal_at(folders, output, 8, signal.SIGTERM)
     assert process.wait(timeout=120) == 0, process.stderr.read()
     stopped = runstate.load_resume_state(output, "finetune")
     assert 8 <= stopped["step"] < 18 and stopped["step"] % 6  # stopped inside an epoch
@@ -199,7 +199,7 @@ def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_
 def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):
     """No chance to save: the run resumes from the last epoch's state, and no file is left half-written."""
     output = tmp_path / "run.safetensors"
-    _start_and_signal_at(folders, output, 15, signal.SIGKILL)[0].wait(timeout=60)
+    _start_and_signal_at(folders, output, 15, signal.SIGKILL).wait(timeout=60)
     state = runstate.load_resume_state(output, "finetune")
     assert state["step"] == 12  # the end of epoch 2
     assert load_file(str(output)).keys()  # the best checkpoint so far is whole
@@ -210,23 +210,26 @@ def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(fol
 def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too(folders, tmp_path):
     recipe = tmp_path / "long.json"  # 30 epochs of 3 steps: far more than a quarter of a minute on any CPU
     recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 30, "steps_per_epoch": 3}}))
-    output = tmp_path / "timed.safetensors"
-    process, events = _start_and_signal_at(folders, output, 4, signal.SIGTERM, "--max-minutes", "0.25",
-                                           recipe=recipe)
-    assert process.wait(timeout=120) == 0, process.stderr.read()
-    sized = [re.fullmatch(r"the first epoch took ([0-9.]+) s: ([0-9]+) of 30 epochs fit in 0.25 minutes", e["text"])
-             for e in events if e["event"] == "message"]
-    assert sum(map(bool, sized)) == 1, [e for e in events if e["event"] == "message"]
+    output, stream = tmp_path / "timed.safetensors", io.StringIO()
+    run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream),
+                 val_paths=[str(folders["val"])], recipe_file=str(recipe), cache=str(folders["cache"]), device="cpu",
+                 max_minutes=0.25)
+    messages = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
+    sized = [re.fullmatch(r"the first epoch took ([0-9.]+) s: ([0-9]+) of 30 epochs fit in 0.25 minutes", m)
+             for m in messages]
+    assert sum(map(bool, sized)) == 1, messages
     seconds, epochs = next((float(m[1]), int(m[2])) for m in sized if m)
-    assert 15 // (seconds + 0.05) <= epochs <= 15 // (seconds - 0.05)
-    assert 2 <= epochs < 30  # and so the SIGTERM at step 4 came after the sizing
-
-    _resume(folders, output)  # the resumed run keeps the sized run's epochs and schedule
+    assert 15 // (seconds + 0.05) <= epochs <= 15 // (seconds - 0.05) and 1 <= epochs < 30
     final = runstate.load_resume_state(output, "finetune")
     assert final["step"] == 3 * epochs and final["epochs"] == epochs
     assert [h["epoch"] for h in final["history"]] == list(range(epochs + 1))
     assert final["history"][-1]["lr"] == 0.0  # the cosine ended on the new last step
     assert final["elapsed"] < 30
+
+    # Resumed, the finished run stays finished: its 30-epoch recipe does not come back.
+    resumed = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("quiet"),
+                           val_paths=[str(folders["val"])], cache=str(folders["cache"]), device="cpu", resume=True)
+    assert resumed["step"] == resumed["steps"] == 3 * epochs
 
 
 def test_a_resume_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
