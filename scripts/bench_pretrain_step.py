@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ def run_variant(args) -> dict:
     import torch
 
     from hybridmim.inference import select_device
+    from hybridmim.memory import peak_rss_bytes
     from hybridmim.preprocessing import Preprocessing
     from hybridmim.volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
     from hybridmim.pretraining.run import load_recipe
@@ -79,8 +79,7 @@ def run_variant(args) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" \
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     decoded = (VARIANTS[args.variant] * method.region_size) ** 3 if args.method == "hybridmim" else None
     return {"method": args.method, "recompute": args.recompute if args.method == "mim" else None, "backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
             "crop_size": method.crop_size, "decoded_voxels": decoded, "batch": args.batch,
