@@ -128,7 +128,7 @@ def kill_tree(pid: int) -> None:
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
-        _wait_until_dead(psutil, processes, timeout=5)
+        _wait_until_dead(processes, timeout=5)
     elif os.name == "nt":
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True)
     else:
@@ -138,9 +138,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def _wait_until_dead(psutil, processes, timeout: float) -> None:
-    """Wait until each process is gone or a zombie. A killed grandchild stays a zombie until init reaps
-    it, which can take seconds (psutil.wait_procs would wait for that); a zombie runs no more code."""
+def _wait_until_dead(processes, timeout: float) -> None:
+    """Wait until each (psutil) process is gone or a zombie. A killed grandchild stays a zombie until init
+    reaps it, which can take seconds (psutil.wait_procs would wait for that); a zombie runs no more code."""
+    import psutil
+
     deadline = time.monotonic() + timeout
     for process in processes:
         while time.monotonic() < deadline:

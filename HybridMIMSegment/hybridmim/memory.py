@@ -19,15 +19,23 @@ MIB = 2**20
 BASE_BYTES = int(0.7 * GIB)
 
 
-def available_bytes() -> int | None:
-    """Memory the OS can give this process now, or None where it cannot be told."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a Linux /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def available_bytes() -> int | None:
+    """Memory the OS can give this process now, or None where it cannot be told."""
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     if os.name == "nt":
         import ctypes
 
@@ -101,13 +109,9 @@ def segment_bytes(scan: ScanHeader, channels: int, meta) -> int:
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. On Linux from /proc (VmHWM): ``ru_maxrss`` of a child
     process also counts its parent's memory at the fork, so it overstates a child started by a big parent."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource  # POSIX (this is for benchmarks and tests, not for Windows)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
