@@ -8,11 +8,13 @@ interrupted ones resumed, so the study can be spread over several sessions or ma
 
   scripts/label_efficiency.py --train TRAIN --val VAL -o DIR [--sizes 3 10 35]
       [--inits ct-hybridmim-cnn scratch] [--recipe scripts/recipes/label-efficiency-sarcoma.json]
-      [--epochs N] [--device auto|cpu|cuda]
+      [--epochs N] [--max-minutes M] [--device auto|cpu|cuda]
 
 TRAIN and VAL: dataset folders (scripts/link_datasets.py) or folders prepared with
-`hybridmim finetune --prepare-only`. Writes DIR/label_efficiency.json and .png, and one model,
-curve and log per run.
+`hybridmim finetune --prepare-only`. Arms may run side by side, one process per --sizes/--inits
+pair, each with the same --max-minutes: they share the machine, so each keeps about the same number
+of epochs (the steps each ran are in its result); a last run over all arms writes the summary.
+Writes DIR/label_efficiency.json and .png (best and last-epoch Dice), and one model, curve and log per run.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def run_arm(init: str, cases: list[str], all_cases: list[str], args, folder: Pat
         outputs = run_finetune(init, [str(args.train)], str(model), Reporter("json", log), val_paths=[str(args.val)],
                                epochs=None if resume else args.epochs, recipe_file=None if resume else str(args.recipe),
                                resume=resume, overwrite=not resume, cache=str(folder / "cache"), device=args.device,
-                               exclude=sorted(set(all_cases) - set(cases)))
+                               exclude=sorted(set(all_cases) - set(cases)),
+                               max_minutes=None if resume else args.max_minutes)
     if outputs["stopped"]:
         raise SystemExit(f"{model.name}: stopped at step {outputs['step']}; run again to resume")
     history = [json.loads(line) for line in open(model.with_suffix(".log.jsonl"), encoding="utf-8")]
@@ -73,13 +76,18 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for init in dict.fromkeys(r["init"] for r in results):
+    for colour, init in enumerate(dict.fromkeys(r["init"] for r in results)):
         rows = sorted((r for r in results if r["init"] == init), key=lambda r: r["labelled_cases"])
-        ax.plot([r["labelled_cases"] for r in rows], [r["best_dice"] for r in rows], "o-", label=init)
+        sizes = [r["labelled_cases"] for r in rows]
+        ax.plot(sizes, [r["best_dice"] for r in rows], "o-", color=f"C{colour}", label=f"{init}: best epoch")
+        ax.plot(sizes, [r["dice_by_epoch"][-1] for r in rows], "s--", color=f"C{colour}", alpha=0.6,
+                label=f"{init}: last epoch")
     ax.set_xscale("log")
-    ax.set_xticks(sorted({r["labelled_cases"] for r in results}), [str(s) for s in sorted({r["labelled_cases"] for r in results})])
+    ax.minorticks_off()  # the log axis would label 4, 6, 20, 30 as powers of ten
+    ticks = sorted({r["labelled_cases"] for r in results})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("labelled training cases")
-    ax.set_ylabel("best mean validation Dice")
+    ax.set_ylabel("mean validation Dice")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--inits", nargs="+", default=["ct-hybridmim-cnn", "scratch"])
     parser.add_argument("--recipe", type=Path, default=REPO / "scripts/recipes/label-efficiency-sarcoma.json")
     parser.add_argument("--epochs", type=int, help="overrides the recipe (every arm alike)")
+    parser.add_argument("--max-minutes", type=float, help="time limit per arm: the epochs that fit (every arm alike)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -113,6 +122,7 @@ def main() -> None:
                   f"(epoch {result['best_epoch']})", flush=True)
             results.append(result)
     summary = {"recipe": json.loads(args.recipe.read_text()), "epochs_override": args.epochs,
+               "max_minutes": args.max_minutes,
                "train": str(args.train), "validation": case_names(args.val), "results": results}
     with atomic_output(args.output / "label_efficiency.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
