@@ -54,6 +54,11 @@ class ModelMeta:
         """Label value of each output channel (channel 0 is background)."""
         return [0] + [label.value for label in self.labels]
 
+    @property
+    def largest_component_values(self) -> list[int]:
+        """The label values cut to their largest connected piece after inference."""
+        return [label.value for label in self.labels if label.largest_component]
+
     def check_input_count(self, count: int, model_name: str) -> None:
         """Refuse a run given another number of input images than the model has channels."""
         if count != len(self.channels):

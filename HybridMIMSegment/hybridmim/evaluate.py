@@ -135,6 +135,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     import SimpleITK as sitk
 
     from .checkpoint import load_model
+    from .components import keep_largest_components
     from .imageio import read_channels, read_volume
     from .inference import predict_labels, select_device
     from .modelgrid import prepare, restore_labels
@@ -150,6 +151,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
         model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
         labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
                                       torch_device, Reporter("quiet"))
+        keep_largest_components(labels_model, meta.largest_component_values)
         prediction_image = restore_labels(labels_model, model_input.grid, channels[0])
         prediction = sitk.GetArrayFromImage(prediction_image)
         reference = reference_on_model_labels(sitk.GetArrayFromImage(reference_image).astype(np.int64), meta)

@@ -29,6 +29,7 @@ class Label:
     color: tuple[int, int, int]
     terminology: dict = field(default_factory=dict, compare=False)
     source_values: tuple[int, ...] = ()
+    largest_component: bool = False  # one structure per scan (an organ, a tumour): keep its largest piece
 
     @property
     def sources(self) -> tuple[int, ...]:
@@ -41,6 +42,8 @@ class Label:
             out["terminology"] = self.terminology
         if self.source_values:
             out["source_values"] = list(self.source_values)
+        if self.largest_component:
+            out["largest_component"] = True
         return out
 
     def slicer_terminology(self) -> dict | None:
@@ -87,8 +90,11 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
         if not (isinstance(sources, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                                   for v in sources)):
             raise UserError(f"{where}: 'source_values' must be a list of positive integers")
+        largest = entry.get("largest_component", False)
+        if not isinstance(largest, bool):
+            raise UserError(f"{where}: 'largest_component' must be true or false")
         seen_values.add(value)
-        labels.append(Label(value, name.strip(), tuple(color), dict(terminology), tuple(sources)))
+        labels.append(Label(value, name.strip(), tuple(color), dict(terminology), tuple(sources), largest))
     source_lookup(labels, source)
     return labels
 

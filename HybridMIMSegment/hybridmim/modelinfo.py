@@ -36,7 +36,8 @@ def describe(meta: ModelMeta, path: Path) -> str:
         modifier = label.terminology.get("typeModifier")
         codes = f"{code[0]} {code[1]} {code[2]}" + (f", {modifier[2]}" if modifier else "") if code[1] else "no code"
         sources = f"  (label-map values {', '.join(map(str, label.source_values))})" if label.source_values else ""
-        lines.append(f"    {label.value:>3} {label.name:<28} rgb{tuple(label.color)}  [{codes}]{sources}")
+        largest = "  (largest piece only)" if label.largest_component else ""
+        lines.append(f"    {label.value:>3} {label.name:<28} rgb{tuple(label.color)}  [{codes}]{sources}{largest}")
     for region in meta.regions:
         names = [label.name for label in meta.labels if label.value in region["values"]]
         lines.append(f"  region:        {region['name']} = {' + '.join(names)}")

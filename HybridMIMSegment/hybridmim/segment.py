@@ -9,6 +9,7 @@ import numpy as np
 from .atomic import check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
+from .components import keep_largest_components
 from .errors import UserError
 from .imageio import check_labelmap_path, start_reading, write_labelmap
 from .progress import Reporter
@@ -50,6 +51,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
                                   torch_device, reporter)
 
     reporter.stage("postprocess")
+    keep_largest_components(labels_model, meta.largest_component_values)
     labels = restore_labels(labels_model, model_input.grid, channels[0])
 
     reporter.stage("write")
