@@ -303,6 +303,10 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.resumeButton.enabled = False
 
         def added(result):
+            if result.outputs.get("before_training"):
+                resumable = result.outputs.get("resume_state")
+                earlier = "Resume continues the earlier run." if resumable else "nothing to resume."
+                return f"Stopped before training began: {earlier}"
             if result.outputs.get("stopped"):
                 return f"Stopped at step {result.outputs['step']} of {result.outputs['steps']}: Resume continues."
             choice = self.logic.addUserModel(output, self.log)
@@ -355,7 +359,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                 return True
             show(processing.go(State.DONE, message))
             if processing is self.training:
-                self.ui.resumeButton.enabled = bool(result.outputs.get("stopped"))
+                outputs = result.outputs
+                self.ui.resumeButton.enabled = bool(outputs.get("stopped") and outputs.get("resume_state"))
         else:
             show(processing.go(State.FAILED, result.error or "the engine failed"))
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,23 @@ def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     if check_rc is not None:
         assert result.returncode == check_rc, f"rc={result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}"
     return result
+
+
+def stop_while_preparing(*args) -> tuple[int, dict | None, str]:
+    """``python -m hybridmim ARGS --progress json`` sent SIGTERM (Slicer's Stop) once it has prepared its first
+    case: (exit code, the outputs of its done event, stderr)."""
+    from hybridmim.progress import parse_event
+
+    process = subprocess.Popen([sys.executable, "-m", "hybridmim", *map(str, args), "--progress", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                               errors="replace", cwd=REPO)
+    for line in process.stdout:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "prepare data":
+            process.send_signal(signal.SIGTERM)
+            break
+    done = [e for e in map(parse_event, process.stdout.read().splitlines()) if e and e["event"] == "done"]
+    return process.wait(timeout=60), done[0]["outputs"] if done else None, process.stderr.read()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEFAULT_MODEL, MODELS, REPO, data_file, run_cli
+from conftest import DEFAULT_MODEL, MODELS, REPO, data_file, run_cli, stop_while_preparing
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -194,6 +194,20 @@ def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_
     assert process.wait(timeout=60) == 0, process.stderr.read()
     state = runstate.load_resume_state(output, "finetune")
     assert state["step"] == 0 and [h["epoch"] for h in state["history"]] == [0]  # its validation finished
+
+
+def test_stop_while_preparing_the_data_ends_at_once_with_nothing_to_resume(folders, tmp_path):
+    """Stop before the first step: exit 0 with a done event that says so (not killed by the signal), no model
+    or state written, and the cases prepared before the stop stay cached, whole (written atomically)."""
+    output, cache = tmp_path / "run.safetensors", tmp_path / "cache"  # an empty cache: every case is prepared
+    returncode, outputs, stderr = stop_while_preparing(
+        "finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"], "--recipe",
+        folders["short"], "--cache", cache, "-o", output, "--device", "cpu")
+    assert returncode == 0, stderr
+    assert outputs["stopped"] and outputs["before_training"] and outputs["resume_state"] is None
+    assert not output.exists() and not runstate.state_path(output).exists()
+    cached = sorted(p.name for p in cache.iterdir())
+    assert 1 <= sum(n.endswith(".npz") for n in cached) < 6 and not any("partial" in n for n in cached), cached
 
 
 def test_kill_9_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(folders, uninterrupted, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stop_while_preparing
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
@@ -189,6 +189,16 @@ def test_sigterm_stops_cleanly_at_a_checkpoint_and_resume_finishes(prepared, rec
     run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress", "quiet",
             check_rc=0)
     _assert_same_weights(output, uninterrupted)
+
+
+def test_stop_while_preparing_the_scans_ends_at_once(scans, recipe_file, tmp_path):
+    output, cache = tmp_path / "run.safetensors", tmp_path / "cache"
+    returncode, outputs, stderr = stop_while_preparing("pretrain", "--recipe", recipe_file, "--data", scans,
+                                                       "--cache", cache, "-o", output, "--device", "cpu")
+    assert returncode == 0, stderr
+    assert outputs["stopped"] and outputs["before_training"] and outputs["resume_state"] is None
+    assert not output.exists() and not state_path(output).exists()
+    assert sum(p.suffix == ".npz" for p in cache.iterdir()) in (1, 2)  # the first scan's preparation kept
 
 
 def test_two_process_gloo_run_completes(prepared, recipe_file, tmp_path):

@@ -114,7 +114,7 @@ def _cmd_pretrain(args, reporter: Reporter) -> None:
 
     outputs = run_pretrain(args.data, args.output, reporter, args.method, args.backbone, args.recipe, args.steps,
                            args.resume, args.overwrite, args.cache, args.exclude, args.prepare_only, args.device)
-    if reporter.mode == "tqdm":
+    if reporter.mode == "tqdm" and not outputs.get("before_training"):
         if "checkpoint" in outputs:
             print(f"wrote {outputs['checkpoint']} (step {outputs['step']} of {outputs['steps']}), "
                   f"curve {outputs['curve']}, resume state {outputs['resume_state']}", file=sys.stderr)
@@ -131,7 +131,7 @@ def _cmd_finetune(args, reporter: Reporter) -> None:
     if args.prepare_only:
         if reporter.mode == "tqdm":
             print(f"prepared {outputs['volumes']} cases into {outputs['folder']}", file=sys.stderr)
-    elif reporter.mode == "tqdm":
+    elif reporter.mode == "tqdm" and not outputs.get("before_training"):
         best = "" if outputs["best_dice"] is None else f", best validation Dice {outputs['best_dice']:.3f} " \
                                                       f"at epoch {outputs['best_epoch']}"
         print(f"wrote {outputs['checkpoint']}{best}; curve {outputs['curve']}", file=sys.stderr)

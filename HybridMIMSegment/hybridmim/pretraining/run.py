@@ -53,7 +53,8 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
                  resume: bool = False, overwrite: bool = False, cache: str | None = None, exclude=(),
                  prepare_only: bool = False, device: str = "auto") -> dict:
     from ..volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
-    from ..training.runstate import check_new_run, load_resume_state
+    from ..training.runstate import (StoppedBeforeTraining, StopRequest, check_new_run, load_resume_state,
+                                     report_stopped_before_training)
     from .trainer import check_recipe, pretrain, with_steps
 
     if output is None and not prepare_only:
@@ -72,11 +73,15 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
     if not prepare_only:
         check_recipe(with_steps(recipe, steps))
 
-    if len(data_paths) == 1 and is_prepared_folder(data_paths[0]):
-        data = load_prepared(Path(data_paths[0]), preprocessing, reporter, exclude=exclude)
-    else:
-        folder = Path(cache) if cache else cache_dir() / "prepared"
-        data = prepare_cases(find_cases(data_paths, exclude), preprocessing, folder, reporter)
+    try:
+        with StopRequest(at_once=True):  # a stop while preparing ends the run at once: nothing to save yet
+            if len(data_paths) == 1 and is_prepared_folder(data_paths[0]):
+                data = load_prepared(Path(data_paths[0]), preprocessing, reporter, exclude=exclude)
+            else:
+                folder = Path(cache) if cache else cache_dir() / "prepared"
+                data = prepare_cases(find_cases(data_paths, exclude), preprocessing, folder, reporter)
+    except StoppedBeforeTraining:
+        return report_stopped_before_training(output and Path(output), state is not None, reporter)
     if prepare_only:
         outputs = {"volumes": len(data.volumes), "voxels": sum(v.stored[0].size for v in data.volumes)}
         reporter.done(outputs)

@@ -40,8 +40,9 @@ from ..labels import Label, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
-from .runstate import (STATE_FORMAT, StopRequest, autocast, check_new_run, curve_path, load_resume_state,
-                       optimiser_step, read_schedule, state_path, step_generators)
+from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, check_new_run, curve_path,
+                       load_resume_state, optimiser_step, read_schedule, report_stopped_before_training, state_path,
+                       step_generators)
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
 
@@ -228,9 +229,6 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
                  recipe_file: str | None = None, resume: bool = False, overwrite: bool = False,
                  cache: str | None = None, device: str = "auto", prepare_only: bool = False, exclude=(),
                  max_minutes: float | None = None) -> dict:
-    from ..inference import select_device
-    from ..networks import build_network
-
     if prepare_only:
         if val_paths or resume:
             raise UserError("--prepare-only prepares --data alone (prepare validation cases in a run of their own)")
@@ -265,6 +263,22 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise UserError(f"the time limit must be a positive number of minutes, got {limit!r}")
     start = resolve_start(init, recipe, labels_file, reporter)
+    try:
+        with StopRequest(at_once=True):  # until the first step, a stop ends the run at once: nothing to save yet
+            train_data, val_data, network, torch_device = _prepare_run(start, schedule, data_paths, val_paths, cache,
+                                                                       exclude, device, state, reporter)
+    except StoppedBeforeTraining:
+        return report_stopped_before_training(output_path, state is not None, reporter)
+    return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
+                  reporter, {"init_spec": init, "labels_file": labels_file})
+
+
+def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths, cache, exclude, device,
+                 state: dict | None, reporter: Reporter):
+    """The training and validation data, loaded or prepared, and the network on its device (init weights in)."""
+    from ..inference import select_device
+    from ..networks import build_network
+
     classes = _classes(start)
     folder = Path(cache) if cache else cache_dir() / "prepared"
     if val_paths:
@@ -289,9 +303,7 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
         summary = transfer_weights(network, start.weights, keep_head=start.keep_head)
         reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, "
                       f"{len(summary['new'])} new ({', '.join(summary['new'])})")
-    return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
-                  reporter, {"init_spec": init, "labels_file": labels_file})
-
+    return train_data, val_data, network, torch_device
 
 
 def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, train_data: PreparedData,

@@ -55,11 +55,20 @@ def load_resume_state(output: Path, kind: str) -> dict:
     return state
 
 
-class StopRequest:
-    """SIGTERM / SIGINT (SIGBREAK on Windows) set a flag; the loop stops after the current step."""
+class StoppedBeforeTraining(Exception):
+    """A stop request while a run was still preparing: nothing new to save."""
 
-    def __init__(self):
+
+class StopRequest:
+    """SIGTERM / SIGINT (SIGBREAK on Windows) set a flag; the loop stops after the current step.
+
+    ``at_once``: the signal raises StoppedBeforeTraining wherever the run is instead, for the preparation
+    before the first step (no state worth saving yet; prepared cases are written atomically, so the ones
+    done stay cached for the next start)."""
+
+    def __init__(self, at_once: bool = False):
         self.requested = False
+        self.at_once = at_once
         self._previous = {}
 
     def __enter__(self):
@@ -72,10 +81,24 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        if self.at_once:
+            raise StoppedBeforeTraining()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def report_stopped_before_training(output: Path | None, resuming: bool, reporter) -> dict:
+    """The outputs of a run stopped before its first step (``output`` None: it only prepared data); a resumed
+    run's earlier state is untouched."""
+    outputs = {"checkpoint": str(output) if output else None,
+               "resume_state": str(state_path(output)) if resuming else None,
+               "stopped": True, "before_training": True}
+    reporter.info("stopped before training began: " + ("`--resume` continues the earlier run" if resuming else
+                                                        "nothing to resume; the cases prepared so far stay cached"))
+    reporter.done(outputs)
+    return outputs
 
 
 def step_generators(seed: int, rank: int, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
