@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEFAULT_MODEL, MODELS, REPO, data_file, run_cli, stop_while_preparing
+from conftest import DEFAULT_MODEL, MODELS, REPO, around_the_tumour, data_file, run_cli, stop_while_preparing
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -37,20 +37,6 @@ TINY = {
 }
 
 
-def _around_the_tumour(case: Path, target: Path, margin_mm: float = 15.0) -> None:
-    """The case cut to its tumour's box and a margin: validation then needs a few windows, not sixteen."""
-    target.mkdir()
-    image, label = (sitk.ReadImage(str(case / name)) for name in ("image.nii.gz", "label.nii.gz"))
-    shape = sitk.LabelShapeStatisticsImageFilter()
-    shape.Execute(sitk.Cast(label > 0, sitk.sitkUInt8))
-    box = shape.GetBoundingBox(1)
-    cut = tuple(slice(max(0, box[i] - round(margin_mm / image.GetSpacing()[i])),
-                      min(image.GetSize()[i], box[i] + box[i + 3] + round(margin_mm / image.GetSpacing()[i])))
-                for i in range(3))
-    sitk.WriteImage(image[cut], str(target / "image.nii.gz"))
-    sitk.WriteImage(label[cut], str(target / "label.nii.gz"))
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     """Dataset folders (case folders with image.nii.gz and label.nii.gz): the real sarcoma cases, the
@@ -63,7 +49,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             if split == "train":
                 (root / split / source.name).symlink_to(source)
             else:
-                _around_the_tumour(source, root / split / source.name)
+                around_the_tumour(source, root / split / source.name)
     recipe = root / "tiny.json"
     recipe.write_text(json.dumps(TINY), encoding="utf-8")
     short = root / "short.json"  # for the interrupted runs: 3 epochs of 6 steps, validated at 0, 2 and 3
