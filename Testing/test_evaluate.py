@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DEFAULT_MODEL, data_file, run_cli
+from conftest import DEFAULT_MODEL, MODELS, data_file, run_cli
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
-from hybridmim.evaluate import overlap_scores, reference_on_model_labels, score_case, summarise
+from hybridmim.evaluate import evaluate, overlap_scores, reference_on_model_labels, score_case, summarise
 from hybridmim.labels import parse_label_file
+from hybridmim.modelinfo import describe
 
 
 def _cube(shape=(20, 20, 40), low=(5, 5, 5), size=6) -> np.ndarray:
@@ -175,13 +176,11 @@ def test_shipped_sarcoma_model_finds_a_validation_tumour_and_drops_the_islands(t
     piece; without that, the false-positive islands of this case bring the Dice under the floor."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "STS_041").symlink_to(data_file("sarcoma_ct/STS_041"))
-    report_path = tmp_path / "report.json"
-    run_cli("evaluate", "--model", "sarcoma-ct", "--data", tmp_path / "data", "-o", report_path, "--device", "cpu",
-            check_rc=0)
-    summary = json.loads(report_path.read_text())["summary"]
+    summary = evaluate("sarcoma-ct", [str(tmp_path / "data")], device="cpu")["summary"]
     assert list(summary) == ["soft-tissue sarcoma"]
     assert summary["soft-tissue sarcoma"]["dice_mean"] > SARCOMA_FLOOR, summary
-    info = run_cli("info", "sarcoma-ct", check_rc=0).stdout.splitlines()
+    model = MODELS / "sarcoma-ct.safetensors"
+    info = describe(read_metadata(model), model).splitlines()
     assert any("soft-tissue sarcoma" in line and line.endswith("(largest piece only)") for line in info), info
 
 

@@ -86,7 +86,7 @@ def test_a_short_finetune_raises_validation_dice(folders, tmp_path):
     assert seg.is_file()
 
 
-def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new():
+def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
     recipe = load_recipe(None)
     start = resolve_start("ct-hybridmim-cnn", recipe, str(REPO / "scripts/labels/btcv13.json"),
                           Reporter("quiet"))
@@ -111,6 +111,14 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new():
     network = build_network(start.network)
     assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
     assert torch.equal(network.state_dict()["head.weight"], load_file(str(DEFAULT_MODEL))["head.weight"].float())
+
+    # So does one given its labels without the largest-piece clean-up: that flag changes no output channel.
+    plain = [{k: v for k, v in label.items() if k != "largest_component"}
+             for label in json.loads((REPO / "scripts/labels/sarcoma.json").read_text())]
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    start = resolve_start(str(MODELS / "sarcoma-ct.safetensors"), recipe, str(tmp_path / "plain.json"),
+                          Reporter("quiet"))
+    assert start.keep_head and not start.labels[0].largest_component
 
 
 def _start(folders, output, *extra) -> subprocess.Popen:

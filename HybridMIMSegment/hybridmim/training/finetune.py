@@ -148,7 +148,10 @@ def resolve_start(init: str, recipe: dict, labels_file: str | None, reporter: Re
         raise UserError("name the structures to segment with --labels FILE (a JSON list of value, name, colour "
                         "and terminology; see scripts/labels/)")
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
-    keep_head = init_meta is not None and [l.to_dict() for l in init_meta.labels] == [l.to_dict() for l in labels]
+    def outputs(ls):  # what the output channels mean; the largest-piece clean-up after them does not count
+        return [{k: v for k, v in label.to_dict().items() if k != "largest_component"} for label in ls]
+
+    keep_head = init_meta is not None and outputs(init_meta.labels) == outputs(labels)
     return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
                  regions, provenance, weights, keep_head)
 
