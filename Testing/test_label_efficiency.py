@@ -47,7 +47,7 @@ def test_nested_subsets_seeds_summary_and_a_rerun_that_trains_nothing(tmp_path, 
     assert set(results[(1, 0)]["cases"]) < set(results[(2, 0)]["cases"])  # nested
     assert all(r["steps"] == 1 and len(r["dice_by_epoch"]) == 2 for r in results.values())  # epochs 0 and 1
     # The seed reaches the training: the two seeds' networks start and end differently.
-    seed0, seed1 = load_file(str(study / "scratch-1.safetensors")), load_file(str(study / "scratch-1-seed1.safetensors"))
+    seed0, seed1 = (load_file(str(study / name)) for name in ("scratch-1.safetensors", "scratch-1-seed1.safetensors"))
     assert not all(torch.equal(seed0[k], seed1[k]) for k in seed0)
     assert (study / "label_efficiency.png").stat().st_size > 10_000
 

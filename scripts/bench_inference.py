@@ -125,7 +125,8 @@ def child(args) -> None:
     (run_ours if args.pipeline == "ours" else run_monai)(args.image, args.output, args.model, args.device, clock)
     from hybridmim.memory import peak_rss_bytes
 
-    print(json.dumps({"stages": clock.stages, "first_window_s": clock.first_window, "peak_rss_bytes": peak_rss_bytes()}))
+    print(json.dumps({"stages": clock.stages, "first_window_s": clock.first_window,
+                      "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def measure(pipeline: str, image: Path, output: Path, model: str, device: str, cache: Path) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The inference benchmark (scripts/bench_inference.py) on a lent GPU machine (the `device` tool), which has
-# neither SimpleITK nor nibabel nor the scans: they travel in .devdata/bench (47 MB: SimpleITK's files
-# re-compressed with xz, 53 → 28 MB; nibabel's wheel; ct_a, ct_b and CRLM-CT-1006).
+# neither SimpleITK nor nibabel nor the scans: they travel in .devdata/bench (47.5 MB: SimpleITK's files
+# re-compressed with xz, 53 → 28 MB, and ct_a, ct_b, CRLM-CT-1006) and nibabel's wheel in .whl (3.3 MB).
 #   here, once:  scripts/device_bench.sh pack
 #   the call:    scripts/device_bench.sh run   (carry .devdata/bench and .whl; the checkout travels too,
 #                64 MiB in all: move every model but the catalog's default out of it for the call)
@@ -24,7 +24,8 @@ case ${1:-} in
     rm -rf "$download" "$unpacked"; du -sh $bench .whl ;;
   run)
     source scripts/_device.sh  # MONAI and nibabel from .whl into /tmp/site
-    python3 -c "import tarfile; tarfile.open('$bench/simpleitk.tar.xz').extractall('/tmp/site', filter='data')" || exit 1
+    python3 -c "import tarfile; tarfile.open('$bench/simpleitk.tar.xz').extractall('/tmp/site', filter='data')" \
+      || exit 1
     [ -e ../shared/data ] || { mkdir -p ../shared && cp -r $bench/data ../shared/data; }  # where the benchmark looks
     python3 scripts/bench_inference.py --device cuda -o "$OUT/inference-gpu.json" 2>&1 | tee "$OUT/bench.log" ;;
   *) echo "error: pack or run" >&2; exit 2 ;;
