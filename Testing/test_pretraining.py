@@ -141,16 +141,33 @@ def uninterrupted(prepared, recipe_file, tmp_path_factory) -> Path:
     return output
 
 
-def test_kill_9_then_resume_continues_with_the_same_batches(prepared, recipe_file, uninterrupted, tmp_path):
+def test_sigterm_then_kill_9_then_resume_continues_with_the_same_batches(prepared, recipe_file, uninterrupted,
+                                                                       tmp_path):
+    """A stop saves the state at the step it stopped (not at the last multiple of 2); the resumed run, killed
+    without warning, falls back to its last checkpoint; resumed again, it runs exactly the missing steps and ends
+    with exactly the uninterrupted run's weights."""
     output = tmp_path / "run.safetensors"
     process = _start(recipe_file, prepared, output)
+    for line in process.stdout:
+        event = parse_event(line)
+        if event and event["event"] == "progress" and event["stage"] == "pre-train":
+            process.send_signal(signal.SIGTERM)
+            break
+    remaining = process.stdout.read()
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    done = [e for e in map(parse_event, remaining.splitlines()) if e and e["event"] == "done"][0]
+    stopped_at = done["outputs"]["step"]
+    assert done["outputs"]["stopped"] is True and stopped_at < 4
+    assert load_resume_state(output)["step"] == stopped_at
+
+    process = _start(recipe_file, prepared, output, "--resume")
     killed_after = None
-    for line in process.stdout:  # wait for a checkpoint past the first, then kill without warning
+    for line in process.stdout:  # wait for a checkpoint at step 4 or later, then kill without warning
         event = parse_event(line)
         if event and event["event"] == "metric" and event["step"] >= 4:
             deadline = time.time() + 30
             while killed_after is None and time.time() < deadline:
-                if state_path(output).is_file() and load_resume_state(output)["step"] >= 4:
+                if load_resume_state(output)["step"] >= 4:
                     process.send_signal(signal.SIGKILL)
                     killed_after = load_resume_state(output)["step"]
             break
@@ -170,25 +187,6 @@ def test_kill_9_then_resume_continues_with_the_same_batches(prepared, recipe_fil
     _assert_same_weights(output, uninterrupted)
     assert load_resume_state(output)["step"] == 10
     assert [h["step"] for h in load_resume_state(output)["history"]] == [2, 4, 6, 8, 10]
-
-
-def test_sigterm_stops_cleanly_at_a_checkpoint_and_resume_finishes(prepared, recipe_file, uninterrupted, tmp_path):
-    output = tmp_path / "run.safetensors"
-    process = _start(recipe_file, prepared, output)
-    for line in process.stdout:
-        event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "pre-train":
-            process.send_signal(signal.SIGTERM)
-            break
-    remaining = process.stdout.read()
-    assert process.wait(timeout=60) == 0, process.stderr.read()
-    done = [e for e in map(parse_event, remaining.splitlines()) if e and e["event"] == "done"][0]
-    stopped_at = done["outputs"]["step"]
-    assert done["outputs"]["stopped"] is True and stopped_at < 10
-    assert load_resume_state(output)["step"] == stopped_at  # saved at the stop, not at the last multiple of 2
-    run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress", "quiet",
-            check_rc=0)
-    _assert_same_weights(output, uninterrupted)
 
 
 def test_stop_while_preparing_the_scans_ends_at_once(scans, recipe_file, tmp_path):
