@@ -7,7 +7,7 @@ sliding_window_inference, overlap 0.5 → invert → save), on real CTs from ../
     .venv/bin/python scripts/bench_inference.py -o docs/benchmarks/inference-cpu.json [--device cpu]
         [--model NAME|PATH] [--cases ct_b crlm_1006 ct_a_512]
 
-Each pipeline runs in a child process of its own, so its peak resident memory (ru_maxrss) and its
+Each pipeline runs in a child process of its own, so its peak resident memory (VmHWM) and its
 cold start (process start → first window done) are its own. A first run of ours traces the model into
 a fresh cache (reported apart); the measured runs find that trace, as every run after a user's first does. Reported per case: wall time per stage,
 peak memory, cold start, the ratios, and the Dice agreement of the two label maps per label.

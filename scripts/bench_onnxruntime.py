@@ -1,7 +1,7 @@
 """Would ONNX Runtime serve `hybridmim segment` on the CPU better than torch? A measurement, not engine code.
 
 The model is exported to ONNX once; then each runtime runs in a fresh process of its own on the same
-real window (the central model window of abdomen_ct/ct_b): its import time, network load time (torch:
+real window (the central model window of abdomen_ct/ct_a): its import time, network load time (torch:
 the cached TorchScript trace `hybridmim segment` loads), seconds a window (median of 5 after 2
 warm-ups), peak resident memory after them, and the agreement of the two outputs (largest difference,
 share of voxels with the same argmax).
@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SCAN = REPO.parent / "shared" / "data" / "abdomen_ct" / "ct_b.nii.gz"
+SCAN = REPO.parent / "shared" / "data" / "abdomen_ct" / "ct_a.nii.gz"
 
 
 def _child(runtime: str, workdir: Path) -> None:
     """In a fresh process: import ``runtime``, load the network, time windows; print one JSON line."""
+    from hybridmim.memory import peak_rss_bytes  # no torch import: it is what is timed below
+
     window = np.load(workdir / "window.npy")
     started = time.perf_counter()
     if runtime == "torch":
@@ -70,14 +72,7 @@ def _child(runtime: str, workdir: Path) -> None:
     np.save(workdir / f"{runtime}.npy", output)
     print(json.dumps({"import_s": round(imported - started, 3), "load_s": round(loaded - imported, 3),
                       "window_s": round(statistics.median(seconds), 4),
-                      "peak_rss_mib": _peak_rss_mib()}))
-
-
-def _peak_rss_mib() -> int:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss it starts afresh at exec, not at the
-    parent's peak)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return round(int(line.split()[1]) / 1024)
+                      "peak_rss_mib": round(peak_rss_bytes() / 2**20)}))
 
 
 def main() -> None:
@@ -97,15 +92,16 @@ def main() -> None:
     from hybridmim.checkpoint import load_model, read_metadata
     from hybridmim.modelgrid import prepare
     from hybridmim.progress import Reporter
+    from hybridmim.traced import load_for_inference
 
     checkpoint = resolve_model(args.model, Reporter("quiet"))
     meta = read_metadata(checkpoint)
     array = prepare([sitk.ReadImage(str(SCAN))], meta.preprocessing).array
-    roi = meta.roi_size  # the central window, zero-padded where the scan is thinner (as inference pads)
-    padded = np.pad(array, [(0, 0)] + [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2)
-                                        for n, r in zip(array.shape[1:], roi)])
-    starts = [(n - r) // 2 for n, r in zip(padded.shape[1:], roi)]
-    window = np.ascontiguousarray(padded[(slice(None), *(slice(s, s + r) for s, r in zip(starts, roi)))][None])
+    roi = meta.roi_size  # the central window, wholly inside the scan
+    assert all(n >= r for n, r in zip(array.shape[1:], roi)), f"{SCAN.name} is smaller than a window"
+    box = tuple(slice((n - r) // 2, (n - r) // 2 + r) for n, r in zip(array.shape[1:], roi))
+    window = np.ascontiguousarray(array[(slice(None), *box)][None])
+    load_for_inference(checkpoint, meta, torch.device("cpu"), Reporter("quiet"))  # the trace cached before timing
     network = load_model(checkpoint, torch.device("cpu"))[1].eval()
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
@@ -125,8 +121,7 @@ def main() -> None:
                   "onnx_bytes": (workdir / "model.onnx").stat().st_size, "export_s": round(export_s, 2), **rows,
                   "max_abs_difference": float(np.abs(first - second).max()),
                   "argmax_agreement": float((first.argmax(1) == second.argmax(1)).mean()),
-                  "versions": {"torch": torch.__version__,
-                               "onnxruntime": version("onnxruntime")}}
+                  "versions": {"torch": torch.__version__, "onnxruntime": version("onnxruntime")}}
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=1))
 
