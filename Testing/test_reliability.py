@@ -161,7 +161,7 @@ def test_the_memory_estimate_grows_with_the_voxels_the_classes_and_the_window():
 def test_the_memory_estimate_bounds_a_real_run_on_a_large_ct_closely(tmp_path):
     """A 12 cm slab of ct_a resampled to 512 x 512 x 400 (int16: input voxels like the inference benchmark's
     largest case, a ninth of its windows), segmented for real on the model's first run (an empty cache:
-    the network is built and traced, the worst case): its peak resident memory lies under the estimate,
+    the network is built and exported to ONNX, the worst case): its peak resident memory lies under the estimate,
     and not far under."""
     source = sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))[:, :, 36:76]
     size = (512, 512, 400)

@@ -8,9 +8,10 @@ sliding_window_inference, overlap 0.5 → invert → save), on real CTs from ../
         [--model NAME|PATH] [--cases ct_b crlm_1006 ct_a_512]
 
 Each pipeline runs in a child process of its own, so its peak resident memory (VmHWM) and its
-cold start (process start → first window done) are its own. A first run of ours traces the model into
-a fresh cache (reported apart); the measured runs find that trace, as every run after a user's first does. Reported per case: wall time per stage,
-peak memory, cold start, the ratios, and the Dice agreement of the two label maps per label.
+cold start (process start → first window done) are its own. A first run of ours exports the model to
+ONNX into a fresh cache (reported apart); the measured runs find that export, as every run after a
+user's first does. Reported per case: wall time per stage, peak memory, cold start, the ratios, and
+the Dice agreement of the two label maps per label.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def main() -> None:
     results = {"model": model, "device": args.device, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        cache = folder / "cache"  # a fresh cache: the first run with the model traces it (see hybridmim/traced.py)
+        cache = folder / "cache"  # a fresh cache: the first CPU run with the model exports it (hybridmim/onnxnet.py)
         first = measure("ours", CASES["ct_b"], folder / "first.nii.gz", model, args.device, cache)
         results["first_run_with_model"] = {"image": "ct_b", "wall_s": first["wall_s"],
                                            "first_window_s": first["first_window_s"]}

@@ -48,7 +48,7 @@ def _reconstruction_mae(network, meta, array, scale, device):
 
 
 def _labels(network, meta, array, device):
-    from hybridmim.inference import predict_labels
+    from hybridmim.predict import predict_labels
     from hybridmim.progress import Reporter
 
     return predict_labels(network, array, meta.roi_size, meta.overlap, meta.output_values, device, Reporter("quiet"))

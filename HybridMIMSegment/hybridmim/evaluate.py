@@ -134,14 +134,14 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
 
     import SimpleITK as sitk
 
-    from .checkpoint import load_model
     from .components import keep_largest_components
+    from .devices import resolve_device
     from .imageio import read_channels, read_volume
-    from .inference import predict_labels, select_device
     from .modelgrid import prepare, restore_labels
+    from .predict import load_network, predict_labels
 
-    torch_device = select_device(device, reporter)
-    _, network = load_model(checkpoint, torch_device)
+    device = resolve_device(device, reporter)
+    network = load_network(checkpoint, meta, device, reporter)
     names = [label.name for label in meta.labels] + [region["name"] for region in meta.regions]
     results, started = [], time.time()
     reporter.stage("evaluate")
@@ -150,7 +150,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
         reference_image = read_volume(case.label)
         model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
         labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
-                                      torch_device, Reporter("quiet"))
+                                      device, Reporter("quiet"))
         keep_largest_components(labels_model, meta.largest_component_values)
         prediction_image = restore_labels(labels_model, model_input.grid, channels[0])
         prediction = sitk.GetArrayFromImage(prediction_image)
@@ -169,7 +169,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
         reporter.progress(index + 1, len(cases))
 
     report = {"model": {"file": checkpoint.name, "title": meta.title},
-              "data": [str(p) for p in data], "device": str(torch_device),
+              "data": [str(p) for p in data], "device": device,
               "seconds": round(time.time() - started, 1),
               "summary": summarise(results, names), "cases": results}
     outputs = {}

@@ -13,9 +13,9 @@ from .errors import UserError
 
 GIB = 2**30
 MIB = 2**20
-# Python with torch, SimpleITK and numpy imported (430 MiB measured), and MONAI (120 MiB), which a model's
-# first run on the CPU imports to build the network it then traces (traced.py); with a margin for other
-# CPUs' convolution buffers.
+# Python with torch, SimpleITK and numpy imported (430 MiB measured), and MONAI (120 MiB): a model's first
+# run on the CPU imports both to build the network it exports to ONNX (onnxnet.py), and a GPU run imports
+# torch; with a margin for other CPUs' convolution buffers. Later CPU runs import neither (0.4 GiB less).
 BASE_BYTES = int(0.7 * GIB)
 
 
@@ -79,10 +79,10 @@ def scan_header(path: str | Path) -> ScanHeader | None:
 
 
 def window_bytes(network: dict, roi_size) -> int:
-    """Peak memory of the network on two windows at once in inference mode: a model's first CPU run
-    checks its trace on two (later runs take one at a time). One window, measured for U-Nets with 16
-    and 32 full-resolution channels on 64³ and 96³ windows (213–835 MiB): 104 MiB + 6.5 x the
-    full-resolution feature map; rounded up here."""
+    """Peak memory of the network on two windows in inference mode: a model's first CPU run checks
+    its ONNX export on one window with torch and one with ONNX Runtime (later runs take one at a
+    time). One window, measured with torch for U-Nets with 16 and 32 full-resolution channels on 64³
+    and 96³ windows (213–835 MiB): 104 MiB + 6.5 x the full-resolution feature map; rounded up here."""
     first_level = int(network.get("features", [network.get("feature_size", 48)])[0])
     return 128 * MIB + 2 * 7 * math.prod(roi_size) * first_level * 4
 
@@ -94,8 +94,8 @@ def segment_bytes(scan: ScanHeader, channels: int, meta) -> int:
     Input grid: the channels as stored, the label map and its copy while written. Model grid (before
     the foreground crop, so an upper bound): the resampled channels twice (oriented and normalised),
     the blended output and weight map in float32, the argmax. Measured against this estimate
-    (Testing/test_reliability.py): a 512 x 512 x 400 CT on a model's first run, the worst case; later
-    runs need about 0.3 GiB less.
+    (Testing/test_reliability.py): a 512 x 512 x 400 CT on a model's first run, the worst case (1.23 GiB
+    against 1.47 estimated); later runs, without torch, need 0.8 GiB.
     """
     target_spacing = meta.preprocessing.spacing
     classes = int(meta.network["out_channels"])

@@ -90,14 +90,15 @@ def masked_mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray, scales) -> float:
     return float(np.mean(errors))
 
 
-def mask_and_fill(network, array: np.ndarray, meta, ratio: float, seed: int, device, reporter: Reporter):
+def mask_and_fill(network, array: np.ndarray, meta, ratio: float, seed: int, device: str, reporter: Reporter):
     """On the model grid: the patch mask (z, y, x) for ``seed`` and the network's
-    prediction (C, z, y, x) of ``array`` (C, z, y, x) from its unmasked voxels."""
+    prediction (C, z, y, x) of ``array`` (C, z, y, x) from its unmasked voxels, on ``device``."""
     import torch
 
     from .inference import sliding_window
     from .masking import volume_patch_mask
 
+    device = torch.device(device)
     patch = int(meta.pretraining.get("patch_size", 16))
     mask = volume_patch_mask(array.shape[1:], patch, ratio, seed).numpy()
     reporter.stage("reconstruct")
@@ -146,12 +147,12 @@ def reconstruct(inputs: list[str], output_dir: str, model: str | None = None, ma
     check_inputs_kept(inputs, paths.values())
 
     reading = start_reading(inputs, meta, reporter)
-    from .inference import load_and_prepare
+    from .predict import load_and_prepare
 
-    channels, model_input, network, torch_device = load_and_prepare(reading, checkpoint, meta, device, reporter,
-                                                                    trace=not hides_tokens(meta))  # needs encode(mask)
+    channels, model_input, network, device = load_and_prepare(reading, checkpoint, meta, device, reporter,
+                                                              onnx=not hides_tokens(meta))  # needs encode(mask)
     array = model_input.array
-    mask, prediction = mask_and_fill(network, array, meta, ratio, seed, torch_device, reporter)
+    mask, prediction = mask_and_fill(network, array, meta, ratio, seed, device, reporter)
 
     reporter.stage("compare")
     scales = [scale for scale, _ in model_input.intensity_maps]
@@ -166,7 +167,7 @@ def reconstruct(inputs: list[str], output_dir: str, model: str | None = None, ma
     reporter.stage("write")
     _write_outputs(channels, model_input, mask, prediction, meta, paths, channel_names, checkpoint.stem)
     outputs = {kind: str(path) for kind, path in paths.items()}
-    reporter.done({**outputs, **summary, "seconds": round(time.time() - started, 2), "device": str(torch_device)})
+    reporter.done({**outputs, **summary, "seconds": round(time.time() - started, 2), "device": device})
     return {**outputs, **summary}
 
 

@@ -39,16 +39,15 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     meta.check_input_count(len(inputs), checkpoint.name)
 
     reading = start_reading(inputs, meta, reporter)
-    # imported after the cheap checks, while the images are read: importing torch takes a while
-    from .inference import load_and_prepare, predict_labels
     from .modelgrid import restore_labels
+    from .predict import load_and_prepare, predict_labels
 
-    channels, model_input, network, torch_device = load_and_prepare(reading, checkpoint, meta, device, reporter,
-                                                                    windows=(meta.roi_size, meta.overlap))
+    channels, model_input, network, device = load_and_prepare(reading, checkpoint, meta, device, reporter,
+                                                              windows=(meta.roi_size, meta.overlap))
 
     reporter.stage("inference")
     labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
-                                  torch_device, reporter)
+                                  device, reporter)
 
     reporter.stage("postprocess")
     keep_largest_components(labels_model, meta.largest_component_values)
@@ -75,5 +74,5 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     segments = [{"value": l.value, "name": l.name, "volume_ml": round(float(counts[l.value]) * voxel_ml, 2)}
                 for l in meta.labels]
     reporter.done({**outputs, "segments": segments, "seconds": round(time.time() - started, 2),
-                   "device": str(torch_device)})
+                   "device": device})
     return {**outputs, "segments": segments}

@@ -1,0 +1,122 @@
+"""A checkpoint's network as a cached ONNX model, run by ONNX Runtime: the CPU path without torch.
+
+On a 2-core CPU torch is most of what remains of a cold start and of the memory on
+small scans: importing it takes 1.4-2.9 s and leaves ~220 MB resident, and building
+a network imports MONAI (2 s more). ONNX Runtime imports in 0.1 s, runs a window
+as fast or faster and holds half the memory (docs/benchmarks/inference.md). The
+first CPU run with a checkpoint builds the network with torch, exports it and keeps
+the export in the cache only when ONNX Runtime reproduces the network's output on a
+probe window; later runs load it without importing torch. The file's name carries
+everything it depends on (the checkpoint's bytes, torch, MONAI, ONNX Runtime and this
+package's network code), so a changed ingredient never reuses a stale export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from .download import cache_dir, file_sha256
+from .progress import Reporter
+from .windows import blend_windows, gaussian_weights
+
+_NETWORK_CODE = Path(__file__).with_name("networks.py")
+# The largest difference from the network an export may show on the probe window, relative to the
+# output's largest magnitude (measured: 1e-5 to 1e-4 of logits of order 1-10)
+_TOLERANCE = 1e-3
+
+
+class OnnxNetwork:
+    """An ONNX Runtime session with what inference reads from a network: windows in, outputs out."""
+
+    def __init__(self, session, out_channels: int):
+        self.session, self.out_channels = session, out_channels
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """The outputs (n, out_channels, z, y, x) of ``n`` windows, one at a time (the export's batch)."""
+        outputs = [self.session.run(None, {"window": window[None]})[0] for window in windows]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def sliding_window(self, volume: np.ndarray, roi_size, overlap: float, reporter: Reporter) -> np.ndarray:
+        """The output (out_channels, z, y, x) over a model input ``volume`` (channels, z, y, x), blended
+        in host memory (``windows.blend_windows``), one window at a time."""
+        return blend_windows(self, volume, roi_size, overlap, 1, gaussian_weights(roi_size),
+                             lambda shape: np.zeros(shape, np.float32), reporter)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
+
+
+def onnx_path(checkpoint: Path) -> Path:
+    """Where the ONNX export of ``checkpoint`` is cached."""
+    ingredients = [file_sha256(checkpoint), *(_version(p) for p in ("torch", "monai", "onnxruntime")),
+                   hashlib.sha256(_NETWORK_CODE.read_bytes()).hexdigest()]
+    key = hashlib.sha256("\n".join(ingredients).encode()).hexdigest()[:32]
+    return cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
+
+
+def _session(path: Path, meta) -> OnnxNetwork:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are about graph rewrites, not results
+    # no up-front block for all of a window's intermediate tensors: 66 MiB lower peak, no slower (64³ U-Net)
+    options.enable_mem_pattern = False
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return OnnxNetwork(session, int(meta.network["out_channels"]))
+
+
+def cached_onnx_network(checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
+    """The cached export of ``checkpoint`` (metadata ``meta``) in an ONNX Runtime session, or None
+    where there is none (an unreadable one is said and left to be replaced)."""
+    path = onnx_path(Path(checkpoint))
+    if not path.is_file():
+        return None
+    try:
+        return _session(path, meta)
+    except Exception as error:  # noqa: BLE001 - a cache is never worth a failed run
+        reporter.warning(f"ignoring an unreadable cached ONNX model ({error.__class__.__name__}); rebuilding it")
+        return None
+
+
+def export_onnx_network(network, checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
+    """Export the built ``network`` of ``checkpoint`` to the cache, check it on a probe window and
+    return it in a session; None (said) where it cannot be exported or does not reproduce the network."""
+    path = onnx_path(Path(checkpoint))
+    try:
+        _export_checked(network, meta, path)
+        return _session(path, meta)
+    except Exception as error:  # noqa: BLE001 - e.g. an operator without an ONNX form: torch runs it instead
+        reporter.info(f"the model runs on torch: its ONNX export failed ({error})")
+        return None
+
+
+def _export_checked(network, meta, path: Path) -> None:
+    """Export ``network`` for one window, check ONNX Runtime's output on a probe window, save atomically."""
+    import torch
+
+    from .atomic import atomic_output
+
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand((1, int(meta.network["in_channels"]), *meta.roi_size), generator=generator)
+    with atomic_output(path) as tmp:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # the exporter's warnings are about its deprecation and generality; the check below decides
+            warnings.simplefilter("ignore")
+            torch.onnx.export(network.eval(), (probe,), str(tmp), dynamo=False, input_names=["window"],
+                              output_names=["output"], opset_version=17)
+            expected = network(probe).numpy()
+        found = _session(tmp, meta)(probe.numpy())
+        if found.shape != expected.shape:
+            raise ValueError(f"ONNX Runtime's output has shape {found.shape}, the network's {expected.shape}")
+        difference = float(np.abs(found - expected).max())
+        if difference > _TOLERANCE * max(1.0, float(np.abs(expected).max())):
+            raise ValueError(f"ONNX Runtime's output differs from the network's by up to {difference:.2g}")
