@@ -26,7 +26,7 @@ from .windows import blend_windows, gaussian_weights
 
 _NETWORK_CODE = Path(__file__).with_name("networks.py")
 # The largest difference from the network an export may show on the probe window, relative to the
-# output's largest magnitude (measured: 1e-5 to 1e-4 of logits of order 1-10)
+# output's largest magnitude (measured: 3e-6 on the probe, 7e-4 on a window that is mostly padding)
 _TOLERANCE = 1e-3
 
 
