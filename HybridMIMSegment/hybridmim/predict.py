@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .devices import resolve_device
-from .onnxnet import OnnxNetwork
+from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network
 from .progress import Reporter
 
 
@@ -22,8 +22,6 @@ def load_network(checkpoint: Path, meta, device: str, reporter: Reporter, onnx: 
     """
     use_onnx = onnx and device == "cpu"
     if use_onnx:
-        from .onnxnet import cached_onnx_network
-
         cached = cached_onnx_network(checkpoint, meta, reporter)
         if cached is not None:
             return cached
@@ -33,8 +31,6 @@ def load_network(checkpoint: Path, meta, device: str, reporter: Reporter, onnx: 
 
     built = load_model(checkpoint, torch.device(device))[1]
     if use_onnx:
-        from .onnxnet import export_onnx_network
-
         exported = export_onnx_network(built, checkpoint, meta, reporter)
         if exported is not None:
             return exported

@@ -94,7 +94,7 @@ def blend_windows(run, volume: np.ndarray, roi_size, overlap: float, batch: int,
         if output is None:
             output = zeros((predicted.shape[1], *shape))
         for window, start in zip(predicted, starts[first:first + batch]):
-            window *= weights  # in place: a weighted copy of every window would cost 4-6 % of a CPU run
+            window *= weights  # in place: no weighted copy of every window (15 MB for 14 classes on 64³)
             # the window's part over the volume, and where that lies in the volume
             part = tuple(slice(max(before - s, 0), min(before + n - s, r))
                          for s, r, (before, _), n in zip(start, roi, pads, shape))
