@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,22 +200,53 @@ def test_stop_while_preparing_the_scans_ends_at_once(scans, recipe_file, tmp_pat
     assert sum(p.suffix == ".npz" for p in cache.iterdir()) in (1, 2)  # the first scan's preparation kept
 
 
+def test_max_minutes_keeps_the_steps_that_fit_and_ends_the_schedules_there(prepared, recipe_file, tmp_path):
+    recipe = recipe_for(recipe_file)
+    recipe["train"].update(steps=1000, checkpoint_every=1000, log_every=5, num_threads=None)
+    data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
+    output, stream = tmp_path / "timed.safetensors", io.StringIO()
+    started = time.time()
+    outputs = pretrain(recipe, data, output, Reporter("json", stream), device="cpu", max_minutes=0.25)
+    seconds = time.time() - started
+    messages = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
+    sized = [re.fullmatch(r"([0-9.]+) s a step: ([0-9]+) of 1000 steps fit in 0.25 minutes", m) for m in messages]
+    assert sum(map(bool, sized)) == 1, messages
+    pace, fit = next((float(m[1]), int(m[2])) for m in sized if m)
+    assert 11 < fit < 1000 and outputs["step"] == outputs["steps"] == fit
+    assert 15 - 5 < fit * pace <= 15 + pace, (pace, fit)  # the paced steps fill the 15 s, less the first step's
+    assert seconds < 30, seconds
+    final = load_resume_state(output)
+    assert final["step"] == fit and final["history"][-1]["lr"] == 0.0  # the cosine ended on the new last step
+    assert final["recipe"]["train"]["steps"] == fit and final["recipe"]["train"]["max_minutes"] is None
+    assert recipe["train"]["steps"] == 1000  # the caller's recipe is left alone
+
+    # Resumed, the finished run stays finished: its 1000-step recipe does not come back.
+    resumed = run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress",
+                      "json", check_rc=0)
+    done = [e for e in map(parse_event, resumed.stdout.splitlines()) if e and e["event"] == "done"]
+    assert done[0]["outputs"]["step"] == done[0]["outputs"]["steps"] == fit
+
+
 def test_two_process_gloo_run_completes(prepared, recipe_file, tmp_path):
-    output = tmp_path / "ddp.safetensors"
+    """Two ranks, each timing its own pace under --max-minutes: both stop at the same step."""
+    output, recipe = tmp_path / "ddp.safetensors", tmp_path / "ddp.json"
+    recipe.write_text(json.dumps({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "checkpoint_every": 1000}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "hybridmim", "pretrain", "--recipe", str(recipe_file), "--data", str(prepared), "-o", str(output),
-         "--steps", "3", "--device", "cpu", "--progress", "json"],
+         "-m", "hybridmim", "pretrain", "--recipe", str(recipe), "--data", str(prepared), "-o", str(output),
+         "--steps", "500", "--max-minutes", "0.25", "--device", "cpu", "--progress", "json"],
         capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     done = [e for e in map(parse_event, result.stdout.splitlines()) if e and e["event"] == "done"]
     assert len(done) == 1  # only rank 0 reports
+    steps = done[0]["outputs"]["steps"]
+    assert 11 < steps < 500 and done[0]["outputs"]["step"] == steps, result.stdout[-2000:]
     from hybridmim.checkpoint import read_metadata
     meta = read_metadata(output)
     assert meta.provenance["machine"].startswith("2 × ")
-    assert meta.provenance["crops_seen"] == 3 * 2 * 2 * 2
-    assert load_resume_state(output)["step"] == 3
+    assert meta.provenance["crops_seen"] == steps * 2 * 2 * 2
+    assert load_resume_state(output)["step"] == steps
 
 
 def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
@@ -315,6 +347,8 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
     (tmp_path / "typo2.json").write_text(json.dumps({**TINY_RECIPE, "hybridmim": {"mask_ration": 0.5}}))
     refused("--data", prepared, "--recipe", tmp_path / "typo2.json", "-o", tmp_path / "m.safetensors",
             message="recipe 'hybridmim': unknown settings ['mask_ration']")
+    refused("--data", prepared, "--recipe", recipe_file, "--max-minutes", "0", "-o", tmp_path / "m.safetensors",
+            message="the time limit must be a positive number of minutes, got 0.0")
     state_path(tmp_path / "broken.safetensors").write_bytes(b"not a torch file")
     refused("--data", prepared, "-o", tmp_path / "broken.safetensors", "--resume",
             message="not a readable resume state")

@@ -113,7 +113,8 @@ def _cmd_pretrain(args, reporter: Reporter) -> None:
     from .pretraining.run import run_pretrain
 
     outputs = run_pretrain(args.data, args.output, reporter, args.method, args.backbone, args.recipe, args.steps,
-                           args.resume, args.overwrite, args.cache, args.exclude, args.prepare_only, args.device)
+                           args.resume, args.overwrite, args.cache, args.exclude, args.prepare_only, args.device,
+                           args.max_minutes)
     if reporter.mode == "tqdm" and not outputs.get("before_training"):
         if "checkpoint" in outputs:
             print(f"wrote {outputs['checkpoint']} (step {outputs['step']} of {outputs['steps']}), "
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over the method's defaults "
                                                       "(Resources/Recipes/; examples in scripts/recipes/)")
     pre.add_argument("--steps", type=int, help="total optimiser steps (overrides the recipe)")
+    pre.add_argument("--max-minutes", type=float, metavar="M",
+                     help="time limit for training, resumed sessions included: the first steps are timed and the "
+                          "run keeps the steps that fit (the schedules end on the new last step)")
     _add_training_run_options(pre, "prepare the data into --cache and stop; that folder can then be given as --data")
     pre.set_defaults(handler=_cmd_pretrain)
 

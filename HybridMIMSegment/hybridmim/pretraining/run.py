@@ -51,11 +51,11 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
 def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, method: str | None = None,
                  backbone: str | None = None, recipe_file: str | None = None, steps: int | None = None,
                  resume: bool = False, overwrite: bool = False, cache: str | None = None, exclude=(),
-                 prepare_only: bool = False, device: str = "auto") -> dict:
+                 prepare_only: bool = False, device: str = "auto", max_minutes: float | None = None) -> dict:
     from ..volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
     from ..training.runstate import (StoppedBeforeTraining, StopRequest, check_new_run, load_resume_state,
                                      report_stopped_before_training)
-    from .trainer import check_recipe, pretrain, with_steps
+    from .trainer import check_recipe, pretrain, with_options
 
     if output is None and not prepare_only:
         raise UserError("give the checkpoint to write with -o (or --prepare-only to prepare the data alone)")
@@ -71,7 +71,7 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
             check_new_run(Path(output), overwrite)
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
     if not prepare_only:
-        check_recipe(with_steps(recipe, steps))
+        check_recipe(with_options(recipe, steps, max_minutes))
 
     try:
         with StopRequest(at_once=True):  # a stop while preparing ends the run at once: nothing to save yet
@@ -86,4 +86,4 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
         outputs = {"volumes": len(data.volumes), "voxels": sum(v.stored[0].size for v in data.volumes)}
         reporter.done(outputs)
         return outputs
-    return pretrain(recipe, data, Path(output), reporter, state, device, steps)
+    return pretrain(recipe, data, Path(output), reporter, state, device, steps, max_minutes)

@@ -36,8 +36,8 @@ from ..errors import UserError
 from ..networks import build_network
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
-from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, curve_path, optimiser_step, read_schedule,
-                                 state_path, step_generators)
+from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, check_time_limit, curve_path, optimiser_step,
+                                 read_schedule, state_path, step_generators)
 from ..training.schedule import warmup_cosine
 from ..volumes import PreparedData
 from .hpm import HPM
@@ -45,6 +45,7 @@ from .hybridmim import HybridMIM
 from .mim import MiM
 
 METHODS = {method.name: method for method in (HybridMIM, MiM, HPM)}
+PACE_STEPS = 10  # steps timed for --max-minutes, after the first (cuDNN autotuning, allocator warm-up)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Schedule:
     seed: int = 0
     num_threads: int | None = None
     half_precision: bool = True
+    max_minutes: float | None = None  # time limit: once the pace is timed, keep only the steps (≤ steps) that fit
 
     POSITIVE = ("steps", "volumes_per_step", "crops_per_volume", "accumulate")
 
@@ -120,6 +122,16 @@ class _Distributed:
         dist.all_reduce(value)
         return bool(value.item() > 0)
 
+    def smallest(self, value: int) -> int:
+        """The smallest ``value`` over the ranks (so all train the same number of steps)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], device=self.device, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -127,24 +139,31 @@ class _Distributed:
             dist.destroy_process_group()
 
 
-def with_steps(recipe: dict, steps: int | None) -> dict:
-    """``recipe`` with ``--steps`` applied."""
-    if steps is None:
-        return recipe
-    return {**recipe, "train": {**recipe.get("train", {}), "steps": int(steps)}}
+def with_options(recipe: dict, steps: int | None, max_minutes: float | None = None) -> dict:
+    """``recipe`` with ``--steps`` and ``--max-minutes`` applied."""
+    train = dict(recipe.get("train", {}))
+    if steps is not None:
+        train["steps"] = int(steps)
+    if max_minutes is not None:
+        train["max_minutes"] = max_minutes
+    return {**recipe, "train": train}
 
 
 def check_recipe(recipe: dict) -> None:
     """Refuse a bad recipe before any data is read: its schedule and its method must build."""
-    read_schedule(Schedule, recipe)
+    check_time_limit(read_schedule(Schedule, recipe).max_minutes)
     build_method(recipe, len(recipe["channels"]))
 
 
 def pretrain(recipe: dict, data: PreparedData, output: Path, reporter: Reporter, state: dict | None = None,
-             device: str = "auto", steps: int | None = None) -> dict:
-    """Pre-train per ``recipe`` on ``data``, from ``state`` when resuming; returns the outputs written."""
+             device: str = "auto", steps: int | None = None, max_minutes: float | None = None) -> dict:
+    """Pre-train per ``recipe`` on ``data``, from ``state`` when resuming; returns the outputs written.
+
+    ``max_minutes`` limits the run's training time (resumed sessions included): once the pace of the
+    first steps is known the run keeps the steps that fit, and the schedules end on the new last step.
+    """
     output = Path(output)
-    recipe = with_steps(recipe, steps)
+    recipe = with_options(recipe, steps, max_minutes)
     schedule = read_schedule(Schedule, recipe)
     if Preprocessing.from_dict(recipe["preprocessing"]) != data.preprocessing:
         raise UserError("the data were prepared with other pre-processing than the recipe's")
@@ -197,6 +216,11 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
             terms = _one_step(model, method, data, schedule, dist, scaler, step)
             optimiser_step(optimiser, scheduler, scaler, learnt, schedule.grad_clip)
             step += 1
+            if step == start + 1:
+                paced_from = time.time()
+            elif step == start + 1 + PACE_STEPS and schedule.max_minutes:
+                recipe = _fit_steps_in_time(recipe, schedule, step, (time.time() - paced_from) / PACE_STEPS,
+                                            elapsed + time.time() - started, dist, reporter)
             if hasattr(method, "after_step"):  # SelfMedHPM's teacher follows the student
                 method.after_step(step, schedule.steps)
             window.append(terms)
@@ -216,6 +240,18 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
         reporter.info(f"stopped at step {step} of {schedule.steps}; `--resume` continues from there")
     reporter.done({**outputs, "stopped": stopped})
     return outputs
+
+
+def _fit_steps_in_time(recipe: dict, schedule: Schedule, step: int, pace: float, spent: float, dist: _Distributed,
+                       reporter: Reporter) -> dict:
+    """Lower ``schedule.steps`` to those that fit in its time limit at ``pace`` seconds a step; the recipe
+    that the resume state keeps: the steps fitted and no time limit, so that a resumed run does not refit."""
+    fit = dist.smallest(step + max(0, int((schedule.max_minutes * 60 - spent) / pace)))
+    if fit < schedule.steps:
+        reporter.info(f"{pace:.2f} s a step: {fit} of {schedule.steps} steps fit in {schedule.max_minutes:g} minutes")
+        schedule.steps = fit
+    schedule.max_minutes = None
+    return {**recipe, "train": {**recipe["train"], "steps": schedule.steps, "max_minutes": None}}
 
 
 def _one_step(model, method, data: PreparedData, schedule: Schedule, dist: _Distributed, scaler, step: int) -> dict:

@@ -40,9 +40,9 @@ from ..labels import Label, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
-from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, check_new_run, curve_path,
-                       load_resume_state, optimiser_step, read_schedule, report_stopped_before_training, state_path,
-                       step_generators)
+from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, check_new_run, check_time_limit,
+                       curve_path, load_resume_state, optimiser_step, read_schedule, report_stopped_before_training,
+                       state_path, step_generators)
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
 
@@ -262,9 +262,7 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
     if schedule.window is not None and not (isinstance(schedule.window, list) and len(schedule.window) == 3 and all(
             isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
-    limit = schedule.max_minutes
-    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
-        raise UserError(f"the time limit must be a positive number of minutes, got {limit!r}")
+    check_time_limit(schedule.max_minutes)
     start = resolve_start(init, recipe, labels_file, reporter)
     try:
         with StopRequest(at_once=True):  # until the first step, a stop ends the run at once: nothing to save yet

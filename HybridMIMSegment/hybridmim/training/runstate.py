@@ -126,6 +126,12 @@ def optimiser_step(optimiser, scheduler, scaler, parameters, grad_clip: float | 
     scheduler.step()
 
 
+def check_time_limit(minutes) -> None:
+    """Refuse a ``max_minutes`` that is not a positive number (None: no limit)."""
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise UserError(f"the time limit must be a positive number of minutes, got {minutes!r}")
+
+
 def read_schedule(cls, recipe: dict):
     """The recipe's ``train`` block as the dataclass ``cls``: unknown names and bad values refused."""
     block = dict(recipe.get("train") or {})
