@@ -23,7 +23,8 @@ from hybridmim.errors import UserError
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.training import runstate
-from hybridmim.training.finetune import load_recipe, resolve_start, run_finetune, split_cases, transfer_weights
+from hybridmim.training.finetune import (FinetuneSchedule, load_recipe, resolve_start, run_finetune, split_cases,
+                                        transfer_weights)
 
 # A small U-Net at 3 mm on 48³ windows; tumour only. Everything else from Resources/Recipes/finetune.json.
 TINY = {
@@ -327,3 +328,19 @@ def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path)
     meta = read_metadata(tmp_path / "subset.safetensors")
     assert sorted(d["name"] for d in meta.provenance["train_data"]) == ["STS_001", "STS_003"]
     assert outputs["best_epoch"] in (2, 3)
+
+
+def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_its_output_layer():
+    recipes = {path.stem: path for path in sorted((REPO / "scripts/recipes").glob("finetune-*.json"))}
+    assert {"finetune-sarcoma-ct", "finetune-sarcoma-ct-continue", "finetune-brain-tumor-mr"} <= set(recipes)
+    for path in recipes.values():
+        runstate.read_schedule(FinetuneSchedule, load_recipe(str(path)))
+    # Trained on from the shipped model (scripts/device_methods.sh): its labels are the model's own, so the
+    # whole network, output layer included, carries over.
+    start = resolve_start("sarcoma-ct", load_recipe(str(recipes["finetune-sarcoma-ct-continue"])), None,
+                          Reporter("quiet"))
+    assert start.keep_head and [label.name for label in start.labels] == ["soft-tissue sarcoma"]
+    network = build_network(start.network)
+    assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
+    head = [name for name in start.weights if name.startswith(network.head_name + ".")]
+    assert head and all(torch.equal(network.state_dict()[name], start.weights[name].float()) for name in head)

@@ -4,3 +4,21 @@ OUT=${OUT:-runs/device-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/HybridMIMSegment PYTHONUNBUFFERED=1 HYBRIDMIM_NO_VENV=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU visible"
+
+# Waits while a process matching the pattern $1 runs, until $2 seconds of the call have passed (the last
+# 20 kept for collecting what there is).
+wait_for_runs() {
+  while pgrep -f "$1" > /dev/null && [ $SECONDS -lt $(($2 - 20)) ]; do sleep 10; done
+}
+
+# Where each run of the JSON-lines logs named stands: its last progress and metric events, its time-limit
+# and error messages; then the GPU's load.
+report_runs() {
+  local log
+  for log in "$@"; do
+    [ -f "$log" ] || continue
+    echo "$(basename "$log"): $(grep '"progress"' "$log" | tail -1 | cut -c1-80) $(grep '"metric"' "$log" | tail -1 | cut -c1-160)"
+  done
+  grep -h '"message"' "$@" 2>/dev/null | grep -i "fit in\|error" | cut -c1-200
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+}

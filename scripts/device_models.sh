@@ -19,7 +19,7 @@ source scripts/_device.sh
 export OMP_NUM_THREADS=2  # nine processes on one machine's cores; their CPU work is sampling crops
 logs=runs/logs; study=runs/study; device=${DEVICE:-cuda}
 train=.devdata/prepared/sarcoma-train; val=.devdata/prepared/sarcoma-val
-running() { pgrep -f "hybridmim finetune|label_efficiency.py" > /dev/null; }
+runs="hybridmim finetune|label_efficiency.py"
 
 case $mode in
   launch)
@@ -40,15 +40,9 @@ case $mode in
   *) echo "error: launch or watch, not $mode" >&2; exit 2 ;;
 esac
 
-while running && [ $SECONDS -lt $((budget - 20)) ]; do sleep 10; done
-last() { grep "\"$1\"" "$log" | tail -1 | cut -c1-"$2"; }  # a log's last event of a kind, cut short
-for log in $logs/*.jsonl $study/*.log.jsonl; do  # where each run is: its last progress and metric
-  [ -f "$log" ] || continue
-  echo "$(basename "$log"): $(last progress 80) $(last metric 160)"
-done
-grep -h '"message"' $logs/*.jsonl $study/*.log.jsonl 2>/dev/null | grep -i "fit in\|error" | cut -c1-200
+wait_for_runs "$runs" "$budget"
+report_runs $logs/*.jsonl $study/*.log.jsonl
 tail -n 2 $logs/*.err $logs/*.out 2>/dev/null | grep -v '^$'
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
 for name in sarcoma-ct abdomen-ct brain-tumor-mr; do cp runs/$name/$name.safetensors "$OUT/" 2>/dev/null; done
 tar -czf "$OUT/runs.tar.gz" $logs runs/*/*.curve.png $study/*.json $study/*.log.jsonl $study/*.png 2>/dev/null
-running && echo "runs still going" || echo "no run left"
+pgrep -f "$runs" > /dev/null && echo "runs still going" || echo "no run left"
