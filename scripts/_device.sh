@@ -17,7 +17,8 @@ report_runs() {
   local log
   for log in "$@"; do
     [ -f "$log" ] || continue
-    echo "$(basename "$log"): $(grep '"progress"' "$log" | tail -1 | cut -c1-80) $(grep '"metric"' "$log" | tail -1 | cut -c1-160)"
+    echo "$(basename "$log"): $(grep '"progress"' "$log" | tail -1 | cut -c1-80)" \
+      "$(grep '"metric"' "$log" | tail -1 | cut -c1-160)"
   done
   grep -h '"message"' "$@" 2>/dev/null | grep -i "fit in\|error" | cut -c1-200
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null

@@ -83,6 +83,6 @@ wait_for_runs "$runs" "$budget"
 report_runs $logs/*.jsonl runs/study*/*.log.jsonl
 tail -n 2 $logs/*.err $logs/*.out 2>/dev/null | grep -v '^$'
 cp runs/sarcoma-ct/sarcoma-ct.safetensors "$OUT/" 2>/dev/null
-tar -czf "$OUT/runs.tar.gz" $logs runs/ct/*.curve.png runs/sarcoma-ct/*.curve.png runs/study*/*.json runs/study*/*.log.jsonl \
-  runs/study*/*.png 2>/dev/null
+tar -czf "$OUT/runs.tar.gz" $logs runs/ct/*.curve.png runs/sarcoma-ct/*.curve.png runs/study*/*.json \
+  runs/study*/*.log.jsonl runs/study*/*.png 2>/dev/null
 pgrep -f "$runs" > /dev/null && echo "runs still going" || echo "no run left"
