@@ -53,3 +53,30 @@ def test_finetune_crops_get_axial_slabs_only_when_asked(abdomen_crop):
     # rotations leave at most a corner slice empty; a slab blanks at least half the crop's slices
     assert max(blanked_slices(False)) < 16
     assert sum(c >= 16 for c in blanked_slices(True)) >= 2
+
+
+def test_finetune_crops_are_mirrored_only_when_asked_image_and_label_together(abdomen_crop):
+    _, label = _crop_tensors(abdomen_crop)
+    label = label[:, :48, :64, :64]
+    # the structure lying furthest to one side along x; the image is that structure (2) on 1 elsewhere, so
+    # any misalignment of image and label shows as a smaller contrast inside the label
+    offsets = {int(v): float(torch.nonzero(label[0] == v)[:, 2].float().mean()) - 31.5 for v in label.unique() if v
+               and int((label == v).sum()) > 500}
+    organ = max(offsets, key=lambda v: abs(offsets[v]))
+    image = (label == organ).float() + 1.0
+
+    def same_side(flips: bool) -> list[bool]:
+        augment = crop_augmentations((32, 48, 48), flips=flips)
+        sides = []
+        for seed in range(16):
+            augment.set_random_state(seed=seed)
+            out = augment({"image": image.clone(), "label": label.clone()})
+            inside = out["label"][0] == organ
+            assert inside.sum() > 100
+            assert float(out["image"][0][inside].mean() - out["image"][0][~inside].mean()) > 0.3, seed
+            sides.append((float(torch.nonzero(inside)[:, 2].float().mean()) - 23.5) * offsets[organ] > 0)
+        return sides
+
+    assert all(same_side(False))  # rotations of up to 15° keep it on its side
+    mirrored = same_side(True).count(False)
+    assert 3 <= mirrored <= 13, mirrored

@@ -332,15 +332,17 @@ def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path)
 
 def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_its_output_layer():
     recipes = {path.stem: path for path in sorted((REPO / "scripts/recipes").glob("finetune-*.json"))}
-    assert {"finetune-sarcoma-ct", "finetune-sarcoma-ct-continue", "finetune-brain-tumor-mr"} <= set(recipes)
-    for path in recipes.values():
-        runstate.read_schedule(FinetuneSchedule, load_recipe(str(path)))
+    continued = ["finetune-sarcoma-ct-continue", "finetune-sarcoma-ct-continue-flips"]
+    assert {"finetune-sarcoma-ct", "finetune-brain-tumor-mr", *continued} <= set(recipes)
+    flips = {name: runstate.read_schedule(FinetuneSchedule, load_recipe(str(path))).flips
+             for name, path in recipes.items()}
+    assert [name for name, mirrored in flips.items() if mirrored] == continued[1:]  # never where sides matter
     # Trained on from the shipped model (scripts/device_methods.sh): its labels are the model's own, so the
     # whole network, output layer included, carries over.
-    start = resolve_start("sarcoma-ct", load_recipe(str(recipes["finetune-sarcoma-ct-continue"])), None,
-                          Reporter("quiet"))
-    assert start.keep_head and [label.name for label in start.labels] == ["soft-tissue sarcoma"]
-    network = build_network(start.network)
-    assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
-    head = [name for name in start.weights if name.startswith(network.head_name + ".")]
-    assert head and all(torch.equal(network.state_dict()[name], start.weights[name].float()) for name in head)
+    for name in continued:
+        start = resolve_start("sarcoma-ct", load_recipe(str(recipes[name])), None, Reporter("quiet"))
+        assert start.keep_head and [label.name for label in start.labels] == ["soft-tissue sarcoma"]
+        network = build_network(start.network)
+        assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
+        head = [key for key in start.weights if key.startswith(network.head_name + ".")]
+        assert head and all(torch.equal(network.state_dict()[key], start.weights[key].float()) for key in head)

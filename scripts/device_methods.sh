@@ -3,8 +3,8 @@
 # pre-train side by side on the 39 CTs; when both are done, the label-efficiency study's arms for them and
 # for the hybrid network from scratch (3, 10 and 35 cases) run side by side, each fitted to the same
 # minutes and at most the U-Net arms' 16 epochs. Beside them, sarcoma-ct trains on from the shipped model
-# at a lower learning rate (scripts/recipes/finetune-sarcoma-ct-continue.json). The runs outlive the
-# calls (setsid): later calls watch and collect.
+# at a lower learning rate, twice: as trained (finetune-sarcoma-ct-continue.json) and with mirrored crops
+# (…-continue-flips.json). The runs outlive the calls (setsid): later calls watch and collect.
 #   here, once:  scripts/device_methods.sh pack   (prepares .devdata/ct and the sarcoma folders, packs them
 #                into .devdata/carry/ct.tar.xz and sarcoma.tar.xz, and puts MONAI's wheel in .whl)
 #   call 1:      scripts/device_methods.sh pretrain MINUTES SECONDS  (carry .devdata/carry/ct.tar.xz and .whl)
@@ -12,8 +12,8 @@
 #                .whl; the checkout travels too, 64 MiB in all: move every model but sarcoma-ct out of it)
 #   next calls:  scripts/device_methods.sh watch SECONDS            (carry .whl)
 # MINUTES: training time per run (pre-training in call 1, each arm and the sarcoma run in call 2). Each
-# call ends when SECONDS have passed or no run is left, and copies to $OUT what there is: the sarcoma model
-# and runs.tar.gz (logs, curves, the arms' results). Then, here: hybridmim evaluate the sarcoma model, and
+# call ends when SECONDS have passed or no run is left, and copies to $OUT what there is: the sarcoma models
+# and runs.tar.gz (logs, curves, the arms' results). Then, here: hybridmim evaluate the sarcoma models, and
 # write the study's summary with scripts/label_efficiency.py over the arms' .result.json files.
 set -uo pipefail
 mode=$1
@@ -42,6 +42,7 @@ source scripts/_device.sh
 export OMP_NUM_THREADS=2  # several processes on one machine's cores; their CPU work is sampling crops
 logs=runs/logs; device=${DEVICE:-cuda}; methods=${METHODS:-mim hpm}  # METHODS, SIZES: a part of the work
 runs="hybridmim pretrain|hybridmim finetune|label_efficiency.py|device_methods.sh study"
+variants="continue continue-flips"  # sarcoma-ct trained on: scripts/recipes/finetune-sarcoma-ct-VARIANT.json
 pretrained() { echo runs/ct/ct-$1-hybrid.safetensors; }
 case $mode in
   pretrain)
@@ -56,10 +57,13 @@ case $mode in
   arms)
     minutes=$2; budget=$3
     python3 scripts/carry_prepared.py unpack $carry/sarcoma.tar.xz .devdata/prepared || exit 1
-    rm -rf runs/sarcoma-ct runs/study runs/study-hybrid
-    setsid python3 -m hybridmim finetune --init sarcoma-ct --recipe scripts/recipes/finetune-sarcoma-ct-continue.json \
-      --data $train --val $val -o runs/sarcoma-ct/sarcoma-ct.safetensors --max-minutes "$minutes" --device $device \
-      --progress json > $logs/sarcoma-ct.jsonl 2> $logs/sarcoma-ct.err < /dev/null &
+    rm -rf runs/sarcoma-ct-* runs/study runs/study-hybrid
+    for variant in $variants; do
+      setsid python3 -m hybridmim finetune --init sarcoma-ct --data $train --val $val \
+        --recipe scripts/recipes/finetune-sarcoma-ct-$variant.json -o runs/sarcoma-ct-$variant/sarcoma-ct.safetensors \
+        --max-minutes "$minutes" --device $device --progress json \
+        > $logs/sarcoma-ct-$variant.jsonl 2> $logs/sarcoma-ct-$variant.err < /dev/null &
+    done
     setsid "$0" study "$minutes" > $logs/study.out 2>&1 < /dev/null & ;;
   study)  # started by `arms`: waits for pre-training to end, then runs every arm at once
     minutes=$2; budget=0
@@ -82,7 +86,9 @@ esac
 wait_for_runs "$runs" "$budget"
 report_runs $logs/*.jsonl runs/study*/*.log.jsonl
 tail -n 2 $logs/*.err $logs/*.out 2>/dev/null | grep -v '^$'
-cp runs/sarcoma-ct/sarcoma-ct.safetensors "$OUT/" 2>/dev/null
-tar -czf "$OUT/runs.tar.gz" $logs runs/ct/*.curve.png runs/sarcoma-ct/*.curve.png runs/study*/*.json \
+for variant in $variants; do
+  cp runs/sarcoma-ct-$variant/sarcoma-ct.safetensors "$OUT/sarcoma-ct-$variant.safetensors" 2>/dev/null
+done
+tar -czf "$OUT/runs.tar.gz" $logs runs/ct/*.curve.png runs/sarcoma-ct-*/*.curve.png runs/study*/*.json \
   runs/study*/*.log.jsonl runs/study*/*.png 2>/dev/null
 pgrep -f "$runs" > /dev/null && echo "runs still going" || echo "no run left"

@@ -7,6 +7,7 @@ from monai.transforms import (
     MapTransform,
     RandAdjustContrastd,
     RandAffined,
+    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandHistogramShiftd,
@@ -87,13 +88,14 @@ def _intensity_changes() -> list:
     ]
 
 
-def crop_augmentations(roi_size, organ_contrast: bool = False, axial_slabs: bool = False, device=None) -> Compose:
+def crop_augmentations(roi_size, organ_contrast: bool = False, axial_slabs: bool = False, flips: bool = False,
+                       device=None) -> Compose:
     """Rotation, scaling and intensity changes of an already sampled crop (1.25 × the ROI) down to the ROI.
 
     ``organ_contrast``: also shift each labelled structure's intensity (imitates contrast phases on CT).
     ``axial_slabs``: sometimes keep only a slab of slices (scans that cover a few centimetres).
-    No flips: left and right structures carry different labels. ``device``: where the resampling runs
-    (the crops should already be there).
+    ``flips``: mirror along each axis with probability 0.5 — only for labels without a side (a tumour;
+    not left and right organs). ``device``: where the resampling runs (the crops should already be there).
     """
     keys = ("image", "label")
     roi_size = tuple(int(r) for r in roi_size)
@@ -101,4 +103,5 @@ def crop_augmentations(roi_size, organ_contrast: bool = False, axial_slabs: bool
     # Slabs last: the blanked slices stay exact zeros, as the padding of a thin scan is at inference.
     slabs = [RandAxialSlabd(keys, prob=0.4, min_slices=max(4, roi_size[0] // 8), max_slices=roi_size[0] // 2)
              ] if axial_slabs else []
-    return Compose([_rotate_and_scale(keys, roi_size, device), *contrast, *_intensity_changes(), *slabs])
+    mirrors = [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)] if flips else []
+    return Compose([_rotate_and_scale(keys, roi_size, device), *mirrors, *contrast, *_intensity_changes(), *slabs])

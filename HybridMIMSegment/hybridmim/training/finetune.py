@@ -66,6 +66,7 @@ class FinetuneSchedule:
     grad_clip: float | None = 1.0
     organ_contrast: bool = False
     axial_slabs: bool = False  # blank all but a random slab of slices: teaches scans a few centimetres thick
+    flips: bool = False  # mirror crops along each axis: for labels without a side (tumours)
     seed: int = 0
     num_threads: int | None = None
     half_precision: bool = True
@@ -323,7 +324,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and schedule.amp == "fp16")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     window = tuple(schedule.window or start.roi_size)
-    augment = crop_augmentations(window, schedule.organ_contrast, schedule.axial_slabs, device)
+    augment = crop_augmentations(window, schedule.organ_contrast, schedule.axial_slabs, schedule.flips, device)
     crop = int(np.ceil(max(window) * CROP_MARGIN))
     classes = len(start.labels)
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
