@@ -7,11 +7,11 @@
 # (…-continue-flips.json). The runs outlive the calls (setsid): later calls watch and collect.
 #   here, once:  scripts/device_methods.sh pack   (prepares .devdata/ct and the sarcoma folders, packs them
 #                into .devdata/carry/ct.tar.xz and sarcoma.tar.xz, and puts MONAI's wheel in .whl)
-#   call 1:      scripts/device_methods.sh pretrain MINUTES SECONDS  (carry .devdata/carry/ct.tar.xz and .whl)
-#   call 2:      scripts/device_methods.sh arms MINUTES SECONDS      (carry .devdata/carry/sarcoma.tar.xz and
+#   first call:  scripts/device_methods.sh pretrain MINUTES SECONDS  (carry .devdata/carry/ct.tar.xz and .whl)
+#   second call: scripts/device_methods.sh arms MINUTES SECONDS      (carry .devdata/carry/sarcoma.tar.xz and
 #                .whl; the checkout travels too, 64 MiB in all: move every model but sarcoma-ct out of it)
 #   next calls:  scripts/device_methods.sh watch SECONDS            (carry .whl)
-# MINUTES: training time per run (pre-training in call 1, each arm and the sarcoma run in call 2). Each
+# MINUTES: training time per run (each pre-training; each arm and sarcoma run). Each
 # call ends when SECONDS have passed or no run is left, and copies to $OUT what there is: the sarcoma models
 # and runs.tar.gz (logs, curves, the arms' results). Then, here: hybridmim evaluate the sarcoma models, and
 # write the study's summary with scripts/label_efficiency.py over the arms' .result.json files.
