@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridmim.atomic import atomic_output
+from hybridmim.errors import UserError
 from hybridmim.progress import Reporter
 from hybridmim.training.finetune import load_recipe, run_finetune
 from hybridmim.training.runstate import state_path
@@ -151,4 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # a missing init model, unreadable data: one line, as the CLI says it
+        raise SystemExit(f"error: {error}") from None
