@@ -218,6 +218,7 @@ def test_max_minutes_keeps_the_steps_that_fit_and_ends_the_schedules_there(prepa
     final = load_resume_state(output)
     assert final["step"] == fit and final["history"][-1]["lr"] == 0.0  # the cosine ended on the new last step
     assert final["recipe"]["train"]["steps"] == fit and final["recipe"]["train"]["max_minutes"] is None
+    assert final["recipe"]["train"]["warmup_steps"] == max(1, 2 * fit // 1000)  # the warm-up shortened alike
     assert recipe["train"]["steps"] == 1000  # the caller's recipe is left alone
 
     # Resumed, the finished run stays finished: its 1000-step recipe does not come back.

@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, help="total optimiser steps (overrides the recipe)")
     pre.add_argument("--max-minutes", type=float, metavar="M",
                      help="time limit for training, resumed sessions included: the first steps are timed and the "
-                          "run keeps the steps that fit (the schedules end on the new last step)")
+                          "run keeps the steps that fit (warm-up and schedules shortened alike)")
     _add_training_run_options(pre, "prepare the data into --cache and stop; that folder can then be given as --data")
     pre.set_defaults(handler=_cmd_pretrain)
 

@@ -244,14 +244,17 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
 
 def _fit_steps_in_time(recipe: dict, schedule: Schedule, step: int, pace: float, spent: float, dist: _Distributed,
                        reporter: Reporter) -> dict:
-    """Lower ``schedule.steps`` to those that fit in its time limit at ``pace`` seconds a step; the recipe
-    that the resume state keeps: the steps fitted and no time limit, so that a resumed run does not refit."""
+    """Lower ``schedule.steps`` to those that fit in its time limit at ``pace`` seconds a step, and the warm-up
+    in proportion (100 warm-up steps of 3000 would be most of a 150-step run); the recipe that the resume state
+    keeps: the steps fitted and no time limit, so that a resumed run does not refit."""
     fit = dist.smallest(step + max(0, int((schedule.max_minutes * 60 - spent) / pace)))
     if fit < schedule.steps:
         reporter.info(f"{pace:.2f} s a step: {fit} of {schedule.steps} steps fit in {schedule.max_minutes:g} minutes")
+        schedule.warmup_steps = max(1, schedule.warmup_steps * fit // schedule.steps)
         schedule.steps = fit
     schedule.max_minutes = None
-    return {**recipe, "train": {**recipe["train"], "steps": schedule.steps, "max_minutes": None}}
+    return {**recipe, "train": {**recipe["train"], "steps": schedule.steps, "warmup_steps": schedule.warmup_steps,
+                                "max_minutes": None}}
 
 
 def _one_step(model, method, data: PreparedData, schedule: Schedule, dist: _Distributed, scaler, step: int) -> dict:
