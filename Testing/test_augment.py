@@ -15,6 +15,13 @@ def _crop_tensors(abdomen_crop):
     return image, label
 
 
+def _augmented(augment, image, label, seeds: int):
+    """``augment``'s outputs for the crop (image, label), one per seed 0 … seeds - 1."""
+    for seed in range(seeds):
+        augment.set_random_state(seed=seed)
+        yield augment({"image": image.clone(), "label": label.clone()})
+
+
 def test_label_intensity_shift_moves_each_structure_by_one_constant(abdomen_crop):
     image, label = _crop_tensors(abdomen_crop)
     shift = RandLabelIntensityShiftd("image", "label", prob=1.0, shift_range=(0.1, 0.3))
@@ -40,11 +47,8 @@ def test_finetune_crops_get_axial_slabs_only_when_asked(abdomen_crop):
     label = label[:, :48, :64, :64]
 
     def blanked_slices(axial_slabs: bool) -> list[int]:
-        augment = crop_augmentations((32, 48, 48), axial_slabs=axial_slabs)
         counts = []
-        for seed in range(12):
-            augment.set_random_state(seed=seed)
-            out = augment({"image": image.clone(), "label": label.clone()})
+        for out in _augmented(crop_augmentations((32, 48, 48), axial_slabs=axial_slabs), image, label, seeds=12):
             empty = (out["image"][0] == 0).flatten(1).all(1)
             assert (out["label"][0][empty] == 0).all()
             counts.append(int(empty.sum()))
@@ -66,14 +70,11 @@ def test_finetune_crops_are_mirrored_only_when_asked_image_and_label_together(ab
     image = (label == organ).float() + 1.0
 
     def same_side(flips: bool) -> list[bool]:
-        augment = crop_augmentations((32, 48, 48), flips=flips)
         sides = []
-        for seed in range(16):
-            augment.set_random_state(seed=seed)
-            out = augment({"image": image.clone(), "label": label.clone()})
+        for out in _augmented(crop_augmentations((32, 48, 48), flips=flips), image, label, seeds=16):
             inside = out["label"][0] == organ
             assert inside.sum() > 100
-            assert float(out["image"][0][inside].mean() - out["image"][0][~inside].mean()) > 0.3, seed
+            assert float(out["image"][0][inside].mean() - out["image"][0][~inside].mean()) > 0.3
             sides.append((float(torch.nonzero(inside)[:, 2].float().mean()) - 23.5) * offsets[organ] > 0)
         return sides
 
