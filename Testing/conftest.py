@@ -75,6 +75,14 @@ def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     return result
 
 
+def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
+    """The warning messages of a ``--progress json`` run."""
+    from hybridmim.progress import parse_event
+
+    events = [parse_event(line) for line in result.stdout.splitlines()]
+    return [e["text"] for e in events if e and e["event"] == "message" and e["level"] == "warning"]
+
+
 def stop_while_preparing(*args) -> tuple[int, dict | None, str]:
     """``python -m hybridmim ARGS --progress json`` sent SIGTERM (Slicer's Stop) once it has prepared its first
     case: (exit code, the outputs of its done event, stderr)."""

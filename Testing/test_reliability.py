@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DEFAULT_MODEL, REPO, data_file, run_cli
+from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of
 from hybridmim.atomic import output_lock
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -23,7 +23,7 @@ from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, 
 from hybridmim.memory import BASE_BYTES, GIB, ScanHeader, segment_bytes, window_bytes
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
-from hybridmim.scancheck import finite_volume, warn_if_unlike_modality
+from hybridmim.scancheck import finite_volume, warn_if_thinner_than_window, warn_if_unlike_modality
 
 FLAIR = "brain_tumor_mr/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"
 
@@ -32,11 +32,6 @@ def one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-
-
-def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
-    events = [parse_event(line) for line in result.stdout.splitlines()]
-    return [e["text"] for e in events if e and e["event"] == "message" and e["level"] == "warning"]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +92,29 @@ def test_intensities_unlike_the_expected_modality_are_warned_about(abdomen_crop)
     warn_if_unlike_modality(mr, "flair", "CT", said.append)
     warn_if_unlike_modality(ct, "ct", "MR", said.append)
     assert len(said) == 2 and "is this an MR" in said[0] and "like a CT in Hounsfield units" in said[1]
+
+
+def test_a_scan_thinner_than_half_a_window_is_warned_about_along_its_thin_axis(abdomen_crop):
+    """From the header: ct_b covers 40 mm head–foot of the default model's 192 mm windows; the abdomen crop
+    (288 x 216 x 168 mm) is under half a window on no axis, also when stored with head–foot as its first
+    axis; cut to 14 slices there, it is warned about head–foot. A model at the scan's own spacing has
+    windows of its voxels (64 x 2 mm on ct_b)."""
+    meta = read_metadata(DEFAULT_MODEL)
+
+    def said(image, preprocessing=meta.preprocessing):
+        messages = []
+        warn_if_thinner_than_window(image, "scan", preprocessing, meta.roi_size, messages.append)
+        return messages
+
+    ct_b, crop = (sitk.ReadImage(str(p)) for p in (data_file("abdomen_ct/ct_b.nii.gz"), abdomen_crop["image"]))
+    [message] = said(ct_b)
+    assert "covers only 40 mm head–foot (window 192 mm)" in message and "left–right" not in message
+    head_foot_first = sitk.PermuteAxes(crop, [2, 0, 1])
+    assert said(crop) == [] and said(head_foot_first) == []
+    [message] = said(head_foot_first[:14])
+    assert "covers only 42 mm head–foot" in message and "left–right" not in message
+    [message] = said(ct_b, dataclasses.replace(meta.preprocessing, spacing=None))
+    assert "40 mm head–foot (window 128 mm)" in message
 
 
 def test_an_mr_given_to_the_ct_model_runs_with_a_warning(tmp_path):

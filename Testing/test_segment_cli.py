@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import slicerio
 from PIL import Image
 
-from conftest import DEFAULT_MODEL, data_file, run_cli
+from conftest import DEFAULT_MODEL, data_file, run_cli, warnings_of
 from hybridmim.metrics import dice_per_label
 from hybridmim.progress import parse_event
 from test_imageio import _rotation, assert_same_grid
@@ -36,7 +36,8 @@ def test_progress_protocol_stages_progress_and_done(segmented):
     done = events[-1]
     assert done["event"] == "done" and done["outputs"]["segmentation"] == str(out / "seg.seg.nrrd")
     # No GPU here: asking for CUDA falls back to the CPU and says so.
-    warnings = [e["text"] for e in events if e["event"] == "message" and e["level"] == "warning"]
+    warnings = warnings_of(result)
+    assert not any("covers only" in w for w in warnings)  # 168 mm head–foot: not thin for 192 mm windows
     if done["outputs"]["device"] == "cpu":
         assert any("CUDA was requested" in w for w in warnings)
 
@@ -193,10 +194,11 @@ def test_default_model_on_unseen_contrast_ct(tmp_path):
 
     The stand-in model generalises poorly to this thin slab (docs/models/abdomen-ct-scratch.md); the aorta
     (measured 0.72) is the organ it does find, so its floor guards pre-processing, inference and the inverse
-    mapping on an anisotropic LPS scan.
+    mapping on an anisotropic LPS scan. The user is told why the other organs may be missing.
     """
-    run_cli("segment", data_file("abdomen_ct/ct_b.nii.gz"), "-o", tmp_path / "ct_b.nii.gz", "--progress", "quiet",
-            check_rc=0)
+    result = run_cli("segment", data_file("abdomen_ct/ct_b.nii.gz"), "-o", tmp_path / "ct_b.nii.gz",
+                     "--progress", "json", check_rc=0)
+    assert any("covers only 40 mm head–foot" in w for w in warnings_of(result))
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ct_b.nii.gz")))
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(data_file("abdomen_ct/ct_b_btcv13.nii.gz"))))
     assert prediction.shape == reference.shape

@@ -139,6 +139,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     from .imageio import read_channels, read_volume
     from .modelgrid import prepare, restore_labels
     from .predict import load_network, predict_labels
+    from .scancheck import warn_if_thinner_than_window
 
     device = resolve_device(device, reporter)
     network = load_network(checkpoint, meta, device, reporter)
@@ -147,6 +148,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     reporter.stage("evaluate")
     for index, case in enumerate(cases):
         channels = read_channels(case.channels, reporter.warning)
+        warn_if_thinner_than_window(channels[0], case.name, meta.preprocessing, meta.roi_size, reporter.warning)
         reference_image = read_volume(case.label)
         model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
         labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,

@@ -45,10 +45,12 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
     Returns (channels as read, ModelInput, network, device: ``cpu`` or ``cuda``).
     """
     from .modelgrid import prepare
-    from .scancheck import checked_channels
+    from .scancheck import checked_channels, warn_if_thinner_than_window
 
     modalities = [c.get("modality", "") for c in meta.channels]
     channels = checked_channels(reading.result(reporter.warning), reading.paths, modalities, reporter.warning)
+    warn_if_thinner_than_window(channels[0], str(reading.paths[0]), meta.preprocessing, meta.roi_size,
+                                reporter.warning)
     device = resolve_device(device, reporter)  # after the scan's checks: a bad scan gets one line and no more
     network = load_network(checkpoint, meta, device, reporter, onnx)
     reporter.stage("preprocess")

@@ -94,6 +94,10 @@ class Preprocessing:
             else {"threshold": self.foreground_threshold, "margin_mm": self.foreground_margin_mm},
         }
 
+    def world_axes(self) -> tuple[int, ...]:
+        """The world axis (0 left–right, 1 back–front, 2 foot–head) of each model-grid axis (x, y, z)."""
+        return tuple(_axis_of(letter) for letter in self.orientation)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         orientation = str(d.get("orientation", "RAS")).upper()

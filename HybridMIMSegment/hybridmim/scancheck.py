@@ -1,5 +1,5 @@
 """Checks on what an input scan holds, before a model sees it: non-finite voxels,
-constant images, and intensities unlike the modality the model expects."""
+constant images, intensities unlike the modality the model expects, and scans too thin for its windows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from .errors import UserError
 # Air is about -1000 HU on CT; any body CT has voxels far below this. MR intensities are not negative.
 CT_MINIMUM_ABOVE = -200.0
 MR_MINIMUM_BELOW = -500.0
+# A scan covering less than this share of a window along an axis leaves every window mostly padding, which the
+# models did not learn: a 42 mm slab of the default model's own training CT drops liver Dice from 0.87 to 0.19.
+THIN_SCAN_SHARE = 0.5
+_WORLD_AXIS_NAMES = ("left–right", "front–back", "head–foot")
 
 
 def finite_volume(image: sitk.Image, name: str, warn: Callable[[str], None]) -> sitk.Image:
@@ -47,6 +51,24 @@ def warn_if_unlike_modality(image: sitk.Image, name: str, modality: str, warn: C
              "the model expects CT: is this an MR, or a CT stored without its rescale?")
     elif modality == "MR" and low < MR_MINIMUM_BELOW:
         warn(f"{name}: values down to {low:g}, like a CT in Hounsfield units; the model expects MR")
+
+
+def warn_if_thinner_than_window(image: sitk.Image, name: str, preprocessing, roi_size, warn: Callable[[str], None]) -> None:
+    """A warning when ``image`` covers less than THIN_SCAN_SHARE of the model's window (``roi_size`` voxels
+    (z, y, x) at the ``preprocessing`` spacing) along any axis; read from the header alone."""
+    direction = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
+    size, spacing = image.GetSize(), image.GetSpacing()
+    thin = []
+    for model_axis, world_axis in enumerate(preprocessing.world_axes()):
+        image_axis = int(direction[world_axis].argmax())  # the image axis nearest this world axis
+        covered = size[image_axis] * spacing[image_axis]
+        step = preprocessing.spacing[model_axis] if preprocessing.spacing else spacing[image_axis]
+        window = roi_size[2 - model_axis] * step
+        if covered < THIN_SCAN_SHARE * window:
+            thin.append(f"{covered:.0f} mm {_WORLD_AXIS_NAMES[world_axis]} (window {window:.0f} mm)")
+    if thin:
+        warn(f"{name}: the scan covers only {', '.join(thin)}, under half of the model's window; with so little "
+             "3-D context the model may miss structures")
 
 
 def checked_channels(images: list[sitk.Image], names, modalities, warn: Callable[[str], None]) -> list[sitk.Image]:
