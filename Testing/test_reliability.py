@@ -22,7 +22,7 @@ from hybridmim.errors import UserError
 from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, window_plans
 from hybridmim.memory import BASE_BYTES, GIB, ScanHeader, segment_bytes, window_bytes
 from hybridmim.networks import build_network
-from hybridmim.progress import Reporter, parse_event
+from hybridmim.progress import Reporter
 from hybridmim.scancheck import finite_volume, warn_if_thinner_than_window, warn_if_unlike_modality
 
 FLAIR = "brain_tumor_mr/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"
