@@ -95,7 +95,7 @@ class Preprocessing:
         }
 
     def world_axes(self) -> tuple[int, ...]:
-        """The world axis (0 left–right, 1 back–front, 2 foot–head) of each model-grid axis (x, y, z)."""
+        """The world axis (0 left–right, 1 front–back, 2 head–foot) of each model-grid axis (x, y, z)."""
         return tuple(_axis_of(letter) for letter in self.orientation)
 
     @classmethod

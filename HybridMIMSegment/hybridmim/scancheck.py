@@ -53,7 +53,8 @@ def warn_if_unlike_modality(image: sitk.Image, name: str, modality: str, warn: C
         warn(f"{name}: values down to {low:g}, like a CT in Hounsfield units; the model expects MR")
 
 
-def warn_if_thinner_than_window(image: sitk.Image, name: str, preprocessing, roi_size, warn: Callable[[str], None]) -> None:
+def warn_if_thinner_than_window(image: sitk.Image, name: str, preprocessing, roi_size,
+                                warn: Callable[[str], None]) -> None:
     """A warning when ``image`` covers less than THIN_SCAN_SHARE of the model's window (``roi_size`` voxels
     (z, y, x) at the ``preprocessing`` spacing) along any axis; read from the header alone."""
     direction = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
