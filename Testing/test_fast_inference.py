@@ -45,7 +45,7 @@ def test_window_starts_are_monais():
                 assert window_starts(size, roi, overlap) == expected, (size, roi, overlap)
 
 
-def test_sliding_window_equals_monais_with_torch_and_with_onnx_runtime(default_model, tmp_path, monkeypatch):
+def test_sliding_window_equals_monais_with_torch_and_with_openvino(default_model, tmp_path, monkeypatch):
     from monai.inferers import sliding_window_inference
 
     monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path))
@@ -69,10 +69,11 @@ def test_sliding_window_equals_monais_with_torch_and_with_onnx_runtime(default_m
     on_host = blend_windows(run, volume, meta.roi_size, 0.5, 1, gaussian_weights(meta.roi_size),
                             lambda shape: np.zeros(shape, np.float32), Reporter("quiet"))
     assert on_host.shape == reference.shape and float(np.abs(on_host - reference).max()) <= 1e-5
-    # with ONNX Runtime's windows, whose convolutions round differently (here up to 7e-4 of the range)
+    # with OpenVINO's windows, whose convolutions round differently: here up to 1.8e-3 of the range, as the
+    # windows are mostly zero padding and instance norm over a near-constant input amplifies rounding
     onnx = export_onnx_network(network, DEFAULT_MODEL, meta, Reporter("quiet"))
     via_onnx = onnx.sliding_window(volume, meta.roi_size, 0.5, Reporter("quiet"))
-    assert float(np.abs(via_onnx - reference).max()) <= 1e-3 * float(np.abs(reference).max())
+    assert float(np.abs(via_onnx - reference).max()) <= 3e-3 * float(np.abs(reference).max())
     assert (via_onnx.argmax(0) == reference.argmax(0)).mean() >= 0.999
 
 
@@ -139,10 +140,15 @@ def test_window_aligned_box_holds_exactly_the_windows_touching_the_box():
 def test_a_second_run_starts_from_the_cached_onnx_export_without_torch(small_ct, tmp_path):
     env = {**os.environ, "HYBRIDMIM_CACHE": str(tmp_path / "cache")}
     code = ("import sys\n"
+            # what Python code does towards other hosts (OpenVINO's telemetry is Python); urllib3's import binds
+            # a local socket to probe IPv6, which is not counted
+            "sockets = []\n"
+            "outward = ('socket.connect', 'socket.getaddrinfo', 'socket.sendto', 'socket.sendmsg', 'urllib.Request')\n"
+            "sys.addaudithook(lambda event, args: event in outward and sockets.append(event))\n"
             "from hybridmim.devices import gpu_driver_present\n"
             "from hybridmim.segment import segment\n"
             "segment([sys.argv[1]], sys.argv[2])\n"  # --device auto
-            "print(*(name in sys.modules for name in ('torch', 'monai', 'onnxruntime')), gpu_driver_present())\n")
+            "print(*(name in sys.modules for name in ('torch', 'monai', 'openvino')), sockets, gpu_driver_present())\n")
     outputs = []
     for run in ("first", "second"):
         output = tmp_path / f"{run}.nii.gz"
@@ -150,9 +156,10 @@ def test_a_second_run_starts_from_the_cached_onnx_export_without_torch(small_ct,
                               text=True, encoding="utf-8", cwd=REPO / "HybridMIMSegment", env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         outputs.append((done.stdout.strip().splitlines()[-1], sitk.GetArrayFromImage(sitk.ReadImage(str(output)))))
-    assert outputs[0][0].startswith("True True True")  # the first run builds the network and exports it
+    # the first run builds the network and exports it; neither run opens a connection
+    assert outputs[0][0].startswith("True True True []")
     if outputs[1][0].endswith("False"):  # no GPU driver: the device is chosen without torch too
-        assert outputs[1][0] == "False False True False"
+        assert outputs[1][0] == "False False True [] False"
     assert np.array_equal(outputs[0][1], outputs[1][1])
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
 
@@ -181,7 +188,7 @@ def test_an_unreadable_onnx_export_is_said_and_rebuilt(tmp_path, monkeypatch, de
 
 
 class _Noisy(torch.nn.Module):
-    """A network whose output ONNX Runtime cannot reproduce (its noise is drawn anew)."""
+    """A network whose output OpenVINO cannot reproduce (its noise is drawn anew)."""
 
     def __init__(self, network):
         super().__init__()

@@ -205,7 +205,7 @@ def test_scene_segments_become_a_labels_file_the_engine_accepts(tmp_path):
 def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
     shipped = REPO / "HybridMIMSegment" / "Resources" / "requirements.txt"
     assert requirement_names(shipped) == ["monai", "einops", "safetensors", "slicerio", "pynrrd", "matplotlib", "tqdm",
-                                            "onnx", "onnxruntime"]
+                                            "onnx", "openvino"]
     assert missing_requirements(shipped) == []  # all present in the development environment
     wanted = tmp_path / "requirements.txt"
     wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\nno-such-package-xyz==1.0 ; python_version>'3'\n")

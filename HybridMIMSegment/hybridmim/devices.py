@@ -1,7 +1,7 @@
 """Which device a run uses, decided without importing torch where no GPU can be present.
 
 Importing torch takes 1.4-2.9 s of a cold start on a 2-core CPU, and the CPU path
-(ONNX Runtime) does not need it. A GPU cannot be used without its driver, so torch
+(OpenVINO) does not need it. A GPU cannot be used without its driver, so torch
 is asked only where a driver's traces exist; where they do, torch decides.
 """
 

@@ -80,7 +80,7 @@ def scan_header(path: str | Path) -> ScanHeader | None:
 
 def window_bytes(network: dict, roi_size) -> int:
     """Peak memory of the network on two windows in inference mode: a model's first CPU run checks
-    its ONNX export on one window with torch and one with ONNX Runtime (later runs take one at a
+    its ONNX export on one window with torch and one with OpenVINO (later runs take one at a
     time). One window, measured with torch for U-Nets with 16 and 32 full-resolution channels on 64³
     and 96³ windows (213–835 MiB): 104 MiB + 6.5 x the full-resolution feature map; rounded up here."""
     first_level = int(network.get("features", [network.get("feature_size", 48)])[0])

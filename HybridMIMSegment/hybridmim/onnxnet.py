@@ -1,14 +1,16 @@
-"""A checkpoint's network as a cached ONNX model, run by ONNX Runtime: the CPU path without torch.
+"""A checkpoint's network as a cached ONNX model, run by OpenVINO: the CPU path without torch.
 
 On a 2-core CPU torch is most of what remains of a cold start and of the memory on
 small scans: importing it takes 1.4-2.9 s and leaves ~220 MB resident, and building
-a network imports MONAI (2 s more). ONNX Runtime imports in 0.1 s, runs a window
-as fast or faster and holds half the memory (docs/benchmarks/inference.md). The
+a network imports MONAI (2 s more). OpenVINO imports in 0.3 s and runs a window in
+half of torch's time, 0.55-0.65 of ONNX Runtime's (docs/benchmarks/inference.md). The
 first CPU run with a checkpoint builds the network with torch, exports it and keeps
-the export in the cache only when ONNX Runtime reproduces the network's output on a
+the export in the cache only when OpenVINO reproduces the network's output on a
 probe window; later runs load it without importing torch. The file's name carries
-everything it depends on (the checkpoint's bytes, torch, MONAI, ONNX Runtime and this
-package's network code), so a changed ingredient never reuses a stale export.
+everything it depends on (the checkpoint's bytes, torch, MONAI, OpenVINO and this
+package's network code), so a changed ingredient never reuses a stale export. Only
+OpenVINO's runtime is used (read, compile, infer); its model converter, the part that
+has telemetry, is not.
 """
 
 from __future__ import annotations
@@ -26,19 +28,20 @@ from .windows import blend_windows, gaussian_weights
 
 _NETWORK_CODE = Path(__file__).with_name("networks.py")
 # The largest difference from the network an export may show on the probe window, relative to the
-# output's largest magnitude (measured: 3e-6 on the probe, 7e-4 on a window that is mostly padding)
+# output's largest magnitude (measured: 1e-5 on the probe, 2.6e-3 on a window that is mostly padding)
 _TOLERANCE = 1e-3
 
 
 class OnnxNetwork:
-    """An ONNX Runtime session with what inference reads from a network: windows in, outputs out."""
+    """An OpenVINO-compiled export with what inference reads from a network: windows in, outputs out."""
 
-    def __init__(self, session, out_channels: int):
-        self.session, self.out_channels = session, out_channels
+    def __init__(self, compiled, out_channels: int):
+        self.request, self.out_channels = compiled.create_infer_request(), out_channels
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """The outputs (n, out_channels, z, y, x) of ``n`` windows, one at a time (the export's batch)."""
-        outputs = [self.session.run(None, {"window": window[None]})[0] for window in windows]
+        # copied: the request reuses its output buffer for the next window
+        outputs = [self.request.infer({0: window[None]})[0].copy() for window in windows]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def sliding_window(self, volume: np.ndarray, roi_size, overlap: float, reporter: Reporter) -> np.ndarray:
@@ -57,25 +60,23 @@ def _version(package: str) -> str:
 
 def onnx_path(checkpoint: Path) -> Path:
     """Where the ONNX export of ``checkpoint`` is cached."""
-    ingredients = [file_sha256(checkpoint), *(_version(p) for p in ("torch", "monai", "onnxruntime")),
+    ingredients = [file_sha256(checkpoint), *(_version(p) for p in ("torch", "monai", "openvino")),
                    hashlib.sha256(_NETWORK_CODE.read_bytes()).hexdigest()]
     key = hashlib.sha256("\n".join(ingredients).encode()).hexdigest()[:32]
     return cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
 
 
 def _session(path: Path, meta) -> OnnxNetwork:
-    import onnxruntime
+    import openvino
 
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings are about graph rewrites, not results
-    # no up-front block for all of a window's intermediate tensors: 66 MiB lower peak, no slower (64³ U-Net)
-    options.enable_mem_pattern = False
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return OnnxNetwork(session, int(meta.network["out_channels"]))
+    # latency: one window's convolutions spread over all cores; f32: CPUs with bf16 units would otherwise
+    # round the network to bf16 by default and move its labels away from torch's
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    return OnnxNetwork(openvino.Core().compile_model(str(path), "CPU", config), int(meta.network["out_channels"]))
 
 
 def cached_onnx_network(checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
-    """The cached export of ``checkpoint`` (metadata ``meta``) in an ONNX Runtime session, or None
+    """The cached export of ``checkpoint`` (metadata ``meta``) compiled by OpenVINO, or None
     where there is none (an unreadable one is said and left to be replaced)."""
     path = onnx_path(Path(checkpoint))
     if not path.is_file():
@@ -89,7 +90,7 @@ def cached_onnx_network(checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwo
 
 def export_onnx_network(network, checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
     """Export the built ``network`` of ``checkpoint`` to the cache, check it on a probe window and
-    return it in a session; None (said) where it cannot be exported or does not reproduce the network."""
+    return it compiled; None (said) where it cannot be exported or does not reproduce the network."""
     path = onnx_path(Path(checkpoint))
     try:
         _export_checked(network, meta, path)
@@ -100,7 +101,7 @@ def export_onnx_network(network, checkpoint: Path, meta, reporter: Reporter) -> 
 
 
 def _export_checked(network, meta, path: Path) -> None:
-    """Export ``network`` for one window, check ONNX Runtime's output on a probe window, save atomically."""
+    """Export ``network`` for one window, check OpenVINO's output on a probe window, save atomically."""
     import torch
 
     from .atomic import atomic_output
@@ -116,7 +117,7 @@ def _export_checked(network, meta, path: Path) -> None:
             expected = network(probe).numpy()
         found = _session(tmp, meta)(probe.numpy())
         if found.shape != expected.shape:
-            raise ValueError(f"ONNX Runtime's output has shape {found.shape}, the network's {expected.shape}")
+            raise ValueError(f"OpenVINO's output has shape {found.shape}, the network's {expected.shape}")
         difference = float(np.abs(found - expected).max())
         if difference > _TOLERANCE * max(1.0, float(np.abs(expected).max())):
-            raise ValueError(f"ONNX Runtime's output differs from the network's by up to {difference:.2g}")
+            raise ValueError(f"OpenVINO's output differs from the network's by up to {difference:.2g}")

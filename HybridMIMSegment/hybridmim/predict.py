@@ -1,6 +1,6 @@
 """The inference run that ``segment``, ``reconstruct`` and ``evaluate`` share, importing torch only
-where it runs: the network for the chosen device (on the CPU ONNX Runtime, see onnxnet.py), the
-model input, and label maps."""
+where it runs: the network for the chosen device (on the CPU its ONNX export run by OpenVINO, see
+onnxnet.py), the model input, and label maps."""
 
 from __future__ import annotations
 

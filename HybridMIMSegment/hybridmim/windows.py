@@ -4,7 +4,7 @@ MONAI's ``sliding_window_inference`` pads an axis shorter than the window up to
 it, steps ``int(roi * (1 - overlap))`` voxels, and pulls the last window back to
 end at the volume's end. Results depend on these positions, so everything that
 crops, counts or blends windows uses this one description of them. The blending
-works on numpy arrays (the CPU path, ONNX Runtime) and on torch tensors (GPUs)
+works on numpy arrays (the CPU path, OpenVINO) and on torch tensors (GPUs)
 alike, so both give MONAI's result.
 """
 
