@@ -164,6 +164,26 @@ def test_a_second_run_starts_from_the_cached_onnx_export_without_torch(small_ct,
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
 
 
+def test_a_stop_signal_after_networks_come_and_go_is_handled(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack per Core; networks freed in the
+    order they were made once left a freed stack in place, and the next signal (a Stop's SIGTERM, Ctrl-C)
+    crashed the process instead of reaching its handler."""
+    code = ("import os, signal, sys\n"
+            "from hybridmim.checkpoint import read_metadata\n"
+            "from hybridmim.predict import load_network\n"
+            "from hybridmim.progress import Reporter\n"
+            "meta = read_metadata(sys.argv[1])\n"
+            "first = load_network(sys.argv[1], meta, 'cpu', Reporter('quiet'))\n"  # exported, then loaded
+            "second = load_network(sys.argv[1], meta, 'cpu', Reporter('quiet'))\n"
+            "del first, second\n"
+            "signal.signal(signal.SIGTERM, lambda *_: print('stop handled'))\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(DEFAULT_MODEL)], capture_output=True, text=True,
+                          cwd=REPO / "HybridMIMSegment", env={**os.environ, "HYBRIDMIM_CACHE": str(tmp_path)},
+                          timeout=300)
+    assert (done.returncode, done.stdout.strip()) == (0, "stop handled"), done.stderr[-2000:]
+
+
 def test_an_unreadable_onnx_export_is_said_and_rebuilt(tmp_path, monkeypatch, default_model):
     monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path))
     meta, network = default_model

@@ -15,6 +15,7 @@ has telemetry, is not.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -66,13 +67,21 @@ def onnx_path(checkpoint: Path) -> Path:
     return cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
 
 
-def _session(path: Path, meta) -> OnnxNetwork:
+@functools.cache
+def _openvino_core():
+    """One OpenVINO Core for the process. Its CPU plugin replaces the thread's alternate signal stack and
+    puts the previous one back when the Core goes; two Cores freed in the order they were made leave a
+    freed stack in place, and the next signal (a Stop's SIGTERM) then crashes the process."""
     import openvino
 
+    return openvino.Core()
+
+
+def _session(path: Path, meta) -> OnnxNetwork:
     # latency: one window's convolutions spread over all cores; f32: CPUs with bf16 units would otherwise
     # round the network to bf16 by default and move its labels away from torch's
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    return OnnxNetwork(openvino.Core().compile_model(str(path), "CPU", config), int(meta.network["out_channels"]))
+    return OnnxNetwork(_openvino_core().compile_model(str(path), "CPU", config), int(meta.network["out_channels"]))
 
 
 def cached_onnx_network(checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
