@@ -21,7 +21,7 @@ from hybridmim.inference import sliding_window
 from hybridmim.modelgrid import prepare
 from hybridmim.onnxnet import OnnxNetwork, export_onnx_network, onnx_path
 from hybridmim.predict import load_network, predict_labels
-from hybridmim.progress import Reporter
+from hybridmim.progress import Reporter, parse_event
 from hybridmim.windows import blend_windows, count_windows, gaussian_weights, window_aligned_box, window_starts
 
 CPU = torch.device("cpu")
@@ -182,6 +182,22 @@ def test_a_stop_signal_after_networks_come_and_go_is_handled(tmp_path):
                           cwd=REPO / "HybridMIMSegment", env={**os.environ, "HYBRIDMIM_CACHE": str(tmp_path)},
                           timeout=300)
     assert (done.returncode, done.stdout.strip()) == (0, "stop handled"), done.stderr[-2000:]
+
+
+def test_without_openvino_the_torch_network_runs_and_nothing_is_exported(small_ct, tmp_path):
+    code = ("import sys\n"
+            "sys.modules['openvino'] = None\n"  # as on a platform without its wheel: importing it fails
+            "from hybridmim.cli import main\n"
+            "main(sys.argv[1:])\n")
+    output = tmp_path / "seg.nii.gz"
+    done = subprocess.run([sys.executable, "-c", code, "segment", str(small_ct), "-o", str(output), "--device", "cpu",
+                           "--progress", "json"], capture_output=True, text=True, encoding="utf-8",
+                          cwd=REPO / "HybridMIMSegment", env={**os.environ, "HYBRIDMIM_CACHE": str(tmp_path / "cache")},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = [e["text"] for e in map(parse_event, done.stdout.splitlines()) if e and e["event"] == "message"]
+    assert sum("OpenVINO is not installed" in m for m in said) == 1 and not any("ONNX" in m for m in said)
+    assert output.is_file() and not (tmp_path / "cache" / "onnx").exists()
 
 
 def test_an_unreadable_onnx_export_is_said_and_rebuilt(tmp_path, monkeypatch, default_model):

@@ -77,6 +77,17 @@ def _openvino_core():
     return openvino.Core()
 
 
+def openvino_installed(reporter: Reporter) -> bool:
+    """Whether OpenVINO can run exports here; where it cannot (not installed, or no wheel for this
+    platform) the torch network runs instead, said once, rather than an export made and dropped every run."""
+    try:
+        _openvino_core()
+    except ImportError:
+        reporter.info("OpenVINO is not installed: the model runs on torch (slower on the CPU)")
+        return False
+    return True
+
+
 def _session(path: Path, meta) -> OnnxNetwork:
     # latency: one window's convolutions spread over all cores; f32: CPUs with bf16 units would otherwise
     # round the network to bf16 by default and move its labels away from torch's

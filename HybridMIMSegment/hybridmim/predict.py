@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .devices import resolve_device
-from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network
+from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, openvino_installed
 from .progress import Reporter
 
 
@@ -18,9 +18,9 @@ def load_network(checkpoint: Path, meta, device: str, reporter: Reporter, onnx: 
 
     On the CPU its cached ONNX export, made on the first run (``onnxnet``). The built torch network
     on a GPU (where autocast applies), for a caller that needs more than its forward
-    (``onnx=False``), and where the export fails.
+    (``onnx=False``), where OpenVINO is not installed and where the export fails.
     """
-    use_onnx = onnx and device == "cpu"
+    use_onnx = onnx and device == "cpu" and openvino_installed(reporter)
     if use_onnx:
         cached = cached_onnx_network(checkpoint, meta, reporter)
         if cached is not None:
