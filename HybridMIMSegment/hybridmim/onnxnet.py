@@ -78,12 +78,13 @@ def _openvino_core():
 
 
 def openvino_installed(reporter: Reporter) -> bool:
-    """Whether OpenVINO can run exports here; where it cannot (not installed, or no wheel for this
-    platform) the torch network runs instead, said once, rather than an export made and dropped every run."""
+    """Whether OpenVINO can run exports here; where it cannot, the torch network runs instead, said
+    once, rather than an export made and dropped every run."""
     try:
         _openvino_core()
-    except ImportError:
-        reporter.info("OpenVINO is not installed: the model runs on torch (slower on the CPU)")
+    except Exception as error:  # noqa: BLE001 - not installed, no wheel for this platform, a broken install
+        reporter.info(f"OpenVINO cannot run here ({error.__class__.__name__}: {error}); the model runs on torch "
+                      "(slower on the CPU)")
         return False
     return True
 
