@@ -77,7 +77,7 @@ def _openvino_core():
     return openvino.Core()
 
 
-def openvino_installed(reporter: Reporter) -> bool:
+def openvino_runs_here(reporter: Reporter) -> bool:
     """Whether OpenVINO can run exports here; where it cannot, the torch network runs instead, said
     once, rather than an export made and dropped every run."""
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .devices import resolve_device
-from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, openvino_installed
+from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, openvino_runs_here
 from .progress import Reporter
 
 
@@ -20,7 +20,7 @@ def load_network(checkpoint: Path, meta, device: str, reporter: Reporter, onnx: 
     on a GPU (where autocast applies), for a caller that needs more than its forward
     (``onnx=False``), where OpenVINO is not installed and where the export fails.
     """
-    use_onnx = onnx and device == "cpu" and openvino_installed(reporter)
+    use_onnx = onnx and device == "cpu" and openvino_runs_here(reporter)
     if use_onnx:
         cached = cached_onnx_network(checkpoint, meta, reporter)
         if cached is not None:
