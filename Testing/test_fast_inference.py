@@ -19,7 +19,8 @@ from conftest import DEFAULT_MODEL, REPO, data_file
 from hybridmim.checkpoint import load_model, read_metadata
 from hybridmim.inference import sliding_window
 from hybridmim.modelgrid import prepare
-from hybridmim.onnxnet import OnnxNetwork, export_onnx_network, onnx_path
+from hybridmim import onnxnet
+from hybridmim.onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, onnx_path
 from hybridmim.predict import load_network, predict_labels
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.windows import blend_windows, count_windows, gaussian_weights, window_aligned_box, window_starts
@@ -222,6 +223,29 @@ def test_an_unreadable_onnx_export_is_said_and_rebuilt(tmp_path, monkeypatch, de
         expected = network(probe).numpy()
     assert float(np.abs(loaded(probe.numpy()) - expected).max()) <= 1e-3 * float(np.abs(expected).max())
     assert not isinstance(load_network(DEFAULT_MODEL, meta, "cpu", Collect("quiet"), onnx=False), OnnxNetwork)
+
+
+def test_the_least_recently_used_exports_go_once_the_cache_passes_its_bound(tmp_path, monkeypatch, default_model):
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path))
+    meta, network = default_model
+    made = export_onnx_network(network, DEFAULT_MODEL, meta, Reporter("quiet"))
+    used, size = onnx_path(DEFAULT_MODEL), onnx_path(DEFAULT_MODEL).stat().st_size
+    now = used.stat().st_mtime
+    os.utime(used, (now - 1000, now - 1000))  # made long ago, so only its use below keeps it
+    older, old = used.with_name("older-0.onnx"), used.with_name("old-0.onnx")
+    in_progress = used.with_name(".new-0.partial-1.onnx")
+    for age, path in ((300, older), (200, old), (400, in_progress)):
+        path.write_bytes(b"\0" * 1000)
+        os.utime(path, (now - age, now - age))
+    assert isinstance(made, OnnxNetwork)
+    assert isinstance(cached_onnx_network(DEFAULT_MODEL, meta, Reporter("quiet")), OnnxNetwork)
+    # room for the new export, the one just used and one more thousand bytes
+    monkeypatch.setattr(onnxnet, "_CACHE_BYTES", 2 * size + 1500)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(DEFAULT_MODEL.read_bytes())
+    assert isinstance(export_onnx_network(network, other, meta, Reporter("quiet")), OnnxNetwork)
+    assert sorted(p.name for p in used.parent.iterdir()) == sorted([used.name, onnx_path(other).name, old.name,
+                                                                    in_progress.name])
 
 
 class _Noisy(torch.nn.Module):

@@ -8,7 +8,8 @@ first CPU run with a checkpoint builds the network with torch, exports it and ke
 the export in the cache only when OpenVINO reproduces the network's output on a
 probe window; later runs load it without importing torch. The file's name carries
 everything it depends on (the checkpoint's bytes, torch, MONAI, OpenVINO and this
-package's network code), so a changed ingredient never reuses a stale export. Only
+package's network code), so a changed ingredient never reuses a stale export; the
+exports least recently used go once the folder passes _CACHE_BYTES. Only
 OpenVINO's runtime is used (read, compile, infer); its model converter, the part that
 has telemetry, is not.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,6 +33,9 @@ _NETWORK_CODE = Path(__file__).with_name("networks.py")
 # The largest difference from the network an export may show on the probe window, relative to the
 # output's largest magnitude (measured: 1e-5 on the probe, 2.6e-3 on a window that is mostly padding)
 _TOLERANCE = 1e-3
+# What the exports may take together: every fine-tuned model leaves one (23 MB for the shipped U-Nets), and an
+# upgrade of torch, MONAI or OpenVINO re-keys them all, so without a bound the folder only grows
+_CACHE_BYTES = 1 << 30
 
 
 class OnnxNetwork:
@@ -103,10 +108,12 @@ def cached_onnx_network(checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwo
     if not path.is_file():
         return None
     try:
-        return _session(path, meta)
+        network = _session(path, meta)
     except Exception as error:  # noqa: BLE001 - a cache is never worth a failed run
         reporter.warning(f"ignoring an unreadable cached ONNX model ({error.__class__.__name__}); rebuilding it")
         return None
+    _mark_used(path)
+    return network
 
 
 def export_onnx_network(network, checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
@@ -115,10 +122,40 @@ def export_onnx_network(network, checkpoint: Path, meta, reporter: Reporter) -> 
     path = onnx_path(Path(checkpoint))
     try:
         _export_checked(network, meta, path)
+        _prune_exports(keep=path)
         return _session(path, meta)
     except Exception as error:  # noqa: BLE001 - e.g. an operator without an ONNX form: torch runs it instead
         reporter.info(f"the model runs on torch: its ONNX export failed ({error})")
         return None
+
+
+def _mark_used(path: Path) -> None:
+    """Date ``path`` now, so that pruning goes by last use rather than by when the export was made."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: it is not pruned by this process either
+        pass
+
+
+def _prune_exports(keep: Path) -> None:
+    """Remove the least recently used exports beside ``keep`` (never ``keep``) until the rest fit in
+    _CACHE_BYTES; one that another process removes meanwhile or holds open is passed over."""
+    exports = []
+    for path in keep.parent.glob("[!.]*.onnx"):  # a leading dot marks an export still being written
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        exports.append((path != keep, -status.st_mtime, status.st_size, path))
+    total = 0
+    for _, _, size, path in sorted(exports):  # ``keep`` first, then the most recently used
+        total += size
+        if total > _CACHE_BYTES and path != keep:
+            try:
+                path.unlink()
+                total -= size
+            except OSError:
+                pass
 
 
 def _export_checked(network, meta, path: Path) -> None:
