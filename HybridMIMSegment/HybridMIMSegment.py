@@ -7,6 +7,7 @@ the engine, the processing states, the command lines, the model list, training-c
 export rules, the requirement check) lives in HybridMIMSegmentLib and is tested in CI.
 """
 
+import importlib
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ from slicer.ScriptedLoadableModule import (
 from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file
 from HybridMIMSegmentLib.commands import (devices_command, finetune_command, reconstruct_command,
                                           segment_command)
-from HybridMIMSegmentLib.dependencies import missing_requirements
+from HybridMIMSegmentLib.dependencies import missing_requirements, write_constraints
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
 from HybridMIMSegmentLib.states import BUSY, Processing, State
@@ -417,9 +418,14 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
                 raise RuntimeError("PyTorch is needed to run the models.")
         requirements = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
-        packaging = getattr(slicer, "packaging", None)
+        constraints = str(write_constraints(self.userFolder()))
+        try:  # Slicer >= 5.11; a submodule, not always imported with slicer
+            packaging = importlib.import_module("slicer.packaging")
+        except ImportError:
+            packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(packaging.load_requirements(requirements), requester="HybridMIM Segment")
+            packaging.pip_ensure(packaging.load_requirements(requirements), constraints=constraints,
+                                 requester="HybridMIM Segment")
         else:
             missing = missing_requirements(requirements)
             if missing:
@@ -428,7 +434,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
                 if not slicer.util.confirmOkCancelDisplay(
                         f"HybridMIM Segment needs these Python packages: {', '.join(missing)}. Install them now?"):
                     raise RuntimeError("The required Python packages were not installed.")
-                slicer.util.pip_install(f"-r {requirements}")
+                slicer.util.pip_install(["-r", requirements, "-c", constraints])
         self.dependenciesChecked = True
 
     def modelChoices(self):

@@ -4,9 +4,13 @@ states, and every command line the panel builds, accepted by the real CLI."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
+import zipfile
+from importlib import metadata
 
 import psutil
 import pytest
@@ -19,7 +23,7 @@ sys.path.insert(0, str(REPO / "HybridMIMSegment"))
 from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file  # noqa: E402
 from HybridMIMSegmentLib.commands import (convert_command, devices_command, finetune_command,  # noqa: E402
                                           reconstruct_command, segment_command)
-from HybridMIMSegmentLib.dependencies import missing_requirements, requirement_names  # noqa: E402
+from HybridMIMSegmentLib.dependencies import missing_requirements, requirement_names, write_constraints  # noqa: E402
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
@@ -210,6 +214,47 @@ def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
     wanted = tmp_path / "requirements.txt"
     wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\nno-such-package-xyz==1.0 ; python_version>'3'\n")
     assert missing_requirements(wanted) == ["no-such-package-xyz"]
+
+
+def test_constraints_pin_what_slicer_and_its_pytorch_extension_installed(tmp_path):
+    pins = write_constraints(tmp_path / "user").read_text(encoding="utf-8").splitlines()
+    # the development environment has all five (requirements-dev.txt)
+    assert pins == [f"{name}=={metadata.version(name)}" for name in ("numpy", "scipy", "SimpleITK", "vtk", "torch")]
+
+
+def _wheel(folder, name, version, requires=()):
+    """A minimal pure-Python wheel that pip can resolve (metadata only)."""
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                       + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        wheel.writestr(f"{info}/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", f"{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+
+
+def test_under_the_constraints_pip_picks_a_requirement_version_that_keeps_the_installed_torch(tmp_path):
+    # as MONAI >= 1.6 does, the newest version of a requirement asks for a newer torch than the one installed
+    index = tmp_path / "index"
+    index.mkdir()
+    _wheel(index, "torch", "999.0")
+    _wheel(index, "needs_torch", "2.0", ["torch>=999"])
+    _wheel(index, "needs_torch", "1.0", ["torch"])
+
+    # pip as it comes, without this machine's pip settings (extra indexes, its own constraints)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")}, "PIP_CONFIG_FILE": os.devnull}
+
+    def would_install(*options):
+        report = tmp_path / "report.json"
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-index",
+                               "--find-links", str(index), "--report", str(report), *options, "needs_torch"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        return sorted((i["metadata"]["name"], i["metadata"]["version"])
+                      for i in json.loads(report.read_text())["install"])
+
+    assert would_install() == [("needs_torch", "2.0"), ("torch", "999.0")]  # torch replaced
+    assert would_install("-c", str(write_constraints(tmp_path))) == [("needs_torch", "1.0")]
 
 
 def test_stop_asks_a_real_finetune_to_save_its_state_and_resume_continues_it(tmp_path):

@@ -1,5 +1,6 @@
 """Which of the module's Python requirements (Resources/requirements.txt) are not installed:
-asked before the first run, so nothing is installed without the user's consent."""
+asked before the first run, so nothing is installed without the user's consent; and the
+constraints that keep their installation from replacing what Slicer ships."""
 
 from __future__ import annotations
 
@@ -27,3 +28,28 @@ def missing_requirements(path: str | Path) -> list[str]:
         except metadata.PackageNotFoundError:
             missing.append(name)
     return missing
+
+
+# What Slicer and its PyTorch extension installed, which a requirement must never replace: e.g. MONAI >= 1.6
+# asks for torch >= 2.8, and pip would swap the extension's CUDA build for PyPI's (CPU-only on Windows)
+PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
+
+
+def protected_constraints() -> list[str]:
+    """pip constraints pinning each installed package of PROTECTED at its version, so that pip picks
+    requirement versions that fit them (or fails, saying why) instead of replacing them."""
+    pins = []
+    for name in PROTECTED:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return pins
+
+
+def write_constraints(folder: str | Path) -> Path:
+    """``protected_constraints()`` as a constraints file in ``folder``, for ``pip install -c``."""
+    path = Path(folder) / "constraints.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{pin}\n" for pin in protected_constraints()), encoding="utf-8")
+    return path
