@@ -386,6 +386,19 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.logTextEdit.appendPlainText(text)
 
 
+def slicerPackaging():
+    """Slicer's module with pip_ensure (Slicer >= 5.11 names it slicer.packaging or slicer.pydeps, a
+    submodule that is not always imported with slicer), or None for older Slicer."""
+    for name in ("slicer.packaging", "slicer.pydeps"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module
+    return None
+
+
 class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
     """What the panel does, usable from scripts: ``process(…, waitForCompletion=True)``."""
 
@@ -419,11 +432,8 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError("PyTorch is needed to run the models.")
         requirements = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
         constraints = str(write_constraints(self.userFolder()))
-        try:  # Slicer >= 5.11; a submodule, not always imported with slicer
-            packaging = importlib.import_module("slicer.packaging")
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
+        packaging = slicerPackaging()
+        if packaging is not None:
             packaging.pip_ensure(packaging.load_requirements(requirements), constraints=constraints,
                                  requester="HybridMIM Segment")
         else:
