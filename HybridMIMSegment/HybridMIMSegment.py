@@ -27,7 +27,8 @@ from slicer.ScriptedLoadableModule import (
 from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file
 from HybridMIMSegmentLib.commands import (devices_command, finetune_command, reconstruct_command,
                                           segment_command)
-from HybridMIMSegmentLib.dependencies import missing_requirements, write_constraints
+from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits, missing_requirements,
+                                              write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
 from HybridMIMSegmentLib.states import BUSY, Processing, State
@@ -424,12 +425,12 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             import PyTorchUtils
         except ModuleNotFoundError:
             raise RuntimeError("This module needs the PyTorch extension: install it from the Extensions Manager.")
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
+        if not installed_version_fits("torch", TORCH_REQUIREMENT):
             if slicer.app.testingEnabled():
-                raise RuntimeError("PyTorch is not installed (testing mode installs nothing).")
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
-                raise RuntimeError("PyTorch is needed to run the models.")
+                raise RuntimeError(f"PyTorch {TORCH_REQUIREMENT} is not installed (testing mode installs nothing).")
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                raise RuntimeError(f"PyTorch {TORCH_REQUIREMENT} is needed to run the models.")
         requirements = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
         constraints = str(write_constraints(self.userFolder()))
         packaging = slicerPackaging()

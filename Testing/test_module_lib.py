@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "HybridMIMSegment"))
 from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file  # noqa: E402
 from HybridMIMSegmentLib.commands import (convert_command, devices_command, finetune_command,  # noqa: E402
                                           reconstruct_command, segment_command)
-from HybridMIMSegmentLib.dependencies import missing_requirements, requirement_names, write_constraints  # noqa: E402
+from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits,  # noqa: E402
+                                              missing_requirements, requirement_names, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
@@ -214,6 +215,12 @@ def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
     wanted = tmp_path / "requirements.txt"
     wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\nno-such-package-xyz==1.0 ; python_version>'3'\n")
     assert missing_requirements(wanted) == ["no-such-package-xyz"]
+
+
+def test_the_torch_asked_of_the_pytorch_extension_is_read_from_metadata_and_agrees_with_pyproject():
+    assert f'"torch{TORCH_REQUIREMENT}"' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert installed_version_fits("torch", TORCH_REQUIREMENT) and not installed_version_fits("torch", ">=99")
+    assert not installed_version_fits("no-such-package-xyz", ">=0")
 
 
 def test_constraints_pin_what_slicer_and_its_pytorch_extension_installed(tmp_path):

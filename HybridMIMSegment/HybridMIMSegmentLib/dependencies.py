@@ -30,6 +30,21 @@ def missing_requirements(path: str | Path) -> list[str]:
     return missing
 
 
+# The torch the PyTorch extension is asked for: MONAI >= 1.6 needs 2.8 (tested with 2.13); as in pyproject.toml
+TORCH_REQUIREMENT = ">=2.8"
+
+
+def installed_version_fits(name: str, specifier: str) -> bool:
+    """Whether ``name`` is installed at a version within ``specifier``, read from its metadata: nothing is
+    imported (an imported torch could not be upgraded on Windows, its libraries being in use)."""
+    from packaging.specifiers import SpecifierSet
+
+    try:
+        return SpecifierSet(specifier).contains(metadata.version(name), prereleases=True)
+    except metadata.PackageNotFoundError:
+        return False
+
+
 # What Slicer and its PyTorch extension installed, which a requirement must never replace: e.g. MONAI >= 1.6
 # asks for torch >= 2.8, and pip would swap the extension's CUDA build for PyPI's (CPU-only on Windows)
 PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
