@@ -45,8 +45,9 @@ def installed_version_fits(name: str, specifier: str) -> bool:
         return False
 
 
-# What Slicer and its PyTorch extension installed, which a requirement must never replace: e.g. MONAI >= 1.6
-# asks for torch >= 2.8, and pip would swap the extension's CUDA build for PyPI's (CPU-only on Windows)
+# What Slicer and its PyTorch extension installed, which a requirement must never replace: a MONAI that asks for
+# a newer torch than the installed one (1.6 asks for 2.8) would have pip swap the extension's CUDA build for
+# PyPI's (CPU-only on Windows); a requirement capping numpy would replace Slicer's own
 PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
 
 
