@@ -265,8 +265,6 @@ def test_under_the_constraints_pip_picks_a_requirement_version_that_keeps_the_in
 
 
 def test_stop_asks_a_real_finetune_to_save_its_state_and_resume_continues_it(tmp_path):
-    import json
-
     from test_finetune import TINY
 
     cases = tmp_path / "cases"

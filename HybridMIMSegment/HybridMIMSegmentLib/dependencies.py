@@ -19,15 +19,17 @@ def requirement_names(path: str | Path) -> list[str]:
     return names
 
 
+def installed_version(name: str) -> str | None:
+    """The version of the installed distribution ``name``, from its metadata (nothing imported), or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def missing_requirements(path: str | Path) -> list[str]:
     """The requirements of ``path`` that no installed distribution provides."""
-    missing = []
-    for name in requirement_names(path):
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            missing.append(name)
-    return missing
+    return [name for name in requirement_names(path) if installed_version(name) is None]
 
 
 # The torch the PyTorch extension is asked for: MONAI >= 1.6 needs 2.8 (tested with 2.13); as in pyproject.toml
@@ -35,14 +37,12 @@ TORCH_REQUIREMENT = ">=2.8"
 
 
 def installed_version_fits(name: str, specifier: str) -> bool:
-    """Whether ``name`` is installed at a version within ``specifier``, read from its metadata: nothing is
-    imported (an imported torch could not be upgraded on Windows, its libraries being in use)."""
+    """Whether ``name`` is installed at a version within ``specifier`` (from its metadata: an imported torch
+    could not be upgraded on Windows, its libraries being in use)."""
     from packaging.specifiers import SpecifierSet
 
-    try:
-        return SpecifierSet(specifier).contains(metadata.version(name), prereleases=True)
-    except metadata.PackageNotFoundError:
-        return False
+    found = installed_version(name)
+    return found is not None and SpecifierSet(specifier).contains(found, prereleases=True)
 
 
 # What Slicer and its PyTorch extension installed, which a requirement must never replace: a MONAI that asks for
@@ -54,13 +54,8 @@ PROTECTED = ("numpy", "scipy", "SimpleITK", "vtk", "torch")
 def protected_constraints() -> list[str]:
     """pip constraints pinning each installed package of PROTECTED at its version, so that pip picks
     requirement versions that fit them (or fails, saying why) instead of replacing them."""
-    pins = []
-    for name in PROTECTED:
-        try:
-            pins.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
-    return pins
+    versions = {name: installed_version(name) for name in PROTECTED}
+    return [f"{name}=={found}" for name, found in versions.items() if found is not None]
 
 
 def write_constraints(folder: str | Path) -> Path:
