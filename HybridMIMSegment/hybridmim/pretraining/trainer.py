@@ -22,6 +22,7 @@ import inspect
 import os
 import platform
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -96,6 +97,7 @@ class _Distributed:
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
+        self._sent: list[weakref.ref] = []  # the tensors our collectives gave to the backend's threads
         if self.world > 1:
             import torch.distributed as dist
 
@@ -119,7 +121,7 @@ class _Distributed:
         import torch.distributed as dist
 
         value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value)
+        self._all_reduce(value, dist.ReduceOp.SUM)
         return bool(value.item() > 0)
 
     def smallest(self, value: int) -> int:
@@ -129,10 +131,27 @@ class _Distributed:
         import torch.distributed as dist
 
         tensor = torch.tensor([value], device=self.device, dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        self._all_reduce(tensor, dist.ReduceOp.MIN)
         return int(tensor.item())
 
-    def close(self) -> None:
+    def _all_reduce(self, tensor: torch.Tensor, op) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=op)
+        self._sent = [ref for ref in self._sent if ref() is not None] + [weakref.ref(tensor)]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Leave the process group once the backend's threads have let go of our collectives' tensors.
+
+        A gloo worker thread drops a finished collective's tensors only after the caller has its result, and
+        dropping a tensor that Python has seen takes the GIL; were the interpreter shutting down by then, the
+        thread would abort the process (SIGABRT, "terminate called without an active exception": one
+        two-process run in four to twenty here; leaving the group does not join those threads once DDP has
+        used it). Sleeping hands the GIL to that thread.
+        """
+        deadline = time.monotonic() + timeout
+        while any(ref() is not None for ref in self._sent) and time.monotonic() < deadline:
+            time.sleep(0.005)
         if self.world > 1:
             import torch.distributed as dist
 
