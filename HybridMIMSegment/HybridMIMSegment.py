@@ -28,12 +28,13 @@ from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, w
 from HybridMIMSegmentLib.commands import (devices_command, finetune_command, reconstruct_command,
                                           segment_command)
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits, missing_requirements,
-                                              write_constraints)
+                                              skip_speedup, speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
 from HybridMIMSegmentLib.states import BUSY, Processing, State
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+RESOURCES = os.path.join(MODULE_DIR, "Resources")
 SAMPLE_NAME = "HybridMIMAbdomenCT"
 COMPARE_LAYOUT_ID = 47301  # three linked axial views: masked input, reconstruction, error
 COMPARE_LAYOUT = """<layout type="horizontal">{}</layout>""".format("".join(
@@ -73,7 +74,7 @@ def registerSampleData():
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="HybridMIM Segment", sampleName=SAMPLE_NAME, uris=sample.url,
         fileNames=f"{SAMPLE_NAME}.nii.gz", nodeNames=SAMPLE_NAME, checksums=f"SHA256:{sample.sha256}",
-        thumbnailFileName=os.path.join(MODULE_DIR, "Resources", "Icons", "HybridMIMSegment.png"))
+        thumbnailFileName=os.path.join(RESOURCES, "Icons", "HybridMIMSegment.png"))
 
 
 class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
@@ -418,7 +419,8 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         return shutil.which("PythonSlicer") or sys.executable
 
     def ensureDependencies(self):
-        """torch through the PyTorch extension, the rest from Resources/requirements.txt; asks first."""
+        """torch through the PyTorch extension, the rest from Resources/requirements.txt, then the optional CPU
+        speed-up on its own (a failure there leaves the models on torch); asks first."""
         if self.dependenciesChecked:
             return
         try:
@@ -431,22 +433,37 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT) is None:
                 raise RuntimeError(f"PyTorch {TORCH_REQUIREMENT} is needed to run the models.")
-        requirements = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
         constraints = str(write_constraints(self.userFolder()))
+        self.installRequirements(os.path.join(RESOURCES, "requirements.txt"), "HybridMIM Segment", constraints)
+        speedup = os.path.join(RESOURCES, "requirements-cpu-speedup.txt")
+        if missing_requirements(speedup) and not slicer.app.testingEnabled() \
+                and not speedup_skipped(self.userFolder()):
+            try:
+                self.installRequirements(speedup, "HybridMIM Segment's optional CPU speed-up (2-4x faster)",
+                                         constraints)
+            except Exception as error:  # declined, or no OpenVINO fits what Slicer ships
+                skip_speedup(self.userFolder())
+                print(f"HybridMIM Segment: the optional CPU speed-up (OpenVINO) was not installed ({error}); the "
+                      "models run on torch. It is offered again after a Slicer or PyTorch update.")
+        self.dependenciesChecked = True
+
+    @staticmethod
+    def installRequirements(requirements, requester, constraints):
+        """Install what the file ``requirements`` lists and is missing, held to ``constraints``; asks first."""
         packaging = slicerPackaging()
         if packaging is not None:
             packaging.pip_ensure(packaging.load_requirements(requirements), constraints=constraints,
-                                 requester="HybridMIM Segment")
-        else:
-            missing = missing_requirements(requirements)
-            if missing:
-                if slicer.app.testingEnabled():
-                    raise RuntimeError(f"Missing Python packages: {', '.join(missing)} (testing mode installs nothing).")
-                if not slicer.util.confirmOkCancelDisplay(
-                        f"HybridMIM Segment needs these Python packages: {', '.join(missing)}. Install them now?"):
-                    raise RuntimeError("The required Python packages were not installed.")
-                slicer.util.pip_install(["-r", requirements, "-c", constraints])
-        self.dependenciesChecked = True
+                                 requester=requester)
+            return
+        missing = missing_requirements(requirements)
+        if not missing:
+            return
+        if slicer.app.testingEnabled():
+            raise RuntimeError(f"Missing Python packages: {', '.join(missing)} (testing mode installs nothing).")
+        if not slicer.util.confirmOkCancelDisplay(f"{requester} needs these Python packages: {', '.join(missing)}. "
+                                                  "Install them now?"):
+            raise RuntimeError("The required Python packages were not installed.")
+        slicer.util.pip_install(["-r", requirements, "-c", constraints])
 
     def modelChoices(self):
         return catalog_choices() + self.userModels.choices()
@@ -642,7 +659,7 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
 
         names = [choice.spec for choice in catalog_choices()]
         self.assertEqual(names[0], load_catalog().default_model)
-        self.assertTrue(os.path.isfile(os.path.join(MODULE_DIR, "Resources", "Models", "catalog.json")))
+        self.assertTrue(os.path.isfile(os.path.join(RESOURCES, "Models", "catalog.json")))
 
     def test_default_model_on_the_sample_ct(self):
         """Names, colours and terminology from the model; the scene's labels equal the engine's own file."""

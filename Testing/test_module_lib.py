@@ -24,7 +24,8 @@ from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, w
 from HybridMIMSegmentLib.commands import (convert_command, devices_command, finetune_command,  # noqa: E402
                                           reconstruct_command, segment_command)
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits,  # noqa: E402
-                                              missing_requirements, requirement_names, write_constraints)
+                                              missing_requirements, requirement_names, skip_speedup,
+                                              speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
@@ -208,10 +209,13 @@ def test_scene_segments_become_a_labels_file_the_engine_accepts(tmp_path):
 
 
 def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
-    shipped = REPO / "HybridMIMSegment" / "Resources" / "requirements.txt"
-    assert requirement_names(shipped) == ["monai", "einops", "safetensors", "slicerio", "pynrrd", "matplotlib", "tqdm",
-                                            "onnx", "openvino"]
-    assert missing_requirements(shipped) == []  # all present in the development environment
+    resources = REPO / "HybridMIMSegment" / "Resources"
+    required, speedup = resources / "requirements.txt", resources / "requirements-cpu-speedup.txt"
+    assert requirement_names(required) == ["monai", "einops", "safetensors", "slicerio", "pynrrd", "matplotlib",
+                                           "tqdm"]
+    # apart, so that an OpenVINO that fits no release of Slicer's numpy cannot stop the required install
+    assert requirement_names(speedup) == ["onnx", "openvino"]
+    assert missing_requirements(required) == missing_requirements(speedup) == []  # the development environment
     wanted = tmp_path / "requirements.txt"
     wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\nno-such-package-xyz==1.0 ; python_version>'3'\n")
     assert missing_requirements(wanted) == ["no-such-package-xyz"]
@@ -227,6 +231,17 @@ def test_constraints_pin_what_slicer_and_its_pytorch_extension_installed(tmp_pat
     pins = write_constraints(tmp_path / "user").read_text(encoding="utf-8").splitlines()
     # the development environment has all five (requirements-dev.txt)
     assert pins == [f"{name}=={metadata.version(name)}" for name in ("numpy", "scipy", "SimpleITK", "vtk", "torch")]
+
+
+def test_a_skipped_cpu_speedup_is_offered_again_only_once_slicer_or_torch_changes(tmp_path):
+    user = tmp_path / "user"
+    assert not speedup_skipped(user)
+    skip_speedup(user)
+    assert speedup_skipped(user)
+    marker = user / "cpu-speedup-skipped.txt"
+    marker.write_text(marker.read_text(encoding="utf-8").replace(f"numpy=={metadata.version('numpy')}",
+                                                                 "numpy==1.0"), encoding="utf-8")
+    assert not speedup_skipped(user)  # skipped under another numpy: this one may take OpenVINO
 
 
 def _wheel(folder, name, version, requires=()):

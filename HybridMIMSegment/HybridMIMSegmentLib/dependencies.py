@@ -1,6 +1,7 @@
-"""Which of the module's Python requirements (Resources/requirements.txt) are not installed:
-asked before the first run, so nothing is installed without the user's consent; and the
-constraints that keep their installation from replacing what Slicer ships."""
+"""Which of the module's Python requirements (Resources/requirements*.txt) are not installed:
+asked before the first run, so nothing is installed without the user's consent; the
+constraints that keep their installation from replacing what Slicer ships; and whether the
+optional CPU speed-up was skipped."""
 
 from __future__ import annotations
 
@@ -58,9 +59,31 @@ def protected_constraints() -> list[str]:
     return [f"{name}=={found}" for name, found in versions.items() if found is not None]
 
 
-def write_constraints(folder: str | Path) -> Path:
-    """``protected_constraints()`` as a constraints file in ``folder``, for ``pip install -c``."""
-    path = Path(folder) / "constraints.txt"
+def _write_pins(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{pin}\n" for pin in protected_constraints()), encoding="utf-8")
     return path
+
+
+def write_constraints(folder: str | Path) -> Path:
+    """``protected_constraints()`` as a constraints file in ``folder``, for ``pip install -c``."""
+    return _write_pins(Path(folder) / "constraints.txt")
+
+
+# Resources/requirements-cpu-speedup.txt (OpenVINO, 2-4x faster CPU segmentation) is installed on its own and may
+# fail, e.g. where no OpenVINO release accepts Slicer's numpy: the engine then runs the models on torch
+_SPEEDUP_SKIPPED = "cpu-speedup-skipped.txt"
+
+
+def skip_speedup(folder: str | Path) -> None:
+    """Remember that the CPU speed-up was declined or could not be installed with what is installed now."""
+    _write_pins(Path(folder) / _SPEEDUP_SKIPPED)
+
+
+def speedup_skipped(folder: str | Path) -> bool:
+    """Whether the CPU speed-up was skipped with the protected packages at their present versions: it is not
+    offered again until Slicer or torch changes (a newer one may make it installable)."""
+    try:
+        return (Path(folder) / _SPEEDUP_SKIPPED).read_text(encoding="utf-8").splitlines() == protected_constraints()
+    except OSError:
+        return False
