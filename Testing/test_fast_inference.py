@@ -233,8 +233,8 @@ def test_the_least_recently_used_exports_go_once_the_cache_passes_its_bound(tmp_
     now = used.stat().st_mtime
     os.utime(used, (now - 1000, now - 1000))  # made long ago, so only its use below keeps it
     older, old = used.with_name("older-0.onnx"), used.with_name("old-0.onnx")
-    in_progress = used.with_name(".new-0.partial-1.onnx")
-    for age, path in ((300, older), (200, old), (400, in_progress)):
+    in_progress, abandoned = used.with_name(".new-0.partial-1.onnx"), used.with_name(".killed-0.partial-2.onnx")
+    for age, path in ((300, older), (200, old), (400, in_progress), (2 * 24 * 3600, abandoned)):
         path.write_bytes(b"\0" * 1000)
         os.utime(path, (now - age, now - age))
     assert isinstance(made, OnnxNetwork)

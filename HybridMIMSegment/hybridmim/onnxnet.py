@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,6 +37,8 @@ _TOLERANCE = 1e-3
 # What the exports may take together: every fine-tuned model leaves one (23 MB for the shipped U-Nets), and an
 # upgrade of torch, MONAI or OpenVINO re-keys them all, so without a bound the folder only grows
 _CACHE_BYTES = 1 << 30
+# An export takes seconds; a partial file left this long is one whose process was killed
+_ABANDONED_SECONDS = 24 * 3600
 
 
 class OnnxNetwork:
@@ -139,11 +142,16 @@ def _mark_used(path: Path) -> None:
 
 def _prune_exports(keep: Path) -> None:
     """Remove the least recently used exports beside ``keep`` (never ``keep``) until the rest fit in
-    _CACHE_BYTES; one that another process removes meanwhile or holds open is passed over."""
+    _CACHE_BYTES, and exports left half-written by a killed process; a file that another process removes
+    meanwhile or holds open is passed over."""
     exports = []
-    for path in keep.parent.glob("[!.]*.onnx"):  # a leading dot marks an export still being written
+    for path in keep.parent.glob("*.onnx"):
         try:
             status = path.stat()
+            if path.name.startswith("."):  # being written (atomic_output's partial file), or abandoned
+                if time.time() - status.st_mtime > _ABANDONED_SECONDS:
+                    path.unlink()
+                continue
         except OSError:
             continue
         exports.append((path != keep, -status.st_mtime, status.st_size, path))
