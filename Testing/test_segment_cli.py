@@ -112,6 +112,12 @@ def _two_d(tmp_path):
     return [path]
 
 
+def _one_slice_volume(tmp_path):
+    path = tmp_path / "one_slice.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))[:, :, 60:61], str(path))
+    return [path]
+
+
 def _four_d(tmp_path):
     image = sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))[:40, :40, :40]
     path = tmp_path / "four_d.nii.gz"
@@ -143,6 +149,7 @@ def _two_channels(tmp_path):
     (_truncated(".nii"), [], "truncated file"),
     (_truncated(".nrrd"), [], "not a readable image"),
     (_two_d, [], "2-D image"),
+    (_one_slice_volume, [], "a single slice"),
     (_four_d, [], "4-D image"),
     (_two_channels, [], "expects 1 input channel"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "no-such-model"], "unknown model"),

@@ -129,8 +129,10 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) 
     size = image.GetSize()
     if image.GetDimension() == 4:
         raise UserError(f"{path}: a 4-D image {size}; give one 3-D volume per input channel")
-    if image.GetDimension() != 3 or min(size) < 2:
+    if image.GetDimension() != 3:
         raise UserError(f"{path}: a {image.GetDimension()}-D image of size {size}, not a 3-D volume")
+    if min(size) < 2:
+        raise UserError(f"{path}: a single slice (size {size}), not a 3-D volume")
     return image
 
 
