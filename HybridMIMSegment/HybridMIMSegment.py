@@ -439,7 +439,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         if missing_requirements(speedup) and not slicer.app.testingEnabled() \
                 and not speedup_skipped(self.userFolder()):
             try:
-                self.installRequirements(speedup, "HybridMIM Segment's optional CPU speed-up (2-4x faster)",
+                self.installRequirements(speedup, "HybridMIM Segment's optional CPU speed-up (about 2x faster)",
                                          constraints)
             except Exception as error:  # declined, or no OpenVINO fits what Slicer ships
                 skip_speedup(self.userFolder())

@@ -70,8 +70,8 @@ def write_constraints(folder: str | Path) -> Path:
     return _write_pins(Path(folder) / "constraints.txt")
 
 
-# Resources/requirements-cpu-speedup.txt (OpenVINO, 2-4x faster CPU segmentation) is installed on its own and may
-# fail, e.g. where no OpenVINO release accepts Slicer's numpy: the engine then runs the models on torch
+# Resources/requirements-cpu-speedup.txt (OpenVINO: CPU windows in about half of torch's time) is installed on its
+# own and may fail, e.g. where no OpenVINO release accepts Slicer's numpy: the engine then runs the models on torch
 _SPEEDUP_SKIPPED = "cpu-speedup-skipped.txt"
 
 

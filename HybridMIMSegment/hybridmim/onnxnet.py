@@ -146,15 +146,15 @@ def _prune_exports(keep: Path) -> None:
     meanwhile or holds open is passed over."""
     exports = []
     for path in keep.parent.glob("*.onnx"):
+        partial = path.name.startswith(".")  # atomic_output's file: being written, or left by a killed process
         try:
             status = path.stat()
-            if path.name.startswith("."):  # being written (atomic_output's partial file), or abandoned
-                if time.time() - status.st_mtime > _ABANDONED_SECONDS:
-                    path.unlink()
-                continue
+            if partial and time.time() - status.st_mtime > _ABANDONED_SECONDS:
+                path.unlink()
         except OSError:
             continue
-        exports.append((path != keep, -status.st_mtime, status.st_size, path))
+        if not partial:
+            exports.append((path != keep, -status.st_mtime, status.st_size, path))
     total = 0
     for _, _, size, path in sorted(exports):  # ``keep`` first, then the most recently used
         total += size

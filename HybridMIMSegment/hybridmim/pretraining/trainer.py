@@ -116,29 +116,21 @@ class _Distributed:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on one (so all stop at the same step)."""
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-
-        value = torch.tensor([float(flag)], device=self.device)
-        self._all_reduce(value, dist.ReduceOp.SUM)
-        return bool(value.item() > 0)
+        return flag if self.world == 1 else self._all_reduce(float(flag), torch.float32, "SUM") > 0
 
     def smallest(self, value: int) -> int:
         """The smallest ``value`` over the ranks (so all train the same number of steps)."""
-        if self.world == 1:
-            return value
+        return value if self.world == 1 else int(self._all_reduce(value, torch.int64, "MIN"))
+
+    def _all_reduce(self, number, dtype: torch.dtype, op: str):
+        """``number`` reduced over the ranks by ``op`` (a ``ReduceOp`` name); its tensor is watched until the
+        backend lets it go (``close``)."""
         import torch.distributed as dist
 
-        tensor = torch.tensor([value], device=self.device, dtype=torch.int64)
-        self._all_reduce(tensor, dist.ReduceOp.MIN)
-        return int(tensor.item())
-
-    def _all_reduce(self, tensor: torch.Tensor, op) -> None:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op=op)
+        tensor = torch.tensor([number], device=self.device, dtype=dtype)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
         self._sent = [ref for ref in self._sent if ref() is not None] + [weakref.ref(tensor)]
+        return tensor.item()
 
     def close(self, timeout: float = 5.0) -> None:
         """Leave the process group once the backend's threads have let go of our collectives' tensors.
