@@ -39,6 +39,18 @@ def _add_training_run_options(parser: argparse.ArgumentParser, prepare_only_help
 
 
 def _cmd_segment(args, reporter: Reporter) -> None:
+    many_only = {"--format": args.format, "--previews": args.previews, "--skip-existing": args.skip_existing}
+    if args.data and args.inputs:
+        raise UserError("give the input files of one scan, or --data for many scans, not both")
+    if not args.data and not args.inputs:
+        raise UserError("give the input file(s) of the scan to segment, or --data for many scans")
+    if args.data:
+        if args.preview:
+            raise UserError("--preview names one PNG; with --data, --previews draws one per case beside its label map")
+        _segment_many(args, reporter)
+        return
+    if any(many_only.values()):
+        raise UserError(f"{', '.join(k for k, v in many_only.items() if v)}: only with --data (many scans)")
     from .segment import segment
 
     outputs = segment(args.inputs, args.output, args.model, args.device, args.preview, args.overwrite, reporter)
@@ -46,6 +58,18 @@ def _cmd_segment(args, reporter: Reporter) -> None:
         found = [s for s in outputs["segments"] if s["volume_ml"] > 0]
         print(f"wrote {outputs['segmentation']} ({len(found)} of {len(outputs['segments'])} segments found)"
               + (f" and {outputs['preview']}" if "preview" in outputs else ""), file=sys.stderr)
+
+
+def _segment_many(args, reporter: Reporter) -> None:
+    from .batch import output_format, segment_cases
+
+    suffix = output_format(args.format or "seg.nrrd")
+    summary = segment_cases(args.data, args.output, args.model, args.device, suffix, args.previews, args.overwrite,
+                            args.skip_existing, reporter)
+    if reporter.mode == "tqdm":
+        kept = f", {summary['kept']} kept from an earlier run" if summary["kept"] else ""
+        print(f"segmented {summary['segmented']} of {summary['cases']} cases into {summary['folder']}{kept} "
+              f"({summary['seconds']:.0f} s); volumes in {summary['volumes']}", file=sys.stderr)
 
 
 def _cmd_info(args, reporter: Reporter) -> None:
@@ -156,14 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hybridmim {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    seg = commands.add_parser("segment", help="segment a CT/MR volume with a model")
-    seg.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help="image file (NIfTI, NRRD, MHA) or DICOM series folder; one per model input channel, in the model's order")
-    seg.add_argument("-o", "--output", required=True, help="label map to write: .seg.nrrd (named segments for Slicer), .nii.gz, .nrrd or .mha")
+    seg = commands.add_parser("segment", help="segment a CT/MR volume (or many, with --data) with a model")
+    seg.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="image file (NIfTI, NRRD, MHA) or DICOM series folder; one per model input channel, in the "
+                          "model's order")
+    seg.add_argument("-o", "--output", required=True,
+                     help="label map to write: .seg.nrrd (named segments for Slicer), .nii.gz, .nrrd or .mha; with "
+                          "--data, the folder for one label map per case and volumes.csv")
     seg.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
     seg.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     seg.add_argument("--preview", metavar="PNG", help="also write a QA preview: slices through each segment and a 3-D rendering")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    many = seg.add_argument_group("many scans, one model load")
+    many.add_argument("--data", nargs="+", metavar="PATH",
+                      help="image files, case folders (image.nii.gz or image_0000…), folders of them or Decathlon "
+                           "folders, instead of INPUT; labels are ignored")
+    many.add_argument("--format", help="label-map type of each case: seg.nrrd (default), nii.gz, nrrd or mha")
+    many.add_argument("--previews", action="store_true", help="also draw each case's preview (CASE.png)")
+    many.add_argument("--skip-existing", action="store_true",
+                      help="keep the cases whose label map is already in the folder (continues an interrupted run)")
     _add_progress(seg)
     seg.set_defaults(handler=_cmd_segment)
 

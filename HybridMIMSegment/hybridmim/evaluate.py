@@ -106,8 +106,7 @@ def _csv_text(cases: list[dict], names: list[str]) -> str:
 def evaluate(model: str | None, data: list[str], output: str | None = None, overlays: str | None = None,
              device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
     """Segment every labelled case in ``data`` with ``model`` and score it; returns the report."""
-    from .catalog import resolve_model
-    from .checkpoint import read_metadata
+    from .segment import segmentation_model
     from .volumes import check_label_grid, find_cases
 
     reporter = reporter or Reporter("quiet")
@@ -121,10 +120,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     if overlay_dir is not None and overlay_dir.is_file():
         raise UserError(f"{overlay_dir}: is a file; --overlays names a folder")
     cases = find_cases(data, labelled=True)
-    checkpoint = resolve_model(model, reporter)
-    meta = read_metadata(checkpoint)
-    if meta.task != "segmentation":
-        raise UserError(f"model {checkpoint.name} is a pre-trained {meta.task} model; evaluate a segmentation model")
+    checkpoint, meta = segmentation_model(model, reporter)
     for case in cases:
         meta.check_input_count(len(case.channels), checkpoint.name)
         check_label_grid(case)
@@ -134,12 +130,9 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
 
     import SimpleITK as sitk
 
-    from .components import keep_largest_components
     from .devices import resolve_device
-    from .imageio import read_channels, read_volume
-    from .modelgrid import prepare, restore_labels
-    from .predict import load_network, predict_labels
-    from .scancheck import warn_if_thinner_than_window
+    from .imageio import read_volume
+    from .predict import load_network, read_inputs, segment_channels
 
     device = resolve_device(device, reporter)
     network = load_network(checkpoint, meta, device, reporter)
@@ -147,14 +140,9 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     results, started = [], time.time()
     reporter.stage("evaluate")
     for index, case in enumerate(cases):
-        channels = read_channels(case.channels, reporter.warning)
-        warn_if_thinner_than_window(channels[0], case.name, meta.preprocessing, meta.roi_size, reporter.warning)
+        channels = read_inputs(case.channels, meta, reporter.warning)
         reference_image = read_volume(case.label)
-        model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
-        labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
-                                      device, Reporter("quiet"))
-        keep_largest_components(labels_model, meta.largest_component_values)
-        prediction_image = restore_labels(labels_model, model_input.grid, channels[0])
+        prediction_image = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)
         reference = reference_on_model_labels(sitk.GetArrayFromImage(reference_image).astype(np.int64), meta)
         scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1])

@@ -157,16 +157,21 @@ class BackgroundRead:
                 warn(message)
 
 
-def start_reading(paths, meta, reporter) -> BackgroundRead:
-    """Stage "read": refuse, from its header, a scan too large for this machine's memory, then
-    start reading the channels in the background."""
+def check_scan_fits(paths, meta) -> None:
+    """Refuse, from its header, a scan (``paths``: its channels) too large for this machine's memory."""
     from .memory import check_fits, scan_header, segment_bytes
 
-    reporter.stage("read")
     scan = scan_header(paths[0])
     if scan is not None:
         voxels = " x ".join(map(str, scan.size))
         check_fits(segment_bytes(scan, len(paths), meta), f"{Path(paths[0]).name} ({voxels} voxels)")
+
+
+def start_reading(paths, meta, reporter) -> BackgroundRead:
+    """Stage "read": refuse a scan too large for this machine's memory, then start reading the
+    channels in the background."""
+    reporter.stage("read")
+    check_scan_fits(paths, meta)
     return BackgroundRead(paths)
 
 

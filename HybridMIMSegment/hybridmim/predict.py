@@ -37,6 +37,25 @@ def load_network(checkpoint: Path, meta, device: str, reporter: Reporter, onnx: 
     return built
 
 
+def checked_inputs(images, paths, meta, warn) -> list:
+    """Input channels as read, made finite and checked against what the model of ``meta`` expects
+    (modality of each channel; a warning for a scan thinner than half its window)."""
+    from .scancheck import checked_channels, warn_if_thinner_than_window
+
+    modalities = [c.get("modality", "") for c in meta.channels]
+    channels = checked_channels(images, paths, modalities, warn)
+    warn_if_thinner_than_window(channels[0], str(paths[0]), meta.preprocessing, meta.roi_size, warn)
+    return channels
+
+
+def read_inputs(paths, meta, warn) -> list:
+    """One case's channels for a run over many cases: refused when too large for the memory, read, checked."""
+    from .imageio import check_scan_fits, read_channels
+
+    check_scan_fits(paths, meta)
+    return checked_inputs(read_channels(paths, warn), paths, meta, warn)
+
+
 def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter, windows=None, onnx: bool = True):
     """The run-time start of ``segment`` and ``reconstruct``: the input images from ``reading``
     (``imageio.start_reading``), the device and the network (``onnx``: see
@@ -45,16 +64,36 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
     Returns (channels as read, ModelInput, network, device: ``cpu`` or ``cuda``).
     """
     from .modelgrid import prepare
-    from .scancheck import checked_channels, warn_if_thinner_than_window
 
-    modalities = [c.get("modality", "") for c in meta.channels]
-    channels = checked_channels(reading.result(reporter.warning), reading.paths, modalities, reporter.warning)
-    warn_if_thinner_than_window(channels[0], str(reading.paths[0]), meta.preprocessing, meta.roi_size,
-                                reporter.warning)
+    channels = checked_inputs(reading.result(reporter.warning), reading.paths, meta, reporter.warning)
     device = resolve_device(device, reporter)  # after the scan's checks: a bad scan gets one line and no more
     network = load_network(checkpoint, meta, device, reporter, onnx)
     reporter.stage("preprocess")
     return channels, prepare(channels, meta.preprocessing, windows=windows), network, device
+
+
+def labels_on_input_grid(network, model_input, meta, device: str, reporter: Reporter, reference):
+    """Stages "inference" and "postprocess": the model's label map of ``model_input`` (a
+    ``modelgrid.ModelInput``), with the largest piece of each label that asks for it, on the grid of
+    ``reference`` (the first input channel)."""
+    from .components import keep_largest_components
+    from .modelgrid import restore_labels
+
+    reporter.stage("inference")
+    labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
+                                  device, reporter)
+    reporter.stage("postprocess")
+    keep_largest_components(labels_model, meta.largest_component_values)
+    return restore_labels(labels_model, model_input.grid, reference)
+
+
+def segment_channels(channels, network, meta, device: str):
+    """The label map of one case's checked ``channels`` on their grid, for a run over many cases
+    (which reports per case, not per window)."""
+    from .modelgrid import prepare
+
+    model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
+    return labels_on_input_grid(network, model_input, meta, device, Reporter("quiet"), channels[0])
 
 
 def predict_labels(network, volume: np.ndarray, roi_size, overlap: float, output_values, device: str,

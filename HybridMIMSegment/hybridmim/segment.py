@@ -9,10 +9,34 @@ import numpy as np
 from .atomic import check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
-from .components import keep_largest_components
 from .errors import UserError
 from .imageio import check_labelmap_path, start_reading, write_labelmap
 from .progress import Reporter
+
+
+def segmentation_model(model: str | None, reporter: Reporter):
+    """The checkpoint path and metadata of ``model`` (catalog name, path or None for the default),
+    refused when it is not a segmentation model."""
+    checkpoint = resolve_model(model, reporter)
+    meta = read_metadata(checkpoint)
+    if meta.task != "segmentation":
+        raise UserError(f"model {checkpoint.name} is a pre-trained {meta.task} model, not a segmentation model; "
+                        "fine-tune it on labelled cases first (or view it with `hybridmim reconstruct`)")
+    return checkpoint, meta
+
+
+def segment_volumes(labels, label_table) -> list[dict]:
+    """Each label's value, name and volume in millilitres in the label map ``labels`` (a SimpleITK image)."""
+    import SimpleITK as sitk
+
+    # counted in slabs: bincount widens its input to int64 (8 bytes a voxel) first
+    voxels, slab = sitk.GetArrayViewFromImage(labels).ravel(), 1 << 24
+    bins = max([l.value for l in label_table], default=0) + 1
+    counts = sum((np.bincount(voxels[i:i + slab], minlength=bins)[:bins] for i in range(0, voxels.size, slab)),
+                 np.zeros(bins, dtype=np.int64))
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    return [{"value": l.value, "name": l.name, "volume_ml": round(float(counts[l.value]) * voxel_ml, 2)}
+            for l in label_table]
 
 
 def segment(inputs: list[str], output: str, model: str | None = None, device: str = "auto",
@@ -31,27 +55,15 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     check_inputs_kept(inputs, [output_path, preview_path])
 
     reporter.stage("load model")
-    checkpoint = resolve_model(model, reporter)
-    meta = read_metadata(checkpoint)
-    if meta.task != "segmentation":
-        raise UserError(f"model {checkpoint.name} is a pre-trained {meta.task} model, not a segmentation model; "
-                        "fine-tune it on labelled cases first (or view it with `hybridmim reconstruct`)")
+    checkpoint, meta = segmentation_model(model, reporter)
     meta.check_input_count(len(inputs), checkpoint.name)
 
     reading = start_reading(inputs, meta, reporter)
-    from .modelgrid import restore_labels
-    from .predict import load_and_prepare, predict_labels
+    from .predict import labels_on_input_grid, load_and_prepare
 
     channels, model_input, network, device = load_and_prepare(reading, checkpoint, meta, device, reporter,
                                                               windows=(meta.roi_size, meta.overlap))
-
-    reporter.stage("inference")
-    labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
-                                  device, reporter)
-
-    reporter.stage("postprocess")
-    keep_largest_components(labels_model, meta.largest_component_values)
-    labels = restore_labels(labels_model, model_input.grid, channels[0])
+    labels = labels_on_input_grid(network, model_input, meta, device, reporter, channels[0])
 
     reporter.stage("write")
     write_labelmap(labels, output_path, meta.labels)
@@ -65,14 +77,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
         render_preview(channels[0], labels, meta.labels, preview_path, window, meta.title or checkpoint.stem)
         outputs["preview"] = str(preview_path)
 
-    import SimpleITK as sitk
-
-    # counted in slabs: bincount widens its input to int64 (8 bytes a voxel) first
-    voxels, slab, bins = sitk.GetArrayViewFromImage(labels).ravel(), 1 << 24, max(meta.output_values) + 1
-    counts = sum(np.bincount(voxels[i:i + slab], minlength=bins) for i in range(0, voxels.size, slab))
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    segments = [{"value": l.value, "name": l.name, "volume_ml": round(float(counts[l.value]) * voxel_ml, 2)}
-                for l in meta.labels]
+    segments = segment_volumes(labels, meta.labels)
     reporter.done({**outputs, "segments": segments, "seconds": round(time.time() - started, 2),
                    "device": device})
     return {**outputs, "segments": segments}

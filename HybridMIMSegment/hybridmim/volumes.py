@@ -45,6 +45,13 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(".seg.nrrd")
 
 
+def _image_stem(path: Path) -> str:
+    """An image file's name without its image suffix (``CT.1.nii.gz`` → ``CT.1``)."""
+    name = path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+    return name[:len(name) - len(suffix)]
+
+
 def _case_in_folder(folder: Path) -> Case | None:
     """A case folder of the dataset layout: image.nii.gz, or image_0000.nii.gz, image_0001.nii.gz, …,
     and optionally label.nii.gz."""
@@ -63,7 +70,7 @@ def _decathlon_cases(folder: Path) -> list[Case]:
     for entry in index.get("training", []) + index.get("test", []):
         image = entry["image"] if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
-        cases.append(Case(Path(image).name.split(".")[0], (folder / image,), folder / label if label else None))
+        cases.append(Case(_image_stem(Path(image)), (folder / image,), folder / label if label else None))
     return cases
 
 
@@ -84,7 +91,7 @@ def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
         if path.is_file():
             if not _is_image(path):
                 raise UserError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
-            cases.append(Case(path.name.split(".")[0], (path,)))
+            cases.append(Case(_image_stem(path), (path,)))
         elif (path / "dataset.json").is_file():
             cases += _decathlon_cases(path)
         elif (case := _case_in_folder(path)) is not None:
@@ -92,7 +99,7 @@ def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
         else:
             subfolders = sorted(p for p in path.iterdir() if p.is_dir())
             found = [c for c in map(_case_in_folder, subfolders) if c is not None]
-            found += [Case(p.name.split(".")[0], (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
+            found += [Case(_image_stem(p), (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
             if not found:
                 raise UserError(f"{path}: no images found (expected case folders with image.nii.gz, or image files)")
             cases += found

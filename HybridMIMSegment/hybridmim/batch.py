@@ -1,0 +1,156 @@
+"""``hybridmim segment --data``: many scans segmented with one model load, one label map per case in a folder.
+
+Cases are found as for ``evaluate`` and ``finetune`` (image files, case folders, folders of them,
+Decathlon folders; label maps are ignored). Everything that can be refused for the whole run is
+refused before the first case (model, channel counts, clashing or existing outputs); a case that
+fails on its own (unreadable, too large for the memory, …) is reported and skipped, and the run
+ends with an error naming the failed cases once the others are written. ``volumes.csv`` beside the
+label maps lists every segment's volume per case. Outputs are written atomically, so an
+interrupted run can be continued with ``--skip-existing``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from .atomic import atomic_output, check_inputs_kept, check_new_output
+from .errors import UserError
+from .progress import Reporter
+
+VOLUMES_NAME = "volumes.csv"
+FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
+
+
+def output_format(text: str) -> str:
+    """A label-map format given as ``seg.nrrd`` or ``.seg.nrrd``, as its suffix."""
+    suffix = "." + text.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise UserError(f"--format {text}: use one of {', '.join(f[1:] for f in FORMATS)}")
+    return suffix
+
+
+def _planned_outputs(cases, folder: Path, suffix: str, previews: bool) -> dict[str, dict[str, Path]]:
+    """{case name: {"segmentation": path, "preview": path}}; refuses names that would share a file."""
+    seen: dict[str, str] = {}
+    for case in cases:
+        key = case.name.lower()  # one file on case-insensitive file systems (Windows, macOS)
+        if key in seen:
+            raise UserError(f"two cases are named {case.name!r} ({seen[key]} and {case.channels[0]}); their outputs "
+                            "would be the same file: rename one, or segment them in separate runs")
+        seen[key] = str(case.channels[0])
+    planned = {}
+    for case in cases:
+        paths = {"segmentation": folder / f"{case.name}{suffix}"}
+        if previews:
+            paths["preview"] = folder / f"{case.name}.png"
+        check_inputs_kept(case.channels, paths.values())
+        planned[case.name] = paths
+    return planned
+
+
+def _volumes_csv(volumes: dict[str, list[dict]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["case", "value", "structure", "volume_ml"])
+    for case, segments in volumes.items():
+        for s in segments:
+            writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}"])
+    return out.getvalue()
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse an output folder that is a file or cannot be made, before any work."""
+    if folder.is_file():
+        raise UserError(f"{folder}: is a file; with --data, -o names a folder for the label maps")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot make this folder: {exc.strerror}") from None
+
+
+def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",
+                  suffix: str = ".seg.nrrd", previews: bool = False, overwrite: bool = False,
+                  skip_existing: bool = False, reporter: Reporter | None = None) -> dict:
+    """Segment every case in ``data`` into the folder ``output``; returns what was written and skipped.
+
+    ``skip_existing``: a case whose label map exists is kept (its preview, if asked for and missing,
+    is drawn from that label map).
+    """
+    from .devices import resolve_device
+    from .imageio import read_volume, write_labelmap
+    from .predict import load_network, read_inputs, segment_channels
+    from .segment import segment_volumes, segmentation_model
+    from .volumes import find_cases
+
+    reporter = reporter or Reporter("quiet")
+    started = time.time()
+    if overwrite and skip_existing:
+        raise UserError("--overwrite and --skip-existing exclude each other: replace the outputs, or keep them")
+    folder = Path(output)
+    cases = find_cases(data)
+    planned = _planned_outputs(cases, folder, suffix, previews)
+    existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
+    if existing and not (overwrite or skip_existing):
+        raise UserError(f"{existing[0]}: already exists ({len(existing)} of the outputs do); pass --skip-existing "
+                        "to continue an earlier run, or --overwrite to replace them")
+    volumes_path = check_new_output(folder / VOLUMES_NAME, overwrite or skip_existing)
+    kept = set() if overwrite else {c.name for c in cases if planned[c.name]["segmentation"].exists()}
+
+    reporter.stage("load model")
+    checkpoint, meta = segmentation_model(model, reporter)
+    for case in cases:
+        try:
+            meta.check_input_count(len(case.channels), checkpoint.name)
+        except UserError as exc:
+            raise UserError(f"case {case.name}: {exc}") from None
+    _check_folder(folder)
+    network = None
+    if len(kept) < len(cases):
+        device = resolve_device(device, reporter)
+        network = load_network(checkpoint, meta, device, reporter)
+
+    volumes, failed = {}, {}
+    reporter.stage("segment")
+    for index, case in enumerate(cases):
+        paths, case_started, keep = planned[case.name], time.time(), case.name in kept
+        draw = "preview" in paths and not (keep and paths["preview"].exists())
+        try:
+            channels = None
+            if not keep or draw:
+                warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
+                channels = read_inputs(case.channels, meta, warn)
+            if keep:
+                labels = read_volume(paths["segmentation"])
+            else:
+                labels = segment_channels(channels, network, meta, device)
+                write_labelmap(labels, paths["segmentation"], meta.labels)
+        except UserError as exc:
+            failed[case.name] = str(exc)
+            reporter.warning(f"{case.name}: skipped: {exc}")
+        else:
+            if draw:
+                from .preview import render_preview
+
+                render_preview(channels[0], labels, meta.labels, paths["preview"],
+                               meta.preprocessing.intensity.window, f"{case.name}: {meta.title or checkpoint.stem}")
+            volumes[case.name] = segment_volumes(labels, meta.labels)
+            found = sum(s["volume_ml"] > 0 for s in volumes[case.name])
+            how = "kept from an earlier run" if keep else f"{time.time() - case_started:.1f} s"
+            reporter.info(f"{case.name}: {found} of {len(meta.labels)} segments found ({how})")
+        reporter.progress(index + 1, len(cases))
+
+    with atomic_output(volumes_path) as tmp:
+        tmp.write_text(_volumes_csv(volumes), encoding="utf-8")
+    if failed:
+        names = ", ".join(list(failed)[:5]) + (" …" if len(failed) > 5 else "")
+        raise UserError(f"{len(failed)} of {len(cases)} cases failed ({names}; the warnings above say why); "
+                        f"the other {len(cases) - len(failed)} are in {folder}")
+    summary = {"folder": str(folder), "volumes": str(volumes_path), "cases": len(cases),
+               "segmented": len(cases) - len(kept), "kept": len(kept), "seconds": round(time.time() - started, 2)}
+    if network is not None:
+        summary["device"] = device
+    reporter.done(summary)
+    return summary

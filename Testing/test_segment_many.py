@@ -1,0 +1,115 @@
+"""`hybridmim segment --data`: many real (cropped) CTs with one model load, a failed case, continuing a run."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import run_cli
+from hybridmim.progress import parse_event
+
+
+@pytest.fixture(scope="module")
+def cases(abdomen_crop, small_ct, tmp_path_factory):
+    """Three cases in the layouts --data takes: image files (one with dots in its name) and a case folder."""
+    folder = tmp_path_factory.mktemp("many")
+    shutil.copy(abdomen_crop["image"], folder / "abdomen.nii.gz")
+    shutil.copy(small_ct, folder / "small.v2.nii.gz")
+    (folder / "case3").mkdir()
+    shutil.copy(small_ct, folder / "case3" / "image.nii.gz")
+    shutil.copy(small_ct, folder / "case3" / "label.nii.gz")  # a label map is ignored
+    return folder
+
+
+@pytest.fixture(scope="module")
+def segmented_many(cases, tmp_path_factory):
+    out = tmp_path_factory.mktemp("many-out") / "labels"
+    result = run_cli("segment", "--data", cases, "-o", out, "--previews", "--progress", "json", check_rc=0)
+    return out, [parse_event(line) for line in result.stdout.splitlines()]
+
+
+def _volumes(path):
+    with open(path, encoding="utf-8") as handle:
+        return {(row["case"], row["structure"]): float(row["volume_ml"]) for row in csv.DictReader(handle)}
+
+
+def test_every_case_gets_the_label_map_that_segment_gives_it(segmented_many, cases, tmp_path):
+    out, events = segmented_many
+    assert sorted(p.name for p in out.iterdir()) == [
+        "abdomen.png", "abdomen.seg.nrrd", "case3.png", "case3.seg.nrrd", "small.v2.png", "small.v2.seg.nrrd",
+        "volumes.csv"]
+    run_cli("segment", cases / "abdomen.nii.gz", "-o", tmp_path / "one.nii.gz", "--progress", "quiet", check_rc=0)
+    alone = sitk.ReadImage(str(tmp_path / "one.nii.gz"))
+    together = sitk.ReadImage(str(out / "abdomen.seg.nrrd"))
+    assert together.GetSize() == alone.GetSize() and together.GetOrigin() == alone.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(together), sitk.GetArrayFromImage(alone))
+    small = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "small.v2.seg.nrrd")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case3.seg.nrrd"))), small)
+    assert (sitk.GetArrayFromImage(together) == 6).sum() > 10000  # the liver is found
+
+
+def test_one_model_load_progress_per_case_and_a_volume_table(segmented_many):
+    out, events = segmented_many
+    assert None not in events
+    assert [e["name"] for e in events if e["event"] == "stage"] == ["load model", "segment"]
+    assert [(e["done"], e["total"]) for e in events if e["event"] == "progress"] == [(1, 3), (2, 3), (3, 3)]
+    done = events[-1]["outputs"]
+    assert (done["cases"], done["segmented"], done["kept"]) == (3, 3, 0)
+    volumes = _volumes(out / "volumes.csv")
+    assert len(volumes) == 3 * 13
+    labels = sitk.ReadImage(str(out / "abdomen.seg.nrrd"))
+    liver_ml = (sitk.GetArrayFromImage(labels) == 6).sum() * np.prod(labels.GetSpacing()) / 1000
+    assert volumes[("abdomen", "liver")] == pytest.approx(liver_ml, abs=0.01)
+
+
+def test_a_failed_case_is_skipped_named_and_the_others_written(small_ct, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(small_ct, data / "good.nii.gz")
+    (data / "broken.nii.gz").write_text("not an image", encoding="utf-8")
+    result = run_cli("segment", "--data", data, "-o", tmp_path / "out", "--progress", "quiet")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: 1 of 2 cases failed (broken;") and "Traceback" not in result.stderr
+    assert any(line.startswith("warning: broken: skipped: ") and "not a readable image" in line for line in lines)
+    assert (tmp_path / "out" / "good.seg.nrrd").exists() and not (tmp_path / "out" / "broken.seg.nrrd").exists()
+    assert {case for case, _ in _volumes(tmp_path / "out" / "volumes.csv")} == {"good"}
+
+
+def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, cases, tmp_path):
+    out = tmp_path / "labels"
+    shutil.copytree(segmented_many[0], out)
+    kept = (out / "abdomen.seg.nrrd").stat().st_mtime_ns
+    (out / "small.v2.seg.nrrd").unlink()
+    (out / "case3.png").unlink()
+    refused = run_cli("segment", "--data", cases, "-o", out, "--previews")
+    assert refused.returncode == 2 and "pass --skip-existing" in refused.stderr
+    result = run_cli("segment", "--data", cases, "-o", out, "--previews", "--skip-existing", "--progress", "json",
+                     check_rc=0)
+    infos = [e["text"] for e in map(parse_event, result.stdout.splitlines()) if e and e["event"] == "message"]
+    assert any(t.startswith("abdomen:") and "kept from an earlier run" in t for t in infos)
+    assert any(t.startswith("small.v2:") and "kept" not in t for t in infos)
+    assert (out / "abdomen.seg.nrrd").stat().st_mtime_ns == kept  # not written again
+    assert (out / "small.v2.seg.nrrd").exists() and (out / "case3.png").exists()  # the preview of a kept case
+    assert _volumes(out / "volumes.csv") == _volumes(segmented_many[0] / "volumes.csv")
+
+
+def test_bad_batch_requests_are_refused_before_any_work(refused, cases, small_ct, tmp_path):
+    out = tmp_path / "out"
+    refused("segment", small_ct, "--data", cases, "-o", out, message="not both")
+    refused("segment", "-o", out, message="or --data for many scans")
+    refused("segment", small_ct, "-o", out / "x.nii.gz", "--previews", message="--previews: only with --data")
+    refused("segment", "--data", cases, "-o", out, "--preview", "x.png", message="--previews draws one per case")
+    refused("segment", "--data", cases, "-o", out, "--format", "png", message="use one of seg.nrrd, nii.gz")
+    refused("segment", "--data", cases, "-o", out, "--overwrite", "--skip-existing", message="exclude each other")
+    refused("segment", "--data", cases, cases / "case3", "-o", out, message="two cases are named 'case3'")
+    refused("segment", "--data", cases / "abdomen.nii.gz", "-o", cases, "--format", "nii.gz",
+            message="an output would overwrite this input")
+    refused("segment", "--data", cases, "-o", small_ct, message="is a file")
+    refused("segment", "--data", cases, "-o", out, "--model", "brain-tumor-mr",
+            message="case case3: model brain-tumor-mr.safetensors expects 2 input channel(s)")
+    assert not out.exists()
