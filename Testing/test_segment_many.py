@@ -11,17 +11,21 @@ import SimpleITK as sitk
 
 from conftest import run_cli
 from hybridmim.progress import parse_event
+from test_imageio import _write_dicom_series
 
 
 @pytest.fixture(scope="module")
 def cases(abdomen_crop, small_ct, tmp_path_factory):
-    """Three cases in the layouts --data takes: image files (one with dots in its name) and a case folder."""
+    """Four cases in the layouts --data takes: image files (one with dots in its name), a case folder and a
+    DICOM series folder, the last three of the same CT."""
     folder = tmp_path_factory.mktemp("many")
     shutil.copy(abdomen_crop["image"], folder / "abdomen.nii.gz")
     shutil.copy(small_ct, folder / "small.v2.nii.gz")
     (folder / "case3").mkdir()
     shutil.copy(small_ct, folder / "case3" / "image.nii.gz")
     shutil.copy(small_ct, folder / "case3" / "label.nii.gz")  # a label map is ignored
+    (folder / "dicom4").mkdir()
+    _write_dicom_series(sitk.ReadImage(str(small_ct)), folder / "dicom4")
     return folder
 
 
@@ -40,15 +44,16 @@ def _volumes(path):
 def test_every_case_gets_the_label_map_that_segment_gives_it(segmented_many, cases, tmp_path):
     out, events = segmented_many
     assert sorted(p.name for p in out.iterdir()) == [
-        "abdomen.png", "abdomen.seg.nrrd", "case3.png", "case3.seg.nrrd", "small.v2.png", "small.v2.seg.nrrd",
-        "volumes.csv"]
+        "abdomen.png", "abdomen.seg.nrrd", "case3.png", "case3.seg.nrrd", "dicom4.png", "dicom4.seg.nrrd",
+        "small.v2.png", "small.v2.seg.nrrd", "volumes.csv"]
     run_cli("segment", cases / "abdomen.nii.gz", "-o", tmp_path / "one.nii.gz", "--progress", "quiet", check_rc=0)
     alone = sitk.ReadImage(str(tmp_path / "one.nii.gz"))
     together = sitk.ReadImage(str(out / "abdomen.seg.nrrd"))
     assert together.GetSize() == alone.GetSize() and together.GetOrigin() == alone.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(together), sitk.GetArrayFromImage(alone))
     small = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "small.v2.seg.nrrd")))
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case3.seg.nrrd"))), small)
+    for same in ("case3", "dicom4"):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{same}.seg.nrrd"))), small)
     assert (sitk.GetArrayFromImage(together) == 6).sum() > 10000  # the liver is found
 
 
@@ -56,11 +61,11 @@ def test_one_model_load_progress_per_case_and_a_volume_table(segmented_many):
     out, events = segmented_many
     assert None not in events
     assert [e["name"] for e in events if e["event"] == "stage"] == ["load model", "segment"]
-    assert [(e["done"], e["total"]) for e in events if e["event"] == "progress"] == [(1, 3), (2, 3), (3, 3)]
+    assert [(e["done"], e["total"]) for e in events if e["event"] == "progress"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     done = events[-1]["outputs"]
-    assert (done["cases"], done["segmented"], done["kept"]) == (3, 3, 0)
+    assert (done["cases"], done["segmented"], done["kept"]) == (4, 4, 0)
     volumes = _volumes(out / "volumes.csv")
-    assert len(volumes) == 3 * 13
+    assert len(volumes) == 4 * 13
     labels = sitk.ReadImage(str(out / "abdomen.seg.nrrd"))
     liver_ml = (sitk.GetArrayFromImage(labels) == 6).sum() * np.prod(labels.GetSpacing()) / 1000
     assert volumes[("abdomen", "liver")] == pytest.approx(liver_ml, abs=0.01)

@@ -1,7 +1,7 @@
 """``hybridmim segment --data``: many scans segmented with one model load, one label map per case in a folder.
 
 Cases are found as for ``evaluate`` and ``finetune`` (image files, case folders, folders of them,
-Decathlon folders; label maps are ignored). Everything that can be refused for the whole run is
+Decathlon folders; label maps are ignored), and DICOM series folders. Everything that can be refused for the whole run is
 refused before the first case (model, channel counts, clashing or existing outputs); a case that
 fails on its own (unreadable, too large for the memory, …) is reported and skipped, and the run
 ends with an error naming the failed cases once the others are written. ``volumes.csv`` beside the
@@ -90,7 +90,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     if overwrite and skip_existing:
         raise UserError("--overwrite and --skip-existing exclude each other: replace the outputs, or keep them")
     folder = Path(output)
-    cases = find_cases(data)
+    cases = find_cases(data, dicom=True)
     planned = _planned_outputs(cases, folder, suffix, previews)
     existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
     if existing and not (overwrite or skip_existing):

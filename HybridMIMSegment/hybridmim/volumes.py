@@ -52,6 +52,17 @@ def _image_stem(path: Path) -> str:
     return name[:len(name) - len(suffix)]
 
 
+def _holds_dicom(folder: Path) -> bool:
+    """Whether a folder's own files include a DICOM file ("DICM" after the 128-byte preamble)."""
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_size > 132:
+            with open(path, "rb") as handle:
+                handle.seek(128)
+                if handle.read(4) == b"DICM":
+                    return True
+    return False
+
+
 def _case_in_folder(folder: Path) -> Case | None:
     """A case folder of the dataset layout: image.nii.gz, or image_0000.nii.gz, image_0001.nii.gz, …,
     and optionally label.nii.gz."""
@@ -80,10 +91,11 @@ def _check_excluded(names, exclude) -> None:
         raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
 
 
-def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
+def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -> list[Case]:
     """Volumes from image files, case folders, folders of case folders, Decathlon folders
     (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
-    ``labelled``: every case must have its label map."""
+    ``labelled``: every case must have its label map; ``dicom``: a folder of DICOM files (given,
+    or in a given folder) is a one-channel case named after the folder."""
     cases: list[Case] = []
     for path in map(Path, paths):
         if not path.exists():
@@ -96,12 +108,20 @@ def find_cases(paths, exclude=(), labelled: bool = False) -> list[Case]:
             cases += _decathlon_cases(path)
         elif (case := _case_in_folder(path)) is not None:
             cases.append(case)
+        elif dicom and _holds_dicom(path):
+            cases.append(Case(path.name, (path,)))
         else:
             subfolders = sorted(p for p in path.iterdir() if p.is_dir())
-            found = [c for c in map(_case_in_folder, subfolders) if c is not None]
+            found = []
+            for folder in subfolders:
+                if (case := _case_in_folder(folder)) is not None:
+                    found.append(case)
+                elif dicom and _holds_dicom(folder):
+                    found.append(Case(folder.name, (folder,)))
             found += [Case(_image_stem(p), (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
             if not found:
-                raise UserError(f"{path}: no images found (expected case folders with image.nii.gz, or image files)")
+                kinds = "case folders with image.nii.gz, image files" + (" or DICOM series folders" if dicom else "")
+                raise UserError(f"{path}: no images found (expected {kinds})")
             cases += found
     _check_excluded([c.name for c in cases], exclude)
     cases = [c for c in cases if c.name not in set(exclude)]
