@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from hybridmim.atomic import atomic_output, check_new_output, full_suffix
@@ -41,3 +44,24 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
                                           ("d", "")])
 def test_full_suffix(tmp_path, name, suffix):
     assert full_suffix(tmp_path / name) == suffix
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path, refused, small_ct):
+    (tmp_path / "notes.txt").write_text("a file, not a folder", encoding="utf-8")
+    with pytest.raises(UserError, match="notes.txt is a file, not a folder"):
+        check_new_output(tmp_path / "notes.txt" / "deeper" / "result.nii.gz", overwrite=False)
+    refused("segment", small_ct, "-o", tmp_path / "notes.txt" / "result.nii.gz", message="is a file, not a folder")
+
+
+@pytest.mark.parametrize("code, refused_by_the_system", [(errno.ENOSPC, True), (errno.EROFS, True),
+                                                         (errno.EBADF, False)])
+def test_a_write_the_file_system_refuses_is_one_line(tmp_path, code, refused_by_the_system):
+    target = tmp_path / "result.nii.gz"
+    expected = UserError if refused_by_the_system else OSError
+    with pytest.raises(expected) as raised:
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(code, os.strerror(code))
+    if refused_by_the_system:
+        assert str(raised.value) == f"{target}: cannot be written: {os.strerror(code)}"
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file

@@ -3,12 +3,15 @@ overwrite an existing file unless asked to, and belong to one run at a time."""
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
 
+# The file system's refusals of a write (rather than faults of ours): reported in one line.
+_REFUSED_WRITES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOENT}
 # Multi-part suffixes that image writers pick their format by.
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz")
 
@@ -21,13 +24,26 @@ def full_suffix(path: Path) -> str:
     return path.suffix
 
 
+def _check_writable_place(path: Path) -> None:
+    """Refuse an output whose folder could not be made or written in: the nearest folder that exists
+    must be a folder, and writable (as far as permissions tell)."""
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot be written: no permission to write in {existing}")
+
+
 def check_new_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse (before any work is done) an output that exists, unless ``overwrite``."""
+    """Refuse (before any work is done) an output that exists, unless ``overwrite``, or that cannot be written."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a file name")
     if path.exists() and not overwrite:
         raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    _check_writable_place(path)
     return path
 
 
@@ -41,14 +57,21 @@ def check_inputs_kept(inputs, outputs) -> None:
 
 @contextmanager
 def atomic_output(path: Path):
-    """Yields a temporary path beside ``path`` (same suffix); renamed over it on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yields a temporary path beside ``path`` (same suffix); renamed over it on success.
+
+    A write that the file system refuses (full, read-only, no permission) is a one-line UserError.
+    """
     suffix = full_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     tmp = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _REFUSED_WRITES:
+            raise
+        raise UserError(f"{path}: cannot be written: {exc.strerror}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
