@@ -1,12 +1,12 @@
 """``hybridmim segment --data``: many scans segmented with one model load, one label map per case in a folder.
 
 Cases are found as for ``evaluate`` and ``finetune`` (image files, case folders, folders of them,
-Decathlon folders; label maps are ignored), and DICOM series folders. Everything that can be refused for the whole run is
-refused before the first case (model, channel counts, clashing or existing outputs); a case that
-fails on its own (unreadable, too large for the memory, …) is reported and skipped, and the run
-ends with an error naming the failed cases once the others are written. ``volumes.csv`` beside the
-label maps lists every segment's volume per case. Outputs are written atomically, so an
-interrupted run can be continued with ``--skip-existing``.
+Decathlon folders; label maps are ignored), and DICOM series folders. Everything that can be
+refused for the whole run is refused before the first case (model, channel counts, clashing or
+existing outputs); a case that fails on its own (unreadable, too large for the memory, …) is
+reported and skipped, and the run ends with an error naming the failed cases once the others are
+written. ``volumes.csv`` beside the label maps lists every segment's volume per case. Outputs are
+written atomically, so an interrupted run can be continued with ``--skip-existing``.
 """
 
 from __future__ import annotations
