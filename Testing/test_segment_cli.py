@@ -35,6 +35,8 @@ def test_progress_protocol_stages_progress_and_done(segmented):
     assert all(p["stage"] == "inference" for p in progress)
     done = events[-1]
     assert done["event"] == "done" and done["outputs"]["segmentation"] == str(out / "seg.seg.nrrd")
+    liver = next(s for s in done["outputs"]["segments"] if s["name"] == "liver")
+    assert liver["volume_ml"] > 500 and 20 < liver["mean_CT"] < 90  # HU of a non-contrast liver
     # No GPU here: asking for CUDA falls back to the CPU and says so.
     warnings = warnings_of(result)
     assert not any("covers only" in w for w in warnings)  # 168 mm head–foot: not thin for 192 mm windows

@@ -36,16 +36,19 @@ def segmented_many(cases, tmp_path_factory):
     return out, [parse_event(line) for line in result.stdout.splitlines()]
 
 
-def _volumes(path):
+def _statistics(path):
+    """{(case, structure): (volume in ml, mean CT value or None)} from statistics.csv."""
     with open(path, encoding="utf-8") as handle:
-        return {(row["case"], row["structure"]): float(row["volume_ml"]) for row in csv.DictReader(handle)}
+        rows = list(csv.DictReader(handle))
+    return {(r["case"], r["structure"]): (float(r["volume_ml"]), float(r["mean_CT"]) if r["mean_CT"] else None)
+            for r in rows}
 
 
 def test_every_case_gets_the_label_map_that_segment_gives_it(segmented_many, cases, tmp_path):
     out, events = segmented_many
     assert sorted(p.name for p in out.iterdir()) == [
         "abdomen.png", "abdomen.seg.nrrd", "case3.png", "case3.seg.nrrd", "dicom4.png", "dicom4.seg.nrrd",
-        "small.v2.png", "small.v2.seg.nrrd", "volumes.csv"]
+        "small.v2.png", "small.v2.seg.nrrd", "statistics.csv"]
     run_cli("segment", cases / "abdomen.nii.gz", "-o", tmp_path / "one.nii.gz", "--progress", "quiet", check_rc=0)
     alone = sitk.ReadImage(str(tmp_path / "one.nii.gz"))
     together = sitk.ReadImage(str(out / "abdomen.seg.nrrd"))
@@ -57,18 +60,22 @@ def test_every_case_gets_the_label_map_that_segment_gives_it(segmented_many, cas
     assert (sitk.GetArrayFromImage(together) == 6).sum() > 10000  # the liver is found
 
 
-def test_one_model_load_progress_per_case_and_a_volume_table(segmented_many):
+def test_one_model_load_progress_per_case_and_a_statistics_table(segmented_many, cases):
     out, events = segmented_many
     assert None not in events
     assert [e["name"] for e in events if e["event"] == "stage"] == ["load model", "segment"]
     assert [(e["done"], e["total"]) for e in events if e["event"] == "progress"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     done = events[-1]["outputs"]
     assert (done["cases"], done["segmented"], done["kept"]) == (4, 4, 0)
-    volumes = _volumes(out / "volumes.csv")
-    assert len(volumes) == 4 * 13
+    statistics = _statistics(out / "statistics.csv")
+    assert len(statistics) == 4 * 13
     labels = sitk.ReadImage(str(out / "abdomen.seg.nrrd"))
-    liver_ml = (sitk.GetArrayFromImage(labels) == 6).sum() * np.prod(labels.GetSpacing()) / 1000
-    assert volumes[("abdomen", "liver")] == pytest.approx(liver_ml, abs=0.01)
+    liver = sitk.GetArrayFromImage(labels) == 6
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(cases / "abdomen.nii.gz")))
+    volume, mean = statistics[("abdomen", "liver")]
+    assert volume == pytest.approx(liver.sum() * np.prod(labels.GetSpacing()) / 1000, abs=0.01)
+    assert mean == pytest.approx(ct[liver].mean(), abs=0.01) and 20 < mean < 90  # non-contrast liver, in HU
+    assert statistics[("abdomen", "gallbladder")] == (0.0, None)  # not found: no mean
 
 
 def test_a_failed_case_is_skipped_named_and_the_others_written(small_ct, tmp_path):
@@ -82,7 +89,7 @@ def test_a_failed_case_is_skipped_named_and_the_others_written(small_ct, tmp_pat
     assert lines[-1].startswith("error: 1 of 2 cases failed (broken;") and "Traceback" not in result.stderr
     assert any(line.startswith("warning: broken: skipped: ") and "not a readable image" in line for line in lines)
     assert (tmp_path / "out" / "good.seg.nrrd").exists() and not (tmp_path / "out" / "broken.seg.nrrd").exists()
-    assert {case for case, _ in _volumes(tmp_path / "out" / "volumes.csv")} == {"good"}
+    assert {case for case, _ in _statistics(tmp_path / "out" / "statistics.csv")} == {"good"}
 
 
 def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, cases, tmp_path):
@@ -100,7 +107,7 @@ def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, case
     assert any(t.startswith("small.v2:") and "kept" not in t for t in infos)
     assert (out / "abdomen.seg.nrrd").stat().st_mtime_ns == kept  # not written again
     assert (out / "small.v2.seg.nrrd").exists() and (out / "case3.png").exists()  # the preview of a kept case
-    assert _volumes(out / "volumes.csv") == _volumes(segmented_many[0] / "volumes.csv")
+    assert _statistics(out / "statistics.csv") == _statistics(segmented_many[0] / "statistics.csv")
 
 
 def test_bad_batch_requests_are_refused_before_any_work(refused, cases, small_ct, tmp_path):

@@ -5,7 +5,7 @@ Decathlon folders; label maps are ignored), and DICOM series folders. Everything
 refused for the whole run is refused before the first case (model, channel counts, clashing or
 existing outputs); a case that fails on its own (unreadable, too large for the memory, …) is
 reported and skipped, and the run ends with an error naming the failed cases once the others are
-written. ``volumes.csv`` beside the label maps lists every segment's volume per case. Outputs are
+written. ``statistics.csv`` beside the label maps lists every segment's volume and mean intensity per case. Outputs are
 written atomically, so an interrupted run can be continued with ``--skip-existing``.
 """
 
@@ -20,7 +20,7 @@ from .atomic import atomic_output, check_inputs_kept, check_new_output
 from .errors import UserError
 from .progress import Reporter
 
-VOLUMES_NAME = "volumes.csv"
+STATISTICS_NAME = "statistics.csv"
 FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
 
 
@@ -51,13 +51,15 @@ def _planned_outputs(cases, folder: Path, suffix: str, previews: bool) -> dict[s
     return planned
 
 
-def _volumes_csv(volumes: dict[str, list[dict]]) -> str:
+def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["case", "value", "structure", "volume_ml"])
-    for case, segments in volumes.items():
+    means = [f"mean_{name}" for name in channel_names]
+    writer.writerow(["case", "value", "structure", "volume_ml", *means])
+    for case, segments in statistics.items():
         for s in segments:
-            writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}"])
+            writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}",
+                             *("" if s[m] is None else f"{s[m]:.2f}" for m in means)])
     return out.getvalue()
 
 
@@ -82,7 +84,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     from .devices import resolve_device
     from .imageio import read_volume, write_labelmap
     from .predict import load_network, read_inputs, segment_channels
-    from .segment import segment_volumes, segmentation_model
+    from .segment import segment_statistics, segmentation_model
     from .volumes import find_cases
 
     reporter = reporter or Reporter("quiet")
@@ -96,7 +98,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     if existing and not (overwrite or skip_existing):
         raise UserError(f"{existing[0]}: already exists ({len(existing)} of the outputs do); pass --skip-existing "
                         "to continue an earlier run, or --overwrite to replace them")
-    volumes_path = check_new_output(folder / VOLUMES_NAME, overwrite or skip_existing)
+    statistics_path = check_new_output(folder / STATISTICS_NAME, overwrite or skip_existing)
     kept = set() if overwrite else {c.name for c in cases if planned[c.name]["segmentation"].exists()}
 
     reporter.stage("load model")
@@ -112,16 +114,14 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         device = resolve_device(device, reporter)
         network = load_network(checkpoint, meta, device, reporter)
 
-    volumes, failed = {}, {}
+    statistics, failed, channel_names = {}, {}, [c["name"] for c in meta.channels]
     reporter.stage("segment")
     for index, case in enumerate(cases):
         paths, case_started, keep = planned[case.name], time.time(), case.name in kept
         draw = "preview" in paths and not (keep and paths["preview"].exists())
         try:
-            channels = None
-            if not keep or draw:
-                warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
-                channels = read_inputs(case.channels, meta, warn)
+            warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
+            channels = read_inputs(case.channels, meta, warn)
             if keep:
                 labels = read_volume(paths["segmentation"])
             else:
@@ -136,19 +136,19 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
 
                 render_preview(channels[0], labels, meta.labels, paths["preview"],
                                meta.preprocessing.intensity.window, f"{case.name}: {meta.title or checkpoint.stem}")
-            volumes[case.name] = segment_volumes(labels, meta.labels)
-            found = sum(s["volume_ml"] > 0 for s in volumes[case.name])
+            statistics[case.name] = segment_statistics(labels, meta.labels, channels, channel_names)
+            found = sum(s["volume_ml"] > 0 for s in statistics[case.name])
             how = "kept from an earlier run" if keep else f"{time.time() - case_started:.1f} s"
             reporter.info(f"{case.name}: {found} of {len(meta.labels)} segments found ({how})")
         reporter.progress(index + 1, len(cases))
 
-    with atomic_output(volumes_path) as tmp:
-        tmp.write_text(_volumes_csv(volumes), encoding="utf-8")
+    with atomic_output(statistics_path) as tmp:
+        tmp.write_text(_statistics_csv(statistics, channel_names), encoding="utf-8")
     if failed:
         names = ", ".join(list(failed)[:5]) + (" …" if len(failed) > 5 else "")
         raise UserError(f"{len(failed)} of {len(cases)} cases failed ({names}; the warnings above say why); "
                         f"the other {len(cases) - len(failed)} are in {folder}")
-    summary = {"folder": str(folder), "volumes": str(volumes_path), "cases": len(cases),
+    summary = {"folder": str(folder), "statistics": str(statistics_path), "cases": len(cases),
                "segmented": len(cases) - len(kept), "kept": len(kept), "seconds": round(time.time() - started, 2)}
     if network is not None:
         summary["device"] = device

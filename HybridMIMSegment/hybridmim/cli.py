@@ -69,7 +69,7 @@ def _segment_many(args, reporter: Reporter) -> None:
     if reporter.mode == "tqdm":
         kept = f", {summary['kept']} kept from an earlier run" if summary["kept"] else ""
         print(f"segmented {summary['segmented']} of {summary['cases']} cases into {summary['folder']}{kept} "
-              f"({summary['seconds']:.0f} s); volumes in {summary['volumes']}", file=sys.stderr)
+              f"({summary['seconds']:.0f} s); volumes and mean intensities in {summary['statistics']}", file=sys.stderr)
 
 
 def _cmd_info(args, reporter: Reporter) -> None:
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's order")
     seg.add_argument("-o", "--output", required=True,
                      help="label map to write: .seg.nrrd (named segments for Slicer), .nii.gz, .nrrd or .mha; with "
-                          "--data, the folder for one label map per case and volumes.csv")
+                          "--data, the folder for one label map per case and statistics.csv")
     seg.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
     seg.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     seg.add_argument("--preview", metavar="PNG", help="also write a QA preview: slices through each segment and a 3-D rendering")

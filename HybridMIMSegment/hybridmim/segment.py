@@ -25,18 +25,34 @@ def segmentation_model(model: str | None, reporter: Reporter):
     return checkpoint, meta
 
 
-def segment_volumes(labels, label_table) -> list[dict]:
-    """Each label's value, name and volume in millilitres in the label map ``labels`` (a SimpleITK image)."""
+def _label_sums(labels_flat: np.ndarray, bins: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per label value below ``bins``: its voxel count, or the sum of ``weights`` over its voxels."""
+    slab = 1 << 24  # in slabs: bincount widens its input (and weights) to 8 bytes a voxel first
+    total = np.zeros(bins)
+    for i in range(0, labels_flat.size, slab):
+        part = None if weights is None else weights[i:i + slab]
+        total += np.bincount(labels_flat[i:i + slab], part, minlength=bins)[:bins]
+    return total
+
+
+def segment_statistics(labels, label_table, channels=(), channel_names=()) -> list[dict]:
+    """Each label's value, name, volume in millilitres and, for each of ``channels`` (images on the grid
+    of ``labels``), its mean intensity there (``mean_<channel name>``, in the image's units; None when
+    the label is absent)."""
     import SimpleITK as sitk
 
-    # counted in slabs: bincount widens its input to int64 (8 bytes a voxel) first
-    voxels, slab = sitk.GetArrayViewFromImage(labels).ravel(), 1 << 24
+    flat = sitk.GetArrayViewFromImage(labels).ravel()
     bins = max([l.value for l in label_table], default=0) + 1
-    counts = sum((np.bincount(voxels[i:i + slab], minlength=bins)[:bins] for i in range(0, voxels.size, slab)),
-                 np.zeros(bins, dtype=np.int64))
+    counts = _label_sums(flat, bins)
+    sums = {f"mean_{name}": _label_sums(flat, bins, sitk.GetArrayViewFromImage(image).ravel())
+            for image, name in zip(channels, channel_names)}
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    return [{"value": l.value, "name": l.name, "volume_ml": round(float(counts[l.value]) * voxel_ml, 2)}
-            for l in label_table]
+    rows = []
+    for l in label_table:
+        count = counts[l.value]
+        means = {key: round(float(total[l.value] / count), 2) if count else None for key, total in sums.items()}
+        rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * voxel_ml, 2), **means})
+    return rows
 
 
 def segment(inputs: list[str], output: str, model: str | None = None, device: str = "auto",
@@ -77,7 +93,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
         render_preview(channels[0], labels, meta.labels, preview_path, window, meta.title or checkpoint.stem)
         outputs["preview"] = str(preview_path)
 
-    segments = segment_volumes(labels, meta.labels)
+    segments = segment_statistics(labels, meta.labels, channels, [c["name"] for c in meta.channels])
     reporter.done({**outputs, "segments": segments, "seconds": round(time.time() - started, 2),
                    "device": device})
     return {**outputs, "segments": segments}
