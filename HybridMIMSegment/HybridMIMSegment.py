@@ -31,6 +31,7 @@ from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_versi
                                               skip_speedup, speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
+from HybridMIMSegmentLib.results import segment_lines
 from HybridMIMSegmentLib.states import BUSY, Processing, State
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -206,6 +207,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
 
         def imported(result):
             node = self.logic.importSegmentation(output, volumes[0], target, choice.label, show3D)
+            for line in segment_lines(result.outputs["segments"]):
+                self.log(line)
             found = sum(1 for s in result.outputs["segments"] if s["volume_ml"] > 0)
             return f"{found} of {len(result.outputs['segments'])} segments found in {result.outputs['seconds']} s " \
                    f"({result.outputs['device']}): {node.GetName()}"

@@ -28,6 +28,7 @@ from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_versi
                                               speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
+from HybridMIMSegmentLib.results import segment_lines  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
 
 
@@ -44,6 +45,14 @@ def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output
                                                                 and e["stage"] == "inference"][-1]["total"]
     assert events[-1]["event"] == "done" and result.outputs["segmentation"] == str(output)
     assert sitk.ReadImage(str(output)).GetSize() == sitk.ReadImage(str(small_ct)).GetSize()
+    # The log's lines on the result: each segment found with its volume and mean HU, then those not found.
+    lines = segment_lines(result.outputs["segments"])
+    found = [s for s in result.outputs["segments"] if s["volume_ml"] > 0]
+    assert found and len(lines) == len(found) + 1
+    liver = next(line for line in lines if line.startswith("  liver: "))
+    volume, mean = next((s["volume_ml"], s["mean_CT"]) for s in found if s["name"] == "liver")
+    assert liver == f"  liver: {volume:.1f} ml, mean CT {mean:.1f}"
+    assert lines[-1].startswith("  not found: ") and "gallbladder" in lines[-1]
 
 
 def test_an_engine_error_arrives_as_one_readable_line(tmp_path):
