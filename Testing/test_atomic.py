@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from hybridmim.atomic import atomic_output, check_new_output, full_suffix
+from hybridmim.atomic import atomic_output, check_new_output, full_suffix, make_folder
 from hybridmim.errors import UserError
 
 
@@ -65,3 +65,14 @@ def test_a_write_the_file_system_refuses_is_one_line(tmp_path, code, refused_by_
     if refused_by_the_system:
         assert str(raised.value) == f"{target}: cannot be written: {os.strerror(code)}"
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary file
+
+
+def test_a_cache_or_lock_folder_that_cannot_be_made_is_one_line(tmp_path, refused, small_ct, monkeypatch):
+    (tmp_path / "notes.txt").write_text("a file, not a folder", encoding="utf-8")
+    with pytest.raises(UserError, match="cannot make the output folder: Not a directory"):
+        make_folder(tmp_path / "notes.txt" / "out", "the output folder")
+    refused("pretrain", "--prepare-only", "--cache", tmp_path / "notes.txt" / "prepared", "--data", small_ct,
+            message="cannot make the folder for prepared cases (--cache)")
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "notes.txt" / "cache"))
+    refused("segment", small_ct, "-o", tmp_path / "result.nii.gz", message="set HYBRIDMIM_CACHE to a writable folder")
+    assert not (tmp_path / "result.nii.gz").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import UserError
 
 # The file system's refusals of a write (rather than faults of ours): reported in one line.
-_REFUSED_WRITES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOENT}
+_REFUSED_WRITES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR}
 # Multi-part suffixes that image writers pick their format by.
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz")
 
@@ -34,6 +34,15 @@ def _check_writable_place(path: Path) -> None:
         raise UserError(f"{path}: cannot be written: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{path}: cannot be written: no permission to write in {existing}")
+
+
+def make_folder(folder: Path, what: str) -> Path:
+    """``folder``, made if missing; a one-line UserError saying ``what`` it is for when it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot make {what}: {exc.strerror}") from None
+    return folder
 
 
 def check_new_output(path: str | Path, overwrite: bool) -> Path:
@@ -107,7 +116,7 @@ def output_lock(path: str | Path):
 
     path = Path(os.path.realpath(path))
     lock = cache_dir() / "locks" / f"{hashlib.sha256(str(path).encode('utf-8')).hexdigest()[:32]}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(lock.parent, "the folder for run locks (set HYBRIDMIM_CACHE to a writable folder)")
     while True:
         handle = open(lock, "a+")
         if not _try_lock(handle):

@@ -16,7 +16,7 @@ import io
 import time
 from pathlib import Path
 
-from .atomic import atomic_output, check_inputs_kept, check_new_output
+from .atomic import atomic_output, check_inputs_kept, check_new_output, make_folder
 from .errors import UserError
 from .progress import Reporter
 
@@ -67,10 +67,7 @@ def _check_folder(folder: Path) -> None:
     """Refuse an output folder that is a file or cannot be made, before any work."""
     if folder.is_file():
         raise UserError(f"{folder}: is a file; with --data, -o names a folder for the label maps")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot make this folder: {exc.strerror}") from None
+    make_folder(folder, "the output folder")
 
 
 def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",

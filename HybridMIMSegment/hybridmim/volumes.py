@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, make_folder
 from .errors import UserError
 from .preprocessing import Preprocessing
 from .progress import Reporter
@@ -322,7 +322,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         raise UserError("no volumes to train on")
     for case in cases if classes else ():
         check_label_grid(case)  # headers only: refuse before an hour of preparing
-    cache.mkdir(parents=True, exist_ok=True)
+    make_folder(cache, "the folder for prepared cases (--cache)")
     reporter.stage("prepare data")
     volumes, sources, entries = [], [], []
     for done, case in enumerate(cases):
