@@ -121,7 +121,7 @@ def test_bad_batch_requests_are_refused_before_any_work(refused, cases, small_ct
     refused("segment", "--data", cases, cases / "case3", "-o", out, message="two cases are named 'case3'")
     refused("segment", "--data", cases / "abdomen.nii.gz", "-o", cases, "--format", "nii.gz",
             message="an output would overwrite this input")
-    refused("segment", "--data", cases, "-o", small_ct, message="is a file")
+    refused("segment", "--data", cases, "-o", small_ct, message="is a file; with --data, -o names a folder")
     refused("segment", "--data", cases, "-o", out, "--model", "brain-tumor-mr",
             message="case case3: model brain-tumor-mr.safetensors expects 2 input channel(s)")
     assert not out.exists()

@@ -63,13 +63,6 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     return out.getvalue()
 
 
-def _check_folder(folder: Path) -> None:
-    """Refuse an output folder that is a file or cannot be made, before any work."""
-    if folder.is_file():
-        raise UserError(f"{folder}: is a file; with --data, -o names a folder for the label maps")
-    make_folder(folder, "the output folder")
-
-
 def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",
                   suffix: str = ".seg.nrrd", previews: bool = False, overwrite: bool = False,
                   skip_existing: bool = False, reporter: Reporter | None = None) -> dict:
@@ -89,6 +82,8 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     if overwrite and skip_existing:
         raise UserError("--overwrite and --skip-existing exclude each other: replace the outputs, or keep them")
     folder = Path(output)
+    if folder.is_file():
+        raise UserError(f"{folder}: is a file; with --data, -o names a folder for the label maps")
     cases = find_cases(data, dicom=True)
     planned = _planned_outputs(cases, folder, suffix, previews)
     existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
@@ -105,7 +100,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
             meta.check_input_count(len(case.channels), checkpoint.name)
         except UserError as exc:
             raise UserError(f"case {case.name}: {exc}") from None
-    _check_folder(folder)
+    make_folder(folder, "the output folder")
     network = None
     if len(kept) < len(cases):
         device = resolve_device(device, reporter)
