@@ -128,3 +128,18 @@ def test_unreadable_inputs_raise_user_errors(tmp_path, make, message):
 def test_dicom_folder_without_series(tmp_path):
     with pytest.raises(UserError, match="no DICOM series"):
         read_volume(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".seg.nrrd", ".nrrd", ".mha", ".nii.gz"])
+def test_what_made_a_label_map_is_in_its_header(tmp_path, label_crop, suffix):
+    provenance = {"engine": "hybridmim 9.9", "model": "my-model", "model_sha256": "ab" * 32}
+    path = tmp_path / f"labels{suffix}"
+    write_labelmap(label_crop, path, BTCV, provenance)
+    header = sitk.ReadImage(str(path))
+    if suffix == ".nii.gz":  # NIfTI has one 80-character description
+        assert header.GetMetaData("descrip") == f"hybridmim 9.9; my-model; {'ab' * 32}"[:79]
+    else:
+        assert {k: header.GetMetaData(k) for k in header.GetMetaDataKeys() if k.startswith("HybridMIM_")} == {
+            "HybridMIM_engine": "hybridmim 9.9", "HybridMIM_model": "my-model", "HybridMIM_model_sha256": "ab" * 32}
+    if suffix == ".seg.nrrd":  # and the segments are still Slicer's
+        assert [s["name"] for s in slicerio.read_segmentation(str(path))["segments"]][:2] == ["spleen", "right kidney"]

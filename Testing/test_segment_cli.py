@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -53,6 +54,9 @@ def test_segmentation_is_on_the_input_grid_with_named_segments(segmented, abdome
     names = [s["name"] for s in seg["segments"]]
     assert names[:3] == ["spleen", "right kidney", "left kidney"] and len(names) == 13
     assert all(s["terminology"]["category"][1] == "123037004" for s in seg["segments"])
+    # The file says what made it: engine, model and the model file's SHA256.
+    assert seg["HybridMIM_model"] == "abdomen-ct-scratch" and seg["HybridMIM_engine"].startswith("hybridmim ")
+    assert seg["HybridMIM_model_sha256"] == hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()
 
 
 def test_default_model_finds_the_organs_of_its_training_case(segmented, abdomen_crop):

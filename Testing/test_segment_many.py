@@ -58,6 +58,7 @@ def test_every_case_gets_the_label_map_that_segment_gives_it(segmented_many, cas
     for same in ("case3", "dicom4"):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{same}.seg.nrrd"))), small)
     assert (sitk.GetArrayFromImage(together) == 6).sum() > 10000  # the liver is found
+    assert together.GetMetaData("HybridMIM_model") == "abdomen-ct-scratch"  # what made it, as segment says
 
 
 def test_one_model_load_progress_per_case_and_a_statistics_table(segmented_many, cases):

@@ -74,7 +74,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     from .devices import resolve_device
     from .imageio import read_volume, write_labelmap
     from .predict import load_network, read_inputs, segment_channels
-    from .segment import segment_statistics, segmentation_model
+    from .segment import labelmap_provenance, segment_statistics, segmentation_model
     from .volumes import find_cases
 
     reporter = reporter or Reporter("quiet")
@@ -107,6 +107,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         network = load_network(checkpoint, meta, device, reporter)
 
     statistics, failed, channel_names = {}, {}, [c["name"] for c in meta.channels]
+    provenance = labelmap_provenance(checkpoint)
     reporter.stage("segment")
     for index, case in enumerate(cases):
         paths, case_started, keep = planned[case.name], time.time(), case.name in kept
@@ -118,7 +119,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
                 labels = read_volume(paths["segmentation"])
             else:
                 labels = segment_channels(channels, network, meta, device)
-                write_labelmap(labels, paths["segmentation"], meta.labels)
+                write_labelmap(labels, paths["segmentation"], meta.labels, provenance)
         except UserError as exc:
             failed[case.name] = str(exc)
             reporter.warning(f"{case.name}: skipped: {exc}")
@@ -140,8 +141,9 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         names = ", ".join(list(failed)[:5]) + (" …" if len(failed) > 5 else "")
         raise UserError(f"{len(failed)} of {len(cases)} cases failed ({names}; the warnings above say why); "
                         f"the other {len(cases) - len(failed)} are in {folder}")
-    summary = {"folder": str(folder), "statistics": str(statistics_path), "cases": len(cases),
-               "segmented": len(cases) - len(kept), "kept": len(kept), "seconds": round(time.time() - started, 2)}
+    summary = {"folder": str(folder), "statistics": str(statistics_path), "model": checkpoint.stem,
+               "cases": len(cases), "segmented": len(cases) - len(kept), "kept": len(kept),
+               "seconds": round(time.time() - started, 2)}
     if network is not None:
         summary["device"] = device
     reporter.done(summary)

@@ -195,19 +195,30 @@ def _labelmap_pixel_type(labels: list[Label]):
     return sitk.sitkUInt8 if max((l.value for l in labels), default=0) <= 255 else sitk.sitkUInt16
 
 
-def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label]) -> None:
-    """Write atomically; ``.seg.nrrd`` carries each label as a named Slicer segment."""
+def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
+                   provenance: dict[str, str] | None = None) -> None:
+    """Write atomically; ``.seg.nrrd`` carries each label as a named Slicer segment. ``provenance``
+    (what made the map) goes into the header: ``HybridMIM_<key>`` fields in NRRD and MHA, the
+    description (80 characters) in NIfTI."""
     path = Path(path)
     check_labelmap_path(path)
     image = sitk.Cast(image, _labelmap_pixel_type(labels))
+    fields = {f"HybridMIM_{key}": str(value) for key, value in (provenance or {}).items()}
+    suffix = full_suffix(path).lower()
+    if suffix in (".nii", ".nii.gz"):
+        if provenance:
+            image.SetMetaData("ITK_FileNotes", "; ".join(map(str, provenance.values()))[:79])
+    elif suffix != ".seg.nrrd":
+        for key, value in fields.items():
+            image.SetMetaData(key, value)
     with atomic_output(path) as tmp:
-        if full_suffix(path).lower() == ".seg.nrrd":
-            _write_seg_nrrd(image, tmp, labels)
+        if suffix == ".seg.nrrd":
+            _write_seg_nrrd(image, tmp, labels, fields)
         else:
             sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
-def _write_seg_nrrd(image: sitk.Image, path: Path, labels: list[Label]) -> None:
+def _write_seg_nrrd(image: sitk.Image, path: Path, labels: list[Label], fields: dict[str, str]) -> None:
     import slicerio
 
     voxels_zyx = sitk.GetArrayViewFromImage(image)
@@ -230,5 +241,6 @@ def _write_seg_nrrd(image: sitk.Image, path: Path, labels: list[Label]) -> None:
         "ijkToLPS": Grid.of(image).ijk_to_lps(),
         "segments": segments,
         "encoding": "gzip",
+        **fields,  # slicerio writes other keys as the NRRD's own fields
     }
     slicerio.write_segmentation(str(path), segmentation)

@@ -25,6 +25,14 @@ def segmentation_model(model: str | None, reporter: Reporter):
     return checkpoint, meta
 
 
+def labelmap_provenance(checkpoint) -> dict[str, str]:
+    """What made a label map, for its file's header: engine version, model and the model file's SHA256."""
+    from . import __version__
+    from .download import file_sha256
+
+    return {"engine": f"hybridmim {__version__}", "model": checkpoint.stem, "model_sha256": file_sha256(checkpoint)}
+
+
 def _label_sums(labels_flat: np.ndarray, bins: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Per label value below ``bins``: its voxel count, or the sum of ``weights`` over its voxels."""
     slab = 1 << 24  # in slabs: bincount widens its input (and weights) to 8 bytes a voxel first
@@ -82,7 +90,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     labels = labels_on_input_grid(network, model_input, meta, device, reporter, channels[0])
 
     reporter.stage("write")
-    write_labelmap(labels, output_path, meta.labels)
+    write_labelmap(labels, output_path, meta.labels, labelmap_provenance(checkpoint))
     outputs = {"segmentation": str(output_path)}
 
     if preview_path is not None:
