@@ -30,7 +30,8 @@ def _add_training_run_options(parser: argparse.ArgumentParser, prepare_only_help
     """The options pre-training and fine-tuning share: resume, overwrite, the prepared-data cache, device."""
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote -o from its resume state")
     parser.add_argument("--overwrite", action="store_true", help="start again, replacing an earlier run's files")
-    parser.add_argument("--cache", metavar="DIR", help="where prepared cases are kept (default ~/.cache/hybridmim/prepared)")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="where prepared cases are kept (default ~/.cache/hybridmim/prepared)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
                         help="case names in --data to leave out (held-out cases, or to train on a subset)")
     parser.add_argument("--prepare-only", action="store_true", help=prepare_only_help)
@@ -91,7 +92,8 @@ def _cmd_models(args, reporter: Reporter) -> None:
         return
     for row in rows:
         flag = "*" if row["default"] else "+" if row["default_pretrained"] else " "
-        print(f"{flag} {row['name']:<24} {row['modality']:<6} {row.get('task', ''):<15} {row['status']:<22} {row['title']}")
+        print(f"{flag} {row['name']:<24} {row['modality']:<6} {row.get('task', ''):<15} {row['status']:<22} "
+              f"{row['title']}")
     print("(* default for segment, + default for reconstruct; `hybridmim info NAME` describes one)")
 
 
@@ -176,7 +178,8 @@ def _cmd_evaluate(args, reporter: Reporter) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hybridmim", description="Masked-image-modelling pre-trained 3D segmentation (HybridMIMSegment engine).")
+    parser = _Parser(prog="hybridmim",
+                     description="Masked-image-modelling pre-trained 3D segmentation (HybridMIMSegment engine).")
     parser.add_argument("--version", action="version", version=f"hybridmim {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -189,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "--data, the folder for one label map per case and statistics.csv")
     seg.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
     seg.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    seg.add_argument("--preview", metavar="PNG", help="also write a QA preview: slices through each segment and a 3-D rendering")
+    seg.add_argument("--preview", metavar="PNG",
+                     help="also write a QA preview: slices through each segment and a 3-D rendering")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     many = seg.add_argument_group("many scans, one model load")
     many.add_argument("--data", nargs="+", metavar="PATH",
@@ -202,12 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress(seg)
     seg.set_defaults(handler=_cmd_segment)
 
-    rec = commands.add_parser("reconstruct", help="mask a scan patch-wise and reconstruct it with a pre-trained model (visual QA)")
-    rec.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder, one per model input channel")
+    rec = commands.add_parser("reconstruct",
+                              help="mask a scan patch-wise and reconstruct it with a pre-trained model (visual QA)")
+    rec.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="image file or DICOM folder, one per model input channel")
     rec.add_argument("-o", "--output", required=True, metavar="DIR",
                      help="folder for mask, masked, reconstruction and error (.nii.gz) and montage.png")
-    rec.add_argument("--model", help="pre-trained checkpoint path or catalog name (default: the catalog's pre-trained model)")
-    rec.add_argument("--mask-ratio", type=float, help="share of patches masked (default: the model's pre-training ratio)")
+    rec.add_argument("--model",
+                     help="pre-trained checkpoint path or catalog name (default: the catalog's pre-trained model)")
+    rec.add_argument("--mask-ratio", type=float,
+                     help="share of patches masked (default: the model's pre-training ratio)")
     rec.add_argument("--seed", type=int, default=0, help="which patches are masked (same seed, same mask)")
     rec.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     rec.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -234,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_run_options(pre, "prepare the data into --cache and stop; that folder can then be given as --data")
     pre.set_defaults(handler=_cmd_pretrain)
 
-    fin = commands.add_parser("finetune", help="train a segmentation model from a pre-trained checkpoint or from scratch")
+    fin = commands.add_parser("finetune",
+                              help="train a segmentation model from a pre-trained checkpoint or from scratch")
     fin.add_argument("--init", required=True, metavar="CKPT|NAME|scratch",
                      help="checkpoint (path or catalog name) whose encoder and decoder start the model, or 'scratch'")
     fin.add_argument("--data", nargs="+", required=True, metavar="PATH",
@@ -256,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="Dice and HD95 of a model on labelled cases, per case and label")
     ev.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
     ev.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                    help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon folders")
+                    help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon "
+                         "folders")
     ev.add_argument("-o", "--output", metavar="REPORT", help="JSON report to write; the CSV goes beside it")
     ev.add_argument("--overlays", metavar="DIR", help="also write one PNG per case: reference vs model outlines")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
