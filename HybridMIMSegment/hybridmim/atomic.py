@@ -10,8 +10,10 @@ from pathlib import Path
 
 from .errors import UserError
 
-# The file system's refusals of a write (rather than faults of ours): reported in one line.
-_REFUSED_WRITES = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR}
+# The file system's refusals of a write (rather than faults of ours): reported in one line. By name:
+# Windows' errno lacks some of them (EDQUOT).
+_REFUSED_WRITES = {getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "ENOENT",
+                                                     "ENOTDIR") if hasattr(errno, name)}
 # Multi-part suffixes that image writers pick their format by.
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz")
 
