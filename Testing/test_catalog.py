@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from conftest import DEFAULT_MODEL, MODELS
 from hybridmim.catalog import load_catalog, resolve_model, resolve_sample
 from hybridmim.checkpoint import read_metadata
-from hybridmim.download import file_sha256
+from hybridmim.download import _sha256_of, file_sha256
 from hybridmim.errors import UserError
 from hybridmim.progress import Reporter
 
@@ -94,3 +96,21 @@ def test_names_and_paths(tmp_path):
     with pytest.raises(UserError, match="no such model file"):
         resolve_model(str(tmp_path / "x.safetensors"), QUIET)
     assert resolve_model(str(DEFAULT_MODEL), QUIET) == DEFAULT_MODEL
+
+
+def test_a_file_hashed_once_is_hashed_again_when_it_changes(tmp_path):
+    path = tmp_path / "model.safetensors"
+    shutil.copy(DEFAULT_MODEL, path)
+    first = file_sha256(path)
+    hits = _sha256_of.cache_info().hits
+    assert first == hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest() and file_sha256(path) == first
+    assert _sha256_of.cache_info().hits == hits + 1  # the second ask is not read again
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # same size, rewritten in place (same inode)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # however coarse the clock
+    assert file_sha256(path) == hashlib.sha256(bytes(data)).hexdigest() != first
+    replaced = tmp_path / "new.safetensors"
+    shutil.copy(DEFAULT_MODEL, replaced)
+    os.replace(replaced, path)  # a new file under the same name, as atomic writes and downloads leave it
+    assert file_sha256(path) == first

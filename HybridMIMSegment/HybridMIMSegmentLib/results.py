@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-MEAN_PREFIX = "mean_"
+from hybridmim.progress import MEAN_PREFIX
 
 
 def segment_lines(segments: list[dict]) -> list[str]:

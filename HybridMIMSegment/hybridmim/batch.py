@@ -5,8 +5,8 @@ Decathlon folders; label maps are ignored), and DICOM series folders. Everything
 refused for the whole run is refused before the first case (model, channel counts, clashing or
 existing outputs); a case that fails on its own (unreadable, too large for the memory, …) is
 reported and skipped, and the run ends with an error naming the failed cases once the others are
-written. ``statistics.csv`` beside the label maps lists every segment's volume and mean intensity per case. Outputs are
-written atomically, so an interrupted run can be continued with ``--skip-existing``.
+written. ``statistics.csv`` beside the label maps lists every segment's volume and mean intensity
+per case. Outputs are written atomically, so an interrupted run can be continued with ``--skip-existing``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .atomic import atomic_output, check_inputs_kept, check_new_output, make_folder
 from .errors import UserError
-from .progress import Reporter
+from .progress import MEAN_PREFIX, Reporter
 
 STATISTICS_NAME = "statistics.csv"
 FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
@@ -54,7 +54,7 @@ def _planned_outputs(cases, folder: Path, suffix: str, previews: bool) -> dict[s
 def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    means = [f"mean_{name}" for name in channel_names]
+    means = [MEAN_PREFIX + name for name in channel_names]
     writer.writerow(["case", "value", "structure", "volume_ml", *means])
     for case, segments in statistics.items():
         for s in segments:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import urllib.error
@@ -22,6 +23,14 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """A file's SHA256, hashed once per process while the file keeps its inode, size and modification time
+    (a segment run asks for its model's three times: catalog check, ONNX cache key, the label map's header)."""
+    stat = os.stat(path)
+    return _sha256_of(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -18,6 +18,8 @@ import sys
 from typing import Any, TextIO
 
 EVENTS = ("stage", "progress", "metric", "message", "done", "error")
+# A segment's mean intensity in input channel NAME is ``MEAN_PREFIX + NAME`` in ``done``'s ``segments``.
+MEAN_PREFIX = "mean_"
 
 
 def _plain(value: Any) -> Any:

@@ -11,7 +11,7 @@ from .catalog import resolve_model
 from .checkpoint import read_metadata
 from .errors import UserError
 from .imageio import check_labelmap_path, start_reading, write_labelmap
-from .progress import Reporter
+from .progress import MEAN_PREFIX, Reporter
 
 
 def segmentation_model(model: str | None, reporter: Reporter):
@@ -45,14 +45,14 @@ def _label_sums(labels_flat: np.ndarray, bins: int, weights: np.ndarray | None =
 
 def segment_statistics(labels, label_table, channels=(), channel_names=()) -> list[dict]:
     """Each label's value, name, volume in millilitres and, for each of ``channels`` (images on the grid
-    of ``labels``), its mean intensity there (``mean_<channel name>``, in the image's units; None when
+    of ``labels``), its mean intensity there (``MEAN_PREFIX`` + channel name, in the image's units; None when
     the label is absent)."""
     import SimpleITK as sitk
 
     flat = sitk.GetArrayViewFromImage(labels).ravel()
     bins = max([l.value for l in label_table], default=0) + 1
     counts = _label_sums(flat, bins)
-    sums = {f"mean_{name}": _label_sums(flat, bins, sitk.GetArrayViewFromImage(image).ravel())
+    sums = {MEAN_PREFIX + name: _label_sums(flat, bins, sitk.GetArrayViewFromImage(image).ravel())
             for image, name in zip(channels, channel_names)}
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     rows = []
