@@ -323,6 +323,41 @@ def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path):
         load_prepared(cache, other, Reporter("quiet"))
 
 
+def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_path):
+    """A folder of DICOM series folders (a PACS export) pre-trains like the same CTs as NIfTI files; the series'
+    files are the prepared cache's key and the checkpoint's provenance."""
+    import SimpleITK as sitk
+    from hybridmim.checkpoint import read_metadata
+    from test_imageio import _write_dicom_series
+
+    series = tmp_path / "export" / "abdomen"
+    series.mkdir(parents=True)
+    _write_dicom_series(sitk.ReadImage(str(scans / "abdomen.nii.gz")), series)
+    cache, output = tmp_path / "cache", tmp_path / "dicom.safetensors"
+    run_cli("pretrain", "--data", tmp_path / "export", scans / "lung.nii.gz", "-o", output, "--recipe", recipe_file,
+            "--steps", 2, "--cache", cache, "--progress", "quiet", check_rc=0)
+    preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
+    from_dicom = load_prepared(cache, preprocessing, Reporter("quiet"))
+    from_nifti = prepare_cases(find_cases([scans / "abdomen.nii.gz"]), preprocessing, tmp_path / "nifti",
+                               Reporter("quiet"))
+    assert [v.name for v in from_dicom.volumes] == ["abdomen", "lung"]
+    assert np.array_equal(from_dicom.volumes[0].stored, from_nifti.volumes[0].stored)
+    provenance = read_metadata(output).provenance["data"]
+    assert provenance[0]["files"] == ["abdomen"] and provenance[0]["sha256"] == from_dicom.sources[0]["sha256"]
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
+    again = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == stamps  # the series was not read again
+    first_slice = sorted(series.iterdir())[0]
+    first_slice.write_bytes(first_slice.read_bytes())  # rewritten: the series may have changed
+    changed = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))
+    assert len(list(cache.glob("*.npz"))) == len(stamps) + 1
+    assert changed.sources[0]["sha256"] == again.sources[0]["sha256"]  # same bytes, same digest
+    first_slice.write_bytes(first_slice.read_bytes()[:-2] + b"\x00\x01")
+    edited = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))
+    assert edited.sources[0]["sha256"] != again.sources[0]["sha256"]
+
+
 def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, tmp_path):
     import torch
 

@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("pretrain", help="self-supervised pre-training on unlabelled scans "
                                                "(HybridMIM, MiM or SelfMedHPM)")
     pre.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                     help="image files, case folders (image.nii.gz or image_0000…), folders of them, Decathlon "
-                          "folders, or one folder prepared by --prepare-only")
+                     help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders, folders "
+                          "of them, Decathlon folders, or one folder prepared by --prepare-only")
     pre.add_argument("-o", "--output", help="checkpoint to write (.safetensors); the resume state goes beside it")
     pre.add_argument("--method", choices=["hybridmim", "mim", "hpm"],
                      help="pre-training method (default: the recipe's, else hybridmim)")

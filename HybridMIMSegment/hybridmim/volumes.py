@@ -237,11 +237,27 @@ def _encode(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
     return array.astype(np.float16)
 
 
+def _source_files(path: Path) -> list[Path]:
+    """The files a channel is read from: the image file, or a DICOM series folder's own files."""
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
+def _source_sha256(path: Path) -> str:
+    """An image file's SHA256; for a DICOM folder, the SHA256 of its files' names and SHA256s."""
+    from .download import file_sha256
+
+    if not path.is_dir():
+        return file_sha256(path)
+    listing = "".join(f"{file.name} {file_sha256(file)}\n" for file in _source_files(path))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def _cache_key(case: Case, preprocessing: Preprocessing, classes: dict | None) -> str:
     identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted((classes or {}).items())]
     for path in case.channels + ((case.label,) if classes else ()):
-        stat = path.stat()
-        identity.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        for file in _source_files(path):  # a DICOM series changes when any of its files does
+            stat = file.stat()
+            identity.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -316,8 +332,6 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
 
     ``classes``: label value → class index, to prepare the label maps too (other values become 0).
     """
-    from .download import file_sha256
-
     if not cases:
         raise UserError("no volumes to train on")
     for case in cases if classes else ():
@@ -341,7 +355,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         volumes.append(_volume(case.name, arrays))
         files = case.channels + ((case.label,) if classes else ())
         source = {"name": case.name, "files": [p.name for p in files],
-                  "sha256": [file_sha256(p) for p in files], "shape": list(arrays["image"].shape[1:])}
+                  "sha256": [_source_sha256(p) for p in files], "shape": list(arrays["image"].shape[1:])}
         sources.append(source)
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
