@@ -330,6 +330,22 @@ def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path)
     assert outputs["best_epoch"] in (2, 3)
 
 
+def test_cases_unlike_the_models_modality_are_prepared_with_a_warning(folders, tmp_path):
+    """A CT model fine-tuned on an MR case (here a z-scored FLAIR) says so; its CT cases do not."""
+    from conftest import warnings_of
+
+    mr = tmp_path / "cases" / "pat0003"
+    mr.mkdir(parents=True)
+    brain = data_file("brain_tumor_mr/brats_2013_pat0003_1")
+    (mr / "image.nii.gz").symlink_to(brain / "Flair_subtrMeanDivStd.nii.gz")
+    (mr / "label.nii.gz").symlink_to(brain / "OTMultiClass.nii.gz")
+    (tmp_path / "cases" / "STS_001").symlink_to(folders["train"] / "STS_001")
+    result = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "cases", "--recipe", folders["recipe"],
+                     "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json", check_rc=0)
+    unlike = [w for w in warnings_of(result) if "unlike a CT" in w]
+    assert len(unlike) == 1 and unlike[0].startswith("pat0003: image.nii.gz:"), warnings_of(result)
+
+
 def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_its_output_layer():
     recipes = {path.stem: path for path in sorted((REPO / "scripts/recipes").glob("finetune-*.json"))}
     continued = ["finetune-sarcoma-ct-continue", "finetune-sarcoma-ct-continue-flips"]

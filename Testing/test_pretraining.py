@@ -358,6 +358,22 @@ def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_
     assert edited.sources[0]["sha256"] != again.sources[0]["sha256"]
 
 
+def test_a_scan_unlike_the_recipes_modality_is_prepared_with_a_warning(scans, recipe_file, tmp_path):
+    """The CT recipes window Hounsfield units: an MR among the scans is named, the CTs are not."""
+    import SimpleITK as sitk
+
+    from conftest import data_file, warnings_of
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "abdomen.nii.gz").symlink_to(scans / "abdomen.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(data_file("abdomen_mr/mr.nii.gz")))[20:100, 10:80, :], str(folder / "mr.nii.gz"))
+    result = run_cli("pretrain", "--prepare-only", "--recipe", recipe_file, "--cache", tmp_path / "cache", "--data",
+                     folder, "--progress", "json", check_rc=0)
+    unlike = [w for w in warnings_of(result) if "unlike a CT" in w]
+    assert len(unlike) == 1 and unlike[0].startswith("mr: mr.nii.gz: no voxel below -200"), warnings_of(result)
+
+
 def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, tmp_path):
     import torch
 

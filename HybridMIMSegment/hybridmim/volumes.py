@@ -286,15 +286,17 @@ def check_label_grid(case: Case) -> None:
                         "from the image's; resample it onto the image first")
 
 
-def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None, warn) -> dict:
+def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None, channels, warn) -> dict:
     import SimpleITK as sitk
 
     from .imageio import read_channels, read_volume
     from .modelgrid import prepare
-    from .scancheck import finite_volume
+    from .scancheck import checked_channels
 
-    channels = [finite_volume(image, f"{case.name}: {path.name}", warn)
-                for image, path in zip(read_channels(case.channels, warn), case.channels)]
+    count = len(case.channels)
+    expected = ([c.get("modality", "") for c in channels] + [""] * count)[:count]  # "": a channel not described
+    channels = checked_channels(read_channels(case.channels, warn), [f"{case.name}: {p.name}" for p in case.channels],
+                                expected, warn)
     label = sitk.Cast(read_volume(case.label), sitk.sitkUInt16) if classes else None
     model_input = prepare(channels, preprocessing, label)
     array = model_input.array
@@ -327,10 +329,12 @@ def _volume(name: str, arrays: dict) -> Volume:
 
 
 def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, reporter: Reporter,
-                  classes: dict[int, int] | None = None) -> PreparedData:
+                  classes: dict[int, int] | None = None, channels=()) -> PreparedData:
     """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
 
     ``classes``: label value → class index, to prepare the label maps too (other values become 0).
+    ``channels``: the model's input channels ({name, modality}); a scan unlike its channel's modality (an MR
+    given to a CT recipe) is prepared with a warning.
     """
     if not cases:
         raise UserError("no volumes to train on")
@@ -345,13 +349,13 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         if path.is_file():
             arrays = _load_npz(path)
         else:
-            arrays = _prepare_volume(case, preprocessing, key, classes, reporter.warning)
+            arrays = _prepare_volume(case, preprocessing, key, classes, channels, reporter.warning)
             with atomic_output(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **arrays)
-        channels = arrays["image"].shape[0]
-        if channels != len(cases[0].channels):
-            raise UserError(f"{case.name}: {channels} channels where the first case has {len(cases[0].channels)}")
+        count = arrays["image"].shape[0]
+        if count != len(cases[0].channels):
+            raise UserError(f"{case.name}: {count} channels where the first case has {len(cases[0].channels)}")
         volumes.append(_volume(case.name, arrays))
         files = case.channels + ((case.label,) if classes else ())
         source = {"name": case.name, "files": [p.name for p in files],
