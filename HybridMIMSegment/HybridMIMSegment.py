@@ -24,14 +24,15 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file
-from HybridMIMSegmentLib.commands import (devices_command, finetune_command, reconstruct_command,
-                                          segment_command)
+from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, scan_file, write_labels_file
+from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row
+from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, devices_command, finetune_command, pretrain_command,
+                                          reconstruct_command, segment_command)
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits, missing_requirements,
                                               skip_speedup, speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
-from HybridMIMSegmentLib.results import segment_lines
+from HybridMIMSegmentLib.results import segment_lines, training_stop_message
 from HybridMIMSegmentLib.states import BUSY, Processing, State
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -88,16 +89,20 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
 
         self.logic = HybridMIMSegmentLogic()
         self.processing = Processing("Apply")
-        self.training = Processing("Start")
+        self.training = Processing("Start")  # fine-tuning
+        self.pretraining = Processing("Start")
         self.run = None  # (EngineProcess, Processing, on_success) of the segment/reconstruct run
-        self.trainer = None  # the same for a fine-tuning run
+        self.trainer = None  # the same for the training run: fine-tuning or pre-training, one at a time
         self.inputSelectors = []
         self.trainingPairs = []  # (volume node ID, segmentation node ID)
-        self.lastTraining = None  # (resume command, output checkpoint) of the last training run
-        self.chart = None
+        self.resumeButtons = {self.training: self.ui.resumeButton, self.pretraining: self.ui.pretrainResumeButton}
+        self.lastRuns = {}  # Processing → (resume command, output checkpoint) of its last run
+        self.chart = None  # (table node, ChartSpec) of the training run
 
         for text, value in (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu")):
             self.ui.deviceComboBox.addItem(text, value)
+        for value, text in PRETRAIN_METHODS:
+            self.ui.pretrainMethodComboBox.addItem(text, value)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.loadCheckpointButton.connect("clicked()", self.onLoadCheckpoint)
         self.ui.applyButton.connect("clicked()", self.onApply)
@@ -105,14 +110,16 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.addTrainingPairButton.connect("clicked()", self.onAddTrainingPair)
         self.ui.removeTrainingPairButton.connect("clicked()", self.onRemoveTrainingPair)
         self.ui.finetuneButton.connect("clicked()", self.onFinetune)
-        self.ui.resumeButton.connect("clicked()", self.onResume)
+        self.ui.resumeButton.connect("clicked()", lambda: self.onResume(self.training))
+        self.ui.pretrainButton.connect("clicked()", self.onPretrain)
+        self.ui.pretrainResumeButton.connect("clicked()", lambda: self.onResume(self.pretraining))
 
         self.timer = qt.QTimer()
         self.timer.setInterval(100)
         self.timer.connect("timeout()", self.onTimer)
         self.refreshModels()
         self.showView(self.processing.view())
-        self.showTrainingView(self.training.view())
+        self.showTrainingViews()
         self.detectDevices()
 
     def cleanup(self):
@@ -281,10 +288,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             del self.trainingPairs[row]
             self.ui.trainingPairsList.takeItem(row)
 
+    def stopTraining(self):
+        self.trainer[0].stop()  # saves its state: Resume continues it
+        self.trainer[1].go(State.CANCELLING)
+        self.showTrainingViews()
+
     def onFinetune(self):
         if self.training.state in BUSY:
-            self.trainer[0].stop()  # saves its state: Resume continues it
-            self.showTrainingView(self.training.go(State.CANCELLING))
+            self.stopTraining()
             return
         try:
             self.logic.ensureDependencies()
@@ -297,29 +308,48 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error))
             return
-        self.lastTraining = (resume, output)
-        self.startTraining(command, output)
+        self.lastRuns[self.training] = (resume, output)
+        self.startTraining(command, output, self.training)
 
-    def onResume(self):
-        if self.lastTraining is not None and self.training.state not in BUSY:
-            self.startTraining(*self.lastTraining)
+    # --- pre-training -----------------------------------------------------------------------
+    def onPretrain(self):
+        if self.pretraining.state in BUSY:
+            self.stopTraining()
+            return
+        try:
+            self.logic.ensureDependencies()
+            command, output, resume = self.logic.pretrainCommands(
+                list(self.ui.pretrainVolumesComboBox.checkedNodes()), self.ui.pretrainFolderPathLineEdit.currentPath,
+                self.ui.pretrainMethodComboBox.currentData, self.ui.deviceComboBox.currentData,
+                self.ui.pretrainTimeSpinBox.value)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        self.lastRuns[self.pretraining] = (resume, output)
+        self.startTraining(command, output, self.pretraining)
 
-    def startTraining(self, command, output):
-        self.chart = self.logic.newTrainingChart()
-        self.ui.resumeButton.enabled = False
+    # --- training runs (fine-tuning and pre-training) -----------------------------------------
+    def onResume(self, processing):
+        if processing in self.lastRuns and self.trainer is None:
+            self.startTraining(*self.lastRuns[processing], processing)
+
+    def startTraining(self, command, output, processing):
+        self.chart = self.logic.newTrainingChart(FINETUNE_CHART if processing is self.training else PRETRAIN_CHART)
+        self.resumeButtons[processing].enabled = False
 
         def added(result):
-            if result.outputs.get("before_training"):
-                resumable = result.outputs.get("resume_state")
-                earlier = "Resume continues the earlier run." if resumable else "nothing to resume."
-                return f"Stopped before training began: {earlier}"
-            if result.outputs.get("stopped"):
-                return f"Stopped at step {result.outputs['step']} of {result.outputs['steps']}: Resume continues."
+            stopped = training_stop_message(result.outputs)
+            if stopped:
+                return stopped
             choice = self.logic.addUserModel(output, self.log)
             self.refreshModels(select=choice.spec)
-            return f"Done: {choice.label} added to the models and selected."
+            if processing is self.training:
+                return f"Done: {choice.label} added to the models and selected."
+            self.ui.baseModelComboBox.setCurrentIndex(self.ui.baseModelComboBox.findData(choice.spec))
+            return f"Done: {choice.label} added to the models. Show reconstruction shows what it learnt; " \
+                   "fine-tuning now starts from it."
 
-        self.trainer = self.launch(command, self.training, self.showTrainingView, added)
+        self.trainer = self.launch(command, processing, self.showTrainingViews, added)
 
     # --- events from the engine -----------------------------------------------------------
     def onTimer(self):
@@ -331,7 +361,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             self.ui.deviceStatusLabel.text = describe_devices(result.outputs) if result.succeeded else \
                 f"device check failed: {result.error}"
             self.deviceProbe = None
-        for attribute, show in (("run", self.showView), ("trainer", self.showTrainingView)):
+        for attribute, show in (("run", self.showView), ("trainer", self.showTrainingViews)):
             if getattr(self, attribute) is not None and self.follow(getattr(self, attribute), show):
                 setattr(self, attribute, None)
         if self.run is None and self.trainer is None and getattr(self, "deviceProbe", None) is None:
@@ -343,7 +373,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         for event in engine.drain():
             if event["event"] == "message":
                 self.log(("warning: " if event["level"] == "warning" else "") + event["text"])
-            elif event["event"] == "metric" and processing is self.training:
+            elif event["event"] == "metric" and processing in self.resumeButtons:
                 self.logic.addChartPoint(self.chart, event)
             if processing.state in (State.STARTING, State.RUNNING):
                 show(processing.on_event(event))
@@ -364,9 +394,9 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                 show(processing.go(State.FAILED, str(error)))
                 return True
             show(processing.go(State.DONE, message))
-            if processing is self.training:
+            if processing in self.resumeButtons:
                 outputs = result.outputs
-                self.ui.resumeButton.enabled = bool(outputs.get("stopped") and outputs.get("resume_state"))
+                self.resumeButtons[processing].enabled = bool(outputs.get("stopped") and outputs.get("resume_state"))
         else:
             show(processing.go(State.FAILED, result.error or "the engine failed"))
         return True
@@ -382,10 +412,16 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.ui.progressBar.value = self.processing.percent
         self.ui.statusLabel.text = view.status
 
-    def showTrainingView(self, view):
-        self.ui.finetuneButton.text = "Stop" if view.button_text == "Cancel" else view.button_text
-        self.ui.finetuneButton.enabled = view.button_enabled
-        self.ui.finetuneStatusLabel.text = view.status
+    def showTrainingViews(self, _changed=None):
+        """Both training sections, each from its own state (so the view of the run that changed, passed by
+        launch and follow, is not needed): one training run at a time, a section's Start waits for the other's."""
+        for processing, button, status, other in (
+                (self.training, self.ui.finetuneButton, self.ui.finetuneStatusLabel, self.pretraining),
+                (self.pretraining, self.ui.pretrainButton, self.ui.pretrainStatusLabel, self.training)):
+            view = processing.view()
+            button.text = "Stop" if view.button_text == "Cancel" else view.button_text
+            button.enabled = view.button_enabled and other.state not in BUSY
+            status.text = view.status
 
     def log(self, text):
         self.ui.logTextEdit.appendPlainText(text)
@@ -494,14 +530,14 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         return tempfile.mkdtemp(prefix="hybridmim-", dir=slicer.util.tempDirectory())
 
     @staticmethod
-    def exportVolumes(volumes, folder):
-        paths = []
-        for index, volume in enumerate(volumes):
-            path = os.path.join(folder, f"input_{index}.nrrd")
-            if not slicer.util.exportNode(volume, path):
-                raise RuntimeError(f"Could not write {volume.GetName()} for the engine.")
-            paths.append(path)
-        return paths
+    def exportVolume(volume, path):
+        if not slicer.util.exportNode(volume, str(path)):
+            raise RuntimeError(f"Could not write {volume.GetName()} for the engine.")
+        return str(path)
+
+    def exportVolumes(self, volumes, folder):
+        return [self.exportVolume(volume, os.path.join(folder, f"input_{index}.nrrd"))
+                for index, volume in enumerate(volumes)]
 
     def segmentCommand(self, volumes, model, device):
         folder = self.workFolder()
@@ -580,8 +616,25 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         return (finetune_command(init, data, output, epochs, labels, device=device, max_minutes=max_minutes), output,
                 finetune_command(init, data, output, device=device, resume=True))
 
-    @staticmethod
-    def exportTrainingCases(pairs, root):
+    def pretrainCommands(self, volumes, folder, method, device, max_minutes):
+        """(start command, output checkpoint, resume command) for the scene's ``volumes`` and/or a folder of scans."""
+        if not volumes and not folder:
+            raise RuntimeError("Check the scene volumes to learn from, or choose a folder of scans.")
+        data = []
+        if volumes:
+            root = os.path.join(self.workFolder(), "scans")
+            os.makedirs(root)
+            for index, volume in enumerate(volumes):
+                self.exportVolume(volume, scan_file(root, index, volume.GetName()))
+            data.append(root)
+        if folder:
+            data.append(folder)
+        output = os.path.join(self.userFolder(), "models",
+                              time.strftime(f"pretrained-{method}-%Y%m%d-%H%M%S.safetensors"))
+        return (pretrain_command(data, output, method, device, max_minutes=max_minutes), output,
+                pretrain_command(data, output, method, device, resume=True))
+
+    def exportTrainingCases(self, pairs, root):
         """Each pair as a case folder (image + label map); returns the labels file all cases share."""
         names = None
         for index, (volume, segmentation) in enumerate(pairs):
@@ -607,41 +660,41 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
             try:
                 slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation, ordered, labelmap, volume)
-                if not (slicer.util.exportNode(volume, str(paths["image"]))
-                        and slicer.util.exportNode(labelmap, str(paths["label"]))):
-                    raise RuntimeError(f"Could not write the training case {volume.GetName()}.")
+                self.exportVolume(volume, paths["image"])
+                self.exportVolume(labelmap, paths["label"])
             finally:
                 slicer.mrmlScene.RemoveNode(labelmap)
         return str(write_labels_file(os.path.join(root, "labels.json"), labels))
 
     @staticmethod
-    def newTrainingChart():
-        """A table and a chart of loss and validation Dice per epoch, shown in the plot view."""
-        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "HybridMIM fine-tuning")
-        for name in ("epoch", "loss", "dice"):
+    def newTrainingChart(spec):
+        """A table and a chart of the run's curves (``spec``: a HybridMIMSegmentLib.charts.ChartSpec), shown in
+        the plot view; returns what addChartPoint takes."""
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", spec.title)
+        for name in spec.columns:
             column = table.AddColumn(vtk.vtkDoubleArray())
             column.SetName(name)
-        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", "HybridMIM fine-tuning")
-        chart.SetXAxisTitle("epoch")
-        for name in ("loss", "dice"):
-            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"validation {name}"
-                                                        if name == "dice" else f"training {name}")
+        chart = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotChartNode", spec.title)
+        chart.SetXAxisTitle(spec.x)
+        for field, legend in spec.series:
+            series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", legend)
             series.SetAndObserveTableNodeID(table.GetID())
-            series.SetXColumnName("epoch")
-            series.SetYColumnName(name)
+            series.SetXColumnName(spec.x)
+            series.SetYColumnName(field)
             series.SetPlotType(series.PlotTypeScatter)
             chart.AddAndObservePlotSeriesNodeID(series.GetID())
         slicer.modules.plots.logic().ShowChartInLayout(chart)
-        return table
+        return table, spec
 
     @staticmethod
-    def addChartPoint(table, metric):
-        if "epoch" not in metric or table is None:
+    def addChartPoint(chart, metric):
+        table, spec = chart
+        row = chart_row(spec, metric)
+        if row is None:
             return
-        row = table.AddEmptyRow()
-        for column, name in enumerate(("epoch", "loss", "dice")):
-            value = metric.get(name)
-            table.GetTable().GetColumn(column).SetValue(row, float("nan") if value is None else float(value))
+        index = table.AddEmptyRow()
+        for column, value in enumerate(row):
+            table.GetTable().GetColumn(column).SetValue(index, value)
         table.GetTable().Modified()
 
 

@@ -5,6 +5,7 @@ states, and every command line the panel builds, accepted by the real CLI."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,15 +21,17 @@ from hybridmim.errors import UserError
 from conftest import MODELS, REPO, data_file
 
 sys.path.insert(0, str(REPO / "HybridMIMSegment"))
-from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, write_labels_file  # noqa: E402
-from HybridMIMSegmentLib.commands import (convert_command, devices_command, finetune_command,  # noqa: E402
-                                          reconstruct_command, segment_command)
+from HybridMIMSegmentLib.casefolders import (case_folder, labels_from_segments, scan_file,  # noqa: E402
+                                             write_labels_file)
+from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row  # noqa: E402
+from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, convert_command, devices_command,  # noqa: E402
+                                          finetune_command, pretrain_command, reconstruct_command, segment_command)
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits,  # noqa: E402
                                               missing_requirements, requirement_names, skip_speedup,
                                               speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
-from HybridMIMSegmentLib.results import segment_lines  # noqa: E402
+from HybridMIMSegmentLib.results import segment_lines, training_stop_message  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
 
 
@@ -132,6 +135,9 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
         finetune_command("abdomen-ct", ["cases"], "mine.safetensors", epochs=5, labels="labels.json", val=["val"],
                          max_minutes=30),
         finetune_command("abdomen-ct", ["cases"], "mine.safetensors", resume=True),
+        *(pretrain_command(["scans", "dicom-export"], "pre.safetensors", method, max_minutes=60)
+          for method, _ in PRETRAIN_METHODS),
+        pretrain_command(["scans"], "pre.safetensors", resume=True),
         convert_command("official.pt", "converted.safetensors"),
     ]
     for command in commands:
@@ -140,8 +146,14 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
     assert parser.parse_args(reconstruct_command(["ct.nii.gz"], "r", mask_ratio=0.6)).mask_ratio == 0.6
     assert parser.parse_args(finetune_command("x", ["d"], "o.safetensors", resume=True)).resume
     assert parser.parse_args(finetune_command("x", ["d"], "o.safetensors", max_minutes=7.5)).max_minutes == 7.5
+    pretrain = parser.parse_args(pretrain_command(["s"], "o.safetensors", "hpm", "cuda", max_minutes=90))
+    assert (pretrain.method, pretrain.device, pretrain.max_minutes, pretrain.resume) == ("hpm", "cuda", 90, False)
     with pytest.raises(ValueError, match="device"):
         segment_command(["ct.nii.gz"], "o.nii.gz", device="gpu")
+    with pytest.raises(ValueError, match="method"):
+        pretrain_command(["s"], "o.safetensors", "mae")
+    with pytest.raises(ValueError, match="at least one"):
+        pretrain_command([], "o.safetensors")
 
 
 def test_a_reconstruct_command_runs_for_real(small_ct, tmp_path):
@@ -215,6 +227,7 @@ def test_scene_segments_become_a_labels_file_the_engine_accepts(tmp_path):
         labels_from_segments([{"name": " ", "color": (0, 0, 0)}])
     paths = case_folder(tmp_path, 3, "CT chest: 2024/05 (contrast)")
     assert paths["folder"].name == "003_CT_chest_2024_05_contrast" and paths["label"].name == "label.nii.gz"
+    assert scan_file(tmp_path, 12, "CT.1 abdomen").name == "012_CT.1_abdomen.nrrd"
 
 
 def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
@@ -313,3 +326,66 @@ def test_stop_asks_a_real_finetune_to_save_its_state_and_resume_continues_it(tmp
     resumed = run_to_end(finetune_command("scratch", [str(cases)], str(output), device="cpu", resume=True)
                          + ["--cache", str(tmp_path / "cache")])
     assert resumed.succeeded and resumed.outputs["step"] == 10 and not resumed.outputs["stopped"], resumed.log
+
+
+def test_the_panels_pretraining_runs_stops_resumes_and_its_model_reconstructs(scans, small_ct, tmp_path):
+    """What the panel's pre-training section does, with the real engine: its command on exported scans, progress
+    and a loss curve per logged step, Stop (state saved, the panel's message), Resume to the end, and the model
+    it then offers, which the reconstruction view runs."""
+    from test_pretraining import TINY_RECIPE
+
+    exported = tmp_path / "scans"
+    exported.mkdir()
+    for index, name in enumerate(("lung", "abdomen")):  # as the panel writes the checked scene volumes
+        sitk.WriteImage(sitk.ReadImage(str(scans / f"{name}.nii.gz")), str(scan_file(exported, index, name)))
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps(TINY_RECIPE), encoding="utf-8")
+    output = tmp_path / "pretrained.safetensors"
+    cache = ["--cache", str(tmp_path / "cache")]
+    engine = EngineProcess(pretrain_command([str(exported)], str(output), "hybridmim", "cpu", max_minutes=5)
+                           + ["--recipe", str(recipe), *cache])
+    engine.start()
+    events, deadline = [], time.time() + 300
+    while time.time() < deadline and engine.running:
+        events += engine.drain()
+        if any(e["event"] == "progress" and e.get("stage") == "pre-train" and e["done"] >= 4 for e in events):
+            engine.stop()
+            break
+        time.sleep(0.05)
+    stopped = engine.wait(timeout=120)
+    events += engine.drain()
+    assert stopped.succeeded and stopped.outputs["stopped"], stopped.log
+    assert training_stop_message(stopped.outputs) == \
+        f"Stopped at step {stopped.outputs['step']} of 10: Resume continues."
+    rows = [chart_row(PRETRAIN_CHART, e) for e in events if e["event"] == "metric"]
+    assert rows and [r[0] for r in rows] == [2 * (i + 1) for i in range(len(rows))]  # a point every 2 steps
+    assert all(r[1] > 0 for r in rows)
+
+    resumed = run_to_end(pretrain_command([str(exported)], str(output), "hybridmim", "cpu", resume=True) + cache)
+    assert resumed.succeeded and resumed.outputs["step"] == 10, resumed.log
+    assert training_stop_message(resumed.outputs) is None
+    choice = UserModels(tmp_path / "user-models.json").add(output)
+    assert choice.task == "reconstruction" and choice.channels == ("CT",)
+    shown = run_to_end(reconstruct_command([str(small_ct)], str(tmp_path / "recon"), choice.spec, device="cpu"))
+    assert shown.succeeded and os.path.isfile(shown.outputs["reconstruction"]), shown.log
+
+
+def test_training_charts_take_the_points_of_each_run():
+    """Fine-tuning plots loss and validation Dice per epoch (epoch 0: Dice before training, no loss);
+    pre-training its loss per logged step; events without the axis field add nothing."""
+    assert FINETUNE_CHART.columns == ("epoch", "loss", "dice")
+    before = chart_row(FINETUNE_CHART, {"event": "metric", "epoch": 0, "dice": 0.25})
+    assert before[0] == 0 and math.isnan(before[1]) and before[2] == 0.25
+    assert chart_row(FINETUNE_CHART, {"epoch": 3, "loss": 0.5, "dice": 0.7, "lr": 1e-4}) == [3, 0.5, 0.7]
+    assert chart_row(PRETRAIN_CHART, {"step": 20, "loss": 0.12, "pixel": 0.1}) == [20, 0.12]
+    assert chart_row(FINETUNE_CHART, {"step": 20, "loss": 0.12}) is None
+
+
+def test_a_training_run_stopped_before_its_end_says_what_resume_does():
+    assert training_stop_message({"before_training": True, "resume_state": None}) == \
+        "Stopped before training began: nothing to resume."
+    assert training_stop_message({"before_training": True, "resume_state": "x.resume.pt"}).endswith(
+        "Resume continues the earlier run.")
+    assert training_stop_message({"stopped": True, "step": 7, "steps": 40}) == \
+        "Stopped at step 7 of 40: Resume continues."
+    assert training_stop_message({"stopped": False, "step": 40, "steps": 40}) is None

@@ -1,6 +1,7 @@
-"""Training cases from the scene, in the dataset layout the engine reads: one folder per case
+"""Training data from the scene, in the layouts the engine reads: for fine-tuning one folder per case
 with ``image.nii.gz`` and ``label.nii.gz``, and a labels file made from the segments' names,
-colours and terminology (label value = segment order + 1, as the label-map export writes them)."""
+colours and terminology (label value = segment order + 1, as the label-map export writes them);
+for pre-training a folder of image files."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from hybridmim.atomic import atomic_output
 from hybridmim.labels import CODE_FIELDS, parse_labels
 
 
-def case_folder(root: str | Path, index: int, volume_name: str) -> dict[str, Path]:
-    """Where case ``index`` goes: a folder named after the volume, made safe for any file system."""
+def _file_name(index: int, volume_name: str) -> str:
+    """``index`` and the volume's name, made safe for any file system (and unique by the index)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", volume_name).strip("._") or "case"
-    folder = Path(root) / f"{index:03d}_{safe}"
+    return f"{index:03d}_{safe}"
+
+
+def case_folder(root: str | Path, index: int, volume_name: str) -> dict[str, Path]:
+    """Where case ``index`` goes: a folder named after the volume."""
+    folder = Path(root) / _file_name(index, volume_name)
     return {"folder": folder, "image": folder / "image.nii.gz", "label": folder / "label.nii.gz"}
+
+
+def scan_file(root: str | Path, index: int, volume_name: str) -> Path:
+    """Where scan ``index`` goes for pre-training: an image file named after the volume (NRRD: written fast)."""
+    return Path(root) / f"{_file_name(index, volume_name)}.nrrd"
 
 
 def labels_from_segments(segments: list[dict]) -> list[dict]:

@@ -50,6 +50,31 @@ def finetune_command(init: str, data: list[str], output: str, epochs: int | None
     return command
 
 
+# The pre-training methods the panel offers: (value of --method, what the user reads).
+PRETRAIN_METHODS = (
+    ("hybridmim", "HybridMIM (U-Net: the network of the shipped CT models)"),
+    ("mim", "MiM (convolution + transformer hybrid)"),
+    ("hpm", "SelfMedHPM (convolution + transformer hybrid)"),
+)
+
+
+def pretrain_command(data: list[str], output: str, method: str = "hybridmim", device: str = "auto",
+                     resume: bool = False, max_minutes: float | None = None) -> list[str]:
+    """Self-supervised pre-training on the scans in ``data`` (files and folders; at most ``max_minutes``);
+    ``resume`` continues the run that wrote ``output``."""
+    if not data:
+        raise ValueError("pre-training needs at least one scan or folder of scans")
+    if method not in dict(PRETRAIN_METHODS):
+        raise ValueError(f"method must be one of {[m for m, _ in PRETRAIN_METHODS]}, got {method!r}")
+    command = ["pretrain", "--data", *data, "-o", output, *_device(device)]
+    if resume:
+        return command + ["--resume"]
+    command += ["--method", method]
+    if max_minutes is not None:
+        command += ["--max-minutes", f"{max_minutes:g}"]
+    return command
+
+
 def convert_command(source: str, output: str) -> list[str]:
     """Import an official HybridMIM .pt checkpoint as one of ours."""
     return ["convert", source, "-o", output]

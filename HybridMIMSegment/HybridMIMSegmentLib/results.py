@@ -1,4 +1,4 @@
-"""What the panel's log says about a finished segmentation, from the engine's ``done`` outputs."""
+"""What the panel says about a finished run, from the engine's ``done`` outputs."""
 
 from __future__ import annotations
 
@@ -19,3 +19,14 @@ def segment_lines(segments: list[dict]) -> list[str]:
     if missing:
         lines.append(f"  not found: {', '.join(missing)}")
     return lines
+
+
+def training_stop_message(outputs: dict) -> str | None:
+    """What a training run (fine-tuning or pre-training) that was stopped before its end says; None when it ran
+    to its end and wrote its model."""
+    if outputs.get("before_training"):
+        earlier = "Resume continues the earlier run." if outputs.get("resume_state") else "nothing to resume."
+        return f"Stopped before training began: {earlier}"
+    if outputs.get("stopped"):
+        return f"Stopped at step {outputs['step']} of {outputs['steps']}: Resume continues."
+    return None
