@@ -288,47 +288,41 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             del self.trainingPairs[row]
             self.ui.trainingPairsList.takeItem(row)
 
-    def stopTraining(self):
-        self.trainer[0].stop()  # saves its state: Resume continues it
-        self.trainer[1].go(State.CANCELLING)
-        self.showTrainingViews()
-
     def onFinetune(self):
-        if self.training.state in BUSY:
-            self.stopTraining()
-            return
-        try:
-            self.logic.ensureDependencies()
+        def commands():
             pairs = [(slicer.mrmlScene.GetNodeByID(v), slicer.mrmlScene.GetNodeByID(s)) for v, s in self.trainingPairs]
-            folder = self.ui.trainingFolderPathLineEdit.currentPath
-            init = self.ui.baseModelComboBox.currentData
-            command, output, resume = self.logic.finetuneCommands(pairs, folder, init, self.ui.epochsSpinBox.value,
-                                                                  self.ui.deviceComboBox.currentData,
-                                                                  self.ui.timeLimitSpinBox.value or None)
-        except RuntimeError as error:
-            slicer.util.errorDisplay(str(error))
-            return
-        self.lastRuns[self.training] = (resume, output)
-        self.startTraining(command, output, self.training)
+            return self.logic.finetuneCommands(pairs, self.ui.trainingFolderPathLineEdit.currentPath,
+                                               self.ui.baseModelComboBox.currentData, self.ui.epochsSpinBox.value,
+                                               self.ui.deviceComboBox.currentData,
+                                               self.ui.timeLimitSpinBox.value or None)
+
+        self.startOrStopTraining(self.training, commands)
 
     # --- pre-training -----------------------------------------------------------------------
     def onPretrain(self):
-        if self.pretraining.state in BUSY:
-            self.stopTraining()
+        self.startOrStopTraining(self.pretraining, lambda: self.logic.pretrainCommands(
+            list(self.ui.pretrainVolumesComboBox.checkedNodes()), self.ui.pretrainFolderPathLineEdit.currentPath,
+            self.ui.pretrainMethodComboBox.currentData, self.ui.deviceComboBox.currentData,
+            self.ui.pretrainTimeSpinBox.value))
+
+    # --- training runs (fine-tuning and pre-training) -----------------------------------------
+    def startOrStopTraining(self, processing, commands):
+        """Stop the section's run (it saves its state: Resume continues it), or start one with ``commands()``:
+        (start command, output checkpoint, resume command)."""
+        if processing.state in BUSY:
+            self.trainer[0].stop()
+            processing.go(State.CANCELLING)
+            self.showTrainingViews()
             return
         try:
             self.logic.ensureDependencies()
-            command, output, resume = self.logic.pretrainCommands(
-                list(self.ui.pretrainVolumesComboBox.checkedNodes()), self.ui.pretrainFolderPathLineEdit.currentPath,
-                self.ui.pretrainMethodComboBox.currentData, self.ui.deviceComboBox.currentData,
-                self.ui.pretrainTimeSpinBox.value)
+            command, output, resume = commands()
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error))
             return
-        self.lastRuns[self.pretraining] = (resume, output)
-        self.startTraining(command, output, self.pretraining)
+        self.lastRuns[processing] = (resume, output)
+        self.startTraining(command, output, processing)
 
-    # --- training runs (fine-tuning and pre-training) -----------------------------------------
     def onResume(self, processing):
         if processing in self.lastRuns and self.trainer is None:
             self.startTraining(*self.lastRuns[processing], processing)
