@@ -324,15 +324,16 @@ def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path):
 
 
 def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_path):
-    """A folder of DICOM series folders (a PACS export) pre-trains like the same CTs as NIfTI files; the series'
-    files are the prepared cache's key and the checkpoint's provenance."""
+    """A disc or PACS export (a DICOMDIR index, the series nested as PATIENT/STUDY/SERIES folders) pre-trains like
+    the same CTs as NIfTI files; the series' files are the prepared cache's key and the checkpoint's provenance."""
     import SimpleITK as sitk
     from hybridmim.checkpoint import read_metadata
     from test_imageio import _write_dicom_series
 
-    series = tmp_path / "export" / "abdomen"
+    series = tmp_path / "export" / "PA000000" / "ST000000" / "SE000000"
     series.mkdir(parents=True)
     _write_dicom_series(sitk.ReadImage(str(scans / "abdomen.nii.gz")), series)
+    (tmp_path / "export" / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + bytes(64))  # an index, not an image
     cache, output = tmp_path / "cache", tmp_path / "dicom.safetensors"
     run_cli("pretrain", "--data", tmp_path / "export", scans / "lung.nii.gz", "-o", output, "--recipe", recipe_file,
             "--steps", 2, "--cache", cache, "--progress", "quiet", check_rc=0)
@@ -340,10 +341,10 @@ def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_
     from_dicom = load_prepared(cache, preprocessing, Reporter("quiet"))
     from_nifti = prepare_cases(find_cases([scans / "abdomen.nii.gz"]), preprocessing, tmp_path / "nifti",
                                Reporter("quiet"))
-    assert [v.name for v in from_dicom.volumes] == ["abdomen", "lung"]
+    assert [v.name for v in from_dicom.volumes] == ["PA000000_ST000000_SE000000", "lung"]
     assert np.array_equal(from_dicom.volumes[0].stored, from_nifti.volumes[0].stored)
     provenance = read_metadata(output).provenance["data"]
-    assert provenance[0]["files"] == ["abdomen"] and provenance[0]["sha256"] == from_dicom.sources[0]["sha256"]
+    assert provenance[0]["files"] == ["SE000000"] and provenance[0]["sha256"] == from_dicom.sources[0]["sha256"]
 
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
     again = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))

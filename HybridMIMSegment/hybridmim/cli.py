@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     many = seg.add_argument_group("many scans, one model load")
     many.add_argument("--data", nargs="+", metavar="PATH",
-                      help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders, folders "
-                           "of them or Decathlon folders, instead of INPUT; labels are ignored")
+                      help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders (at any "
+                           "depth), folders of them or Decathlon folders, instead of INPUT; labels are ignored")
     many.add_argument("--format", help="label-map type of each case: seg.nrrd (default), nii.gz, nrrd or mha")
     many.add_argument("--previews", action="store_true", help="also draw each case's preview (CASE.png)")
     many.add_argument("--skip-existing", action="store_true",
@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("pretrain", help="self-supervised pre-training on unlabelled scans "
                                                "(HybridMIM, MiM or SelfMedHPM)")
     pre.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                     help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders, folders "
-                          "of them, Decathlon folders, or one folder prepared by --prepare-only")
+                     help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders (at any "
+                          "depth), folders of them, Decathlon folders, or one folder prepared by --prepare-only")
     pre.add_argument("-o", "--output", help="checkpoint to write (.safetensors); the resume state goes beside it")
     pre.add_argument("--method", choices=["hybridmim", "mim", "hpm"],
                      help="pre-training method (default: the recipe's, else hybridmim)")

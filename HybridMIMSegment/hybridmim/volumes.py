@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,14 +54,26 @@ def _image_stem(path: Path) -> str:
 
 
 def _holds_dicom(folder: Path) -> bool:
-    """Whether a folder's own files include a DICOM file ("DICM" after the 128-byte preamble)."""
+    """Whether a folder's own files include a DICOM file ("DICM" after the 128-byte preamble); a DICOMDIR,
+    the index of an exported disc, is not one."""
     for path in folder.iterdir():
-        if path.is_file() and path.stat().st_size > 132:
+        if path.is_file() and path.name.upper() != "DICOMDIR" and path.stat().st_size > 132:
             with open(path, "rb") as handle:
                 handle.seek(128)
                 if handle.read(4) == b"DICM":
                     return True
     return False
+
+
+def _dicom_cases_below(root: Path, folder: Path) -> list[Case]:
+    """Each folder at or below ``folder`` that holds DICOM files, as a case named by its path under ``root``
+    (PACS and disc exports nest series as PATIENT/STUDY/SERIES folders)."""
+    cases = []
+    for current, subfolders, _ in os.walk(folder):
+        subfolders.sort()
+        if _holds_dicom(Path(current)):
+            cases.append(Case("_".join(Path(current).relative_to(root).parts), (Path(current),)))
+    return cases
 
 
 def _case_in_folder(folder: Path) -> Case | None:
@@ -94,8 +107,8 @@ def _check_excluded(names, exclude) -> None:
 def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -> list[Case]:
     """Volumes from image files, case folders, folders of case folders, Decathlon folders
     (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
-    ``labelled``: every case must have its label map; ``dicom``: a folder of DICOM files (given,
-    or in a given folder) is a one-channel case named after the folder."""
+    ``labelled``: every case must have its label map; ``dicom``: a folder of DICOM files (given, or at any
+    depth below a given folder) is a one-channel case named after the folder (its path under the given one)."""
     cases: list[Case] = []
     for path in map(Path, paths):
         if not path.exists():
@@ -116,8 +129,8 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
             for folder in subfolders:
                 if (case := _case_in_folder(folder)) is not None:
                     found.append(case)
-                elif dicom and _holds_dicom(folder):
-                    found.append(Case(folder.name, (folder,)))
+                elif dicom:
+                    found += _dicom_cases_below(path, folder)
             found += [Case(_image_stem(p), (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
             if not found:
                 kinds = "case folders with image.nii.gz, image files" + (" or DICOM series folders" if dicom else "")
