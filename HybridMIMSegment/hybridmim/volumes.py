@@ -308,10 +308,10 @@ def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes:
 
     count = len(case.channels)
     expected = ([c.get("modality", "") for c in channels] + [""] * count)[:count]  # "": a channel not described
-    channels = checked_channels(read_channels(case.channels, warn), [f"{case.name}: {p.name}" for p in case.channels],
-                                expected, warn)
+    images = checked_channels(read_channels(case.channels, warn), [f"{case.name}: {p.name}" for p in case.channels],
+                              expected, warn)
     label = sitk.Cast(read_volume(case.label), sitk.sitkUInt16) if classes else None
-    model_input = prepare(channels, preprocessing, label)
+    model_input = prepare(images, preprocessing, label)
     array = model_input.array
     if preprocessing.foreground_threshold is not None:
         scale, offset = model_input.intensity_maps[0]
