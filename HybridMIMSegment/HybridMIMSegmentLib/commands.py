@@ -12,6 +12,10 @@ def _device(device: str) -> list[str]:
     return ["--device", device]
 
 
+def _time_limit(max_minutes: float | None) -> list[str]:
+    return [] if max_minutes is None else ["--max-minutes", f"{max_minutes:g}"]
+
+
 def segment_command(inputs: list[str], output: str, model: str | None = None, device: str = "auto") -> list[str]:
     """Segment: one input file per model channel, in the model's order; the output is new (no --overwrite)."""
     if not inputs:
@@ -43,8 +47,7 @@ def finetune_command(init: str, data: list[str], output: str, epochs: int | None
         return command + ["--resume"]
     if epochs is not None:
         command += ["--epochs", str(int(epochs))]
-    if max_minutes is not None:
-        command += ["--max-minutes", f"{max_minutes:g}"]
+    command += _time_limit(max_minutes)
     if labels:
         command += ["--labels", labels]
     return command
@@ -69,10 +72,7 @@ def pretrain_command(data: list[str], output: str, method: str = "hybridmim", de
     command = ["pretrain", "--data", *data, "-o", output, *_device(device)]
     if resume:
         return command + ["--resume"]
-    command += ["--method", method]
-    if max_minutes is not None:
-        command += ["--max-minutes", f"{max_minutes:g}"]
-    return command
+    return command + ["--method", method, *_time_limit(max_minutes)]
 
 
 def convert_command(source: str, output: str) -> list[str]:
