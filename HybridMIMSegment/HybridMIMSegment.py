@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import qt
 import slicer
@@ -34,10 +33,14 @@ from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message
 from HybridMIMSegmentLib.states import BUSY, Processing, State
+from HybridMIMSegmentLib.trainingruns import (TrainingRun, keep_for_resume, last_stopped_run, models_folder,
+                                              new_run_paths)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 RESOURCES = os.path.join(MODULE_DIR, "Resources")
 SAMPLE_NAME = "HybridMIMAbdomenCT"
+# Slicer closing during a training run waits this long for it to save its state (a step, or an epoch's validation)
+STOP_SECONDS = 60
 COMPARE_LAYOUT_ID = 47301  # three linked axial views: masked input, reconstruction, error
 COMPARE_LAYOUT = """<layout type="horizontal">{}</layout>""".format("".join(
     f'<item><view class="vtkMRMLSliceNode" singletontag="{tag}"><property name="orientation" action="default">'
@@ -96,7 +99,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.inputSelectors = []
         self.trainingPairs = []  # (volume node ID, segmentation node ID)
         self.resumeButtons = {self.training: self.ui.resumeButton, self.pretraining: self.ui.pretrainResumeButton}
-        self.lastRuns = {}  # Processing → (resume command, output checkpoint) of its last run
+        self.lastRuns = {}  # Processing → the TrainingRun its Resume continues (kept on disk across sessions)
         self.chart = None  # (table node, ChartSpec) of the training run
 
         for text, value in (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu")):
@@ -119,13 +122,20 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.timer.connect("timeout()", self.onTimer)
         self.refreshModels()
         self.showView(self.processing.view())
+        for processing, kind in ((self.training, "finetune"), (self.pretraining, "pretrain")):
+            run = last_stopped_run(models_folder(self.logic.userFolder()), kind)
+            if run is not None:
+                self.lastRuns[processing] = run
+                processing.remind(run.reminder())
+            self.resumeButtons[processing].enabled = run is not None
         self.showTrainingViews()
         self.detectDevices()
 
     def cleanup(self):
-        for run in (self.run, self.trainer):
-            if run is not None:
-                run[0].cancel()
+        if self.run is not None:
+            self.run[0].cancel()
+        if self.trainer is not None:  # Slicer closing: the run saves its state, Resume continues it next session
+            self.trainer[0].finish(timeout=STOP_SECONDS)
         self.timer.stop()
 
     # --- models and devices -------------------------------------------------------------
@@ -316,16 +326,20 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             return
         try:
             self.logic.ensureDependencies()
-            command, output, resume = commands()
+            command, run = commands()
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error))
             return
-        self.lastRuns[processing] = (resume, output)
-        self.startTraining(command, output, processing)
+        if processing in self.lastRuns:  # a new run replaces the stopped one (the terminal can still resume it)
+            self.lastRuns.pop(processing).forget()
+        run.save()
+        self.lastRuns[processing] = run
+        self.startTraining(command, run.output, processing)
 
     def onResume(self, processing):
         if processing in self.lastRuns and self.trainer is None:
-            self.startTraining(*self.lastRuns[processing], processing)
+            run = self.lastRuns[processing]
+            self.startTraining(list(run.resume), run.output, processing)
 
     def startTraining(self, command, output, processing):
         self.chart = self.logic.newTrainingChart(FINETUNE_CHART if processing is self.training else PRETRAIN_CHART)
@@ -388,11 +402,13 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                 show(processing.go(State.FAILED, str(error)))
                 return True
             show(processing.go(State.DONE, message))
-            if processing in self.resumeButtons:
-                outputs = result.outputs
-                self.resumeButtons[processing].enabled = bool(outputs.get("stopped") and outputs.get("resume_state"))
         else:
             show(processing.go(State.FAILED, result.error or "the engine failed"))
+        if processing in self.lastRuns and not keep_for_resume(self.lastRuns[processing], result.succeeded,
+                                                               result.outputs):
+            del self.lastRuns[processing]
+        if processing in self.resumeButtons:
+            self.resumeButtons[processing].enabled = processing in self.lastRuns
         return True
 
     def showView(self, view):
@@ -505,8 +521,8 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         """Remember a checkpoint; an official .pt is converted into the user folder first."""
         if needs_conversion(path):
             self.ensureDependencies()
-            converted = os.path.join(self.userFolder(), "models", os.path.splitext(os.path.basename(path))[0]
-                                     + ".safetensors")
+            converted = str(models_folder(self.userFolder()) / (os.path.splitext(os.path.basename(path))[0]
+                                                                + ".safetensors"))
             result = run_to_end(["convert", path, "-o", converted], self.python())
             if not result.succeeded:
                 raise RuntimeError(f"Could not convert {path}: {result.error}")
@@ -596,37 +612,38 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         slicer.util.resetSliceViews()
 
     def finetuneCommands(self, pairs, folder, init, epochs, device, max_minutes=None):
-        """(start command, output checkpoint, resume command) for the scene's pairs and/or a case folder."""
+        """(start command, TrainingRun) for the scene's pairs and/or a case folder."""
         if not pairs and not folder:
             raise RuntimeError("Add at least one volume + corrected segmentation pair, or choose a case folder.")
+        output, exports = new_run_paths(self.userFolder(), "finetuned")
         data, labels = [], None
         if pairs:
-            root = os.path.join(self.workFolder(), "cases")
+            root = os.path.join(exports, "cases")
             labels = self.exportTrainingCases(pairs, root)
             data.append(root)
         if folder:
             data.append(folder)
-        output = os.path.join(self.userFolder(), "models", time.strftime("finetuned-%Y%m%d-%H%M%S.safetensors"))
-        return (finetune_command(init, data, output, epochs, labels, device=device, max_minutes=max_minutes), output,
-                finetune_command(init, data, output, device=device, resume=True))
+        run = TrainingRun("finetune", output, tuple(finetune_command(init, data, output, device=device, resume=True)),
+                          exports if pairs else None)
+        return finetune_command(init, data, output, epochs, labels, device=device, max_minutes=max_minutes), run
 
     def pretrainCommands(self, volumes, folder, method, device, max_minutes):
-        """(start command, output checkpoint, resume command) for the scene's ``volumes`` and/or a folder of scans."""
+        """(start command, TrainingRun) for the scene's ``volumes`` and/or a folder of scans."""
         if not volumes and not folder:
             raise RuntimeError("Check the scene volumes to learn from, or choose a folder of scans.")
+        output, exports = new_run_paths(self.userFolder(), f"pretrained-{method}")
         data = []
         if volumes:
-            root = os.path.join(self.workFolder(), "scans")
+            root = os.path.join(exports, "scans")
             os.makedirs(root)
             for index, volume in enumerate(volumes):
                 self.exportVolume(volume, scan_file(root, index, volume.GetName()))
             data.append(root)
         if folder:
             data.append(folder)
-        output = os.path.join(self.userFolder(), "models",
-                              time.strftime(f"pretrained-{method}-%Y%m%d-%H%M%S.safetensors"))
-        return (pretrain_command(data, output, method, device, max_minutes=max_minutes), output,
-                pretrain_command(data, output, method, device, resume=True))
+        run = TrainingRun("pretrain", output, tuple(pretrain_command(data, output, method, device, resume=True)),
+                          exports if volumes else None)
+        return pretrain_command(data, output, method, device, max_minutes=max_minutes), run
 
     def exportTrainingCases(self, pairs, root):
         """Each pair as a case folder (image + label map); returns the labels file all cases share."""

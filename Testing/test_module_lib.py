@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 import zipfile
 from importlib import metadata
+from pathlib import Path
 
 import psutil
 import pytest
@@ -21,6 +23,7 @@ from hybridmim.errors import UserError
 from conftest import MODELS, REPO, data_file
 
 sys.path.insert(0, str(REPO / "HybridMIMSegment"))
+from hybridmim.runfiles import state_path  # noqa: E402
 from HybridMIMSegmentLib.casefolders import (case_folder, labels_from_segments, scan_file,  # noqa: E402
                                              write_labels_file)
 from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row  # noqa: E402
@@ -33,6 +36,8 @@ from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # n
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
+from HybridMIMSegmentLib.trainingruns import (TrainingRun, keep_for_resume, last_stopped_run,  # noqa: E402
+                                              models_folder, new_run_paths)
 
 
 def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output(small_ct, tmp_path):
@@ -329,30 +334,33 @@ def test_stop_asks_a_real_finetune_to_save_its_state_and_resume_continues_it(tmp
 
 
 def test_the_panels_pretraining_runs_stops_resumes_and_its_model_reconstructs(scans, small_ct, tmp_path):
-    """What the panel's pre-training section does, with the real engine: its command on exported scans, progress
-    and a loss curve per logged step, Stop (state saved, the panel's message), Resume to the end, and the model
-    it then offers, which the reconstruction view runs."""
+    """What the panel's pre-training section does, with the real engine: its command on scans exported into the
+    run's folder, progress and a loss curve per logged step, Slicer closing (the run stops and saves its state,
+    the panel's message), the next session finding the run and resuming it to the end (then forgetting it and its
+    exports), and the model it then offers, which the reconstruction view runs."""
     from test_pretraining import TINY_RECIPE
 
-    exported = tmp_path / "scans"
-    exported.mkdir()
+    output, exports = new_run_paths(tmp_path / "user", "pretrained-hybridmim")
+    scans_folder = Path(exports) / "scans"
+    scans_folder.mkdir(parents=True)
     for index, name in enumerate(("lung", "abdomen")):  # as the panel writes the checked scene volumes
-        sitk.WriteImage(sitk.ReadImage(str(scans / f"{name}.nii.gz")), str(scan_file(exported, index, name)))
+        sitk.WriteImage(sitk.ReadImage(str(scans / f"{name}.nii.gz")), str(scan_file(scans_folder, index, name)))
     recipe = tmp_path / "tiny.json"
     recipe.write_text(json.dumps(TINY_RECIPE), encoding="utf-8")
-    output = tmp_path / "pretrained.safetensors"
     cache = ["--cache", str(tmp_path / "cache")]
-    engine = EngineProcess(pretrain_command([str(exported)], str(output), "hybridmim", "cpu", max_minutes=5)
+    run = TrainingRun("pretrain", output, (*pretrain_command([str(scans_folder)], output, "hybridmim", "cpu",
+                                                             resume=True), *cache), exports)
+    run.save()
+    engine = EngineProcess(pretrain_command([str(scans_folder)], output, "hybridmim", "cpu", max_minutes=5)
                            + ["--recipe", str(recipe), *cache])
     engine.start()
     events, deadline = [], time.time() + 300
     while time.time() < deadline and engine.running:
         events += engine.drain()
         if any(e["event"] == "progress" and e.get("stage") == "pre-train" and e["done"] >= 4 for e in events):
-            engine.stop()
             break
         time.sleep(0.05)
-    stopped = engine.wait(timeout=120)
+    stopped = engine.finish(timeout=120)  # what the panel does when Slicer closes
     events += engine.drain()
     assert stopped.succeeded and stopped.outputs["stopped"], stopped.log
     assert training_stop_message(stopped.outputs) == \
@@ -360,14 +368,92 @@ def test_the_panels_pretraining_runs_stops_resumes_and_its_model_reconstructs(sc
     rows = [chart_row(PRETRAIN_CHART, e) for e in events if e["event"] == "metric"]
     assert rows and [r[0] for r in rows] == [2 * (i + 1) for i in range(len(rows))]  # a point every 2 steps
     assert all(r[1] > 0 for r in rows)
+    assert keep_for_resume(run, stopped.succeeded, stopped.outputs)
 
-    resumed = run_to_end(pretrain_command([str(exported)], str(output), "hybridmim", "cpu", resume=True) + cache)
+    found = last_stopped_run(models_folder(tmp_path / "user"), "pretrain")  # the next session
+    assert found == run and last_stopped_run(models_folder(tmp_path / "user"), "finetune") is None
+    assert found.reminder().startswith(f"{Path(output).stem} was stopped (state saved ")
+    resumed = run_to_end(list(found.resume))
     assert resumed.succeeded and resumed.outputs["step"] == 10, resumed.log
     assert training_stop_message(resumed.outputs) is None
+    assert not keep_for_resume(found, resumed.succeeded, resumed.outputs)
+    assert not found.record.exists() and not Path(exports).exists() and Path(output).is_file()
+    assert last_stopped_run(models_folder(tmp_path / "user"), "pretrain") is None
     choice = UserModels(tmp_path / "user-models.json").add(output)
     assert choice.task == "reconstruction" and choice.channels == ("CT",)
     shown = run_to_end(reconstruct_command([str(small_ct)], str(tmp_path / "recon"), choice.spec, device="cpu"))
     assert shown.succeeded and os.path.isfile(shown.outputs["reconstruction"]), shown.log
+
+
+def _stopped_run(user, prefix, kind="pretrain", state=True, exports=True):
+    """A recorded run of ``kind`` as the panel leaves it: its record, its exports and (``state``) a saved state."""
+    output, folder = new_run_paths(user, prefix)
+    run = TrainingRun(kind, output, (kind, "--data", folder, "-o", output, "--resume"), folder if exports else None)
+    Path(folder).mkdir(parents=True)
+    run.save()
+    if state:
+        state_path(Path(output)).write_bytes(b"state")
+    return run
+
+
+def test_the_panel_offers_the_newest_stopped_run_of_each_kind_and_forgets_what_cannot_resume(tmp_path):
+    user = tmp_path / "user"
+    older = _stopped_run(user, "pretrained-mim")
+    time.sleep(0.02)
+    newer = _stopped_run(user, "pretrained-hpm")
+    tuned = _stopped_run(user, "finetuned", kind="finetune", exports=False)
+    never_saved = _stopped_run(user, "pretrained-hybridmim", state=False)
+    os.utime(state_path(Path(older.output)), (time.time() + 60,) * 2)  # stopped last
+    folder = models_folder(user)
+    (folder / "damaged.run.json").write_text("{", encoding="utf-8")
+    moved = json.loads(newer.record.read_text(encoding="utf-8"))
+    (folder / "copied.run.json").write_text(json.dumps(moved), encoding="utf-8")  # names another model
+
+    assert last_stopped_run(folder, "pretrain") == older
+    assert last_stopped_run(folder, "finetune") == tuned and tuned.exports is None
+    assert not never_saved.record.exists() and not Path(never_saved.exports).exists()  # nothing to resume
+    assert older.record.exists() and newer.record.exists()
+    assert re.fullmatch(r"pretrained-mim-\d{8}-\d{6} was stopped \(state saved \d\d \w+ \d\d:\d\d\): "
+                        r"Resume continues it\.", older.reminder())
+
+    assert keep_for_resume(older, False, None)  # failed after saving a state: Resume may continue it
+    assert keep_for_resume(older, True, {"stopped": True, "before_training": True})
+    assert not keep_for_resume(newer, True, {"stopped": False})  # wrote its model
+    assert not newer.record.exists() and not Path(newer.exports).exists()
+    assert last_stopped_run(folder, "pretrain") == older
+    with pytest.raises(ValueError, match="kind must be one of"):
+        TrainingRun("segment", older.output, ())
+
+
+def test_a_stop_that_does_not_end_the_run_in_time_cancels_it_and_its_last_save_stays(scans, tmp_path):
+    from test_pretraining import TINY_RECIPE
+
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps(TINY_RECIPE), encoding="utf-8")
+    output = tmp_path / "pretrained.safetensors"
+    engine = EngineProcess(pretrain_command([str(scans)], str(output), "hybridmim", "cpu")
+                           + ["--recipe", str(recipe), "--cache", str(tmp_path / "cache")])
+    engine.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and engine.running:  # past the save at step 2, inside a later step
+        if any(e["event"] == "progress" and e.get("stage") == "pre-train" and e["done"] >= 3 for e in engine.drain()):
+            break
+        time.sleep(0.05)
+    result = engine.finish(timeout=0)  # a step takes about a second: it cannot end in no time
+    assert result.cancelled and not result.succeeded and not engine.running
+    from hybridmim.training.runstate import load_resume_state
+
+    assert load_resume_state(output, "pretrain")["step"] >= 2  # what --resume continues from
+
+
+def test_an_idle_section_reminds_of_a_run_stopped_in_an_earlier_session():
+    processing = Processing("Start")
+    assert processing.view().status == ""
+    assert processing.remind("mine was stopped: Resume continues it.").status == "mine was stopped: Resume continues it."
+    processing.go(State.STARTING)
+    assert processing.view().status == "Starting…"
+    with pytest.raises(ValueError, match="not a starting one"):
+        processing.remind("late")
 
 
 def test_training_charts_take_the_points_of_each_run():

@@ -28,7 +28,8 @@ from hybridmim.volumes import find_cases, load_prepared, prepare_cases
 from hybridmim.pretraining.run import load_recipe
 from hybridmim.pretraining.trainer import _Distributed, build_method, pretrain
 from hybridmim.training import runstate
-from hybridmim.training.runstate import state_path, step_generators
+from hybridmim.runfiles import state_path
+from hybridmim.training.runstate import step_generators
 
 # Tiny U-Net (bottleneck stride 8), 8³ patches → 48³ crops, 3 mm voxels; fp32 weights for exact comparisons.
 TINY_RECIPE = {

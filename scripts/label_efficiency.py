@@ -29,7 +29,7 @@ from hybridmim.atomic import atomic_output
 from hybridmim.errors import UserError
 from hybridmim.progress import Reporter
 from hybridmim.training.finetune import load_recipe, run_finetune
-from hybridmim.training.runstate import state_path
+from hybridmim.runfiles import state_path
 from hybridmim.volumes import INDEX_NAME, find_cases, is_prepared_folder
 
 REPO = Path(__file__).resolve().parents[1]

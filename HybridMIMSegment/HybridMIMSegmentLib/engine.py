@@ -94,6 +94,16 @@ class EngineProcess:
         if self.running:
             self._process.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
 
+    def finish(self, timeout: float) -> EngineResult:
+        """Stop a training run and wait up to ``timeout`` seconds for it to save its state (the panel closing);
+        a run that has not ended by then is cancelled (its last periodic save stays)."""
+        self.stop()
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            return self.wait()
+
     def cancel(self) -> None:
         """End the run and every process it started, at once (no chance to write anything more)."""
         if not self.running:

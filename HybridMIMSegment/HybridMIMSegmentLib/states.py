@@ -63,6 +63,13 @@ class Processing:
             self.stage, self.percent = "starting", 0
         return self.view()
 
+    def remind(self, message: str) -> View:
+        """A note shown while idle, before any run of this session (a run stopped in an earlier one)."""
+        if self.state is not State.IDLE:
+            raise ValueError(f"a reminder is for an idle panel, not a {self.state.value} one")
+        self.message = message
+        return self.view()
+
     def on_event(self, event: dict) -> View:
         """Follow a progress-protocol event of the running engine."""
         if self.state is State.STARTING and event["event"] in ("stage", "progress", "message"):
@@ -82,7 +89,7 @@ class Processing:
         else:
             button, enabled = self.action, not busy
         status = {
-            State.IDLE: "",
+            State.IDLE: self.message,
             State.STARTING: "Starting…",
             State.RUNNING: f"{self.stage.capitalize()}: {self.percent}%",
             State.IMPORTING: "Loading the result into the scene…",

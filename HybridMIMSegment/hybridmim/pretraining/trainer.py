@@ -37,8 +37,9 @@ from ..errors import UserError
 from ..networks import build_network
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
-from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, check_time_limit, curve_path, optimiser_step,
-                                 read_schedule, state_path, step_generators)
+from ..runfiles import curve_path, state_path
+from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, check_time_limit, optimiser_step, read_schedule,
+                                 step_generators)
 from ..training.schedule import warmup_cosine
 from ..volumes import PreparedData
 from .hpm import HPM

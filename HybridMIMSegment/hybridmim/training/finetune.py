@@ -39,10 +39,11 @@ from ..errors import UserError
 from ..labels import Label, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
+from ..runfiles import curve_path, state_path
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, check_new_run, check_time_limit,
-                       curve_path, load_resume_state, optimiser_step, read_schedule, report_stopped_before_training,
-                       state_path, step_generators)
+                       load_resume_state, optimiser_step, read_schedule, report_stopped_before_training,
+                       step_generators)
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
 

@@ -19,17 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..runfiles import state_path
 
 STATE_FORMAT = 1
-
-
-def state_path(output: Path) -> Path:
-    """Where the resume state of a run writing ``output`` lives."""
-    return output.with_name(output.name.removesuffix(".safetensors") + ".resume.pt")
-
-
-def curve_path(output: Path) -> Path:
-    return output.with_name(output.name.removesuffix(".safetensors") + ".curve.png")
 
 
 def check_new_run(output: Path, overwrite: bool) -> None:
