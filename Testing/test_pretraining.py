@@ -422,7 +422,8 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
             message="recipe 'hybridmim': unknown settings ['mask_ration']")
     refused("--data", prepared, "--recipe", recipe_file, "--max-minutes", "0", "-o", tmp_path / "m.safetensors",
             message="the time limit must be a positive number of minutes, got 0.0")
-    state_path(tmp_path / "broken.safetensors").write_bytes(b"not a torch file")
-    refused("--data", prepared, "-o", tmp_path / "broken.safetensors", "--resume",
-            message="not a readable resume state")
+    for content in (b"not a torch file", b""):  # an empty one: a disk that filled up while it was written
+        state_path(tmp_path / "broken.safetensors").write_bytes(content)
+        refused("--data", prepared, "-o", tmp_path / "broken.safetensors", "--resume",
+                message="not a readable resume state (not a file that torch.save writes)")
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "new.safetensors").exists()

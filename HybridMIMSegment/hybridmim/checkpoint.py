@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, message_line
 from .labels import Label, parse_labels, parse_regions, source_lookup
 from .preprocessing import Preprocessing
 
@@ -130,7 +130,7 @@ def _open_header(path: Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as exc:  # safetensors raises several types for a bad header
         hint = " (official .pt checkpoints must be imported first)" if path.suffix in (".pt", ".pth", ".ckpt") else ""
-        raise UserError(f"{path}: not a safetensors checkpoint{hint}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: not a safetensors checkpoint{hint}: {message_line(exc)}") from None
 
 
 def read_metadata(path: str | Path) -> ModelMeta:

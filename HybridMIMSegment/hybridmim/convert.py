@@ -11,7 +11,6 @@ before anything runs.
 
 from __future__ import annotations
 
-import pickle
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from .checkpoint import ModelMeta, save_checkpoint
 from .download import file_sha256
 from .errors import UserError
 from .preprocessing import Preprocessing
+from .torchfiles import load_torch_file
 
 # The official pre-training set-up (ge-xing/HybridMIM, Pretrain/main.py defaults).
 OFFICIAL_PREPROCESSING = {
@@ -39,13 +39,7 @@ def read_official_state(path: Path) -> dict:
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "unsafe content"
-        raise UserError(f"{path}: refused: it holds more than tensors and would run code if loaded ({first[:160]})") from None
-    except Exception as exc:  # not a torch file at all
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    obj = load_torch_file(path, "PyTorch checkpoint")
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
         if inner is None:

@@ -3,3 +3,10 @@
 
 class UserError(Exception):
     """Bad input or usage: the message is shown as ``error: <message>``."""
+
+
+def message_line(exc: Exception, last: bool = False) -> str:
+    """The first (``last``: the last) non-empty line of an exception's message, else its type's name (a library's
+    error can be empty or span lines; ITK's start with a file:line prefix and end with the useful part)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__

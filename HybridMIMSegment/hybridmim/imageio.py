@@ -15,17 +15,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_output, full_suffix
-from .errors import UserError
+from .errors import UserError, message_line
 from .geometry import Grid, resample_onto
 from .labels import Label
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    # ITK messages start with a file:line prefix; the useful part is last.
-    return lines[-1] if lines else type(exc).__name__
 
 
 def _read_dicom_series(folder: Path, warn: Callable[[str], None]) -> sitk.Image:
@@ -41,7 +35,7 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None]) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise UserError(f"{folder}: cannot read the DICOM series: {_first_line(exc)}") from None
+        raise UserError(f"{folder}: cannot read the DICOM series: {message_line(exc, last=True)}") from None
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -122,7 +116,7 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) 
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise UserError(f"{path}: not a readable image: {_first_line(exc)}") from None
+            raise UserError(f"{path}: not a readable image: {message_line(exc, last=True)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image); "
                         "give one scalar volume per input channel")

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..runfiles import state_path
+from ..torchfiles import load_torch_file
 
 STATE_FORMAT = 1
 
@@ -36,10 +37,7 @@ def load_resume_state(output: Path, kind: str) -> dict:
     path = state_path(output)
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged or foreign file: say so in one line
-        raise UserError(f"{path}: not a readable resume state ({str(exc).splitlines()[0]})") from None
+    state = load_torch_file(path, "resume state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: written by another version of the engine; cannot resume")
     if state.get("kind", "pretrain") != kind:
