@@ -346,6 +346,33 @@ def test_cases_unlike_the_models_modality_are_prepared_with_a_warning(folders, t
     assert len(unlike) == 1 and unlike[0].startswith("pat0003: image.nii.gz:"), warnings_of(result)
 
 
+def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):
+    """A labels file whose values are not the label maps' would train a model of background alone: refused before
+    training; a label that only some other data would hold is named, and the run goes on."""
+    one_case = tmp_path / "cases"
+    one_case.mkdir()
+    (one_case / "STS_001").symlink_to(folders["train"] / "STS_001")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"value": 7, "name": "tumour", "color": [230, 60, 60]}]), encoding="utf-8")
+    common = ["--data", one_case, "--recipe", folders["recipe"], "--cache", folders["cache"], "--val-fraction", "0"]
+    refused("finetune", "--init", "scratch", *common, "--labels", wrong, "-o", tmp_path / "m.safetensors",
+            "--progress", "quiet",
+            message="no label of the labels file occurs in the training cases' label maps (7 → tumour): give the "
+                    "values the label maps use")
+    assert not (tmp_path / "m.safetensors").exists()
+
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps([*TINY["labels"], {"value": 2, "name": "necrosis", "color": [90, 90, 90]},
+                                 {"value": 5, "name": "oedema", "color": [60, 200, 60], "source_values": [5, 6]}]))
+    stream = io.StringIO()
+    run_finetune("scratch", [str(one_case)], str(tmp_path / "two.safetensors"), Reporter("json", stream),
+                 val_fraction=0.0, labels_file=str(extra), epochs=1, recipe_file=str(folders["recipe"]),
+                 cache=str(folders["cache"]), device="cpu")
+    warnings = [e["text"] for e in map(parse_event, stream.getvalue().splitlines())
+                if e and e["event"] == "message" and e["level"] == "warning"]
+    assert "labels in no training case (the model cannot learn them): 2 → necrosis; 5, 6 → oedema" in warnings
+
+
 def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_its_output_layer():
     recipes = {path.stem: path for path in sorted((REPO / "scripts/recipes").glob("finetune-*.json"))}
     continued = ["finetune-sarcoma-ct-continue", "finetune-sarcoma-ct-continue-flips"]

@@ -210,6 +210,21 @@ def _prepare_only(init: str, data_paths, labels_file, recipe_file, cache, report
     return outputs
 
 
+def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) -> None:
+    """Refuse training cases in which no label of the labels file occurs (its values are not the label maps': the
+    model would learn background alone), and name the labels that occur in none (the model cannot learn them)."""
+    occurs = np.zeros(len(start.labels) + 1, dtype=bool)
+    for volume in data.volumes:
+        occurs |= np.bincount(volume.label.ravel(), minlength=len(occurs))[:len(occurs)] > 0
+    missing = [f"{', '.join(map(str, label.sources))} → {label.name}"
+               for label, found in zip(start.labels, occurs[1:]) if not found]
+    if len(missing) == len(start.labels):
+        raise UserError(f"no label of the labels file occurs in the training cases' label maps ({'; '.join(missing)}): "
+                        "give the values the label maps use")
+    if missing:
+        reporter.warning(f"labels in no training case (the model cannot learn them): {'; '.join(missing)}")
+
+
 def validate(network, data: PreparedData, start: Start, device, classes: int) -> dict:
     """Mean Dice per class over the validation cases (cases without the class in either map skipped),
     and their mean."""
@@ -295,6 +310,7 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
         val_data = PreparedData(val_volumes, start.preprocessing, all_data.sources) if val_volumes else None
     if train_data.channels != len(start.channels):
         raise UserError(f"the model takes {len(start.channels)} channel(s); the data have {train_data.channels}")
+    _check_labels_occur(train_data, start, reporter)
     if val_data is None:
         reporter.warning("no validation cases: the last epoch is kept and early stopping is off")
 
