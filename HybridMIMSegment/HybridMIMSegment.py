@@ -34,7 +34,7 @@ from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conver
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message
 from HybridMIMSegmentLib.states import BUSY, Processing, State
 from HybridMIMSegmentLib.trainingruns import (TrainingRun, keep_for_resume, last_stopped_run, models_folder,
-                                              new_run_paths)
+                                              new_run_paths, removed_on_error)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 RESOURCES = os.path.join(MODULE_DIR, "Resources")
@@ -619,7 +619,8 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         data, labels = [], None
         if pairs:
             root = os.path.join(exports, "cases")
-            labels = self.exportTrainingCases(pairs, root)
+            with removed_on_error(exports):
+                labels = self.exportTrainingCases(pairs, root)
             data.append(root)
         if folder:
             data.append(folder)
@@ -635,9 +636,10 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         data = []
         if volumes:
             root = os.path.join(exports, "scans")
-            os.makedirs(root)
-            for index, volume in enumerate(volumes):
-                self.exportVolume(volume, scan_file(root, index, volume.GetName()))
+            with removed_on_error(exports):
+                os.makedirs(root)
+                for index, volume in enumerate(volumes):
+                    self.exportVolume(volume, scan_file(root, index, volume.GetName()))
             data.append(root)
         if folder:
             data.append(folder)

@@ -37,7 +37,7 @@ from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conver
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
 from HybridMIMSegmentLib.trainingruns import (TrainingRun, keep_for_resume, last_stopped_run,  # noqa: E402
-                                              models_folder, new_run_paths)
+                                              models_folder, new_run_paths, removed_on_error)
 
 
 def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output(small_ct, tmp_path):
@@ -423,6 +423,18 @@ def test_the_panel_offers_the_newest_stopped_run_of_each_kind_and_forgets_what_c
     assert last_stopped_run(folder, "pretrain") == older
     with pytest.raises(ValueError, match="kind must be one of"):
         TrainingRun("segment", older.output, ())
+
+
+def test_a_run_whose_export_fails_leaves_no_exports_behind(tmp_path):
+    _, exports = new_run_paths(tmp_path / "user", "finetuned")
+    with pytest.raises(RuntimeError, match="Could not write"):
+        with removed_on_error(exports):
+            (Path(exports) / "cases" / "000_CT").mkdir(parents=True)
+            raise RuntimeError("Could not write CT for the engine.")
+    assert not Path(exports).exists() and (tmp_path / "user" / "training-data").is_dir()
+    with removed_on_error(exports):
+        Path(exports).mkdir()
+    assert Path(exports).is_dir()
 
 
 def test_a_stop_that_does_not_end_the_run_in_time_cancels_it_and_its_last_save_stays(scans, tmp_path):
