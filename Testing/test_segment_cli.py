@@ -143,6 +143,15 @@ def _empty(tmp_path):
     return [path]
 
 
+def _spacing_in_centimetres(tmp_path):
+    """The real CT with its 3 mm voxels written as 30 mm (a header in the wrong unit): 3.7 x 3 x 3.4 m."""
+    image = sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))
+    image.SetSpacing([10 * s for s in image.GetSpacing()])
+    path = tmp_path / "centimetres.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return [path]
+
+
 def _two_channels(tmp_path):
     return [data_file("abdomen_ct/ct_a.nii.gz"), data_file("abdomen_ct/ct_a.nii.gz")]
 
@@ -157,6 +166,8 @@ def _two_channels(tmp_path):
     (_two_d, [], "2-D image"),
     (_one_slice_volume, [], "a single slice"),
     (_four_d, [], "4-D image"),
+    (_spacing_in_centimetres, [], "its header makes it 3660 x 3030 x 3360 mm (voxels of 30 x 30 x 30 mm), larger "
+                                  "than any patient"),
     (_two_channels, [], "expects 1 input channel"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "no-such-model"], "unknown model"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "__TEXT__"], "not a safetensors checkpoint"),

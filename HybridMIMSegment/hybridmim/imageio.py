@@ -20,6 +20,9 @@ from .geometry import Grid, resample_onto
 from .labels import Label
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+# A whole-body CT spans about 2 m: a header saying more has a wrong voxel spacing (metres taken for millimetres,
+# say), and resampling it to a model's grid would ask for more memory than any machine has
+MAX_EXTENT_MM = 3000.0
 
 
 def _read_dicom_series(folder: Path, warn: Callable[[str], None]) -> sitk.Image:
@@ -152,13 +155,20 @@ class BackgroundRead:
 
 
 def check_scan_fits(paths, meta) -> None:
-    """Refuse, from its header, a scan (``paths``: its channels) too large for this machine's memory."""
+    """Refuse, from its header, a scan (``paths``: its channels) larger than a patient or too large for this
+    machine's memory."""
     from .memory import check_fits, scan_header, segment_bytes
 
     scan = scan_header(paths[0])
-    if scan is not None:
-        voxels = " x ".join(map(str, scan.size))
-        check_fits(segment_bytes(scan, len(paths), meta), f"{Path(paths[0]).name} ({voxels} voxels)")
+    if scan is None:
+        return
+    name = Path(paths[0]).name
+    extent = [n * s for n, s in zip(scan.size, scan.spacing)]
+    if max(extent) > MAX_EXTENT_MM:
+        raise UserError(f"{name}: its header makes it {' x '.join(f'{e:.0f}' for e in extent)} mm (voxels of "
+                        f"{' x '.join(f'{s:g}' for s in scan.spacing)} mm), larger than any patient: its voxel "
+                        "spacing is wrong; correct the header")
+    check_fits(segment_bytes(scan, len(paths), meta), f"{name} ({' x '.join(map(str, scan.size))} voxels)")
 
 
 def start_reading(paths, meta, reporter) -> BackgroundRead:
