@@ -25,8 +25,8 @@ from slicer.ScriptedLoadableModule import (
 
 from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, scan_file, write_labels_file
 from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row
-from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, devices_command, finetune_command, pretrain_command,
-                                          reconstruct_command, segment_command)
+from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, PRETRAIN_MODALITIES, devices_command, finetune_command,
+                                          pretrain_command, reconstruct_command, segment_command)
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits, missing_requirements,
                                               skip_speedup, speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
@@ -106,6 +106,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             self.ui.deviceComboBox.addItem(text, value)
         for value, text in PRETRAIN_METHODS:
             self.ui.pretrainMethodComboBox.addItem(text, value)
+        for value, text in PRETRAIN_MODALITIES:
+            self.ui.pretrainModalityComboBox.addItem(text, value)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.loadCheckpointButton.connect("clicked()", self.onLoadCheckpoint)
         self.ui.applyButton.connect("clicked()", self.onApply)
@@ -313,7 +315,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.startOrStopTraining(self.pretraining, lambda: self.logic.pretrainCommands(
             list(self.ui.pretrainVolumesComboBox.checkedNodes()), self.ui.pretrainFolderPathLineEdit.currentPath,
             self.ui.pretrainMethodComboBox.currentData, self.ui.deviceComboBox.currentData,
-            self.ui.pretrainTimeSpinBox.value))
+            self.ui.pretrainTimeSpinBox.value, self.ui.pretrainModalityComboBox.currentData))
 
     # --- training runs (fine-tuning and pre-training) -----------------------------------------
     def startOrStopTraining(self, processing, commands):
@@ -628,11 +630,11 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
                           exports if pairs else None)
         return finetune_command(init, data, output, epochs, labels, device=device, max_minutes=max_minutes), run
 
-    def pretrainCommands(self, volumes, folder, method, device, max_minutes):
-        """(start command, TrainingRun) for the scene's ``volumes`` and/or a folder of scans."""
+    def pretrainCommands(self, volumes, folder, method, device, max_minutes, modality):
+        """(start command, TrainingRun) for the scene's ``volumes`` and/or a folder of ``modality`` scans."""
         if not volumes and not folder:
             raise RuntimeError("Check the scene volumes to learn from, or choose a folder of scans.")
-        output, exports = new_run_paths(self.userFolder(), f"pretrained-{method}")
+        output, exports = new_run_paths(self.userFolder(), f"pretrained-{method}-{modality.lower()}")
         data = []
         if volumes:
             root = os.path.join(exports, "scans")
@@ -645,7 +647,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             data.append(folder)
         run = TrainingRun("pretrain", output, tuple(pretrain_command(data, output, method, device, resume=True)),
                           exports if volumes else None)
-        return pretrain_command(data, output, method, device, max_minutes=max_minutes), run
+        return pretrain_command(data, output, method, device, max_minutes=max_minutes, modality=modality), run
 
     def exportTrainingCases(self, pairs, root):
         """Each pair as a case folder (image + label map); returns the labels file all cases share."""

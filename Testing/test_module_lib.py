@@ -27,8 +27,9 @@ from hybridmim.runfiles import state_path  # noqa: E402
 from HybridMIMSegmentLib.casefolders import (case_folder, labels_from_segments, scan_file,  # noqa: E402
                                              write_labels_file)
 from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row  # noqa: E402
-from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, convert_command, devices_command,  # noqa: E402
-                                          finetune_command, pretrain_command, reconstruct_command, segment_command)
+from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, PRETRAIN_MODALITIES, convert_command,  # noqa: E402
+                                          devices_command, finetune_command, pretrain_command, reconstruct_command,
+                                          segment_command)
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits,  # noqa: E402
                                               missing_requirements, requirement_names, skip_speedup,
                                               speedup_skipped, write_constraints)
@@ -140,8 +141,8 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
         finetune_command("abdomen-ct", ["cases"], "mine.safetensors", epochs=5, labels="labels.json", val=["val"],
                          max_minutes=30),
         finetune_command("abdomen-ct", ["cases"], "mine.safetensors", resume=True),
-        *(pretrain_command(["scans", "dicom-export"], "pre.safetensors", method, max_minutes=60)
-          for method, _ in PRETRAIN_METHODS),
+        *(pretrain_command(["scans", "dicom-export"], "pre.safetensors", method, max_minutes=60, modality=modality)
+          for method, _ in PRETRAIN_METHODS for modality, _ in PRETRAIN_MODALITIES),
         pretrain_command(["scans"], "pre.safetensors", resume=True),
         convert_command("official.pt", "converted.safetensors"),
     ]
@@ -151,12 +152,15 @@ def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):
     assert parser.parse_args(reconstruct_command(["ct.nii.gz"], "r", mask_ratio=0.6)).mask_ratio == 0.6
     assert parser.parse_args(finetune_command("x", ["d"], "o.safetensors", resume=True)).resume
     assert parser.parse_args(finetune_command("x", ["d"], "o.safetensors", max_minutes=7.5)).max_minutes == 7.5
-    pretrain = parser.parse_args(pretrain_command(["s"], "o.safetensors", "hpm", "cuda", max_minutes=90))
-    assert (pretrain.method, pretrain.device, pretrain.max_minutes, pretrain.resume) == ("hpm", "cuda", 90, False)
+    pretrain = parser.parse_args(pretrain_command(["s"], "o.safetensors", "hpm", "cuda", max_minutes=90, modality="MR"))
+    assert (pretrain.method, pretrain.device, pretrain.max_minutes, pretrain.resume, pretrain.modality) == \
+        ("hpm", "cuda", 90, False, "MR")
     with pytest.raises(ValueError, match="device"):
         segment_command(["ct.nii.gz"], "o.nii.gz", device="gpu")
     with pytest.raises(ValueError, match="method"):
         pretrain_command(["s"], "o.safetensors", "mae")
+    with pytest.raises(ValueError, match="modality"):
+        pretrain_command(["s"], "o.safetensors", modality="PET")
     with pytest.raises(ValueError, match="at least one"):
         pretrain_command([], "o.safetensors")
 

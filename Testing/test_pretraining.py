@@ -376,6 +376,52 @@ def test_a_scan_unlike_the_recipes_modality_is_prepared_with_a_warning(scans, re
     assert len(unlike) == 1 and unlike[0].startswith("mr: mr.nii.gz: no voxel below -200"), warnings_of(result)
 
 
+def test_the_mr_modality_replaces_the_ct_windowing_of_every_method():
+    for method, backbone in (("hybridmim", "cnn"), ("hybridmim", "swin"), ("mim", "hybrid"), ("hpm", "hybrid")):
+        ct, mr = load_recipe(method, backbone, None), load_recipe(method, backbone, None, "MR")
+        assert ct["channels"] == [{"name": "CT", "modality": "CT"}] and ct["title"].startswith("CT encoder-decoder")
+        assert ct["preprocessing"]["intensity"]["type"] == "window" and "unlabelled CT" in ct["description"]
+        assert mr["channels"] == [{"name": "MR", "modality": "MR"}] and mr["title"].startswith("MR encoder-decoder")
+        assert mr["preprocessing"] == {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": {"type": "zscore"},
+                                       "foreground": None}
+        assert "unlabelled MR" in mr["description"] and "{modality}" not in mr["title"] + mr["description"]
+        assert {k: v for k, v in mr.items() if k not in ("channels", "preprocessing", "title", "description")} == \
+            {k: v for k, v in ct.items() if k not in ("channels", "preprocessing", "title", "description")}
+    with pytest.raises(UserError, match="unknown modality 'PET'"):
+        load_recipe(None, None, None, "PET")
+
+
+def test_mr_scans_pre_train_with_the_mr_modality_and_the_model_reconstructs_mr(scans, recipe_file, tmp_path):
+    """Real MR (an abdominal MR and a brain FLAIR, cropped) with --modality MR: z-scored, named MR, a CT among them
+    named; the model it writes is an MR reconstruction model that `reconstruct` runs on MR."""
+    import SimpleITK as sitk
+
+    from conftest import data_file, warnings_of
+    from hybridmim.checkpoint import read_metadata
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(data_file("abdomen_mr/mr.nii.gz")))[10:110, 5:85, :], str(folder / "abdomen.nii.gz"))
+    flair = sitk.ReadImage(str(data_file("brain_tumor_mr/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz")))
+    sitk.WriteImage(flair[40:200, 30:210, 20:140], str(folder / "flair.nii.gz"))
+    (folder / "ct.nii.gz").symlink_to(scans / "abdomen.nii.gz")
+    output = tmp_path / "mr.safetensors"
+    result = run_cli("pretrain", "--modality", "MR", "--recipe", recipe_file, "--steps", "4", "--data", folder,
+                     "--cache", tmp_path / "cache", "-o", output, "--device", "cpu", "--progress", "json", check_rc=0)
+    like_ct = [w for w in warnings_of(result) if "like a CT" in w]
+    assert len(like_ct) == 1 and like_ct[0].startswith("ct: ct.nii.gz: values down to"), warnings_of(result)
+
+    meta = read_metadata(output)
+    assert meta.task == "reconstruction" and meta.channels == [{"name": "MR", "modality": "MR"}]
+    assert meta.preprocessing.intensity.kind == "zscore" and meta.preprocessing.foreground_threshold is None
+    assert meta.preprocessing.spacing == (3.0, 3.0, 3.0)  # the tiny recipe's, merged over the MR settings
+    assert meta.title == "MR encoder-decoder pre-trained with HybridMIM (U-Net)"
+    shown = run_cli("reconstruct", folder / "abdomen.nii.gz", "-o", tmp_path / "recon", "--model", output,
+                    "--device", "cpu", "--progress", "json", check_rc=0)
+    done = [e for e in map(parse_event, shown.stdout.splitlines()) if e and e["event"] == "done"][0]["outputs"]
+    assert Path(done["reconstruction"]).is_file() and Path(done["masked"]).is_file()
+
+
 def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, tmp_path):
     import torch
 

@@ -61,18 +61,27 @@ PRETRAIN_METHODS = (
 )
 
 
+# The scans' modalities the panel offers: (value of --modality, what the user reads).
+PRETRAIN_MODALITIES = (
+    ("CT", "CT (Hounsfield units)"),
+    ("MR", "MR (each scan z-scored)"),
+)
+
+
 def pretrain_command(data: list[str], output: str, method: str = "hybridmim", device: str = "auto",
-                     resume: bool = False, max_minutes: float | None = None) -> list[str]:
-    """Self-supervised pre-training on the scans in ``data`` (files and folders; at most ``max_minutes``);
-    ``resume`` continues the run that wrote ``output``."""
+                     resume: bool = False, max_minutes: float | None = None, modality: str = "CT") -> list[str]:
+    """Self-supervised pre-training on the ``modality`` scans in ``data`` (files and folders; at most
+    ``max_minutes``); ``resume`` continues the run that wrote ``output``."""
     if not data:
         raise ValueError("pre-training needs at least one scan or folder of scans")
     if method not in dict(PRETRAIN_METHODS):
         raise ValueError(f"method must be one of {[m for m, _ in PRETRAIN_METHODS]}, got {method!r}")
+    if modality not in dict(PRETRAIN_MODALITIES):
+        raise ValueError(f"modality must be one of {[m for m, _ in PRETRAIN_MODALITIES]}, got {modality!r}")
     command = ["pretrain", "--data", *data, "-o", output, *_device(device)]
     if resume:
         return command + ["--resume"]
-    return command + ["--method", method, *_time_limit(max_minutes)]
+    return command + ["--method", method, "--modality", modality, *_time_limit(max_minutes)]
 
 
 def convert_command(source: str, output: str) -> list[str]:

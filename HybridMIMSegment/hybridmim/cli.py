@@ -140,7 +140,7 @@ def _cmd_pretrain(args, reporter: Reporter) -> None:
 
     outputs = run_pretrain(args.data, args.output, reporter, args.method, args.backbone, args.recipe, args.steps,
                            args.resume, args.overwrite, args.cache, args.exclude, args.prepare_only, args.device,
-                           args.max_minutes)
+                           args.max_minutes, args.modality)
     if reporter.mode == "tqdm" and not outputs.get("before_training"):
         if "checkpoint" in outputs:
             print(f"wrote {outputs['checkpoint']} (step {outputs['step']} of {outputs['steps']}), "
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--backbone", choices=["cnn", "swin", "hybrid"],
                      help="U-Net, SwinUNETR or the convolution + transformer hybrid (default: the recipe's, else "
                           "cnn for hybridmim and hybrid for mim and hpm, the only one they take)")
+    pre.add_argument("--modality", choices=["CT", "MR"],
+                     help="the scans' modality: CT (the default: HU window, body crop, 1.5 x 1.5 x 2 mm) or MR "
+                          "(z-score per scan, 1.5 mm; Resources/Recipes/modality-mr.json)")
     pre.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over the method's defaults "
                                                       "(Resources/Recipes/; examples in scripts/recipes/)")
     pre.add_argument("--steps", type=int, help="total optimiser steps (overrides the recipe)")

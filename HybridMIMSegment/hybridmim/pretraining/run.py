@@ -13,6 +13,8 @@ from ..progress import Reporter
 
 BACKBONES = ("cnn", "swin", "hybrid")
 DEFAULT_BACKBONES = {"hybridmim": "cnn", "mim": "hybrid", "hpm": "hybrid"}  # MiM and HPM hide tokens: hybrid only
+# --modality → the packaged channels and pre-processing that replace the method recipe's (CT: its own)
+MODALITIES = {None: None, "CT": None, "MR": "modality-mr.json"}
 
 
 def merge_recipes(base: dict, override: dict) -> dict:
@@ -23,8 +25,10 @@ def merge_recipes(base: dict, override: dict) -> dict:
     return merged
 
 
-def load_recipe(method: str | None, backbone: str | None, recipe_file: str | None) -> dict:
-    """The packaged default recipe of (method, backbone), with ``recipe_file`` merged over it.
+def load_recipe(method: str | None, backbone: str | None, recipe_file: str | None, modality: str | None = None) -> dict:
+    """The packaged default recipe of (method, backbone), its channels and pre-processing replaced by the packaged
+    ones of ``modality`` ("MR": Recipes/modality-mr.json; None or "CT": the recipe's own), with ``recipe_file``
+    merged over it; "{modality}" in its title and description names the channels' modalities.
 
     ``method``/``backbone`` given on the command line win over the recipe file's own.
     """
@@ -44,14 +48,24 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
     if not default.is_file():
         packaged = sorted(p.stem.rsplit("-", 1)[1] for p in default.parent.glob(f"pretrain-{method}-*.json"))
         raise UserError(f"no {method} recipe for the {backbone} backbone (packaged: {', '.join(packaged)})")
-    recipe = merge_recipes(json.loads(default.read_text(encoding="utf-8")), override)
+    recipe = json.loads(default.read_text(encoding="utf-8"))
+    if modality not in MODALITIES:
+        raise UserError(f"unknown modality {modality!r} (use {', '.join(m for m in MODALITIES if m)})")
+    if MODALITIES[modality]:  # replaced whole: an MR recipe keeps nothing of the CT window or body crop
+        recipe.update(json.loads((resources_dir() / "Recipes" / MODALITIES[modality]).read_text(encoding="utf-8")))
+    recipe = merge_recipes(recipe, override)
+    named = "+".join(dict.fromkeys(c.get("modality") or c["name"] for c in recipe["channels"]))
+    for key in ("title", "description"):
+        if isinstance(recipe.get(key), str):
+            recipe[key] = recipe[key].replace("{modality}", named)
     return {**recipe, "method": method, "backbone": backbone}
 
 
 def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, method: str | None = None,
                  backbone: str | None = None, recipe_file: str | None = None, steps: int | None = None,
                  resume: bool = False, overwrite: bool = False, cache: str | None = None, exclude=(),
-                 prepare_only: bool = False, device: str = "auto", max_minutes: float | None = None) -> dict:
+                 prepare_only: bool = False, device: str = "auto", max_minutes: float | None = None,
+                 modality: str | None = None) -> dict:
     from ..volumes import find_cases, is_prepared_folder, load_prepared, prepare_cases
     from ..training.runstate import (StoppedBeforeTraining, StopRequest, check_new_run, load_resume_state,
                                      report_stopped_before_training)
@@ -66,7 +80,7 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
         state = load_resume_state(Path(output), "pretrain")
         recipe = state["recipe"]
     else:
-        recipe = load_recipe(method, backbone, recipe_file)
+        recipe = load_recipe(method, backbone, recipe_file, modality)
         if not prepare_only:
             check_new_run(Path(output), overwrite)
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
