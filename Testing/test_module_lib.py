@@ -407,6 +407,8 @@ def test_the_panel_offers_the_newest_stopped_run_of_each_kind_and_forgets_what_c
     newer = _stopped_run(user, "pretrained-hpm")
     tuned = _stopped_run(user, "finetuned", kind="finetune", exports=False)
     never_saved = _stopped_run(user, "pretrained-hybridmim", state=False)
+    preparing = _stopped_run(user, "pretrained-hybridmim-mr", state=False)  # another Slicer's run, reading its exports
+    os.utime(never_saved.record, (time.time() - 2 * 24 * 3600,) * 2)
     os.utime(state_path(Path(older.output)), (time.time() + 60,) * 2)  # stopped last
     folder = models_folder(user)
     (folder / "damaged.run.json").write_text("{", encoding="utf-8")
@@ -415,7 +417,8 @@ def test_the_panel_offers_the_newest_stopped_run_of_each_kind_and_forgets_what_c
 
     assert last_stopped_run(folder, "pretrain") == older
     assert last_stopped_run(folder, "finetune") == tuned and tuned.exports is None
-    assert not never_saved.record.exists() and not Path(never_saved.exports).exists()  # nothing to resume
+    assert not never_saved.record.exists() and not Path(never_saved.exports).exists()  # a day old, nothing saved
+    assert preparing.record.exists() and Path(preparing.exports).is_dir()
     assert older.record.exists() and newer.record.exists()
     assert re.fullmatch(r"pretrained-mim-\d{8}-\d{6} was stopped \(state saved \d\d \w+ \d\d:\d\d\): "
                         r"Resume continues it\.", older.reminder())

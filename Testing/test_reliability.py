@@ -149,10 +149,11 @@ def test_a_left_handed_grid_gives_the_same_labels_on_its_own_grid(small_ct, tmp_
 
 
 def test_an_absurdly_large_volume_is_refused_from_its_header(tmp_path):
-    """A MetaImage header announcing 4000³ voxels whose data file was never written."""
+    """A MetaImage header announcing 4000 x 4000 x 2000 voxels of 0.5 x 0.5 x 1 mm (a patient's 2 m, in 32 billion
+    voxels) whose data file was never written."""
     header = tmp_path / "huge.mhd"
-    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\nElementType = MET_SHORT\n"
-                      "ElementSpacing = 1 1 1\nElementDataFile = huge.raw\n", encoding="ascii")
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 2000\nElementType = MET_SHORT\n"
+                      "ElementSpacing = 0.5 0.5 1\nElementDataFile = huge.raw\n", encoding="ascii")
     started = time.time()
     one_line_error(run_cli("segment", header, "-o", tmp_path / "seg.nii.gz"), "GiB of memory and")
     assert time.time() - started < 60

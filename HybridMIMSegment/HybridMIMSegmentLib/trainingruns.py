@@ -17,6 +17,9 @@ from hybridmim.runfiles import state_path
 
 KINDS = ("finetune", "pretrain")
 _RECORD_SUFFIX = ".run.json"
+# A run still without a state this long after it started is not preparing its data any more (its Slicer ended
+# first): its record goes. A younger one may be another Slicer's run, reading its exports now.
+_ABANDONED_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,16 @@ def _read(record: Path) -> TrainingRun | None:
 
 
 def last_stopped_run(folder: str | Path, kind: str) -> TrainingRun | None:
-    """The newest run of ``kind`` recorded in ``folder`` that can be resumed (records of runs that cannot are
-    removed: their model was deleted, or they never saved a state)."""
+    """The newest run of ``kind`` recorded in ``folder`` that can be resumed (the records of runs that never saved
+    a state, or whose state was deleted, go once a day old)."""
     runs = []
     for record in Path(folder).glob("*" + _RECORD_SUFFIX):
         run = _read(record)
         if run is None or run.kind != kind:
             continue
         if not run.resumable():
-            run.forget()
+            if time.time() - record.stat().st_mtime > _ABANDONED_SECONDS:
+                run.forget()
             continue
         runs.append((state_path(Path(run.output)).stat().st_mtime, run))
     return max(runs, key=lambda pair: pair[0])[1] if runs else None
