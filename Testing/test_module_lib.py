@@ -468,7 +468,8 @@ def test_a_stop_that_does_not_end_the_run_in_time_cancels_it_and_its_last_save_s
 def test_an_idle_section_reminds_of_a_run_stopped_in_an_earlier_session():
     processing = Processing("Start")
     assert processing.view().status == ""
-    assert processing.remind("mine was stopped: Resume continues it.").status == "mine was stopped: Resume continues it."
+    reminder = "mine was stopped: Resume continues it."
+    assert processing.remind(reminder).status == reminder
     processing.go(State.STARTING)
     assert processing.view().status == "Starting…"
     with pytest.raises(ValueError, match="not a starting one"):

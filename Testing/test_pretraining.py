@@ -382,8 +382,8 @@ def test_the_mr_modality_replaces_the_ct_windowing_of_every_method():
         assert ct["channels"] == [{"name": "CT", "modality": "CT"}] and ct["title"].startswith("CT encoder-decoder")
         assert ct["preprocessing"]["intensity"]["type"] == "window" and "unlabelled CT" in ct["description"]
         assert mr["channels"] == [{"name": "MR", "modality": "MR"}] and mr["title"].startswith("MR encoder-decoder")
-        assert mr["preprocessing"] == {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": {"type": "zscore"},
-                                       "foreground": None}
+        assert mr["preprocessing"] == {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5],
+                                       "intensity": {"type": "zscore"}, "foreground": None}
         assert "unlabelled MR" in mr["description"] and "{modality}" not in mr["title"] + mr["description"]
         assert {k: v for k, v in mr.items() if k not in ("channels", "preprocessing", "title", "description")} == \
             {k: v for k, v in ct.items() if k not in ("channels", "preprocessing", "title", "description")}
@@ -401,7 +401,8 @@ def test_mr_scans_pre_train_with_the_mr_modality_and_the_model_reconstructs_mr(s
 
     folder = tmp_path / "scans"
     folder.mkdir()
-    sitk.WriteImage(sitk.ReadImage(str(data_file("abdomen_mr/mr.nii.gz")))[10:110, 5:85, :], str(folder / "abdomen.nii.gz"))
+    abdomen = sitk.ReadImage(str(data_file("abdomen_mr/mr.nii.gz")))
+    sitk.WriteImage(abdomen[10:110, 5:85, :], str(folder / "abdomen.nii.gz"))
     flair = sitk.ReadImage(str(data_file("brain_tumor_mr/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz")))
     sitk.WriteImage(flair[40:200, 30:210, 20:140], str(folder / "flair.nii.gz"))
     (folder / "ct.nii.gz").symlink_to(scans / "abdomen.nii.gz")

@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybridmim.atomic import atomic_output
-from hybridmim.runfiles import state_path
+from hybridmim.runfiles import RECORD_SUFFIX, record_path, state_path
 
 KINDS = ("finetune", "pretrain")
-_RECORD_SUFFIX = ".run.json"
 # A run still without a state this long after it started is not preparing its data any more (its Slicer ended
 # first): its record goes. A younger one may be another Slicer's run, reading its exports now.
 _ABANDONED_SECONDS = 24 * 3600
@@ -38,7 +37,7 @@ class TrainingRun:
 
     @property
     def record(self) -> Path:
-        return _record_path(Path(self.output))
+        return record_path(Path(self.output))
 
     @property
     def name(self) -> str:
@@ -64,10 +63,6 @@ class TrainingRun:
             shutil.rmtree(self.exports, ignore_errors=True)
 
 
-def _record_path(output: Path) -> Path:
-    return output.with_name(output.name.removesuffix(".safetensors") + _RECORD_SUFFIX)
-
-
 def _read(record: Path) -> TrainingRun | None:
     try:
         fields = json.loads(record.read_text(encoding="utf-8"))
@@ -81,7 +76,7 @@ def last_stopped_run(folder: str | Path, kind: str) -> TrainingRun | None:
     """The newest run of ``kind`` recorded in ``folder`` that can be resumed (the records of runs that never saved
     a state, or whose state was deleted, go once a day old)."""
     runs = []
-    for record in Path(folder).glob("*" + _RECORD_SUFFIX):
+    for record in Path(folder).glob("*" + RECORD_SUFFIX):
         run = _read(record)
         if run is None or run.kind != kind:
             continue
