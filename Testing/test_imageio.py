@@ -12,7 +12,7 @@ import slicerio
 from conftest import REPO, crop, data_file
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
-from hybridmim.imageio import read_channels, read_volume, write_labelmap
+from hybridmim.imageio import dicom_series, read_channels, read_volume, write_labelmap
 from hybridmim.labels import parse_labels
 
 BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
@@ -75,12 +75,12 @@ def test_seg_nrrd_carries_names_colours_terminology_and_grid(tmp_path, label_cro
     assert_same_grid(sitk.ReadImage(str(path)), image)
 
 
-def _write_dicom_series(image: sitk.Image, folder) -> None:
+def _write_dicom_series(image: sitk.Image, folder, series_uid: str = "1.2.826.0.1.3680043.2.1125.1.424242",
+                        prefix: str = "slice") -> None:
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.424242"
     for k in range(image.GetDepth()):
         slice_k = image[:, :, k]
         for tag, value in (
@@ -90,7 +90,7 @@ def _write_dicom_series(image: sitk.Image, folder) -> None:
             ("0020|0013", str(k + 1)), ("0008|0018", f"{series_uid}.{k + 100}"),
         ):
             slice_k.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(slice_k)
 
 
@@ -102,6 +102,40 @@ def test_dicom_series_folder_reads_with_geometry(tmp_path):
     back = read_volume(folder)
     assert_same_grid(back, ct, 1e-4)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct))
+
+
+SERIES_UIDS = {"abdomen": "1.2.826.0.1.3680043.2.1125.1.501", "chest": "1.2.826.0.1.3680043.2.1125.1.502",
+               "localiser": "1.2.826.0.1.3680043.2.1125.1.503"}
+
+
+def write_study_in_one_folder(folder) -> dict[str, sitk.Image]:
+    """Three DICOM series in one folder, as some exports write a study: an abdominal CT, a chest CT (both real,
+    cropped) and a two-image localiser."""
+    folder.mkdir(parents=True)
+    images = {"abdomen": crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz")))),
+              "chest": sitk.ReadImage(str(data_file("lung_tumor_ct/image.nii.gz")))[30:174, 40:170, 10:30]}
+    images["localiser"] = images["abdomen"][:, :, :2]
+    for name, image in images.items():
+        _write_dicom_series(image, folder, SERIES_UIDS[name], prefix=name)
+    return images
+
+
+def test_a_folder_of_several_series_reads_the_one_asked_for_or_the_largest_with_a_warning(tmp_path):
+    images = write_study_in_one_folder(tmp_path / "study")
+    series = dicom_series(tmp_path / "study")
+    assert {uid: len(files) for uid, files in series.items()} == \
+        {SERIES_UIDS[name]: image.GetDepth() for name, image in images.items()}
+    for name in ("abdomen", "chest"):
+        back = read_volume(tmp_path / "study", series=SERIES_UIDS[name])
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(images[name]))
+    warnings = []
+    largest = read_volume(tmp_path / "study", warnings.append)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(largest), sitk.GetArrayFromImage(images["abdomen"]))
+    assert warnings == [f"{tmp_path / 'study'} holds 3 DICOM series; using the largest "
+                        f"({images['abdomen'].GetDepth()} files, {SERIES_UIDS['abdomen']}); `segment --data` takes "
+                        "each series as a case"]
+    with pytest.raises(UserError, match="no DICOM series 1.2.3 in it"):
+        read_volume(tmp_path / "study", series="1.2.3")
 
 
 def test_extra_channel_on_another_grid_is_resampled_with_warning(tmp_path):

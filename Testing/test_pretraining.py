@@ -360,6 +360,34 @@ def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_
     assert edited.sources[0]["sha256"] != again.sources[0]["sha256"]
 
 
+def test_a_folder_holding_a_studys_series_gives_a_scan_per_series_without_the_localiser(recipe_file, tmp_path):
+    """An export that puts a study's files in one folder: each 3-D series is a scan (prepared exactly as the same
+    image read alone, its UID in the provenance, its own files the cache key); the two-image localiser is not."""
+    import SimpleITK as sitk
+    from test_imageio import SERIES_UIDS, write_study_in_one_folder
+
+    images = write_study_in_one_folder(tmp_path / "export" / "study")
+    cases = find_cases([tmp_path / "export"], dicom=True)
+    assert [(c.name, c.series) for c in cases] == [("study_1", SERIES_UIDS["abdomen"]),
+                                                    ("study_2", SERIES_UIDS["chest"])]
+    preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
+    prepared = prepare_cases(cases, preprocessing, tmp_path / "cache", Reporter("quiet"))
+    for volume, name in zip(prepared.volumes, ("abdomen", "chest")):
+        sitk.WriteImage(images[name], str(tmp_path / f"{name}.nii.gz"))
+        alone = prepare_cases(find_cases([tmp_path / f"{name}.nii.gz"]), preprocessing, tmp_path / "alone",
+                              Reporter("quiet"))
+        assert np.array_equal(volume.stored, alone.volumes[0].stored), name
+    assert [s["series"] for s in prepared.sources] == [SERIES_UIDS["abdomen"], SERIES_UIDS["chest"]]
+    assert prepared.sources[0]["sha256"] != prepared.sources[1]["sha256"]
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
+    chest_slice = tmp_path / "export" / "study" / "chest000.dcm"
+    chest_slice.write_bytes(chest_slice.read_bytes())  # rewritten: only the chest series is prepared again
+    prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, tmp_path / "cache", Reporter("quiet"))
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
+    assert len(now) == 3 and all(now[name] == stamp for name, stamp in stamps.items())  # the abdomen's kept
+
+
 def test_a_scan_unlike_the_recipes_modality_is_prepared_with_a_warning(scans, recipe_file, tmp_path):
     """The CT recipes window Hounsfield units: an MR among the scans is named, the CTs are not."""
     import SimpleITK as sitk

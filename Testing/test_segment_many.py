@@ -61,6 +61,17 @@ def test_every_case_gets_the_label_map_that_segment_gives_it(segmented_many, cas
     assert together.GetMetaData("HybridMIM_model") == "abdomen-ct-scratch"  # what made it, as segment says
 
 
+def test_each_series_of_a_study_in_one_folder_is_segmented_as_a_case(tmp_path):
+    from test_imageio import write_study_in_one_folder
+
+    images = write_study_in_one_folder(tmp_path / "study")
+    run_cli("segment", "--data", tmp_path / "study", "-o", tmp_path / "out", "--progress", "quiet", check_rc=0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["statistics.csv", "study_1.seg.nrrd",
+                                                                     "study_2.seg.nrrd"]
+    for number, name in ((1, "abdomen"), (2, "chest")):
+        assert sitk.ReadImage(str(tmp_path / "out" / f"study_{number}.seg.nrrd")).GetSize() == images[name].GetSize()
+
+
 def test_one_model_load_progress_per_case_and_a_statistics_table(segmented_many, cases):
     out, events = segmented_many
     assert None not in events

@@ -114,7 +114,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         draw = "preview" in paths and not (keep and paths["preview"].exists())
         try:
             warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
-            channels = read_inputs(case.channels, meta, warn)
+            channels = read_inputs(case.channels, meta, warn, case.series)
             if keep:
                 labels = read_volume(paths["segmentation"])
             else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -25,15 +26,34 @@ LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_EXTENT_MM = 3000.0
 
 
-def _read_dicom_series(folder: Path, warn: Callable[[str], None]) -> sitk.Image:
+def dicom_series(folder: str | Path) -> dict[str, tuple[str, ...]]:
+    """The DICOM series among a folder's own files: series instance UID → its files in slice order (GDCM reads
+    every file's header: kept for the process while the folder's listing is unchanged)."""
+    status = os.stat(folder)
+    return _dicom_series(os.path.realpath(folder), status.st_mtime_ns, status.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _dicom_series(folder: str, mtime_ns: int, inode: int) -> dict[str, tuple[str, ...]]:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    return {uid: tuple(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in reader.GetGDCMSeriesIDs(folder)}
+
+
+def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | None) -> sitk.Image:
+    """The DICOM series ``series`` (a UID) of ``folder``; None: its only series, or its largest (with a warning)."""
+    files = dicom_series(folder)
+    if not files:
         raise UserError(f"{folder}: a folder with no DICOM series in it")
-    files = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    chosen = max(series, key=lambda sid: len(files[sid]))
-    if len(series) > 1:
-        warn(f"{folder} holds {len(series)} DICOM series; using the largest ({len(files[chosen])} files, {chosen})")
+    if series is not None:
+        if series not in files:
+            raise UserError(f"{folder}: no DICOM series {series} in it (any more)")
+        chosen = series
+    else:
+        chosen = max(files, key=lambda uid: len(files[uid]))
+        if len(files) > 1:
+            warn(f"{folder} holds {len(files)} DICOM series; using the largest ({len(files[chosen])} files, {chosen}); "
+                 "`segment --data` takes each series as a case")
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
     try:
         return reader.Execute()
@@ -104,13 +124,15 @@ def read_header(path: str | Path) -> sitk.ImageFileReader | None:
     return reader
 
 
-def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None) -> sitk.Image:
-    """One scalar 3-D volume from a file or DICOM folder, or a UserError saying why not."""
+def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
+                series: str | None = None) -> sitk.Image:
+    """One scalar 3-D volume from a file or DICOM folder (``series``: the UID of the series to read from a folder
+    holding several), or a UserError saying why not."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
-        image = _read_dicom_series(path, warn)
+        image = _read_dicom_series(path, warn, series)
     else:
         if path.stat().st_size == 0:
             raise UserError(f"{path}: empty file")
@@ -179,9 +201,11 @@ def start_reading(paths, meta, reporter) -> BackgroundRead:
     return BackgroundRead(paths)
 
 
-def read_channels(paths, warn: Callable[[str], None] = lambda _: None) -> list[sitk.Image]:
-    """Input channels on the grid of the first; others are resampled onto it (linear) with a warning."""
-    images = [read_volume(p, warn) for p in paths]
+def read_channels(paths, warn: Callable[[str], None] = lambda _: None,
+                  series: str | None = None) -> list[sitk.Image]:
+    """Input channels on the grid of the first; others are resampled onto it (linear) with a warning. ``series``:
+    the DICOM series a folder channel reads (a case of one series among several in a folder)."""
+    images = [read_volume(p, warn, series) for p in paths]
     reference = Grid.of(images[0])
     for i in range(1, len(images)):
         if not Grid.of(images[i]).matches(reference):

@@ -48,12 +48,13 @@ def checked_inputs(images, paths, meta, warn) -> list:
     return channels
 
 
-def read_inputs(paths, meta, warn) -> list:
-    """One case's channels for a run over many cases: refused when too large for the memory, read, checked."""
+def read_inputs(paths, meta, warn, series: str | None = None) -> list:
+    """One case's channels for a run over many cases: refused when too large for the memory, read, checked
+    (``series``: the DICOM series of a folder holding several)."""
     from .imageio import check_scan_fits, read_channels
 
     check_scan_fits(paths, meta)
-    return checked_inputs(read_channels(paths, warn), paths, meta, warn)
+    return checked_inputs(read_channels(paths, warn, series), paths, meta, warn)
 
 
 def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter, windows=None, onnx: bool = True):

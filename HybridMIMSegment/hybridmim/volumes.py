@@ -30,15 +30,20 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 INDEX_NAME = "prepared.json"
 CACHE_FORMAT = 2
 FOREGROUND_SAMPLES = 20000  # crop centres kept per volume (body; and labelled voxels)
+# In a folder holding several DICOM series, those with fewer files are not scans to learn from or segment:
+# localisers (1-3 images), dose reports, secondary captures
+MIN_SERIES_FILES = 10
 
 
 @dataclass(frozen=True)
 class Case:
-    """One volume: a name, its channel files (one per model input channel) and its label map, if any."""
+    """One volume: a name, its channel files (one per model input channel) and its label map, if any;
+    ``series``: the UID of the DICOM series it is, in a folder holding several."""
 
     name: str
     channels: tuple[Path, ...]
     label: Path | None = None
+    series: str | None = None
 
 
 def _is_image(path: Path) -> bool:
@@ -65,14 +70,27 @@ def _holds_dicom(folder: Path) -> bool:
     return False
 
 
+def _dicom_cases(name: str, folder: Path) -> list[Case]:
+    """A folder of DICOM files as the case ``name``; one holding several series (an export that puts a study's
+    files in one folder) as a case per series of MIN_SERIES_FILES files or more, ``name_1``, ``name_2``, … in the
+    order of their UIDs."""
+    from .imageio import dicom_series
+
+    series = dicom_series(folder)
+    if len(series) <= 1:
+        return [Case(name, (folder,))]
+    scans = sorted(uid for uid, files in series.items() if len(files) >= MIN_SERIES_FILES)
+    return [Case(f"{name}_{number}", (folder,), series=uid) for number, uid in enumerate(scans, start=1)]
+
+
 def _dicom_cases_below(root: Path, folder: Path) -> list[Case]:
-    """Each folder at or below ``folder`` that holds DICOM files, as a case named by its path under ``root``
-    (PACS and disc exports nest series as PATIENT/STUDY/SERIES folders)."""
+    """The DICOM cases of each folder at or below ``folder`` that holds DICOM files, named by its path under
+    ``root`` (PACS and disc exports nest series as PATIENT/STUDY/SERIES folders)."""
     cases = []
     for current, subfolders, _ in os.walk(folder):
         subfolders.sort()
         if _holds_dicom(Path(current)):
-            cases.append(Case("_".join(Path(current).relative_to(root).parts), (Path(current),)))
+            cases += _dicom_cases("_".join(Path(current).relative_to(root).parts), Path(current))
     return cases
 
 
@@ -122,7 +140,7 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
         elif (case := _case_in_folder(path)) is not None:
             cases.append(case)
         elif dicom and _holds_dicom(path):
-            cases.append(Case(path.name, (path,)))
+            cases += _dicom_cases(path.name, path)
         else:
             subfolders = sorted(p for p in path.iterdir() if p.is_dir())
             found = []
@@ -250,25 +268,33 @@ def _encode(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
     return array.astype(np.float16)
 
 
-def _source_files(path: Path) -> list[Path]:
-    """The files a channel is read from: the image file, or a DICOM series folder's own files."""
-    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+def _source_files(path: Path, series: str | None = None) -> list[Path]:
+    """The files a channel is read from: the image file, a DICOM series folder's own files, or the files of its
+    ``series`` (in a folder holding several)."""
+    if not path.is_dir():
+        return [path]
+    if series is not None:
+        from .imageio import dicom_series
+
+        return sorted(Path(file) for file in dicom_series(path).get(series, ()))
+    return sorted(p for p in path.iterdir() if p.is_file())
 
 
-def _source_sha256(path: Path) -> str:
-    """An image file's SHA256; for a DICOM folder, the SHA256 of its files' names and SHA256s."""
+def _source_sha256(path: Path, series: str | None = None) -> str:
+    """An image file's SHA256; for a DICOM folder (or one ``series`` in it), the SHA256 of its files' names and
+    SHA256s."""
     from .download import file_sha256
 
     if not path.is_dir():
         return file_sha256(path)
-    listing = "".join(f"{file.name} {file_sha256(file)}\n" for file in _source_files(path))
+    listing = "".join(f"{file.name} {file_sha256(file)}\n" for file in _source_files(path, series))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _cache_key(case: Case, preprocessing: Preprocessing, classes: dict | None) -> str:
     identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted((classes or {}).items())]
     for path in case.channels + ((case.label,) if classes else ()):
-        for file in _source_files(path):  # a DICOM series changes when any of its files does
+        for file in _source_files(path, case.series):  # a DICOM series changes when any of its files does
             stat = file.stat()
             identity.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
@@ -308,7 +334,8 @@ def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes:
 
     count = len(case.channels)
     expected = ([c.get("modality", "") for c in channels] + [""] * count)[:count]  # "": a channel not described
-    images = checked_channels(read_channels(case.channels, warn), [f"{case.name}: {p.name}" for p in case.channels],
+    images = checked_channels(read_channels(case.channels, warn, case.series),
+                              [f"{case.name}: {p.name}" for p in case.channels],
                               expected, warn)
     label = sitk.Cast(read_volume(case.label), sitk.sitkUInt16) if classes else None
     model_input = prepare(images, preprocessing, label)
@@ -372,7 +399,8 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         volumes.append(_volume(case.name, arrays))
         files = case.channels + ((case.label,) if classes else ())
         source = {"name": case.name, "files": [p.name for p in files],
-                  "sha256": [_source_sha256(p) for p in files], "shape": list(arrays["image"].shape[1:])}
+                  "sha256": [_source_sha256(p, case.series) for p in files], "shape": list(arrays["image"].shape[1:]),
+                  **({"series": case.series} if case.series else {})}
         sources.append(source)
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
