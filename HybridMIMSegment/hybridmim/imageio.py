@@ -26,6 +26,25 @@ LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_EXTENT_MM = 3000.0
 
 
+def sampled_series_uids(folder: Path, samples: int = 5) -> set[str]:
+    """The series instance UIDs of a few of a folder's files spread over their sorted names: one UID is taken for
+    one series (exports write a series' files together) without reading every file's header, as dicom_series does
+    (2 ms a file: a minute for a 100-scan export on every run)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
+    picked = {files[round(i * (len(files) - 1) / (samples - 1))] for i in range(samples)} if files else set()
+    uids = set()
+    for path in picked:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:  # not an image: an export's index or report
+            continue
+        if reader.HasMetaDataKey("0020|000e"):
+            uids.add(reader.GetMetaData("0020|000e").strip())
+    return uids
+
+
 def dicom_series(folder: str | Path) -> dict[str, tuple[str, ...]]:
     """The DICOM series among a folder's own files: series instance UID → its files in slice order (GDCM reads
     every file's header: kept for the process while the folder's listing is unchanged)."""

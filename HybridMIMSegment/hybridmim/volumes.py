@@ -74,11 +74,11 @@ def _dicom_cases(name: str, folder: Path) -> list[Case]:
     """A folder of DICOM files as the case ``name``; one holding several series (an export that puts a study's
     files in one folder) as a case per series of MIN_SERIES_FILES files or more, ``name_1``, ``name_2``, … in the
     order of their UIDs."""
-    from .imageio import dicom_series
+    from .imageio import dicom_series, sampled_series_uids
 
-    series = dicom_series(folder)
-    if len(series) <= 1:
+    if len(sampled_series_uids(folder)) <= 1:
         return [Case(name, (folder,))]
+    series = dicom_series(folder)
     scans = sorted(uid for uid, files in series.items() if len(files) >= MIN_SERIES_FILES)
     return [Case(f"{name}_{number}", (folder,), series=uid) for number, uid in enumerate(scans, start=1)]
 
