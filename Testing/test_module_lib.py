@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -424,6 +425,9 @@ def test_the_panel_offers_the_newest_stopped_run_of_each_kind_and_forgets_what_c
                         r"Resume continues it\.", older.reminder())
 
     assert keep_for_resume(older, False, None)  # failed after saving a state: Resume may continue it
+    shutil.rmtree(older.exports)  # the exported scene data deleted: nothing to resume from
+    assert not keep_for_resume(older, False, None) and not older.record.exists()
+    older = _stopped_run(user, "pretrained-mim-again")
     assert keep_for_resume(older, True, {"stopped": True, "before_training": True})
     assert not keep_for_resume(newer, True, {"stopped": False})  # wrote its model
     assert not newer.record.exists() and not Path(newer.exports).exists()

@@ -48,8 +48,8 @@ class TrainingRun:
             tmp.write_text(json.dumps({**asdict(self), "resume": list(self.resume)}, indent=1), encoding="utf-8")
 
     def resumable(self) -> bool:
-        """Whether the run has saved a state to continue from."""
-        return state_path(Path(self.output)).is_file()
+        """Whether the run has saved a state to continue from, and the scene data it exported are still there."""
+        return state_path(Path(self.output)).is_file() and (self.exports is None or Path(self.exports).is_dir())
 
     def reminder(self) -> str:
         """What the panel says of a run stopped in an earlier session."""
