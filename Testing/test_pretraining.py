@@ -303,15 +303,25 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
         find_cases([tmp_path / "empty"])
 
 
-def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path):
+def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path, monkeypatch):
+    from hybridmim import download
+    from hybridmim.volumes import SOURCE_DIGESTS
+
     recipe = recipe_for(recipe_file)
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
     cache = tmp_path / "cache"
     first = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
     assert len(stamps) == 2
-    second = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+    with monkeypatch.context() as patch:  # a cached volume's sources are not read again, not even to hash them
+        patch.setattr(download, "file_sha256", lambda path: pytest.fail(f"{path} hashed again"))
+        second = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == stamps  # nothing prepared again
+    assert second.sources == first.sources
+    older = next(cache.glob("*.npz"))  # a volume cached by an earlier version, without the digests: hashed
+    with np.load(older) as stored:
+        np.savez_compressed(older, **{k: stored[k] for k in stored.files if k != SOURCE_DIGESTS})
+    assert prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet")).sources == first.sources
     for a, b in zip(first.volumes, second.volumes):
         assert a.stored.dtype == np.uint8 and np.array_equal(a.stored, b.stored) and np.array_equal(a.centres, b.centres)
     # 3 mm voxels, RAS, cropped to the body: the abdomen crop (96 × 72 × 56 at 3 mm) is at most that big

@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 INDEX_NAME = "prepared.json"
 CACHE_FORMAT = 2
 FOREGROUND_SAMPLES = 20000  # crop centres kept per volume (body; and labelled voxels)
+SOURCE_DIGESTS = "source_sha256"  # a prepared volume's entry holding its source files' SHA256s
 # In a folder holding several DICOM series, those with fewer files are not scans to learn from or segment:
 # localisers (1-3 images), dose reports, secondary captures
 MIN_SERIES_FILES = 10
@@ -386,10 +387,14 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     for done, case in enumerate(cases):
         key = _cache_key(case, preprocessing, classes)
         path = cache / f"{key}.npz"
+        files = case.channels + ((case.label,) if classes else ())
         if path.is_file():
             arrays = _load_npz(path)
         else:
             arrays = _prepare_volume(case, preprocessing, key, classes, channels, reporter.warning)
+            # the sources' digests travel with the volume: its key already stands for their sizes and times, and
+            # hashing them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
+            arrays[SOURCE_DIGESTS] = np.array([_source_sha256(p, case.series) for p in files])
             with atomic_output(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **arrays)
@@ -397,10 +402,10 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         if count != len(cases[0].channels):
             raise UserError(f"{case.name}: {count} channels where the first case has {len(cases[0].channels)}")
         volumes.append(_volume(case.name, arrays))
-        files = case.channels + ((case.label,) if classes else ())
-        source = {"name": case.name, "files": [p.name for p in files],
-                  "sha256": [_source_sha256(p, case.series) for p in files], "shape": list(arrays["image"].shape[1:]),
-                  **({"series": case.series} if case.series else {})}
+        digests = ([str(d) for d in arrays[SOURCE_DIGESTS]] if SOURCE_DIGESTS in arrays  # not in older caches
+                   else [_source_sha256(p, case.series) for p in files])
+        source = {"name": case.name, "files": [p.name for p in files], "sha256": digests,
+                  "shape": list(arrays["image"].shape[1:]), **({"series": case.series} if case.series else {})}
         sources.append(source)
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
