@@ -11,7 +11,6 @@ import importlib
 import os
 import shutil
 import sys
-import tempfile
 
 import qt
 import slicer
@@ -30,11 +29,14 @@ from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, PRETRAIN_MODALITIES,
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits, missing_requirements,
                                               skip_speedup, speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
+from HybridMIMSegmentLib.inputs import shared_transform
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message
 from HybridMIMSegmentLib.states import BUSY, Processing, State
 from HybridMIMSegmentLib.trainingruns import (TrainingRun, keep_for_resume, last_stopped_run, models_folder,
-                                              new_run_paths, removed_on_error)
+                                              new_run_paths)
+from HybridMIMSegmentLib.workfolders import (new_work_folder, remove_stale_work_folders, remove_work_folder,
+                                             removed_on_error)
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 RESOURCES = os.path.join(MODULE_DIR, "Resources")
@@ -94,9 +96,9 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         self.processing = Processing("Apply")
         self.training = Processing("Start")  # fine-tuning
         self.pretraining = Processing("Start")
-        self.run = None  # (EngineProcess, Processing, on_success) of the segment/reconstruct run
+        self.run = None  # (EngineProcess, Processing, on_success, work folder) of the segment/reconstruct run
         self.trainer = None  # the same for the training run: fine-tuning or pre-training, one at a time
-        self.inputSelectors = []
+        self.inputSelectors = {}  # channel name → volume selector
         self.trainingPairs = []  # (volume node ID, segmentation node ID)
         self.resumeButtons = {self.training: self.ui.resumeButton, self.pretraining: self.ui.pretrainResumeButton}
         self.lastRuns = {}  # Processing → the TrainingRun its Resume continues (kept on disk across sessions)
@@ -131,11 +133,13 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                 processing.remind(run.reminder())
             self.resumeButtons[processing].enabled = run is not None
         self.showTrainingViews()
+        remove_stale_work_folders(slicer.app.temporaryPath)
         self.detectDevices()
 
     def cleanup(self):
         if self.run is not None:
             self.run[0].cancel()
+            remove_work_folder(self.run[3])
         if self.trainer is not None:  # Slicer closing: the run saves its state, Resume continues it next session
             self.trainer[0].finish(timeout=STOP_SECONDS)
         self.timer.stop()
@@ -163,18 +167,24 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         choice = self.currentChoice()
         self.ui.modelDetailsLabel.text = choice.details if choice else ""
         self.showView(self.processing.view())
-        for selector in self.inputSelectors:
+        # A channel keeps its volume across models; the first, if new, starts with the volume on view.
+        chosen = {name: selector.currentNode() for name, selector in self.inputSelectors.items()}
+        shown = slicer.app.applicationLogic().GetSelectionNode().GetActiveVolumeID()
+        for selector in self.inputSelectors.values():
             self.ui.inputsWidget.layout().removeRow(selector)
-        self.inputSelectors = []
-        for name in (choice.channels if choice else ()):
+        self.inputSelectors = {}
+        for position, name in enumerate(choice.channels if choice else ()):
             selector = slicer.qMRMLNodeComboBox()
             selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.showChildNodeTypes = False  # no label maps
             selector.addEnabled = selector.removeEnabled = False
             selector.noneEnabled = True
             selector.setMRMLScene(slicer.mrmlScene)
             selector.toolTip = f"The {name} volume the model expects"
+            onView = slicer.mrmlScene.GetNodeByID(shown) if shown and position == 0 else None
+            selector.setCurrentNode(chosen.get(name) or onView)
             self.ui.inputsWidget.layout().addRow(f"{name}:", selector)
-            self.inputSelectors.append(selector)
+            self.inputSelectors[name] = selector
 
     def onLoadCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(
@@ -201,7 +211,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
 
     # --- segment and reconstruct --------------------------------------------------------
     def inputVolumes(self):
-        volumes = [selector.currentNode() for selector in self.inputSelectors]
+        volumes = [selector.currentNode() for selector in self.inputSelectors.values()]
         if not volumes or None in volumes:
             raise RuntimeError("Choose an input volume for every channel the model expects.")
         return volumes
@@ -218,7 +228,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                     f"Replace the segments of '{target.GetName()}' with the model's result?"):
                 return
             choice = self.currentChoice()
-            command, output = self.logic.segmentCommand(volumes, choice.spec, self.ui.deviceComboBox.currentData)
+            command, output, folder = self.logic.segmentCommand(volumes, choice.spec,
+                                                                self.ui.deviceComboBox.currentData)
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error))
             return
@@ -232,7 +243,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             return f"{found} of {len(result.outputs['segments'])} segments found in {result.outputs['seconds']} s " \
                    f"({result.outputs['device']}): {node.GetName()}"
 
-        self.startRun(command, imported)
+        self.startRun(command, imported, folder)
 
     def onReconstruct(self):
         if self.processing.state in BUSY:
@@ -243,32 +254,33 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             choice = self.currentChoice()
             model = choice.spec if choice is not None and choice.task == "reconstruction" else None
             volumes = self.inputVolumes() if model else [self.firstVolume()]
-            command, folder = self.logic.reconstructCommand(volumes, model, self.ui.maskRatioSpinBox.value,
-                                                            self.ui.seedSpinBox.value,
-                                                            self.ui.deviceComboBox.currentData)
+            command, _, folder = self.logic.reconstructCommand(volumes, model, self.ui.maskRatioSpinBox.value,
+                                                               self.ui.seedSpinBox.value,
+                                                               self.ui.deviceComboBox.currentData)
         except RuntimeError as error:
             slicer.util.errorDisplay(str(error))
             return
 
         def shown(result):
-            self.logic.showReconstruction(result.outputs)
+            self.logic.showReconstruction(result.outputs, volumes[0].GetTransformNodeID())
             return f"masked-voxel error: model {result.outputs['mae_model']}, interpolation " \
                    f"{result.outputs['mae_interpolation']} (input units)"
 
-        self.startRun(command, shown)
+        self.startRun(command, shown, folder)
 
     def firstVolume(self):
-        volume = self.inputSelectors[0].currentNode() if self.inputSelectors else None
+        volume = next(iter(self.inputSelectors.values())).currentNode() if self.inputSelectors else None
         if volume is None:
             raise RuntimeError("Choose an input volume first.")
         return volume
 
-    def startRun(self, command, onSuccess):
+    def startRun(self, command, onSuccess, folder):
+        """Run a segment/reconstruct command whose files are in ``folder`` (removed when the run ends)."""
         self.ui.logTextEdit.clear()
         self.log("$ hybridmim " + " ".join(command))
-        self.run = self.launch(command, self.processing, self.showView, onSuccess)
+        self.run = self.launch(command, self.processing, self.showView, onSuccess, folder)
 
-    def launch(self, command, processing, show, onSuccess):
+    def launch(self, command, processing, show, onSuccess, folder=None):
         """Start the engine for ``processing``; the timer follows it. None when it could not start."""
         engine = EngineProcess(command, python=self.logic.python())
         show(processing.go(State.STARTING))
@@ -276,12 +288,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             engine.start()
         except OSError as error:
             show(processing.go(State.FAILED, f"cannot start the engine: {error}"))
+            if folder is not None:
+                remove_work_folder(folder)
             return None
         self.timer.start()
-        return engine, processing, onSuccess
+        return engine, processing, onSuccess, folder
 
     def cancelRun(self):
-        engine, processing, _ = self.run
+        engine, processing, _, _ = self.run
         self.showView(processing.go(State.CANCELLING))
         engine.cancel()
 
@@ -378,8 +392,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             self.timer.stop()
 
     def follow(self, run, show):
-        """Apply the run's new events; True once it has ended and been handled."""
-        engine, processing, onSuccess = run
+        """Apply the run's new events; True once it has ended and been handled (its work folder removed)."""
+        engine, processing, onSuccess, folder = run
         for event in engine.drain():
             if event["event"] == "message":
                 self.log(("warning: " if event["level"] == "warning" else "") + event["text"])
@@ -390,6 +404,15 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         if engine.running:
             return False
         result = engine.wait()
+        try:
+            self.finishRun(result, processing, show, onSuccess)
+        finally:
+            if folder is not None:
+                remove_work_folder(folder)
+        return True
+
+    def finishRun(self, result, processing, show, onSuccess):
+        """Show how the run ended; a succeeded run's results go into the scene first."""
         for line in result.log[-20:] if not result.succeeded else ():
             self.log(line)
         if result.cancelled:
@@ -402,7 +425,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
                 message = onSuccess(result)
             except Exception as error:  # the scene import failed: say so, keep the GUI usable
                 show(processing.go(State.FAILED, str(error)))
-                return True
+                return
             show(processing.go(State.DONE, message))
         else:
             show(processing.go(State.FAILED, result.error or "the engine failed"))
@@ -411,7 +434,6 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             del self.lastRuns[processing]
         if processing in self.resumeButtons:
             self.resumeButtons[processing].enabled = processing in self.lastRuns
-        return True
 
     def showView(self, view):
         choice = self.currentChoice()
@@ -539,50 +561,71 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def workFolder():
-        return tempfile.mkdtemp(prefix="hybridmim-", dir=slicer.util.tempDirectory())
+        # Slicer's temporary folder itself, where the next start's sweep looks (slicer.util.tempDirectory would
+        # make a new dated folder on every call)
+        return str(new_work_folder(slicer.app.temporaryPath))
 
     @staticmethod
-    def exportVolume(volume, path):
-        if not slicer.util.exportNode(volume, str(path)):
+    def exportVolume(volume, path, compressed=True):
+        """Write ``volume`` for the engine; uncompressed for a file read once (a CT's zlib costs seconds)."""
+        if not slicer.util.exportNode(volume, str(path), {"useCompression": compressed}):
             raise RuntimeError(f"Could not write {volume.GetName()} for the engine.")
         return str(path)
 
     def exportVolumes(self, volumes, folder):
-        return [self.exportVolume(volume, os.path.join(folder, f"input_{index}.nrrd"))
+        """The channels of a run, written in their own coordinates: they must share their transform."""
+        shared_transform([(volume.GetName(), volume.GetTransformNodeID(),
+                           volume.GetParentTransformNode().GetName() if volume.GetParentTransformNode() else None)
+                          for volume in volumes])
+        return [self.exportVolume(volume, os.path.join(folder, f"input_{index}.nrrd"), compressed=False)
                 for index, volume in enumerate(volumes)]
 
-    def segmentCommand(self, volumes, model, device):
+    def runInputs(self, volumes):
+        """(a new work folder, the channels exported into it); the folder goes if the export fails."""
         folder = self.workFolder()
+        with removed_on_error(folder):
+            return folder, self.exportVolumes(volumes, folder)
+
+    def segmentCommand(self, volumes, model, device):
+        """(command, output file, work folder to remove after the run)."""
+        folder, inputs = self.runInputs(volumes)
         output = os.path.join(folder, "segmentation.seg.nrrd")
-        return segment_command(self.exportVolumes(volumes, folder), output, model, device), output
+        return segment_command(inputs, output, model, device), output, folder
 
     def reconstructCommand(self, volumes, model, maskRatio, seed, device):
-        folder = self.workFolder()
+        """(command, output folder, work folder to remove after the run)."""
+        folder, inputs = self.runInputs(volumes)
         output = os.path.join(folder, "reconstruction")
-        return reconstruct_command(self.exportVolumes(volumes, folder), output, model, maskRatio, seed, device), output
+        return reconstruct_command(inputs, output, model, maskRatio, seed, device), output, folder
 
     def process(self, volumes, model=None, device="auto", waitForCompletion=True, target=None, show3D=False):
         """Segment ``volumes`` (one per channel) into a segmentation node, for scripts and the self-test."""
         if not waitForCompletion:
             raise ValueError("from scripts, use waitForCompletion=True; the panel runs it in the background")
         self.ensureDependencies()
-        command, output = self.segmentCommand(volumes, model, device)
-        result = run_to_end(command, self.python())
-        if not result.succeeded:
-            raise RuntimeError(result.error or "the engine failed")
-        return self.importSegmentation(output, volumes[0], target, model or "default model", show3D)
+        command, output, folder = self.segmentCommand(volumes, model, device)
+        try:
+            result = run_to_end(command, self.python())
+            if not result.succeeded:
+                raise RuntimeError(result.error or "the engine failed")
+            return self.importSegmentation(output, volumes[0], target, model or "default model", show3D)
+        finally:
+            remove_work_folder(folder)
 
     @staticmethod
     def importSegmentation(path, referenceVolume, target, modelName, show3D):
-        """The engine's .seg.nrrd (names, colours, terminology) as a node under the input's study."""
+        """The engine's .seg.nrrd (names, colours, terminology) as a node under the input's study; a node of
+        its own, not tied to the file (which goes with the run's work folder: saving the scene writes it)."""
         loaded = slicer.util.loadSegmentation(path)
-        if target is not None:
-            target.GetSegmentation().DeepCopy(loaded.GetSegmentation())
-            slicer.mrmlScene.RemoveNode(loaded)
-            node = target
-        else:
-            node = loaded
-            node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{referenceVolume.GetName()} segmentation"))
+        node = target
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(
+                    f"{referenceVolume.GetName()} segmentation"))
+            node.CreateDefaultDisplayNodes()
+        node.GetSegmentation().DeepCopy(loaded.GetSegmentation())
+        slicer.mrmlScene.RemoveNode(loaded)
+        node.SetAndObserveTransformNodeID(referenceVolume.GetTransformNodeID())  # computed in its coordinates
         node.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
         hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         study = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(referenceVolume))
@@ -594,13 +637,17 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         return node
 
     @staticmethod
-    def showReconstruction(outputs):
-        """Masked input, reconstruction and error side by side in linked axial views, the mask over each."""
+    def showReconstruction(outputs, transformID=None):
+        """Masked input, reconstruction and error side by side in linked axial views, the mask over each; under
+        the input's transform (``transformID``), as the input is."""
         def first(kind):  # several channels: masked_flair, masked_t1c, …; the first is shown
             return next(outputs[key] for key in outputs if key == kind or key.startswith(kind + "_"))
 
         volumes = [slicer.util.loadVolume(first(kind)) for kind in ("masked", "reconstruction", "error")]
         mask = slicer.util.loadLabelVolume(outputs["mask"])
+        for node in (*volumes, mask):  # their files go with the run's work folder: saving the scene writes them
+            slicer.mrmlScene.RemoveNode(node.GetStorageNode())
+            node.SetAndObserveTransformNodeID(transformID)
         layoutNode = slicer.app.layoutManager().layoutLogic().GetLayoutNode()
         if not layoutNode.IsLayoutDescription(COMPARE_LAYOUT_ID):
             layoutNode.AddLayoutDescription(COMPARE_LAYOUT_ID, COMPARE_LAYOUT)
@@ -733,7 +780,8 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(os.path.isfile(os.path.join(RESOURCES, "Models", "catalog.json")))
 
     def test_default_model_on_the_sample_ct(self):
-        """Names, colours and terminology from the model; the scene's labels equal the engine's own file."""
+        """Names, colours and terminology from the model; the result under the volume's transform; the scene's
+        labels equal the engine's own file."""
         import numpy as np
         import SampleData
         from hybridmim.catalog import load_catalog, resolve_model
@@ -742,8 +790,13 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
 
         registerSampleData()
         volume = SampleData.downloadSample(SAMPLE_NAME)
+        shift = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")  # as after a registration
+        shift.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(
+            np.array([[1, 0, 0, 40], [0, 1, 0, 0], [0, 0, 1, -25], [0, 0, 0, 1]], dtype=float)))
+        volume.SetAndObserveTransformNodeID(shift.GetID())
         logic = HybridMIMSegmentLogic()
         node = logic.process([volume], device="cpu")
+        self.assertEqual(node.GetTransformNodeID(), shift.GetID())  # the result lies on the volume as shown
         meta = read_metadata(resolve_model(load_catalog().default_model, Reporter("quiet")))
         segmentation = node.GetSegmentation()
         names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
@@ -755,12 +808,12 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         self.assertIn(liver.terminology["type"][1], str(tag))
 
         # Dice of the scene's liver against the engine's label map for the same volume.
-        folder = logic.workFolder()
+        folder, inputs = logic.runInputs([volume])
         reference = os.path.join(folder, "reference.nii.gz")
-        result = run_to_end(segment_command(logic.exportVolumes([volume], folder), reference, device="cpu"),
-                            logic.python())
+        result = run_to_end(segment_command(inputs, reference, device="cpu"), logic.python())
         self.assertTrue(result.succeeded, result.error)
         referenceNode = slicer.util.loadLabelVolume(reference)
+        remove_work_folder(folder)
         labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segmentation.GetSegmentIdBySegmentName("liver"))

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import DEFAULT_MODEL
+from hybridmim.atomic import atomic_output, full_suffix
 from hybridmim.checkpoint import METADATA_KEY, ModelMeta, load_model, read_metadata, save_checkpoint
 from hybridmim.errors import UserError
 from hybridmim.networks import build_network
+from hybridmim.runfiles import state_path
+from hybridmim.torchfiles import load_torch_file, save_torch_file
 
 
 def tiny_meta() -> ModelMeta:
@@ -106,3 +110,28 @@ def test_a_reconstruction_checkpoint_has_no_labels_and_keeps_its_pretraining_set
     save_checkpoint(path, build_network(meta.network).state_dict(), meta)
     back = read_metadata(path)
     assert back.task == "reconstruction" and back.labels == [] and back.pretraining["mask_ratio"] == 0.4
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")
+def test_a_full_disk_while_saving_a_model_or_its_resume_state_is_one_line_and_keeps_the_last_save(tmp_path):
+    """Both writers raised bare library errors on a full disk (a traceback, exit code 1): safetensors'
+    SafetensorError, torch's RuntimeError "unexpected pos"."""
+    meta = tiny_meta()
+    network = build_network(meta.network)
+    model, state = tmp_path / "model.safetensors", state_path(tmp_path / "model.safetensors")
+    save_checkpoint(model, network.state_dict(), meta)
+    with atomic_output(state) as tmp:
+        save_torch_file({"step": 2, "network": network.state_dict()}, tmp)
+    saved = {path: path.read_bytes() for path in (model, state)}
+    for path in (model, state):  # the disk is full now: every write to the temporary files fails (ENOSPC)
+        suffix = full_suffix(path)
+        (tmp_path / f".{path.name[:-len(suffix)]}.partial-{os.getpid()}{suffix}").symlink_to("/dev/full")
+    with pytest.raises(UserError) as raised:
+        save_checkpoint(model, network.state_dict(), meta)
+    assert str(raised.value) == f"{model}: cannot be written: No space left on device"
+    with pytest.raises(UserError) as raised:
+        with atomic_output(state) as tmp:
+            save_torch_file({"step": 4, "network": network.state_dict()}, tmp)
+    assert str(raised.value) == f"{state}: cannot be written: No space left on device"
+    assert {path: path.read_bytes() for path in (model, state)} == saved and sorted(tmp_path.iterdir()) == sorted(saved)
+    assert load_torch_file(state, "resume state")["step"] == 2

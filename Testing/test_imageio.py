@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import SimpleITK as sitk
 import slicerio
 
 from conftest import REPO, crop, data_file
+from hybridmim import imageio
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
 from hybridmim.imageio import dicom_series, read_channels, read_volume, write_labelmap
@@ -177,3 +180,31 @@ def test_what_made_a_label_map_is_in_its_header(tmp_path, label_crop, suffix):
             "HybridMIM_engine": "hybridmim 9.9", "HybridMIM_model": "my-model", "HybridMIM_model_sha256": "ab" * 32}
     if suffix == ".seg.nrrd":  # and the segments are still Slicer's
         assert [s["name"] for s in slicerio.read_segmentation(str(path))["segments"]][:2] == ["spleen", "right kidney"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd"])
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, label_crop, suffix, monkeypatch):
+    """ITK's NIfTI writer does not notice a full disk (the file just ends early, and reads back without a word):
+    a label map written where every write fails (ENOSPC, from the kernel), on a disk that reports no room."""
+    path = tmp_path / f"labels{suffix}"
+    stem = path.name[:-len(suffix)]
+    (tmp_path / f".{stem}.partial-{os.getpid()}{suffix}").symlink_to("/dev/full")  # atomic_output's temporary file
+    monkeypatch.setattr(imageio.shutil, "disk_usage", lambda folder: SimpleNamespace(free=0))
+    with pytest.raises(UserError) as raised:
+        write_labelmap(label_crop, path, BTCV)
+    assert str(raised.value) == f"{path}: cannot be written: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_nifti_written_with_little_room_is_checked_and_kept_whole(tmp_path, label_crop, suffix, monkeypatch):
+    room = sitk.Cast(label_crop, sitk.sitkUInt8).GetNumberOfPixels()  # less than the 1 MiB margin over the voxels
+    verdicts = []
+    holds = imageio._holds_all_voxels
+    monkeypatch.setattr(imageio.shutil, "disk_usage", lambda folder: SimpleNamespace(free=room))
+    monkeypatch.setattr(imageio, "_holds_all_voxels", lambda *args: verdicts.append(holds(*args)) or verdicts[-1])
+    write_labelmap(label_crop, tmp_path / f"labels{suffix}", BTCV)
+    assert verdicts == [True]  # checked, and found whole
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / f"labels{suffix}")),
+                                  sitk.GetArrayFromImage(label_crop))

@@ -35,17 +35,24 @@ from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_versi
                                               missing_requirements, requirement_names, skip_speedup,
                                               speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
+from HybridMIMSegmentLib.inputs import shared_transform  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
 from HybridMIMSegmentLib.trainingruns import (TrainingRun, keep_for_resume, last_stopped_run,  # noqa: E402
-                                              models_folder, new_run_paths, removed_on_error)
+                                              models_folder, new_run_paths)
+from HybridMIMSegmentLib.workfolders import (new_work_folder, remove_stale_work_folders,  # noqa: E402
+                                             remove_work_folder, removed_on_error)
 
 
 def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output(small_ct, tmp_path):
-    output = tmp_path / "seg.seg.nrrd"
+    # The panel's files: the scene's volume exported uncompressed into a work folder, the output beside it.
+    folder = new_work_folder(tmp_path)
+    source = folder / "input_0.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(small_ct)), str(source), useCompression=False)
+    output = folder / "segmentation.seg.nrrd"
     events = []
-    result = run_to_end(segment_command([str(small_ct)], str(output), device="cpu"),
+    result = run_to_end(segment_command([str(source)], str(output), device="cpu"),
                         on_event=events.append)
     assert result.succeeded and result.error is None, result.log
     stages = [e["name"] for e in events if e["event"] == "stage"]
@@ -60,9 +67,39 @@ def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output
     found = [s for s in result.outputs["segments"] if s["volume_ml"] > 0]
     assert found and len(lines) == len(found) + 1
     liver = next(line for line in lines if line.startswith("  liver: "))
-    volume, mean = next((s["volume_ml"], s["mean_CT"]) for s in found if s["name"] == "liver")
-    assert liver == f"  liver: {volume:.1f} ml, mean CT {mean:.1f}"
+    volume, mean, at_edge = next((s["volume_ml"], s["mean_CT"], s["at_edge"]) for s in found if s["name"] == "liver")
+    assert at_edge  # the small crop cuts the liver
+    assert liver == f"  liver: {volume:.1f} ml, mean CT {mean:.1f} (reaches the scan's edge: may go on beyond it)"
     assert lines[-1].startswith("  not found: ") and "gallbladder" in lines[-1]
+    remove_work_folder(folder)
+    assert not folder.exists() and tmp_path.is_dir()
+
+
+def test_the_channels_of_a_run_must_share_their_transform():
+    assert shared_transform([("CT", None, None)]) is None
+    assert shared_transform([("FLAIR", "vtkMRMLLinearTransformNode4", "Registration"),
+                             ("T1c", "vtkMRMLLinearTransformNode4", "Registration")]) == "vtkMRMLLinearTransformNode4"
+    with pytest.raises(RuntimeError, match=r"^The input volumes are under different transforms \(FLAIR: "
+                                           r"Registration, T1c: none\): harden them"):
+        shared_transform([("FLAIR", "vtkMRMLLinearTransformNode4", "Registration"), ("T1c", None, None)])
+    with pytest.raises(RuntimeError, match="FLAIR: Registration, T1c: Registration"):  # two of the same name
+        shared_transform([("FLAIR", "vtkMRMLLinearTransformNode4", "Registration"),
+                          ("T1c", "vtkMRMLLinearTransformNode7", "Registration")])
+
+
+def test_work_folders_left_by_a_crash_go_a_day_later_and_nothing_else(tmp_path):
+    day = 24 * 3600
+    stale, fresh = new_work_folder(tmp_path), new_work_folder(tmp_path)
+    (stale / "input_0.nrrd").write_bytes(b"x" * 1000)
+    others = [tmp_path / "Slicer-DICOM", tmp_path / "hybridmim-notes.txt"]  # Slicer's own, or not a folder
+    others[0].mkdir()
+    others[1].write_text("kept")
+    for path in (stale, *others):
+        os.utime(path, (time.time() - 2 * day, time.time() - 2 * day))
+    os.utime(fresh, (time.time() - day + 60, time.time() - day + 60))
+    assert remove_stale_work_folders(tmp_path) == [stale]
+    assert not stale.exists() and fresh.is_dir() and all(path.exists() for path in others)
+    assert remove_stale_work_folders(tmp_path / "missing") == []
 
 
 def test_an_engine_error_arrives_as_one_readable_line(tmp_path):
@@ -113,7 +150,7 @@ def test_states_follow_the_run_and_drive_one_button():
     assert (view.button_text, view.button_enabled, view.inputs_enabled, view.progress_visible) == \
         ("Cancel", True, False, True)
     view = processing.on_event({"event": "stage", "name": "inference"})
-    assert processing.state is State.RUNNING and view.status == "Inference: 0%"
+    assert processing.state is State.RUNNING and view.status == "Inference…"
     view = processing.on_event({"event": "progress", "stage": "inference", "done": 3, "total": 4})
     assert view.status == "Inference: 75%" and processing.percent == 75
     view = processing.go(State.IMPORTING)
@@ -128,6 +165,37 @@ def test_states_follow_the_run_and_drive_one_button():
     assert processing.go(State.FAILED, "no such file").status == "Failed: no such file"
     with pytest.raises(ValueError, match="cannot go from failed to importing"):
         processing.go(State.IMPORTING)
+
+
+def test_a_stage_shows_its_time_left_at_its_pace_over_the_whole_run():
+    """Fine-tuning alternates its steps with each epoch's validation: the steps' pace includes the validations;
+    a resumed run starts at its saved step; the first seconds give no estimate."""
+    now = [100.0]
+    processing = Processing("Start", clock=lambda: now[0])
+    processing.go(State.STARTING)
+    processing.on_event({"event": "stage", "name": "fine-tune"})
+    assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 400, "total": 800}).status == \
+        "Fine-tune: 50%"  # resumed at step 400
+    now[0] += 3
+    assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 401, "total": 800}).status == \
+        "Fine-tune: 50%"  # 3 s of pace: too little to tell
+    now[0] += 27  # 10 more steps, 30 s since step 400
+    assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 410, "total": 800}).status == \
+        "Fine-tune: 51% (about 20 min left)"  # 3 s a step, 390 steps
+    now[0] += 30
+    assert processing.on_event({"event": "stage", "name": "validate"}).status == "Validate…"
+    now[0] += 60  # a validation of a minute, then the next step: 120 s for 11 steps since step 400
+    processing.on_event({"event": "stage", "name": "fine-tune"})
+    assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 411, "total": 800}).status == \
+        "Fine-tune: 51% (about 1 h 11 min left)"
+    assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 800, "total": 800}).status == \
+        "Fine-tune: 100%"
+    processing.go(State.CANCELLING)
+    processing.go(State.CANCELLED)
+    processing.go(State.STARTING)  # a new run measures its own pace
+    processing.on_event({"event": "stage", "name": "fine-tune"})
+    assert processing.view().status == "Fine-tune…"
+    assert processing.seconds_left() is None
 
 
 def test_every_command_the_panel_builds_is_accepted_by_the_cli(tmp_path):

@@ -12,6 +12,7 @@ from hybridmim.geometry import Grid
 from hybridmim.metrics import dice_per_label
 from hybridmim.modelgrid import prepare, restore_labels
 from hybridmim.preprocessing import Intensity, Preprocessing
+from hybridmim.volumes import Case, check_label_grid
 from test_imageio import _rotation, assert_same_grid
 
 CT_WINDOW = Intensity("window", (-200.0, 300.0))
@@ -111,3 +112,40 @@ def test_bad_preprocessing_metadata_is_refused(bad, message):
 def test_preprocessing_dict_round_trip():
     spec = Preprocessing("LPS", (1.0, 2.0, 3.0), Intensity("window", (-1000, 1000), (0.001, 1.0)), -500, 12)
     assert Preprocessing.from_dict(spec.to_dict()) == spec
+
+
+def test_same_grid_means_every_corner_within_a_hundredth_of_a_voxel():
+    grid = Grid((512, 512, 100), (0.8, 0.8, 2.0), (-200.0, -180.0, -500.0), tuple(np.eye(3).ravel()))
+    def moved(**change):
+        return Grid(**{**grid.__dict__, **change})
+    assert grid.matches(moved(origin=(-200.0, -180.0 + 0.0009, -500.0)))  # a header rounded to 3 decimals
+    assert grid.matches(moved(spacing=(0.8 + 1e-8, 0.8, 2.0)))  # float32 spacing
+    assert not grid.matches(moved(origin=(-200.0, -180.0 + 0.02, -500.0)))  # 2.5 % of a voxel
+    # 1e-4 mm a voxel is nothing for one voxel, 0.05 mm (6 %) at the far side of 512: spacing errors add up
+    assert not grid.matches(moved(spacing=(0.8001, 0.8, 2.0)))
+    tilt = np.radians(0.01)  # 0.01° also moves the far corner by 0.09 mm
+    rotated = np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
+    assert not grid.matches(moved(direction=tuple(rotated.ravel())))
+    assert not grid.matches(moved(size=(512, 512, 99)))
+
+
+def test_a_label_map_a_rounding_away_is_taken_and_one_further_off_refused_before_preparing(tmp_path):
+    """The header check before preparing and the check on the voxels are one test: a label map the first
+    accepts is prepared (before, a 0.0009 mm origin passed the first and failed the second, unnamed)."""
+    image = sitk.ReadImage(str(data_file("sarcoma_ct/STS_005/image.nii.gz")))[100:164, 100:164, 10:42]
+    label = sitk.ReadImage(str(data_file("sarcoma_ct/STS_005/label.nii.gz")))[100:164, 100:164, 10:42]
+    spec = Preprocessing(orientation="RAS", spacing=(1.5, 1.5, 2.0), intensity=CT_WINDOW)
+    case = Case("STS_005", (tmp_path / "image.nrrd",), tmp_path / "label.nrrd")
+    sitk.WriteImage(image, str(case.channels[0]))
+    for shift, accepted in ((0.0009, True), (0.05, False)):
+        moved = sitk.Image(label)
+        moved.SetOrigin(np.add(label.GetOrigin(), (0.0, shift, 0.0)).tolist())
+        sitk.WriteImage(moved, str(case.label))
+        if accepted:
+            check_label_grid(case)
+            assert prepare([image], spec, moved).label.any()
+        else:
+            with pytest.raises(UserError, match="^case STS_005: the label map's grid"):
+                check_label_grid(case)
+            with pytest.raises(UserError, match="the label map's grid differs"):
+                prepare([image], spec, moved)

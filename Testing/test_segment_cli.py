@@ -11,9 +11,11 @@ import SimpleITK as sitk
 import slicerio
 from PIL import Image
 
-from conftest import DEFAULT_MODEL, data_file, run_cli, warnings_of
+from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of
+from hybridmim.labels import parse_labels
 from hybridmim.metrics import dice_per_label
 from hybridmim.progress import parse_event
+from hybridmim.segment import segment_statistics
 from test_imageio import _rotation, assert_same_grid
 
 
@@ -68,6 +70,30 @@ def test_default_model_finds_the_organs_of_its_training_case(segmented, abdomen_
     floors = {6: 0.85, 8: 0.75, 7: 0.7, 1: 0.6, 2: 0.6, 3: 0.55}
     dice = dice_per_label(prediction, reference, floors)
     assert all(dice[v] > floor for v, floor in floors.items()), dice
+
+
+def test_each_segment_says_whether_it_reaches_the_scans_edge(segmented, tmp_path):
+    """Reaching the scan's edge, a structure may go on beyond it: its volume is then short of the whole."""
+    reference = sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz")))
+    labels = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
+    rows = segment_statistics(reference, labels)
+    # ct_a begins in the upper abdomen: its first slice cuts these five; the rest lie inside, the esophagus is absent
+    assert {r["name"] for r in rows if r["at_edge"]} == {"spleen", "liver", "stomach", "aorta", "inferior vena cava"}
+    assert next(r for r in rows if r["name"] == "esophagus") == {"value": 5, "name": "esophagus", "volume_ml": 0.0,
+                                                                  "at_edge": False}
+    # The run's summary agrees with the faces of the label map it wrote.
+    out, result = segmented
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.seg.nrrd")))
+    faces = set()
+    for face in (written[0], written[-1], written[:, 0], written[:, -1], written[:, :, 0], written[:, :, -1]):
+        faces |= set(np.unique(face).tolist())
+    segments = [parse_event(line) for line in result.stdout.splitlines()][-1]["outputs"]["segments"]
+    assert {s["value"] for s in segments if s["at_edge"]} == faces - {0} and faces - {0}
+    # and the terminal names them
+    plain = run_cli("segment", data_file("abdomen_ct/ct_b.nii.gz"), "-o", tmp_path / "b.nii.gz", "--device", "cpu",
+                    check_rc=0)
+    assert plain.stderr.strip().splitlines()[-1].startswith(
+        "reaching the scan's edge, so perhaps cut off by it (their volumes then short of the whole): spleen, ")
 
 
 def test_preview_png_is_written(segmented):

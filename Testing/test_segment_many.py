@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
+from hybridmim.batch import segment_cases
+from hybridmim.errors import UserError
 from hybridmim.progress import parse_event
 from test_imageio import _write_dicom_series
 
@@ -88,6 +91,12 @@ def test_one_model_load_progress_per_case_and_a_statistics_table(segmented_many,
     assert volume == pytest.approx(liver.sum() * np.prod(labels.GetSpacing()) / 1000, abs=0.01)
     assert mean == pytest.approx(ct[liver].mean(), abs=0.01) and 20 < mean < 90  # non-contrast liver, in HU
     assert statistics[("abdomen", "gallbladder")] == (0.0, None)  # not found: no mean
+    with open(out / "statistics.csv", encoding="utf-8") as handle:
+        edges = {(r["case"], r["structure"]): r["at_edge"] for r in csv.DictReader(handle)}
+    faces = {v for face in (liver[0], liver[-1], liver[:, 0], liver[:, -1], liver[:, :, 0], liver[:, :, -1])
+             for v in np.unique(face).tolist()}
+    assert edges[("abdomen", "liver")] == ("yes" if True in faces else "no")
+    assert edges[("abdomen", "gallbladder")] == "" and set(edges.values()) <= {"yes", "no", ""}  # "": not found
 
 
 def test_a_failed_case_is_skipped_named_and_the_others_written(small_ct, tmp_path):
@@ -102,6 +111,25 @@ def test_a_failed_case_is_skipped_named_and_the_others_written(small_ct, tmp_pat
     assert any(line.startswith("warning: broken: skipped: ") and "not a readable image" in line for line in lines)
     assert (tmp_path / "out" / "good.seg.nrrd").exists() and not (tmp_path / "out" / "broken.seg.nrrd").exists()
     assert {case for case, _ in _statistics(tmp_path / "out" / "statistics.csv")} == {"good"}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")
+def test_a_full_disk_stops_the_run_at_that_case_and_skip_existing_continues_it(small_ct, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(small_ct, data / f"{name}.nii.gz")
+    out.mkdir()
+    (out / f".b.partial-{os.getpid()}.seg.nrrd").symlink_to("/dev/full")  # b's label map finds no room (ENOSPC)
+    with pytest.raises(UserError) as raised:
+        segment_cases([str(data)], str(out), device="cpu")
+    assert str(raised.value) == (f"the disk is full: stopped at b (2 of 3); 1 label maps are in {out}. Make room, "
+                                 "then run the same command with --skip-existing to continue")
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "statistics.csv"]  # c was not run for nothing
+    assert {case for case, _ in _statistics(out / "statistics.csv")} == {"a"}
+    summary = segment_cases([str(data)], str(out), device="cpu", skip_existing=True)
+    assert (summary["segmented"], summary["kept"]) == (2, 1)
+    assert {case for case, _ in _statistics(out / "statistics.csv")} == {"a", "b", "c"}
 
 
 def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, cases, tmp_path):

@@ -11,6 +11,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "installing pinned requirements into $VENV" >&2
+  # No wheel cache: a CI machine may be short of disk, and the stamp avoids reinstalls anyway.
+  export PIP_NO_CACHE_DIR=1
   # torch first and alone, pinned, so nothing else can pull a CUDA build.
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$(grep '^torch==' "$REPO_ROOT/requirements-dev.txt")"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/requirements-dev.txt"

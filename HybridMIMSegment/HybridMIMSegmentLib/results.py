@@ -6,8 +6,8 @@ from hybridmim.progress import MEAN_PREFIX
 
 
 def segment_lines(segments: list[dict]) -> list[str]:
-    """One line per segment found (its volume and mean intensity in each input channel), then one line
-    naming the segments not found."""
+    """One line per segment found (its volume and mean intensity in each input channel, and whether it reaches
+    the scan's edge), then one line naming the segments not found."""
     lines, missing = [], []
     for segment in segments:
         if not segment["volume_ml"]:
@@ -15,7 +15,8 @@ def segment_lines(segments: list[dict]) -> list[str]:
             continue
         means = [f"mean {key[len(MEAN_PREFIX):]} {value:.1f}" for key, value in segment.items()
                  if key.startswith(MEAN_PREFIX) and value is not None]
-        lines.append(f"  {segment['name']}: {segment['volume_ml']:.1f} ml" + "".join(f", {m}" for m in means))
+        edge = " (reaches the scan's edge: may go on beyond it)" if segment.get("at_edge") else ""
+        lines.append(f"  {segment['name']}: {segment['volume_ml']:.1f} ml" + "".join(f", {m}" for m in means) + edge)
     if missing:
         lines.append(f"  not found: {', '.join(missing)}")
     return lines

@@ -3,6 +3,7 @@ button, the progress bar and the status line, so the GUI cannot end up half-upda
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,6 +33,8 @@ TRANSITIONS = {
 }
 
 BUSY = {State.STARTING, State.RUNNING, State.IMPORTING, State.CANCELLING}
+# A stage's time left is shown once its progress has been timed this long (the first steps say little).
+_ESTIMATE_AFTER_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,15 +48,29 @@ class View:
     status: str
 
 
-class Processing:
-    """The current state, its stage and percent, and the view they make."""
+def time_left_text(seconds: float) -> str:
+    if seconds < 60:
+        return f"about {max(5, round(seconds / 5) * 5)} s left"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60} min left" if minutes % 60 else f"about {minutes // 60} h left"
 
-    def __init__(self, action: str = "Apply"):
+
+class Processing:
+    """The current state, its stage, percent and time left, and the view they make. ``clock``: seconds, for the
+    time left (a run's stages may alternate, fine-tuning's steps with each epoch's validation: a stage's pace is
+    measured from its first progress in the run, the other stages' time included)."""
+
+    def __init__(self, action: str = "Apply", clock=time.monotonic):
         self.action = action
         self.state = State.IDLE
         self.stage = ""
         self.percent = 0
         self.message = ""
+        self._clock = clock
+        self._progress: dict[str, tuple[int, int]] = {}  # stage → its latest (done, total)
+        self._first: dict[str, tuple[float, int]] = {}  # stage → (time, done) of its first progress in the run
 
     def go(self, state: State, message: str = "") -> View:
         if state not in TRANSITIONS[self.state]:
@@ -61,6 +78,7 @@ class Processing:
         self.state, self.message = state, message
         if state is State.STARTING:
             self.stage, self.percent = "starting", 0
+            self._progress, self._first = {}, {}
         return self.view()
 
     def remind(self, message: str) -> View:
@@ -75,10 +93,30 @@ class Processing:
         if self.state is State.STARTING and event["event"] in ("stage", "progress", "message"):
             self.state = State.RUNNING
         if event["event"] == "stage":
-            self.stage, self.percent = event["name"], 0
+            self.stage = event["name"]
+            done, total = self._progress.get(self.stage, (0, 0))
+            self.percent = int(100 * done / total) if total else 0
         elif event["event"] == "progress" and event["total"]:
+            self._progress[event["stage"]] = (event["done"], event["total"])
+            self._first.setdefault(event["stage"], (self._clock(), event["done"]))  # a resumed run starts midway
             self.percent = int(100 * event["done"] / event["total"])
         return self.view()
+
+    def seconds_left(self) -> float | None:
+        """The current stage's time left at its pace so far, or None before that pace is known."""
+        if self.stage not in self._first:
+            return None
+        (started, first), (done, total) = self._first[self.stage], self._progress[self.stage]
+        elapsed = self._clock() - started
+        if done <= first or elapsed < _ESTIMATE_AFTER_SECONDS:
+            return None
+        return elapsed / (done - first) * (total - done)
+
+    def _running_status(self) -> str:
+        if self.stage not in self._progress:  # no progress yet (or none in this stage): no percent to show
+            return f"{self.stage.capitalize()}…"
+        left = self.seconds_left()
+        return f"{self.stage.capitalize()}: {self.percent}%" + (f" ({time_left_text(left)})" if left else "")
 
     def view(self) -> View:
         busy = self.state in BUSY
@@ -91,7 +129,7 @@ class Processing:
         status = {
             State.IDLE: self.message,
             State.STARTING: "Starting…",
-            State.RUNNING: f"{self.stage.capitalize()}: {self.percent}%",
+            State.RUNNING: self._running_status(),
             State.IMPORTING: "Loading the result into the scene…",
             State.DONE: self.message or "Done.",
             State.CANCELLING: "Cancelling…",

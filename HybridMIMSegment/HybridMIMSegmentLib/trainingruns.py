@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,16 +95,6 @@ def keep_for_resume(run: TrainingRun, succeeded: bool, outputs: dict | None) -> 
         run.forget()
         return False
     return True
-
-
-@contextmanager
-def removed_on_error(folder: str | Path):
-    """Remove ``folder`` (a new run's exports) when the block fails: a run that never started leaves nothing."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
 
 
 def models_folder(user_folder: str | Path) -> Path:

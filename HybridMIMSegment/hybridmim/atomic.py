@@ -8,12 +8,13 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import DiskFull, UserError
 
 # The file system's refusals of a write (rather than faults of ours): reported in one line. By name:
 # Windows' errno lacks some of them (EDQUOT).
 _REFUSED_WRITES = {getattr(errno, name) for name in ("ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "ENOENT",
                                                      "ENOTDIR") if hasattr(errno, name)}
+_NO_ROOM = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name)}
 # Multi-part suffixes that image writers pick their format by.
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz")
 
@@ -82,7 +83,8 @@ def atomic_output(path: Path):
     except OSError as exc:
         if exc.errno not in _REFUSED_WRITES:
             raise
-        raise UserError(f"{path}: cannot be written: {exc.strerror}") from None
+        refusal = DiskFull if exc.errno in _NO_ROOM else UserError
+        raise refusal(f"{path}: cannot be written: {exc.strerror}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

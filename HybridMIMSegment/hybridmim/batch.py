@@ -5,8 +5,9 @@ Decathlon folders; label maps are ignored), and DICOM series folders. Everything
 refused for the whole run is refused before the first case (model, channel counts, clashing or
 existing outputs); a case that fails on its own (unreadable, too large for the memory, …) is
 reported and skipped, and the run ends with an error naming the failed cases once the others are
-written. ``statistics.csv`` beside the label maps lists every segment's volume and mean intensity
-per case. Outputs are written atomically, so an interrupted run can be continued with ``--skip-existing``.
+written; a full disk stops the run at its case (every next write would fail too). ``statistics.csv``
+beside the label maps lists every segment's volume and mean intensity per case. Outputs are written
+atomically, so an interrupted or stopped run can be continued with ``--skip-existing``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_output, check_inputs_kept, check_new_output, make_folder
-from .errors import UserError
+from .errors import DiskFull, UserError
 from .progress import MEAN_PREFIX, Reporter
 
 STATISTICS_NAME = "statistics.csv"
@@ -55,10 +56,11 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     means = [MEAN_PREFIX + name for name in channel_names]
-    writer.writerow(["case", "value", "structure", "volume_ml", *means])
+    writer.writerow(["case", "value", "structure", "volume_ml", "at_edge", *means])
     for case, segments in statistics.items():
         for s in segments:
-            writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}",
+            edge = ("yes" if s["at_edge"] else "no") if s["volume_ml"] else ""
+            writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}", edge,
                              *("" if s[m] is None else f"{s[m]:.2f}" for m in means)])
     return out.getvalue()
 
@@ -108,6 +110,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
 
     statistics, failed, channel_names = {}, {}, [c["name"] for c in meta.channels]
     provenance = labelmap_provenance(checkpoint)
+    full = None  # the case at which the disk was found full: the run stops there
     reporter.stage("segment")
     for index, case in enumerate(cases):
         paths, case_started, keep = planned[case.name], time.time(), case.name in kept
@@ -120,23 +123,34 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
             else:
                 labels = segment_channels(channels, network, meta, device)
                 write_labelmap(labels, paths["segmentation"], meta.labels, provenance)
-        except UserError as exc:
-            failed[case.name] = str(exc)
-            reporter.warning(f"{case.name}: skipped: {exc}")
-        else:
             if draw:
                 from .preview import render_preview
 
                 render_preview(channels[0], labels, meta.labels, paths["preview"],
                                meta.preprocessing.intensity.window, f"{case.name}: {meta.title or checkpoint.stem}")
+        except UserError as exc:
+            failed[case.name] = str(exc)
+            reporter.warning(f"{case.name}: skipped: {exc}")
+            if isinstance(exc, DiskFull):
+                full = f"{case.name} ({index + 1} of {len(cases)})"
+                break
+        else:
             statistics[case.name] = segment_statistics(labels, meta.labels, channels, channel_names)
             found = sum(s["volume_ml"] > 0 for s in statistics[case.name])
             how = "kept from an earlier run" if keep else f"{time.time() - case_started:.1f} s"
             reporter.info(f"{case.name}: {found} of {len(meta.labels)} segments found ({how})")
         reporter.progress(index + 1, len(cases))
 
-    with atomic_output(statistics_path) as tmp:
-        tmp.write_text(_statistics_csv(statistics, channel_names), encoding="utf-8")
+    try:
+        with atomic_output(statistics_path) as tmp:
+            tmp.write_text(_statistics_csv(statistics, channel_names), encoding="utf-8")
+    except DiskFull:
+        if full is None:
+            raise
+    if full:  # --skip-existing rebuilds the statistics of the cases kept
+        done = sum(1 for c in cases if c.name not in failed and planned[c.name]["segmentation"].exists())
+        raise UserError(f"the disk is full: stopped at {full}; {done} label maps are in {folder}. Make room, then "
+                        "run the same command with --skip-existing to continue")
     if failed:
         names = ", ".join(list(failed)[:5]) + (" …" if len(failed) > 5 else "")
         raise UserError(f"{len(failed)} of {len(cases)} cases failed ({names}; the warnings above say why); "

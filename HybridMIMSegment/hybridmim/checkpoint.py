@@ -149,7 +149,7 @@ def read_metadata(path: str | Path) -> ModelMeta:
 def save_checkpoint(path: str | Path, state_dict: dict, meta: ModelMeta, half: bool = False) -> None:
     """Write weights + metadata atomically; ``half`` stores floating tensors as float16."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .atomic import atomic_output
 
@@ -160,7 +160,8 @@ def save_checkpoint(path: str | Path, state_dict: dict, meta: ModelMeta, half: b
             tensor = tensor.to(torch.float16)
         tensors[name] = tensor.contiguous()
     with atomic_output(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta.to_dict())})
+        # Python writes the bytes: a full disk is then OSError ENOSPC, which atomic_output says in one line
+        tmp.write_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(meta.to_dict())}))
 
 
 def load_model(path: str | Path, device="cpu"):

@@ -5,6 +5,10 @@ class UserError(Exception):
     """Bad input or usage: the message is shown as ``error: <message>``."""
 
 
+class DiskFull(UserError):
+    """A write found no room left: a run of many cases stops at the first (the next writes would fail alike)."""
+
+
 def message_line(exc: Exception, last: bool = False) -> str:
     """The first (``last``: the last) non-empty line of an exception's message, else its type's name (a library's
     error can be empty or span lines; ITK's start with a file:line prefix and end with the useful part)."""

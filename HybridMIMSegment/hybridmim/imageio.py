@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import gzip
 import os
+import shutil
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -262,7 +264,43 @@ def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
         if suffix == ".seg.nrrd":
             _write_seg_nrrd(image, tmp, labels, fields)
         else:
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+            write_image(image, tmp, path)
+
+
+def write_image(image: sitk.Image, tmp: Path, path: Path) -> None:
+    """Write ``image`` compressed into ``tmp``, the temporary file of ``path`` (see ``atomic_output``), and make
+    sure it is whole: ITK's NIfTI writer does not report a full disk (the file just ends early, and ITK reads it
+    back without a word), its NRRD writer says only that gzip failed. So when the disk had less room than the
+    voxels, the file is checked, and a failure there is the full disk (OSError ENOSPC: one line, file removed)."""
+    data_bytes = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    cramped = shutil.disk_usage(tmp.parent).free < data_bytes * 1.01 + (1 << 20)  # gzip can outgrow its data
+    disk_full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    except RuntimeError as exc:
+        if cramped:
+            raise disk_full from None
+        raise UserError(f"{path}: cannot be written: {message_line(exc, last=True)}") from None
+    if cramped and not _holds_all_voxels(tmp, data_bytes):
+        raise disk_full
+
+
+def _holds_all_voxels(path: Path, data_bytes: int) -> bool:
+    """Whether a written NIfTI holds ``data_bytes`` of voxels (a .gz read to its end); other formats' writers
+    report their own failed writes."""
+    suffix = full_suffix(path).lower()
+    if suffix == ".nii":
+        return path.stat().st_size >= data_bytes
+    if suffix != ".nii.gz":
+        return True
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return total >= data_bytes
 
 
 def _write_seg_nrrd(image: sitk.Image, path: Path, labels: list[Label], fields: dict[str, str]) -> None:

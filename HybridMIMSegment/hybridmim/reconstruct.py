@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_inputs_kept, check_new_output
+from .atomic import atomic_output, check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
 from .errors import UserError
-from .imageio import start_reading
+from .imageio import start_reading, write_image
 from .progress import Reporter
 
 BASELINE_SIGMAS = (2.0, 4.0, 8.0)  # voxels
@@ -205,9 +205,5 @@ def _write_outputs(channels, model_input, mask, prediction, meta, paths, channel
 
 
 def _write_image(image, path: Path) -> None:
-    import SimpleITK as sitk
-
-    from .atomic import atomic_output
-
     with atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        write_image(image, tmp, path)

@@ -43,15 +43,27 @@ def _label_sums(labels_flat: np.ndarray, bins: int, weights: np.ndarray | None =
     return total
 
 
+def _labels_at_edge(labels_zyx: np.ndarray, bins: int) -> np.ndarray:
+    """Per label value below ``bins``: whether it has voxels on the scan's outer faces."""
+    at_edge = np.zeros(bins, bool)
+    for axis in range(3):
+        for index in (0, -1):
+            at_edge |= np.bincount(np.take(labels_zyx, index, axis=axis).ravel(), minlength=bins)[:bins] > 0
+    return at_edge
+
+
 def segment_statistics(labels, label_table, channels=(), channel_names=()) -> list[dict]:
-    """Each label's value, name, volume in millilitres and, for each of ``channels`` (images on the grid
-    of ``labels``), its mean intensity there (``MEAN_PREFIX`` + channel name, in the image's units; None when
-    the label is absent)."""
+    """Each label's value, name, volume in millilitres, whether it reaches the scan's edge (``at_edge``: then the
+    structure may go on beyond the scan, and its volume be short of the whole) and, for each of ``channels``
+    (images on the grid of ``labels``), its mean intensity there (``MEAN_PREFIX`` + channel name, in the
+    image's units; None when the label is absent)."""
     import SimpleITK as sitk
 
-    flat = sitk.GetArrayViewFromImage(labels).ravel()
+    array = sitk.GetArrayViewFromImage(labels)
+    flat = array.ravel()
     bins = max([l.value for l in label_table], default=0) + 1
     counts = _label_sums(flat, bins)
+    at_edge = _labels_at_edge(array, bins)
     sums = {MEAN_PREFIX + name: _label_sums(flat, bins, sitk.GetArrayViewFromImage(image).ravel())
             for image, name in zip(channels, channel_names)}
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
@@ -59,7 +71,8 @@ def segment_statistics(labels, label_table, channels=(), channel_names=()) -> li
     for l in label_table:
         count = counts[l.value]
         means = {key: round(float(total[l.value] / count), 2) if count else None for key, total in sums.items()}
-        rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * voxel_ml, 2), **means})
+        rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * voxel_ml, 2),
+                     "at_edge": bool(count and at_edge[l.value]), **means})
     return rows
 
 

@@ -1,5 +1,5 @@
-"""Files that torch.save wrote (official checkpoints, resume states), read safely: tensors and plain
-containers only (``weights_only``), any failure one line."""
+"""Files that torch.save writes (official checkpoints, resume states): read safely, tensors and plain
+containers only (``weights_only``), any failure one line; written so that a full disk is an OSError."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ _TORCH_HEADS = (b"PK\x03\x04", b"\x80")
 # how torch's weights-only unpickler names an object it will not build ("Unsupported global: GLOBAL x.y", "unsupported
 # GLOBAL os.system whose module …"); every unpickling error of it, a damaged file's too, starts the same
 _UNSAFE = "GLOBAL "
+
+
+def save_torch_file(obj, path: Path) -> None:
+    """``torch.save`` through a Python file: a full disk is then OSError ENOSPC (``atomic_output`` says so in one
+    line), where torch's own file writer raises a bare RuntimeError ("unexpected pos 768 vs 662")."""
+    import torch
+
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load_torch_file(path: Path, what: str):

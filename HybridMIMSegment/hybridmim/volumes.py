@@ -308,6 +308,7 @@ def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def check_label_grid(case: Case) -> None:
     """Refuse, from the file headers alone, a label map that does not lie on its image's grid."""
+    from .geometry import Grid
     from .imageio import read_header
 
     headers = []
@@ -316,12 +317,8 @@ def check_label_grid(case: Case) -> None:
         if header is None:
             raise UserError(f"case {case.name}: {path.name} is not a readable image")
         headers.append(header)
-    image, label = headers
-    same = (image.GetSize() == label.GetSize()
-            and np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=1e-4)
-            and np.allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-3 * max(image.GetSpacing()))
-            and np.allclose(image.GetDirection(), label.GetDirection(), atol=1e-4))
-    if not same:
+    image, label = (Grid.of(header) for header in headers)
+    if not label.matches(image):  # the test that preparing applies to the voxels, so it refuses nothing more
         raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
                         "from the image's; resample it onto the image first")
 

@@ -38,6 +38,7 @@ from ..networks import build_network
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
+from ..torchfiles import save_torch_file
 from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, check_time_limit, optimiser_step, read_schedule,
                                  step_generators)
 from ..training.schedule import warmup_cosine
@@ -305,7 +306,7 @@ def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step
              "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "history": history, "elapsed": elapsed}
     with atomic_output(state_path(output)) as tmp:
-        torch.save(state, tmp)
+        save_torch_file(state, tmp)
     device = f"{torch.cuda.get_device_name(dist.device)}" if dist.device.type == "cuda" else f"{platform.machine()} CPU"
     meta = ModelMeta(
         network={**recipe["network"], "in_channels": data.channels, "out_channels": data.channels},

@@ -40,6 +40,7 @@ from ..labels import Label, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
+from ..torchfiles import save_torch_file
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, check_new_run, check_time_limit,
                        load_resume_state, optimiser_step, read_schedule, report_stopped_before_training,
@@ -366,9 +367,9 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     def save_state() -> None:
         snapshot = {**run, "elapsed": elapsed()}
         with atomic_output(state_path(output)) as tmp:
-            torch.save({"format": STATE_FORMAT, "kind": "finetune", "recipe": recipe, **identity, **snapshot,
-                        "network": network.state_dict(), "optimizer": optimiser.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
+            save_torch_file({"format": STATE_FORMAT, "kind": "finetune", "recipe": recipe, **identity, **snapshot,
+                             "network": network.state_dict(), "optimizer": optimiser.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
 
     stopped, early = False, False
     with StopRequest() as stop:
