@@ -72,28 +72,57 @@ def test_default_model_finds_the_organs_of_its_training_case(segmented, abdomen_
     assert all(dice[v] > floor for v, floor in floors.items()), dice
 
 
-def test_each_segment_says_whether_it_reaches_the_scans_edge(segmented, tmp_path):
+def test_each_segment_says_at_which_sides_it_reaches_the_scans_edge(segmented, tmp_path):
     """Reaching the scan's edge, a structure may go on beyond it: its volume is then short of the whole."""
     reference = sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz")))
     labels = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
     rows = segment_statistics(reference, labels)
-    # ct_a begins in the upper abdomen: its first slice cuts these five; the rest lie inside, the esophagus is absent
-    assert {r["name"] for r in rows if r["at_edge"]} == {"spleen", "liver", "stomach", "aorta", "inferior vena cava"}
+    # ct_a begins in the upper abdomen: its top slice cuts these five; the rest lie inside, the esophagus is absent
+    assert {r["name"]: r["at_edge"] for r in rows if r["at_edge"]} == {
+        name: ["superior"] for name in ("spleen", "liver", "stomach", "aorta", "inferior vena cava")}
     assert next(r for r in rows if r["name"] == "esophagus") == {"value": 5, "name": "esophagus", "volume_ml": 0.0,
-                                                                  "at_edge": False}
-    # The run's summary agrees with the faces of the label map it wrote.
+                                                                  "at_edge": []}
+    # Cut through the spleen on the patient's left (ct_a's x runs from left to right), it is cut there too.
+    spleen_x = np.flatnonzero((sitk.GetArrayViewFromImage(reference) == 1).any(axis=(0, 1)))
+    cut = segment_statistics(reference[int(spleen_x.mean()):], labels)
+    assert next(r["at_edge"] for r in cut if r["name"] == "spleen") == ["superior", "left"]
+    # The run's summary agrees with the faces of the label map it wrote, named by hand for ct_a's direction
+    # (x towards the patient's right, y towards the front, z towards the head).
     out, result = segmented
-    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.seg.nrrd")))
-    faces = set()
-    for face in (written[0], written[-1], written[:, 0], written[:, -1], written[:, :, 0], written[:, :, -1]):
-        faces |= set(np.unique(face).tolist())
+    written = sitk.ReadImage(str(out / "seg.seg.nrrd"))
+    assert written.GetDirection() == (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    array = sitk.GetArrayFromImage(written)
+    faces = {"inferior": array[0], "superior": array[-1], "posterior": array[:, 0], "anterior": array[:, -1],
+             "left": array[:, :, 0], "right": array[:, :, -1]}
+    sides = {}
+    for side, face in faces.items():
+        for value in set(np.unique(face).tolist()) - {0}:
+            sides.setdefault(value, set()).add(side)
     segments = [parse_event(line) for line in result.stdout.splitlines()][-1]["outputs"]["segments"]
-    assert {s["value"] for s in segments if s["at_edge"]} == faces - {0} and faces - {0}
-    # and the terminal names them
+    assert {s["value"]: set(s["at_edge"]) for s in segments if s["at_edge"]} == sides and sides
+    # and the terminal names them with their sides
     plain = run_cli("segment", data_file("abdomen_ct/ct_b.nii.gz"), "-o", tmp_path / "b.nii.gz", "--device", "cpu",
                     check_rc=0)
     assert plain.stderr.strip().splitlines()[-1].startswith(
-        "reaching the scan's edge, so perhaps cut off by it (their volumes then short of the whole): spleen, ")
+        "reaching the scan's edge, so perhaps cut off by it (their volumes then short of the whole): "
+        "spleen (superior edge), right kidney (superior and inferior edges), ")
+
+
+def test_an_oblique_or_mirrored_axis_is_named_by_the_side_it_mostly_faces():
+    labels = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    labels[0, 1, 1] = 1  # on the face where x is lowest
+    table = parse_labels([{"value": 1, "name": "lesion", "color": [255, 0, 0]}])
+
+    def sides(direction):
+        labels.SetDirection(direction)
+        return segment_statistics(labels, table)[0]["at_edge"]
+
+    assert sides((1, 0, 0, 0, 1, 0, 0, 0, 1)) == ["right"]  # LPS: x grows towards the left
+    assert sides((-1, 0, 0, 0, -1, 0, 0, 0, 1)) == ["left"]
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    assert sides((c, -s, 0, s, c, 0, 0, 0, 1)) == ["right"]  # x turned 30 degrees towards the back
+    assert sides((s, -c, 0, c, s, 0, 0, 0, 1)) == ["anterior"]  # 60 degrees: mostly towards the back
+    assert sides((0, 0, 1, 0, 1, 0, -1, 0, 0)) == ["superior"]  # x runs from head to foot
 
 
 def test_preview_png_is_written(segmented):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hybridmim.progress import MEAN_PREFIX
+from hybridmim.progress import MEAN_PREFIX, edge_text
 
 
 def segment_lines(segments: list[dict]) -> list[str]:
@@ -15,7 +15,8 @@ def segment_lines(segments: list[dict]) -> list[str]:
             continue
         means = [f"mean {key[len(MEAN_PREFIX):]} {value:.1f}" for key, value in segment.items()
                  if key.startswith(MEAN_PREFIX) and value is not None]
-        edge = " (reaches the scan's edge: may go on beyond it)" if segment.get("at_edge") else ""
+        sides = segment.get("at_edge")
+        edge = f" (reaches the scan's {edge_text(sides)}: may go on beyond it)" if sides else ""
         lines.append(f"  {segment['name']}: {segment['volume_ml']:.1f} ml" + "".join(f", {m}" for m in means) + edge)
     if missing:
         lines.append(f"  not found: {', '.join(missing)}")

@@ -59,7 +59,7 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     writer.writerow(["case", "value", "structure", "volume_ml", "at_edge", *means])
     for case, segments in statistics.items():
         for s in segments:
-            edge = ("yes" if s["at_edge"] else "no") if s["volume_ml"] else ""
+            edge = (" ".join(s["at_edge"]) or "no") if s["volume_ml"] else ""
             writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}", edge,
                              *("" if s[m] is None else f"{s[m]:.2f}" for m in means)])
     return out.getvalue()

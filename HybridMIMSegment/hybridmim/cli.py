@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from . import __version__
 from .atomic import output_lock
 from .errors import UserError
-from .progress import Reporter
+from .progress import Reporter, edge_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +59,7 @@ def _cmd_segment(args, reporter: Reporter) -> None:
         found = [s for s in outputs["segments"] if s["volume_ml"] > 0]
         print(f"wrote {outputs['segmentation']} ({len(found)} of {len(outputs['segments'])} segments found)"
               + (f" and {outputs['preview']}" if "preview" in outputs else ""), file=sys.stderr)
-        cut = [s["name"] for s in found if s["at_edge"]]
+        cut = [f"{s['name']} ({edge_text(s['at_edge'])})" for s in found if s["at_edge"]]
         if cut:
             print(f"reaching the scan's edge, so perhaps cut off by it (their volumes then short of the whole): "
                   f"{', '.join(cut)}", file=sys.stderr)

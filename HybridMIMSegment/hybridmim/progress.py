@@ -22,6 +22,12 @@ EVENTS = ("stage", "progress", "metric", "message", "done", "error")
 MEAN_PREFIX = "mean_"
 
 
+def edge_text(sides: list[str]) -> str:
+    """A segment's ``at_edge`` (the sides of the body at which it reaches the scan's edge) in words:
+    "superior edge", "superior and left edges"."""
+    return f"{' and '.join(sides)} edge{'s' if len(sides) > 1 else ''}"
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe value: numpy scalars become Python numbers, NaN/Inf become null."""
     if hasattr(value, "item") and callable(value.item):

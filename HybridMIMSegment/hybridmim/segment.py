@@ -43,18 +43,39 @@ def _label_sums(labels_flat: np.ndarray, bins: int, weights: np.ndarray | None =
     return total
 
 
-def _labels_at_edge(labels_zyx: np.ndarray, bins: int) -> np.ndarray:
-    """Per label value below ``bins``: whether it has voxels on the scan's outer faces."""
-    at_edge = np.zeros(bins, bool)
-    for axis in range(3):
-        for index in (0, -1):
-            at_edge |= np.bincount(np.take(labels_zyx, index, axis=axis).ravel(), minlength=bins)[:bins] > 0
-    return at_edge
+# The side of the body each of ITK's LPS axes points away from and towards.
+_SIDES = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))
+# The order sides are named in: the head-to-foot cut of a scan's field of view first.
+_SIDE_ORDER = ("superior", "inferior", "right", "left", "anterior", "posterior")
+
+
+def _face_sides(direction) -> list[tuple[int, int, str]]:
+    """(numpy axis, slice index 0 or -1, the body's side it faces) for each of a scan's six outer faces; an
+    oblique axis is named by its largest LPS component."""
+    matrix = np.asarray(direction, float).reshape(3, 3)
+    faces = []
+    for axis in range(3):  # ITK's axis i is numpy's axis 2 - i
+        column = matrix[:, axis]
+        lps = int(np.argmax(np.abs(column)))
+        towards = column[lps] > 0
+        faces += [(2 - axis, 0, _SIDES[lps][int(not towards)]), (2 - axis, -1, _SIDES[lps][int(towards)])]
+    return faces
+
+
+def _labels_at_edge(labels_zyx: np.ndarray, bins: int, direction) -> list[list[str]]:
+    """Per label value below ``bins``: the sides of the body at which it has voxels on the scan's outer faces."""
+    sides = [set() for _ in range(bins)]
+    for axis, index, side in _face_sides(direction):
+        present = np.bincount(np.take(labels_zyx, index, axis=axis).ravel(), minlength=bins)[:bins] > 0
+        for value in np.flatnonzero(present):
+            sides[value].add(side)
+    return [[side for side in _SIDE_ORDER if side in found] for found in sides]
 
 
 def segment_statistics(labels, label_table, channels=(), channel_names=()) -> list[dict]:
-    """Each label's value, name, volume in millilitres, whether it reaches the scan's edge (``at_edge``: then the
-    structure may go on beyond the scan, and its volume be short of the whole) and, for each of ``channels``
+    """Each label's value, name, volume in millilitres, the sides of the body at which it reaches the scan's edge
+    (``at_edge``, e.g. ["superior"]; empty when it lies inside: else the structure may go on beyond the scan, and
+    its volume be short of the whole) and, for each of ``channels``
     (images on the grid of ``labels``), its mean intensity there (``MEAN_PREFIX`` + channel name, in the
     image's units; None when the label is absent)."""
     import SimpleITK as sitk
@@ -63,7 +84,7 @@ def segment_statistics(labels, label_table, channels=(), channel_names=()) -> li
     flat = array.ravel()
     bins = max([l.value for l in label_table], default=0) + 1
     counts = _label_sums(flat, bins)
-    at_edge = _labels_at_edge(array, bins)
+    at_edge = _labels_at_edge(array, bins, labels.GetDirection())
     sums = {MEAN_PREFIX + name: _label_sums(flat, bins, sitk.GetArrayViewFromImage(image).ravel())
             for image, name in zip(channels, channel_names)}
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
@@ -72,7 +93,7 @@ def segment_statistics(labels, label_table, channels=(), channel_names=()) -> li
         count = counts[l.value]
         means = {key: round(float(total[l.value] / count), 2) if count else None for key, total in sums.items()}
         rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * voxel_ml, 2),
-                     "at_edge": bool(count and at_edge[l.value]), **means})
+                     "at_edge": at_edge[l.value] if count else [], **means})
     return rows
 
 
