@@ -16,6 +16,7 @@ from hybridmim.errors import UserError
 from hybridmim.evaluate import evaluate, overlap_scores, reference_on_model_labels, score_case, summarise
 from hybridmim.labels import parse_label_file
 from hybridmim.modelinfo import describe
+from hybridmim.progress import parse_event
 
 
 def _cube(shape=(20, 20, 40), low=(5, 5, 5), size=6) -> np.ndarray:
@@ -77,8 +78,10 @@ def test_source_values_map_reference_maps_and_regions_are_scored():
     reference[4:6, 4:6, 4:6] = 3
     prediction = reference.copy()
     prediction[prediction == 2] = 1  # the model calls the core oedema
-    scores = score_case(prediction, reference, meta, (1.0, 1.0, 1.0))
+    scores = score_case(prediction, reference, meta, (2.0, 1.0, 1.0), {1: 0.5, 2: 0.25, 3: 0.0})
     assert scores["whole tumour"]["dice"] == 1.0  # regions: a union is right even when its parts are not
+    assert scores["whole tumour"]["volume_ml"] == 0.43 and scores["whole tumour"]["unsure_ml"] is None  # 216 x 2 ul
+    assert (scores["oedema"]["volume_ml"], scores["oedema"]["unsure_ml"]) == (0.42, 0.5)  # 208 voxels
     assert scores["tumour core"]["dice"] == pytest.approx(2 * 8 / (8 + 64))
     assert scores["non-enhancing tumour core"]["dice"] == 0.0
     assert scores["oedema"]["dice"] == pytest.approx(2 * 152 / (152 + 208))
@@ -116,9 +119,11 @@ def test_evaluate_end_to_end_matches_an_independent_comparison(case_folder, abdo
             "--overlays", overlays, "--device", "cpu", check_rc=0)
     report = json.loads(report_path.read_text())
     segmentation = case_folder / "seg.nii.gz"
-    run_cli("segment", abdomen_crop["image"], "-o", segmentation, "--model", DEFAULT_MODEL, "--device", "cpu",
-            check_rc=0)
-    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation)))
+    segmented = run_cli("segment", abdomen_crop["image"], "-o", segmentation, "--model", DEFAULT_MODEL, "--device",
+                        "cpu", "--progress", "json", check_rc=0)
+    segments = parse_event(segmented.stdout.splitlines()[-1])["outputs"]["segments"]
+    predicted_image = sitk.ReadImage(str(segmentation))
+    predicted = sitk.GetArrayFromImage(predicted_image)
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["label"])))
     meta = read_metadata(DEFAULT_MODEL)
     scores = report["cases"][0]["scores"]
@@ -127,6 +132,11 @@ def test_evaluate_end_to_end_matches_an_independent_comparison(case_folder, abdo
         p, r = predicted == label.value, expected == label.value
         dice = 2 * (p & r).sum() / (p.sum() + r.sum()) if p.any() or r.any() else None
         assert scores[label.name]["dice"] == pytest.approx(dice), label.name
+        voxel_ml = np.prod(predicted_image.GetSpacing()) / 1000
+        assert scores[label.name]["volume_ml"] == pytest.approx(p.sum() * voxel_ml, abs=0.01), label.name
+        # the volume the model was unsure of, as segment reports it
+        assert scores[label.name]["unsure_ml"] == next(s["unsure_ml"] for s in segments if s["value"] == label.value)
+    assert scores["liver"]["unsure_ml"] > 0
     assert max(s["dice"] or 0 for s in scores.values()) > 0.5  # the model does find organs here
     assert report["summary"]["liver"]["dice_mean"] == pytest.approx(scores["liver"]["dice"])
 
@@ -135,6 +145,8 @@ def test_evaluate_end_to_end_matches_an_independent_comparison(case_folder, abdo
     liver = next(r for r in rows if r["structure"] == "liver")
     assert float(liver["dice"]) == pytest.approx(scores["liver"]["dice"], abs=1e-4)
     assert float(liver["hd95_mm"]) == pytest.approx(scores["liver"]["hd95_mm"], abs=0.01)
+    assert (float(liver["volume_ml"]), float(liver["unsure_ml"])) == (scores["liver"]["volume_ml"],
+                                                                      scores["liver"]["unsure_ml"])
     assert (overlays / "ct_a.png").stat().st_size > 10_000
 
     again = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,

@@ -118,7 +118,7 @@ def test_body_crop_to_whole_windows_keeps_the_result_inside_the_body(small_ct, d
 
     def labels(model_input):
         return predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values, CPU,
-                              Reporter("quiet"))
+                              Reporter("quiet")).labels
 
     offset = [round((c - w) / s) for c, w, s in zip(cropped.grid.origin, whole.grid.origin, whole.grid.spacing)]
     offset = [abs(o) for o in offset]  # RAS grids run against LPS coordinates along x and y

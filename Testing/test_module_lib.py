@@ -67,10 +67,12 @@ def test_a_real_segment_run_streams_its_progress_in_order_and_returns_the_output
     found = [s for s in result.outputs["segments"] if s["volume_ml"] > 0]
     assert found and len(lines) == len(found) + 1
     liver = next(line for line in lines if line.startswith("  liver: "))
-    volume, mean, at_edge = next((s["volume_ml"], s["mean_CT"], s["at_edge"]) for s in found if s["name"] == "liver")
-    assert len(at_edge) > 1  # the small crop cuts the liver on more than one side
-    assert liver == (f"  liver: {volume:.1f} ml, mean CT {mean:.1f} (reaches the scan's {' and '.join(at_edge)} edges: "
-                     "may go on beyond it)")
+    volume, mean, unsure, at_edge = next((s["volume_ml"], s["mean_CT"], s["unsure_ml"], s["at_edge"]) for s in found
+                                         if s["name"] == "liver")
+    assert len(at_edge) > 1 and unsure > 0  # the small crop cuts the liver on more than one side
+    assert liver == (f"  liver: {volume:.1f} ml, mean CT {mean:.1f}, model unsure of {unsure:.1f} ml "
+                     f"({round(100 * unsure / volume)} % of its volume) (reaches the scan's {' and '.join(at_edge)} "
+                     "edges: may go on beyond it)")
     assert lines[-1].startswith("  not found: ") and "gallbladder" in lines[-1]
     remove_work_folder(folder)
     assert not folder.exists() and tmp_path.is_dir()

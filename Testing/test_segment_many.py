@@ -150,6 +150,10 @@ def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, case
     assert (out / "abdomen.seg.nrrd").stat().st_mtime_ns == kept  # not written again
     assert (out / "small.v2.seg.nrrd").exists() and (out / "case3.png").exists()  # the preview of a kept case
     assert _statistics(out / "statistics.csv") == _statistics(segmented_many[0] / "statistics.csv")
+    # how unsure the model was is known only for the cases segmented in this run
+    with open(out / "statistics.csv", encoding="utf-8") as handle:
+        unsure = {(r["case"], r["structure"]): r["unsure_ml"] for r in csv.DictReader(handle)}
+    assert unsure[("abdomen", "liver")] == "" and float(unsure[("small.v2", "liver")]) > 0
 
 
 def test_bad_batch_requests_are_refused_before_any_work(refused, cases, small_ct, tmp_path):

@@ -51,7 +51,8 @@ def _labels(network, meta, array, device):
     from hybridmim.predict import predict_labels
     from hybridmim.progress import Reporter
 
-    return predict_labels(network, array, meta.roi_size, meta.overlap, meta.output_values, device, Reporter("quiet"))
+    return predict_labels(network, array, meta.roi_size, meta.overlap, meta.output_values, device,
+                          Reporter("quiet")).labels
 
 
 def prepare(output: Path) -> None:

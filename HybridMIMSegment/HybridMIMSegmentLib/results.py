@@ -6,18 +6,21 @@ from hybridmim.progress import MEAN_PREFIX, edge_text
 
 
 def segment_lines(segments: list[dict]) -> list[str]:
-    """One line per segment found (its volume and mean intensity in each input channel, and whether it reaches
-    the scan's edge), then one line naming the segments not found."""
+    """One line per segment found (its volume, mean intensity in each input channel, the volume the model was
+    unsure of, and where it reaches the scan's edge), then one line naming the segments not found."""
     lines, missing = [], []
     for segment in segments:
         if not segment["volume_ml"]:
             missing.append(segment["name"])
             continue
-        means = [f"mean {key[len(MEAN_PREFIX):]} {value:.1f}" for key, value in segment.items()
+        details = [f"mean {key[len(MEAN_PREFIX):]} {value:.1f}" for key, value in segment.items()
                  if key.startswith(MEAN_PREFIX) and value is not None]
+        if segment.get("unsure_ml") is not None:
+            share = 100 * segment["unsure_ml"] / segment["volume_ml"]
+            details.append(f"model unsure of {segment['unsure_ml']:.1f} ml ({share:.0f} % of its volume)")
         sides = segment.get("at_edge")
         edge = f" (reaches the scan's {edge_text(sides)}: may go on beyond it)" if sides else ""
-        lines.append(f"  {segment['name']}: {segment['volume_ml']:.1f} ml" + "".join(f", {m}" for m in means) + edge)
+        lines.append(f"  {segment['name']}: {segment['volume_ml']:.1f} ml" + "".join(f", {d}" for d in details) + edge)
     if missing:
         lines.append(f"  not found: {', '.join(missing)}")
     return lines

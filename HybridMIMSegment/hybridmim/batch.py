@@ -56,12 +56,12 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     means = [MEAN_PREFIX + name for name in channel_names]
-    writer.writerow(["case", "value", "structure", "volume_ml", "at_edge", *means])
+    writer.writerow(["case", "value", "structure", "volume_ml", "at_edge", "unsure_ml", *means])
     for case, segments in statistics.items():
         for s in segments:
             edge = (" ".join(s["at_edge"]) or "no") if s["volume_ml"] else ""
             writer.writerow([case, s["value"], s["name"], f"{s['volume_ml']:.2f}", edge,
-                             *("" if s[m] is None else f"{s[m]:.2f}" for m in means)])
+                             *("" if s[key] is None else f"{s[key]:.2f}" for key in ["unsure_ml", *means])])
     return out.getvalue()
 
 
@@ -118,10 +118,10 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         try:
             warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
             channels = read_inputs(case.channels, meta, warn, case.series)
-            if keep:
-                labels = read_volume(paths["segmentation"])
+            if keep:  # how unsure the model was is not known for a label map kept from an earlier run
+                labels, unsure_ml = read_volume(paths["segmentation"]), None
             else:
-                labels = segment_channels(channels, network, meta, device)
+                labels, unsure_ml = segment_channels(channels, network, meta, device)
                 write_labelmap(labels, paths["segmentation"], meta.labels, provenance)
             if draw:
                 from .preview import render_preview
@@ -135,7 +135,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
                 full = f"{case.name} ({index + 1} of {len(cases)})"
                 break
         else:
-            statistics[case.name] = segment_statistics(labels, meta.labels, channels, channel_names)
+            statistics[case.name] = segment_statistics(labels, meta.labels, channels, channel_names, unsure_ml)
             found = sum(s["volume_ml"] > 0 for s in statistics[case.name])
             how = "kept from an earlier run" if keep else f"{time.time() - case_started:.1f} s"
             reporter.info(f"{case.name}: {found} of {len(meta.labels)} segments found ({how})")

@@ -68,13 +68,20 @@ def reference_on_model_labels(reference: np.ndarray, meta) -> np.ndarray:
     return lookup[reference]
 
 
-def score_case(prediction: np.ndarray, reference: np.ndarray, meta, spacing_zyx) -> dict[str, dict]:
-    """{structure name: scores} for every label and region of the model."""
-    scores = {label.name: overlap_scores(prediction == label.value, reference == label.value, spacing_zyx)
-              for label in meta.labels}
+def score_case(prediction: np.ndarray, reference: np.ndarray, meta, spacing_zyx, unsure_ml: dict) -> dict[str, dict]:
+    """{structure name: scores} for every label and region of the model: Dice, HD95, the predicted volume in ml
+    and the volume the model was unsure of (``unsure_ml`` by label value; None for a region)."""
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    scores = {}
+    for label in meta.labels:
+        predicted = prediction == label.value
+        scores[label.name] = {**overlap_scores(predicted, reference == label.value, spacing_zyx),
+                              "volume_ml": round(int(predicted.sum()) * voxel_ml, 2),
+                              "unsure_ml": round(unsure_ml.get(label.value, 0.0), 2)}
     for region in meta.regions:
-        values = list(region["values"])
-        scores[region["name"]] = overlap_scores(np.isin(prediction, values), np.isin(reference, values), spacing_zyx)
+        predicted = np.isin(prediction, list(region["values"]))
+        scores[region["name"]] = {**overlap_scores(predicted, np.isin(reference, list(region["values"])), spacing_zyx),
+                                  "volume_ml": round(int(predicted.sum()) * voxel_ml, 2), "unsure_ml": None}
     return scores
 
 
@@ -91,15 +98,18 @@ def summarise(cases: list[dict], names: list[str]) -> dict[str, dict]:
     return summary
 
 
+_CSV_COLUMNS = (("dice", 4), ("hd95_mm", 2), ("volume_ml", 2), ("unsure_ml", 2))  # score, decimals
+
+
 def _csv_text(cases: list[dict], names: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["case", "structure", "dice", "hd95_mm"])
+    writer.writerow(["case", "structure", *(key for key, _ in _CSV_COLUMNS)])
     for case in cases:
         for name in names:
             s = case["scores"][name]
-            writer.writerow([case["case"], name, "" if s["dice"] is None else f"{s['dice']:.4f}",
-                             "" if s["hd95_mm"] is None else f"{s['hd95_mm']:.2f}"])
+            writer.writerow([case["case"], name, *("" if s[key] is None else f"{s[key]:.{digits}f}"
+                                                   for key, digits in _CSV_COLUMNS)])
     return out.getvalue()
 
 
@@ -142,10 +152,10 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     for index, case in enumerate(cases):
         channels = read_inputs(case.channels, meta, reporter.warning)
         reference_image = read_volume(case.label)
-        prediction_image = segment_channels(channels, network, meta, device)
+        prediction_image, unsure_ml = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)
         reference = reference_on_model_labels(sitk.GetArrayFromImage(reference_image).astype(np.int64), meta)
-        scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1])
+        scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1], unsure_ml)
         results.append({"case": case.name, "scores": scores})
         reporter.metric(case=case.name, **{f"dice {n}": s["dice"] for n, s in scores.items()})
         if overlay_dir is not None:

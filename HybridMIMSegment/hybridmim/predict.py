@@ -5,12 +5,14 @@ onnxnet.py), the model input, and label maps."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .devices import resolve_device
 from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, openvino_runs_here
 from .progress import Reporter
+from .uncertainty import unsure_voxels
 
 
 def load_network(checkpoint: Path, meta, device: str, reporter: Reporter, onnx: bool = True):
@@ -76,38 +78,50 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
 def labels_on_input_grid(network, model_input, meta, device: str, reporter: Reporter, reference):
     """Stages "inference" and "postprocess": the model's label map of ``model_input`` (a
     ``modelgrid.ModelInput``), with the largest piece of each label that asks for it, on the grid of
-    ``reference`` (the first input channel)."""
+    ``reference`` (the first input channel); and per label value the volume in ml the model is unsure
+    of (``uncertainty``), measured on the model's grid."""
     from .components import keep_largest_components
     from .modelgrid import restore_labels
 
     reporter.stage("inference")
-    labels_model = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
-                                  device, reporter)
+    prediction = predict_labels(network, model_input.array, meta.roi_size, meta.overlap, meta.output_values,
+                                device, reporter)
     reporter.stage("postprocess")
-    keep_largest_components(labels_model, meta.largest_component_values)
-    return restore_labels(labels_model, model_input.grid, reference)
+    keep_largest_components(prediction.labels, meta.largest_component_values)
+    voxel_ml = float(np.prod(model_input.grid.spacing)) / 1000.0
+    unsure_ml = {value: count * voxel_ml for value, count in prediction.unsure_voxels.items()}
+    return restore_labels(prediction.labels, model_input.grid, reference), unsure_ml
 
 
 def segment_channels(channels, network, meta, device: str):
-    """The label map of one case's checked ``channels`` on their grid, for a run over many cases
-    (which reports per case, not per window)."""
+    """The label map of one case's checked ``channels`` on their grid and the unsure volume per label
+    (``labels_on_input_grid``), for a run over many cases (which reports per case, not per window)."""
     from .modelgrid import prepare
 
     model_input = prepare(channels, meta.preprocessing, windows=(meta.roi_size, meta.overlap))
     return labels_on_input_grid(network, model_input, meta, device, Reporter("quiet"), channels[0])
 
 
+class Prediction(NamedTuple):
+    """A model's label values (z, y, x) on its grid, and per label value the voxels it is unsure of."""
+
+    labels: np.ndarray
+    unsure_voxels: dict[int, int]
+
+
 def predict_labels(network, volume: np.ndarray, roi_size, overlap: float, output_values, device: str,
-                   reporter: Reporter, sw_batch_size: int = 2) -> np.ndarray:
-    """Label values (z, y, x) for a model input ``volume`` (channels, z, y, x)."""
+                   reporter: Reporter, sw_batch_size: int = 2) -> Prediction:
+    """The prediction for a model input ``volume`` (channels, z, y, x)."""
     if isinstance(network, OnnxNetwork):
-        indices = network.sliding_window(volume, roi_size, overlap, reporter).argmax(0)
+        logits = network.sliding_window(volume, roi_size, overlap, reporter)
+        indices = logits.argmax(0)
     else:
         import torch
 
         from .inference import sliding_window
 
-        logits = sliding_window(network, volume, roi_size, overlap, torch.device(device), reporter, sw_batch_size)
-        indices = logits[0].argmax(0).cpu().numpy()
+        logits = sliding_window(network, volume, roi_size, overlap, torch.device(device), reporter, sw_batch_size)[0]
+        indices = logits.argmax(0).cpu().numpy()
     lookup = np.asarray(output_values, dtype=np.uint16 if max(output_values) > 255 else np.uint8)
-    return lookup[indices]
+    unsure = dict(zip(output_values, unsure_voxels(logits).tolist()))
+    return Prediction(lookup[indices], unsure)

@@ -72,10 +72,11 @@ def _labels_at_edge(labels_zyx: np.ndarray, bins: int, direction) -> list[list[s
     return [[side for side in _SIDE_ORDER if side in found] for found in sides]
 
 
-def segment_statistics(labels, label_table, channels=(), channel_names=()) -> list[dict]:
+def segment_statistics(labels, label_table, channels=(), channel_names=(), unsure_ml=None) -> list[dict]:
     """Each label's value, name, volume in millilitres, the sides of the body at which it reaches the scan's edge
     (``at_edge``, e.g. ["superior"]; empty when it lies inside: else the structure may go on beyond the scan, and
-    its volume be short of the whole) and, for each of ``channels``
+    its volume be short of the whole), the volume in ml the model was unsure of (``unsure_ml``: a dict by label
+    value, from ``predict.labels_on_input_grid``; None when not given) and, for each of ``channels``
     (images on the grid of ``labels``), its mean intensity there (``MEAN_PREFIX`` + channel name, in the
     image's units; None when the label is absent)."""
     import SimpleITK as sitk
@@ -92,8 +93,9 @@ def segment_statistics(labels, label_table, channels=(), channel_names=()) -> li
     for l in label_table:
         count = counts[l.value]
         means = {key: round(float(total[l.value] / count), 2) if count else None for key, total in sums.items()}
+        unsure = None if unsure_ml is None else round(unsure_ml.get(l.value, 0.0), 2)
         rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * voxel_ml, 2),
-                     "at_edge": at_edge[l.value] if count else [], **means})
+                     "at_edge": at_edge[l.value] if count else [], "unsure_ml": unsure, **means})
     return rows
 
 
@@ -121,7 +123,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
 
     channels, model_input, network, device = load_and_prepare(reading, checkpoint, meta, device, reporter,
                                                               windows=(meta.roi_size, meta.overlap))
-    labels = labels_on_input_grid(network, model_input, meta, device, reporter, channels[0])
+    labels, unsure_ml = labels_on_input_grid(network, model_input, meta, device, reporter, channels[0])
 
     reporter.stage("write")
     write_labelmap(labels, output_path, meta.labels, labelmap_provenance(checkpoint))
@@ -135,7 +137,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
         render_preview(channels[0], labels, meta.labels, preview_path, window, meta.title or checkpoint.stem)
         outputs["preview"] = str(preview_path)
 
-    segments = segment_statistics(labels, meta.labels, channels, [c["name"] for c in meta.channels])
+    segments = segment_statistics(labels, meta.labels, channels, [c["name"] for c in meta.channels], unsure_ml)
     reporter.done({**outputs, "segments": segments, "seconds": round(time.time() - started, 2),
                    "device": device})
     return {**outputs, "segments": segments}
