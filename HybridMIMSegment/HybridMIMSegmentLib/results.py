@@ -14,7 +14,7 @@ def segment_lines(segments: list[dict]) -> list[str]:
             missing.append(segment["name"])
             continue
         details = [f"mean {key[len(MEAN_PREFIX):]} {value:.1f}" for key, value in segment.items()
-                 if key.startswith(MEAN_PREFIX) and value is not None]
+                   if key.startswith(MEAN_PREFIX) and value is not None]
         if segment.get("unsure_ml") is not None:
             share = 100 * segment["unsure_ml"] / segment["volume_ml"]
             details.append(f"model unsure of {segment['unsure_ml']:.1f} ml ({share:.0f} % of its volume)")
