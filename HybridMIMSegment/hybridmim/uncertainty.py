@@ -2,8 +2,8 @@
 
 Set beside a segment's volume, that count says how sure the model was of its outline. What a share means
 depends on the model, so each model card gives it on validation cases (``docs/models/``): on ``sarcoma-ct``'s
-the tumours whose unsure volume reached their own volume were the worst segmented; the default abdominal
-model is unsure of several times more of each organ on a scan unlike its training scan.
+the five tumours whose unsure volume came to 0.9 of their own or more were its five worst segmented; the
+default abdominal model is unsure of several times more of most organs on a scan unlike its training scan.
 """
 
 from __future__ import annotations
