@@ -71,17 +71,19 @@ def reference_on_model_labels(reference: np.ndarray, meta) -> np.ndarray:
 def score_case(prediction: np.ndarray, reference: np.ndarray, meta, spacing_zyx, unsure_ml: dict) -> dict[str, dict]:
     """{structure name: scores} for every label and region of the model: Dice, HD95, the predicted volume in ml
     and the volume the model was unsure of (``unsure_ml`` by label value; None for a region)."""
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    from .geometry import voxel_ml
+
+    ml = voxel_ml(spacing_zyx)
     scores = {}
     for label in meta.labels:
         predicted = prediction == label.value
         scores[label.name] = {**overlap_scores(predicted, reference == label.value, spacing_zyx),
-                              "volume_ml": round(int(predicted.sum()) * voxel_ml, 2),
+                              "volume_ml": round(int(predicted.sum()) * ml, 2),
                               "unsure_ml": round(unsure_ml.get(label.value, 0.0), 2)}
     for region in meta.regions:
         predicted = np.isin(prediction, list(region["values"]))
         scores[region["name"]] = {**overlap_scores(predicted, np.isin(reference, list(region["values"])), spacing_zyx),
-                                  "volume_ml": round(int(predicted.sum()) * voxel_ml, 2), "unsure_ml": None}
+                                  "volume_ml": round(int(predicted.sum()) * ml, 2), "unsure_ml": None}
     return scores
 
 

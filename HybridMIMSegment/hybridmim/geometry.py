@@ -9,6 +9,11 @@ import numpy as np
 import SimpleITK as sitk
 
 
+def voxel_ml(spacing) -> float:
+    """The volume of one voxel of ``spacing`` (mm, any axis order) in millilitres."""
+    return float(np.prod(spacing)) / 1000.0
+
+
 @dataclass(frozen=True)
 class Grid:
     """A voxel grid in ITK conventions: sizes and spacing in (x, y, z), LPS physical space."""

@@ -81,6 +81,7 @@ def labels_on_input_grid(network, model_input, meta, device: str, reporter: Repo
     ``reference`` (the first input channel); and per label value the volume in ml the model is unsure
     of (``uncertainty``), measured on the model's grid."""
     from .components import keep_largest_components
+    from .geometry import voxel_ml
     from .modelgrid import restore_labels
 
     reporter.stage("inference")
@@ -88,8 +89,8 @@ def labels_on_input_grid(network, model_input, meta, device: str, reporter: Repo
                                 device, reporter)
     reporter.stage("postprocess")
     keep_largest_components(prediction.labels, meta.largest_component_values)
-    voxel_ml = float(np.prod(model_input.grid.spacing)) / 1000.0
-    unsure_ml = {value: count * voxel_ml for value, count in prediction.unsure_voxels.items()}
+    ml = voxel_ml(model_input.grid.spacing)
+    unsure_ml = {value: count * ml for value, count in prediction.unsure_voxels.items()}
     return restore_labels(prediction.labels, model_input.grid, reference), unsure_ml
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_output
+from .geometry import voxel_ml
 from .labels import Label
 
 
@@ -131,9 +132,8 @@ def render_preview(image: sitk.Image, labels: sitk.Image, label_table: list[Labe
     ax3d.axis("off")
     legend = fig.add_subplot(grid[0, 3:])
     legend.axis("off")
-    voxel_ml = sx * sy * sz / 1000.0
     counts = np.bincount(lab.ravel(), minlength=lut.shape[0])
-    lines = [(by_value[v].name, by_value[v].color, counts[v] * voxel_ml) for v in sorted(by_value)]
+    lines = [(by_value[v].name, by_value[v].color, counts[v] * voxel_ml((sx, sy, sz))) for v in sorted(by_value)]
     for i, (name, color, volume) in enumerate(lines):
         y = 1 - (i + 1) / (len(lines) + 2)
         legend.add_patch(plt.Rectangle((0.02, y - 0.02), 0.05, 0.04, color=np.asarray(color) / 255))

@@ -81,6 +81,8 @@ def segment_statistics(labels, label_table, channels=(), channel_names=(), unsur
     image's units; None when the label is absent)."""
     import SimpleITK as sitk
 
+    from .geometry import voxel_ml
+
     array = sitk.GetArrayViewFromImage(labels)
     flat = array.ravel()
     bins = max([l.value for l in label_table], default=0) + 1
@@ -88,13 +90,13 @@ def segment_statistics(labels, label_table, channels=(), channel_names=(), unsur
     at_edge = _labels_at_edge(array, bins, labels.GetDirection())
     sums = {MEAN_PREFIX + name: _label_sums(flat, bins, sitk.GetArrayViewFromImage(image).ravel())
             for image, name in zip(channels, channel_names)}
-    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    ml = voxel_ml(labels.GetSpacing())
     rows = []
     for l in label_table:
         count = counts[l.value]
         means = {key: round(float(total[l.value] / count), 2) if count else None for key, total in sums.items()}
         unsure = None if unsure_ml is None else round(unsure_ml.get(l.value, 0.0), 2)
-        rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * voxel_ml, 2),
+        rows.append({"value": l.value, "name": l.name, "volume_ml": round(float(count) * ml, 2),
                      "at_edge": at_edge[l.value] if count else [], "unsure_ml": unsure, **means})
     return rows
 
