@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import struct
 from types import SimpleNamespace
 
 import numpy as np
@@ -79,17 +81,21 @@ def test_seg_nrrd_carries_names_colours_terminology_and_grid(tmp_path, label_cro
 
 
 def _write_dicom_series(image: sitk.Image, folder, series_uid: str = "1.2.826.0.1.3680043.2.1125.1.424242",
-                        prefix: str = "slice") -> None:
+                        prefix: str = "slice", skip: tuple[int, ...] = (), position=None) -> None:
+    """One file per slice; ``skip``: slices left out; ``position(k)``: slice k's Image Position (default: its
+    place on the image's grid)."""
     image = sitk.Cast(image, sitk.sitkInt16)
+    folder.mkdir(parents=True, exist_ok=True)
     d = image.GetDirection()
+    position = position or (lambda k: image.TransformIndexToPhysicalPoint((0, 0, k)))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
+    for k in (k for k in range(image.GetDepth()) if k not in skip):
         slice_k = image[:, :, k]
         for tag, value in (
             ("0008|0060", "CT"), ("0020|000d", series_uid + ".1"), ("0020|000e", series_uid),
             ("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))),
-            ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            ("0020|0032", "\\".join(str(v) for v in position(k))),
             ("0020|0013", str(k + 1)), ("0008|0018", f"{series_uid}.{k + 100}"),
         ):
             slice_k.SetMetaData(tag, value)
@@ -102,9 +108,54 @@ def test_dicom_series_folder_reads_with_geometry(tmp_path):
     folder = tmp_path / "dicom"
     folder.mkdir()
     _write_dicom_series(ct, folder)
-    back = read_volume(folder)
+    warnings = []
+    back = read_volume(folder, warnings.append)
     assert_same_grid(back, ct, 1e-4)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct))
+    assert warnings == []
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_a_series_missing_a_slice_is_put_back_on_an_even_grid_with_the_gap_interpolated(tmp_path, capfd, oblique):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    if oblique:
+        ct.SetDirection(_rotation(0.3, 0.5))
+    gap = ct.GetDepth() // 2
+    _write_dicom_series(ct, tmp_path, skip=(gap,))
+    capfd.readouterr()
+    warnings = []
+    back = read_volume(tmp_path, warnings.append)
+    # ITK alone stacks the rest at the mean spacing (every slice after the gap out of place) and says so only in
+    # a multi-line warning on stderr
+    assert capfd.readouterr().err == ""
+    assert_same_grid(back, ct, 1e-4)
+    voxels, expected = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct).astype(np.int16)
+    np.testing.assert_array_equal(np.delete(voxels, gap, axis=0), np.delete(expected, gap, axis=0))
+    # halfway between its neighbours (rounded; a weight of 0.5 ± float error on the oblique grid)
+    halfway = (expected[gap - 1].astype(float) + expected[gap + 1]) / 2
+    assert np.abs(voxels[gap] - halfway).max() <= 0.5 + 1e-6
+    spacing = ct.GetSpacing()[2]
+    assert warnings == [f"{tmp_path}: slice gaps are uneven ({spacing:.2f} to {2 * spacing:.2f} mm: a missing "
+                        f"slice?); resampled to an even {spacing:.2f} mm ({ct.GetDepth()} slices from "
+                        f"{ct.GetDepth() - 1}), the grid the label map is written on"]
+
+
+def test_a_tilted_series_is_named_and_one_with_two_slices_in_one_place_refused(tmp_path):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    origin, spacing = np.array(ct.GetOrigin()), ct.GetSpacing()
+    # Each slice 0.3 of its spacing further along y than the one before: a gantry tilted by atan(0.3), 17°
+    _write_dicom_series(ct, tmp_path / "tilted",
+                        position=lambda k: origin + k * spacing[2] * np.array([0.0, 0.3, 1.0]))
+    warnings = []
+    back = read_volume(tmp_path / "tilted", warnings.append)
+    assert back.GetSize() == ct.GetSize()
+    drift = 0.3 * spacing[2] * (ct.GetDepth() - 1)
+    assert warnings == [f"{tmp_path / 'tilted'}: the slices shift sideways along the series (a tilted gantry, about "
+                        f"17°); read as if untilted, so outlines may be off by up to {drift:.1f} mm at the series' "
+                        "far end"]
+    _write_dicom_series(ct, tmp_path / "twice", position=lambda k: origin + min(k, 3) * spacing[2] * np.eye(3)[2])
+    with pytest.raises(UserError, match="slices 4 and 5 of the series lie at the same place"):
+        read_volume(tmp_path / "twice")
 
 
 SERIES_UIDS = {"abdomen": "1.2.826.0.1.3680043.2.1125.1.501", "chest": "1.2.826.0.1.3680043.2.1125.1.502",
@@ -160,6 +211,21 @@ def test_unreadable_inputs_raise_user_errors(tmp_path, make, message):
     path = make(tmp_path / "input.nii.gz")
     with pytest.raises(UserError, match=message):
         read_volume(path)
+
+
+def test_a_sheared_nifti_is_refused_in_one_line_saying_so(tmp_path, capfd):
+    header = bytearray(gzip.decompress(data_file("abdomen_ct/ct_a.nii.gz").read_bytes()))
+    srow_x = list(struct.unpack("<4f", header[280:296]))
+    srow_x[1] = 1.5  # x moves with j: a sheared grid, given by the sform alone
+    header[280:296] = struct.pack("<4f", *srow_x)
+    header[252:256] = struct.pack("<hh", 0, 1)
+    path = tmp_path / "sheared.nii.gz"
+    path.write_bytes(gzip.compress(bytes(header)))
+    with pytest.raises(UserError) as error:
+        read_volume(path)
+    assert str(error.value) == (f"{path}: its axes are not at right angles (a sheared grid, which ITK cannot hold): "
+                                "resample it onto a grid without shear first")
+    assert capfd.readouterr().err == ""
 
 
 def test_dicom_folder_without_series(tmp_path):

@@ -21,11 +21,15 @@ from .atomic import atomic_output, full_suffix
 from .errors import UserError, message_line
 from .geometry import Grid, resample_onto
 from .labels import Label
+from .slicepositions import place_slices, slice_positions
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 # A whole-body CT spans about 2 m: a header saying more has a wrong voxel spacing (metres taken for millimetres,
 # say), and resampling it to a model's grid would ask for more memory than any machine has
 MAX_EXTENT_MM = 3000.0
+# ITK's warnings are C++ source references on stderr, beside our one-line messages; what they warn of that
+# matters (uneven DICOM slices, a header it cannot use) is checked and said here instead
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
 
 def sampled_series_uids(folder: Path, samples: int = 5) -> set[str]:
@@ -76,10 +80,13 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | 
                  "`segment --data` takes each series as a case")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
+    reader.MetaDataDictionaryArrayUpdateOn()  # each file's position, to place its slice
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise UserError(f"{folder}: cannot read the DICOM series: {message_line(exc, last=True)}") from None
+    positions = slice_positions(reader, image.GetDepth()) if len(files[chosen]) == image.GetDepth() else None
+    return image if positions is None else place_slices(image, positions, str(folder), warn)
 
 
 def _nifti_expected_bytes(header: bytes) -> int | None:
@@ -162,6 +169,9 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
+            if "orthonormal" in str(exc):
+                raise UserError(f"{path}: its axes are not at right angles (a sheared grid, which ITK cannot hold): "
+                                "resample it onto a grid without shear first") from None
             raise UserError(f"{path}: not a readable image: {message_line(exc, last=True)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image); "
