@@ -75,6 +75,20 @@ def test_each_series_of_a_study_in_one_folder_is_segmented_as_a_case(tmp_path):
         assert sitk.ReadImage(str(tmp_path / "out" / f"study_{number}.seg.nrrd")).GetSize() == images[name].GetSize()
 
 
+def test_a_series_missing_a_slice_is_segmented_on_the_even_grid_it_was_cut_from(small_ct, segmented_many, tmp_path):
+    ct = sitk.ReadImage(str(small_ct))
+    _write_dicom_series(ct, tmp_path / "series", skip=(ct.GetDepth() // 2,))
+    result = run_cli("segment", tmp_path / "series", "-o", tmp_path / "labels.nii.gz", "--progress", "quiet",
+                     check_rc=0)
+    assert "slice gaps are uneven" in result.stderr and "ITK" not in result.stderr
+    labels = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
+    assert labels.GetSize() == ct.GetSize()
+    np.testing.assert_allclose(labels.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    whole = sitk.GetArrayFromImage(sitk.ReadImage(str(segmented_many[0] / "small.v2.seg.nrrd")))
+    assert (sitk.GetArrayFromImage(labels) == whole).mean() > 0.98  # as the whole series is segmented
+
+
 def test_one_model_load_progress_per_case_and_a_statistics_table(segmented_many, cases):
     out, events = segmented_many
     assert None not in events
