@@ -53,11 +53,11 @@ def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Cal
     mean_step = along[-1] / (count - 1)
     if mean_step <= 0 or np.abs(along - np.arange(count) * mean_step).max() <= UNEVEN * mean_step:
         return image
-    return _even_grid(image, along, where, warn)
+    return _even_grid(image, along, steps, where, warn)
 
 
-def _even_grid(image: sitk.Image, along: np.ndarray, where: str, warn: Callable[[str], None]) -> sitk.Image:
-    steps = np.diff(along)
+def _even_grid(image: sitk.Image, along: np.ndarray, steps: np.ndarray, where: str,
+               warn: Callable[[str], None]) -> sitk.Image:
     step = float(np.median(steps))
     targets = np.arange(int(round(along[-1] / step)) + 1) * step
     below = np.clip(np.searchsorted(along, targets, side="right") - 1, 0, len(along) - 2)
