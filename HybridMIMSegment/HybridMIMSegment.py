@@ -301,7 +301,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
 
     # --- fine-tuning ----------------------------------------------------------------------
     def onAddTrainingPair(self):
-        volume, segmentation = self.ui.trainVolumeSelector.currentNode(), self.ui.trainSegmentationSelector.currentNode()
+        volume = self.ui.trainVolumeSelector.currentNode()
+        segmentation = self.ui.trainSegmentationSelector.currentNode()
         if volume is None or segmentation is None:
             slicer.util.errorDisplay("Choose a volume and the segmentation you corrected on it.")
             return
@@ -721,7 +722,8 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             os.makedirs(paths["folder"], exist_ok=True)
             labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
             try:
-                slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation, ordered, labelmap, volume)
+                segmentations = slicer.modules.segmentations.logic()
+                segmentations.ExportSegmentsToLabelmapNode(segmentation, ordered, labelmap, volume)
                 self.exportVolume(volume, paths["image"])
                 self.exportVolume(labelmap, paths["label"])
             finally:

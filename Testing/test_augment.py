@@ -10,8 +10,10 @@ from hybridmim.training.augment import RandAxialSlabd, RandLabelIntensityShiftd,
 
 
 def _crop_tensors(abdomen_crop):
-    image = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["image"]))).astype(np.float32))[None]
-    label = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_crop["label"]))).astype(np.int64))[None]
+    def read(path, dtype):
+        return torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(dtype))[None]
+
+    image, label = read(abdomen_crop["image"], np.float32), read(abdomen_crop["label"], np.int64)
     return image, label
 
 

@@ -78,7 +78,8 @@ def test_offline_download_names_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
     sample = {"name": "ct", "title": "t", "file": "ct.nii.gz", "url": (tmp_path / "absent.nii.gz").as_uri(),
               "sha256": "0" * 64}
-    catalog = load_catalog(_catalog_folder(tmp_path, [{"name": "m", "title": "t", "file": "m", "sha256": ""}], [sample]))
+    model = {"name": "m", "title": "t", "file": "m", "sha256": ""}
+    catalog = load_catalog(_catalog_folder(tmp_path, [model], [sample]))
     with pytest.raises(UserError, match="place it at .*samples"):
         resolve_sample("ct", QUIET, catalog)
 

@@ -47,7 +47,8 @@ def test_round_trip_keeps_metadata_and_weights(tmp_path):
 
 def _write_with_metadata(path, document, tensors=None):
     tensors = tensors or {"w": torch.zeros(2)}
-    metadata = None if document is None else {METADATA_KEY: document if isinstance(document, str) else json.dumps(document)}
+    text = document if document is None or isinstance(document, str) else json.dumps(document)
+    metadata = None if text is None else {METADATA_KEY: text}
     save_file(tensors, str(path), metadata=metadata)
 
 

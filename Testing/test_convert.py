@@ -81,7 +81,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
 
 def test_other_files_are_refused_with_one_line(tmp_path, refused):
     unet = tmp_path / "unet.pt"
-    torch.save(build_network({"name": "unet", "in_channels": 1, "out_channels": 1, "features": [4, 8]}).state_dict(), unet)
+    network = build_network({"name": "unet", "in_channels": 1, "out_channels": 1, "features": [4, 8]})
+    torch.save(network.state_dict(), unet)
     refused("convert", unet, "-o", tmp_path / "a.safetensors", message="not an official HybridMIM SwinUNETR checkpoint")
 
     segmentation = tmp_path / "seg.pt"
@@ -94,7 +95,8 @@ def test_other_files_are_refused_with_one_line(tmp_path, refused):
     refused("convert", tmp_path / "partial.pt", "-o", tmp_path / "c.safetensors", message="SwinUNETR weights missing")
 
     (tmp_path / "text.pt").write_text("hello")
-    refused("convert", tmp_path / "text.pt", "-o", tmp_path / "d.safetensors", message="not a readable PyTorch checkpoint")
+    refused("convert", tmp_path / "text.pt", "-o", tmp_path / "d.safetensors",
+            message="not a readable PyTorch checkpoint")
     saved = (tmp_path / "partial.pt").read_bytes()
     damaged = {"empty": b"", "one byte": b"x", "damaged pickle": b"\x80\x05garbage", "truncated": saved[:600]}
     for name, content in damaged.items():

@@ -260,7 +260,8 @@ def test_validation_split_is_seeded_and_disjoint():
 def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
     refused = functools.partial(refused, "finetune")
     out = tmp_path / "m.safetensors"
-    refused("--init", "scratch", "--data", folders["train"], "-o", out, message="name the structures to segment with --labels")
+    refused("--init", "scratch", "--data", folders["train"], "-o", out,
+            message="name the structures to segment with --labels")
     refused("--init", "scratch", "--data", folders["train"], "--val", folders["val"], "--val-fraction", "0.2",
             "--recipe", folders["recipe"], "-o", out, message="either --val or --val-fraction")
     unlabelled = tmp_path / "unlabelled"

@@ -107,7 +107,8 @@ def test_contrastive_term_is_nt_xent_and_zero_for_identical_single_pairs():
         _, single = method(image[:1], valid[:1], mask[:1], (0, 0, 0))
         _, pair = method(image, valid, mask, (0, 0, 0))
         masked = image * (1 - expand_patch_mask(mask, PATCH).float())
-        z = torch.nn.functional.normalize(method.projection(method.region_tokens(method.network.bottleneck(masked)).mean(1)), dim=1)
+        tokens = method.region_tokens(method.network.bottleneck(masked))
+        z = torch.nn.functional.normalize(method.projection(tokens.mean(1)), dim=1)
     assert float(single["contrast"]) == pytest.approx(0.0, abs=1e-6)
     # NT-Xent by hand for identical views a, b of two samples: positives have similarity 1.
     s = float(z[0] @ z[1]) / 0.5

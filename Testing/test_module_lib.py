@@ -320,7 +320,8 @@ def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):
     assert requirement_names(speedup) == ["onnx", "openvino"]
     assert missing_requirements(required) == missing_requirements(speedup) == []  # the development environment
     wanted = tmp_path / "requirements.txt"
-    wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\nno-such-package-xyz==1.0 ; python_version>'3'\n")
+    wanted.write_text("# comment\n--index-url https://example.org\nmonai>=1.3\n"
+                      "no-such-package-xyz==1.0 ; python_version>'3'\n")
     assert missing_requirements(wanted) == ["no-such-package-xyz"]
 
 

@@ -57,7 +57,8 @@ def test_extension_cmake_and_index_entry_agree():
     assert (REPO / screenshot.split("/main/", 1)[1]).is_file(), "screenshot named in CMake is not in the repo"
 
 
-@pytest.mark.parametrize("icon", ["Resources/Icons/HybridMIMSegment.png", "HybridMIMSegment/Resources/Icons/HybridMIMSegment.png"])
+@pytest.mark.parametrize("icon", ["Resources/Icons/HybridMIMSegment.png",
+                                  "HybridMIMSegment/Resources/Icons/HybridMIMSegment.png"])
 def test_icons_are_128_pixel_pngs(icon):
     with Image.open(REPO / icon) as image:
         assert image.format == "PNG" and image.size == (128, 128)
@@ -101,7 +102,8 @@ def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
 
 
 def _python(version: str) -> str | None:
-    candidates = [shutil.which(f"python{version}"), *map(str, Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}"))]
+    pyenv = Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}")
+    candidates = [shutil.which(f"python{version}"), *map(str, pyenv)]
     for candidate in filter(None, candidates):
         if subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
             return candidate

@@ -323,7 +323,8 @@ def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path, monk
         np.savez_compressed(older, **{k: stored[k] for k in stored.files if k != SOURCE_DIGESTS})
     assert prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet")).sources == first.sources
     for a, b in zip(first.volumes, second.volumes):
-        assert a.stored.dtype == np.uint8 and np.array_equal(a.stored, b.stored) and np.array_equal(a.centres, b.centres)
+        assert a.stored.dtype == np.uint8 and np.array_equal(a.stored, b.stored)
+        assert np.array_equal(a.centres, b.centres)
     # 3 mm voxels, RAS, cropped to the body: the abdomen crop (96 × 72 × 56 at 3 mm) is at most that big
     abdomen = next(v for v in first.volumes if v.name == "abdomen")
     assert abdomen.stored.shape[0] == 1 and all(n <= 96 for n in abdomen.stored.shape[1:])
@@ -465,7 +466,8 @@ def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, 
     import torch
 
     recipe = recipe_for(recipe_file)
-    data = prepare_cases(find_cases([scans]), Preprocessing.from_dict(recipe["preprocessing"]), tmp_path, Reporter("quiet"))
+    preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
+    data = prepare_cases(find_cases([scans]), preprocessing, tmp_path, Reporter("quiet"))
     rng = np.random.default_rng(0)
     stored, valid, labels = data.sample_crops(rng, volumes=3, crops_per_volume=2, size=64)
     assert labels is None

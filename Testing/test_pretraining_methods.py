@@ -92,7 +92,7 @@ def test_each_level_is_cut_from_the_region_hidden_above(ct_crop):
     coarse, _, coarse_mask = levels["coarse"]
     middle, _, middle_mask = levels["middle"]
     fine, _, fine_mask = levels["fine"]
-    assert coarse.shape == (1, 1, 32, 32, 32) and middle.shape == (4, 1, 32, 32, 32) and fine.shape == (8, 1, 32, 32, 32)
+    assert (coarse.shape, middle.shape, fine.shape) == ((1, 1, 32, 32, 32), (4, 1, 32, 32, 32), (8, 1, 32, 32, 32))
     assert int(coarse_mask.sum()) == 4 * 8 and int(middle_mask[0].sum()) == math.ceil(0.6 * 64)
     hidden_octants = choices["octants"][0].flatten().nonzero().flatten().tolist()
     for j, octant in enumerate(hidden_octants):
@@ -177,11 +177,14 @@ def test_ranking_loss_by_hand():
     log_sigmoid = lambda v: math.log(1 / (1 + math.exp(-v)))  # noqa: E731
     both = torch.tensor([[True, True]])
     # p = (0, 1), t = (0, 1): σ(1) against 1 for the pair (0, 1), σ(−1) against 0 for (1, 0).
-    assert float(ranking_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]]), both)) == pytest.approx(-log_sigmoid(1))
+    rising = torch.tensor([[0.0, 1.0]])
+    assert float(ranking_loss(rising, rising, both)) == pytest.approx(-log_sigmoid(1))
     # Ties rank nothing above: σ(0) against 0 both ways.
-    assert float(ranking_loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), both)) == pytest.approx(math.log(2))
+    tied = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    assert float(ranking_loss(*tied, both)) == pytest.approx(math.log(2))
     # An unscored token (the third) takes part in no pair; the predictions rank the other two the wrong way.
-    loss = ranking_loss(torch.tensor([[2.0, 0.0, 5.0]]), torch.tensor([[0.0, 1.0, 9.0]]), torch.tensor([[True, True, False]]))
+    scored = torch.tensor([[True, True, False]])
+    loss = ranking_loss(torch.tensor([[2.0, 0.0, 5.0]]), torch.tensor([[0.0, 1.0, 9.0]]), scored)
     assert float(loss) == pytest.approx(-log_sigmoid(-2))
 
 
@@ -308,8 +311,8 @@ def test_finetune_starts_from_the_checkpoint_with_encoder_and_decoder(trained, m
     from hybridmim.training.finetune import load_recipe as finetune_recipe
 
     checkpoint = trained[method]["output"]
-    start = resolve_start(str(checkpoint), finetune_recipe(None), str(Path(__file__).parents[1] / "scripts/labels/sarcoma.json"),
-                          Reporter("quiet"))
+    labels = str(Path(__file__).parents[1] / "scripts/labels/sarcoma.json")
+    start = resolve_start(str(checkpoint), finetune_recipe(None), labels, Reporter("quiet"))
     assert start.init["pretraining"]["method"] == method and start.roi_size == (32, 32, 32)
     network = build_network(start.network)
     summary = transfer_weights(network, start.weights, keep_head=False)
@@ -318,7 +321,8 @@ def test_finetune_starts_from_the_checkpoint_with_encoder_and_decoder(trained, m
     for name in pretrained:
         if not name.startswith("head."):
             assert torch.equal(loaded[name], pretrained[name].float()), name
-    assert {"blocks.0.attn.qkv.weight", "embed.weight", "ups.0.up.deconv.weight", "stem.0.conv.weight"} <= set(pretrained)
+    transferred = {"blocks.0.attn.qkv.weight", "embed.weight", "ups.0.up.deconv.weight", "stem.0.conv.weight"}
+    assert transferred <= set(pretrained)
 
 
 def test_reconstruct_shows_a_token_masked_model(trained, scans, tmp_path):

@@ -263,8 +263,10 @@ def test_out_of_memory_retries_with_the_next_plan_and_says_so():
     plans = [WindowPlan("cpu", "cpu", 4), WindowPlan("cpu", "cpu", 1)]
     from hybridmim.inference import _sliding_window
 
-    result = run_with_fallbacks(plans, lambda p: _sliding_window(faulty, volume, (32, 32, 32), 0.5, p, Reporter("quiet")),
-                                Listening("quiet"))
+    def attempt(plan):
+        return _sliding_window(faulty, volume, (32, 32, 32), 0.5, plan, Reporter("quiet"))
+
+    result = run_with_fallbacks(plans, attempt, Listening("quiet"))
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
     assert len(said) == 1 and "out of GPU memory with 4 window(s)" in said[0] and "retrying with 1 window(s)" in said[0]
     with pytest.raises(torch.cuda.OutOfMemoryError):

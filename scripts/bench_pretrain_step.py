@@ -81,20 +81,23 @@ def run_variant(args) -> dict:
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     decoded = (VARIANTS[args.variant] * method.region_size) ** 3 if args.method == "hybridmim" else None
-    return {"method": args.method, "recompute": args.recompute if args.method == "mim" else None, "backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
+    return {"method": args.method, "recompute": args.recompute if args.method == "mim" else None,
+            "backbone": args.backbone, "variant": args.variant, "network": recipe["network"],
             "crop_size": method.crop_size, "decoded_voxels": decoded, "batch": args.batch,
             "seconds_per_step": float(np.median(times)), "steps_timed": len(times),
             "peak_memory_mib": round(peak / 2**20, 1),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, "
-                                                                                      f"{torch.get_num_threads()} threads"}
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", required=True, help="scans, or a folder prepared by `pretrain --prepare-only`")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="scans, or a folder prepared by `pretrain --prepare-only`")
     parser.add_argument("--cache", default=".cache/bench", help="where scans are prepared")
     parser.add_argument("--backbones", nargs="*", default=["cnn", "swin"], choices=["cnn", "swin"],
-                        help="HybridMIM's backbones, each with a partial and a full decoder (none: the other methods alone)")
+                        help="HybridMIM's backbones, each with a partial and a full decoder "
+                             "(none: the other methods alone)")
     parser.add_argument("--methods", nargs="*", default=list(OTHER_METHODS), choices=OTHER_METHODS,
                         help="the other methods (hybrid network); none: HybridMIM alone")
     parser.add_argument("--batch", type=int, default=2, help="crops per step")
@@ -134,8 +137,8 @@ def main() -> None:
     for backbone in args.backbones:
         by_variant = {r["variant"]: r for r in rows if r["method"] == "hybridmim" and r["backbone"] == backbone}
         report["speed-up"][backbone] = {
-            "time_full_over_partial": round(by_variant["full"]["seconds_per_step"] / by_variant["partial"]["seconds_per_step"], 2),
-            "memory_full_over_partial": round(by_variant["full"]["peak_memory_mib"] / by_variant["partial"]["peak_memory_mib"], 2),
+            f"{name}_full_over_partial": round(by_variant["full"][key] / by_variant["partial"][key], 2)
+            for name, key in (("time", "seconds_per_step"), ("memory", "peak_memory_mib"))
         }
         print(f"{backbone}: partial step {report['speed-up'][backbone]['time_full_over_partial']}x faster, "
               f"{report['speed-up'][backbone]['memory_full_over_partial']}x less memory")

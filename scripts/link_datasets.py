@@ -35,10 +35,11 @@ def layout(data: Path) -> dict[str, dict[str, dict[str, Path]]]:
                                 "label.nii.gz": data / f"sarcoma_ct/STS_{n:03d}/label.nii.gz"} for n in range(1, 46)}
     abdomen = {name: {"image.nii.gz": data / f"abdomen_ct/{name}.nii.gz",
                       "label.nii.gz": data / f"abdomen_ct/{name}_btcv13.nii.gz"} for name in ("ct_a", "ct_b")}
-    brain = {f"pat{n:04d}": {"image_0000.nii.gz": data / f"brain_tumor_mr/brats_2013_pat{n:04d}_1/Flair_subtrMeanDivStd.nii.gz",
-                             "image_0001.nii.gz": data / f"brain_tumor_mr/brats_2013_pat{n:04d}_1/T1c_subtrMeanDivStd.nii.gz",
-                             "label.nii.gz": data / f"brain_tumor_mr/brats_2013_pat{n:04d}_1/OTMultiClass.nii.gz"}
-             for n in (3, 4, 5, 6)}
+    brats = {n: data / f"brain_tumor_mr/brats_2013_pat{n:04d}_1" for n in (3, 4, 5, 6)}
+    brain = {f"pat{n:04d}": {"image_0000.nii.gz": case / "Flair_subtrMeanDivStd.nii.gz",
+                             "image_0001.nii.gz": case / "T1c_subtrMeanDivStd.nii.gz",
+                             "label.nii.gz": case / "OTMultiClass.nii.gz"}
+             for n, case in brats.items()}
     return {
         "sarcoma/train": {k: v for k, v in sarcoma.items() if int(k[4:]) <= 35},
         "sarcoma/val": {k: v for k, v in sarcoma.items() if int(k[4:]) > 35},

@@ -125,7 +125,8 @@ def output_lock(path: str | Path):
         handle = open(lock, "a+")
         if not _try_lock(handle):
             handle.close()
-            raise UserError(f"{path}: another run is writing this output now; wait for it to end or choose another name")
+            raise UserError(f"{path}: another run is writing this output now; "
+                            "wait for it to end or choose another name")
         try:  # the file may have been removed by the previous holder between open and lock: take a fresh one
             if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
                 break

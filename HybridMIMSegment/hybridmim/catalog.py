@@ -97,7 +97,8 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.endswith((".safetensors", ".pt", ".pth")) or Path(spec).exists()
 
 
-def resolve_model(spec: str | None, reporter: Reporter, catalog: Catalog | None = None, pretrained: bool = False) -> Path:
+def resolve_model(spec: str | None, reporter: Reporter, catalog: Catalog | None = None,
+                  pretrained: bool = False) -> Path:
     """A checkpoint file for ``spec``: a path, a catalog name, or None for the default
     segmentation model (``pretrained``: the default pre-trained reconstruction model)."""
     if spec and _looks_like_path(spec):
@@ -115,7 +116,8 @@ def resolve_model(spec: str | None, reporter: Reporter, catalog: Catalog | None 
         if not path.is_file():
             raise UserError(f"bundled model {entry.name!r} is missing ({path}); reinstall the extension")
         if file_sha256(path) != entry.sha256:
-            raise UserError(f"bundled model {entry.name!r} ({path}) does not match the catalog's SHA256; reinstall the extension")
+            raise UserError(f"bundled model {entry.name!r} ({path}) does not match the catalog's SHA256; "
+                            "reinstall the extension")
         return path
     return fetch_verified(entry.url, path, entry.sha256, reporter)
 

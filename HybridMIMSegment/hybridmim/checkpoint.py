@@ -89,7 +89,8 @@ class ModelMeta:
         if d.get("format") != FORMAT:
             raise UserError(f"{source}: not a HybridMIMSegment checkpoint")
         if int(d.get("format_version", 0)) > FORMAT_VERSION:
-            raise UserError(f"{source}: written by a newer HybridMIMSegment (format {d['format_version']}); update the extension")
+            raise UserError(f"{source}: written by a newer HybridMIMSegment (format {d['format_version']}); "
+                            "update the extension")
         task = d.get("task", "segmentation")
         if task not in TASKS:
             raise UserError(f"{source}: unknown task {task!r} (expected one of {', '.join(TASKS)})")
@@ -108,10 +109,12 @@ class ModelMeta:
         if not channels or not all(isinstance(c, dict) and c.get("name") for c in channels):
             raise UserError(f"{source}: 'channels' must list the input channels with their names")
         if network.get("in_channels") != len(channels):
-            raise UserError(f"{source}: network has {network.get('in_channels')} input channels, metadata lists {len(channels)}")
+            raise UserError(f"{source}: network has {network.get('in_channels')} input channels, "
+                            f"metadata lists {len(channels)}")
         expected_outputs = len(labels) + 1 if task == "segmentation" else len(channels)
         if network.get("out_channels") != expected_outputs:
-            what = f"{len(labels)} labels + background" if task == "segmentation" else f"{len(channels)} reconstructed channel(s)"
+            what = (f"{len(labels)} labels + background" if task == "segmentation"
+                    else f"{len(channels)} reconstructed channel(s)")
             raise UserError(f"{source}: network has {network.get('out_channels')} outputs for {what}")
         if len(roi_size) != 3 or min(roi_size) < 1 or not 0 <= overlap < 1:
             raise UserError(f"{source}: bad inference settings {inference}")
@@ -138,7 +141,8 @@ def read_metadata(path: str | Path) -> ModelMeta:
     path = Path(path)
     header = _open_header(path)
     if METADATA_KEY not in header:
-        raise UserError(f"{path}: a safetensors file, but not a HybridMIMSegment checkpoint (no '{METADATA_KEY}' metadata)")
+        raise UserError(f"{path}: a safetensors file, but not a HybridMIMSegment checkpoint "
+                        f"(no '{METADATA_KEY}' metadata)")
     try:
         document = json.loads(header[METADATA_KEY])
     except ValueError:

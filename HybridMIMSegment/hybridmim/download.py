@@ -60,7 +60,8 @@ def fetch_verified(url: str, destination: Path, sha256: str, reporter: Reporter)
                     if total:
                         reporter.progress(done, total)
             if digest.hexdigest() != sha256:
-                raise UserError(f"{url}: downloaded file has SHA256 {digest.hexdigest()}, expected {sha256}; refusing to use it")
+                raise UserError(f"{url}: downloaded file has SHA256 {digest.hexdigest()}, expected {sha256}; "
+                                "refusing to use it")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise UserError(f"cannot download {url} ({reason}); without network, fetch it elsewhere "

@@ -26,7 +26,8 @@ class Grid:
     @classmethod
     def of(cls, image) -> "Grid":
         """The grid of an ``sitk.Image``, or of an ``sitk.ImageFileReader`` that has read a header."""
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
 
     def image(self, array_zyx: np.ndarray) -> sitk.Image:
         """An image on this grid holding ``array_zyx`` (numpy order z, y, x)."""
@@ -77,7 +78,8 @@ def resample_to_spacing(image: sitk.Image, spacing, interpolator, pixel_type=Non
                  zip(size, image.GetSize(), image.GetSpacing(), spacing)]
     if any(overshoot):
         origin = image.GetOrigin()
-        image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], [math.ceil(o / s) for o, s in zip(overshoot, image.GetSpacing())])
+        upper = [math.ceil(o / s) for o, s in zip(overshoot, image.GetSpacing())]
+        image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], upper)
         image.SetOrigin(origin)
     return sitk.Resample(
         image, size, sitk.Transform(), interpolator, image.GetOrigin(), spacing, image.GetDirection(),
@@ -85,7 +87,8 @@ def resample_to_spacing(image: sitk.Image, spacing, interpolator, pixel_type=Non
     )
 
 
-def resample_onto(image: sitk.Image, reference: sitk.Image | Grid, interpolator, default_value: float = 0.0) -> sitk.Image:
+def resample_onto(image: sitk.Image, reference: sitk.Image | Grid, interpolator,
+                  default_value: float = 0.0) -> sitk.Image:
     """``image`` resampled onto the reference's grid, through physical space."""
     grid = reference if isinstance(reference, Grid) else Grid.of(reference)
     return sitk.Resample(

@@ -174,8 +174,8 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
                                 "resample it onto a grid without shear first") from None
             raise UserError(f"{path}: not a readable image: {message_line(exc, last=True)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image); "
-                        "give one scalar volume per input channel")
+        raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel "
+                        "(colour or vector image); give one scalar volume per input channel")
     size = image.GetSize()
     if image.GetDimension() == 4:
         raise UserError(f"{path}: a 4-D image {size}; give one 3-D volume per input channel")

@@ -76,7 +76,8 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
             raise UserError(f"{where}: value {value} appears twice")
         if not isinstance(name, str) or not name.strip():
             raise UserError(f"{where}: 'name' must be a non-empty string")
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
+        channels_ok = isinstance(color, list) and len(color) == 3
+        if not (channels_ok and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
             raise UserError(f"{where}: 'color' must be [r, g, b] with integers 0-255")
         terminology = entry.get("terminology") or {}
         if not isinstance(terminology, dict):

@@ -70,7 +70,8 @@ class Intensity:
         if self.kind == "window":
             # Anchored at the window's lower end so its output (HybridMIM's 0.001 for air) is exact.
             lower, upper = self.window
-            return ((np.clip(array, lower, upper) - lower) * scale + self.output_range[0]).astype(np.float32, copy=False)
+            scaled = (np.clip(array, lower, upper) - lower) * scale + self.output_range[0]
+            return scaled.astype(np.float32, copy=False)
         out = (array * scale + offset).astype(np.float32, copy=False)
         if self.nonzero:
             out[array == 0] = 0.0

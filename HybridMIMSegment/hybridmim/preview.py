@@ -38,7 +38,8 @@ def _display_range(image_zyx: np.ndarray, window) -> tuple[float, float]:
 
 
 def _orthogonal_views(spacing_xyz):
-    """(name, slice taker, aspect (row/column spacing), origin) of the three planes of an LPS-ordered (z, y, x) array."""
+    """(name, slice taker, aspect (row/column spacing), origin) of the three planes of an LPS-ordered
+    (z, y, x) array."""
     sx, sy, sz = spacing_xyz
     return (
         ("axial", lambda a, c: a[c[0]], sy / sx, "upper"),

@@ -28,7 +28,8 @@ def render_label_surfaces(labels_zyx: np.ndarray, spacing_xyz, colors: dict[int,
     from vtkmodules.vtkCommonDataModel import vtkImageData
     from vtkmodules.vtkFiltersCore import vtkPolyDataNormals, vtkWindowedSincPolyDataFilter
     from vtkmodules.vtkFiltersGeneral import vtkDiscreteFlyingEdges3D
-    from vtkmodules.vtkRenderingCore import vtkActor, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow, vtkWindowToImageFilter
+    from vtkmodules.vtkRenderingCore import (vtkActor, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow,
+                                             vtkWindowToImageFilter)
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL render window)
 
     present = [int(v) for v in np.unique(labels_zyx) if v != 0]

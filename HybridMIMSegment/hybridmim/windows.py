@@ -98,7 +98,8 @@ def blend_windows(run, volume: np.ndarray, roi_size, overlap: float, batch: int,
             # the window's part over the volume, and where that lies in the volume
             part = tuple(slice(max(before - s, 0), min(before + n - s, r))
                          for s, r, (before, _), n in zip(start, roi, pads, shape))
-            target = tuple(slice(s + p.start - before, s + p.stop - before) for s, p, (before, _) in zip(start, part, pads))
+            target = tuple(slice(s + p.start - before, s + p.stop - before)
+                           for s, p, (before, _) in zip(start, part, pads))
             output[(slice(None), *target)] += window[(slice(None), *part)]
             weight_sum[target] += weights[part]
         reporter.progress(index + 1, batches)

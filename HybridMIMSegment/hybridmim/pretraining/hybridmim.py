@@ -92,7 +92,8 @@ class HybridMIM(nn.Module):
         """(B, C, ...) bottleneck → (B, 27, C): one token per region, row-major."""
         return patch_means(bottleneck, self.token_pool)
 
-    def forward(self, image: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, block_start) -> tuple[torch.Tensor, dict]:
+    def forward(self, image: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
+                block_start) -> tuple[torch.Tensor, dict]:
         """``image`` (B, C, 96, 96, 96) in (0, 1], zero where ``valid`` (B, 1, ...) is 0 (padding).
 
         Returns (weighted total loss, each unweighted term detached).
@@ -119,7 +120,8 @@ class HybridMIM(nn.Module):
         count_logits = self.count_head(tokens)[usable]
         location_logits = self.location_head(tokens)[usable]
         if count_logits.shape[0]:
-            count_target, location_target = count_target.to(image.device)[usable], location_target.to(image.device)[usable]
+            count_target = count_target.to(image.device)[usable]
+            location_target = location_target.to(image.device)[usable]
             implied_count = (location_logits.detach().sigmoid() > 0.5).sum(-1)
             terms["count"] = F.cross_entropy(count_logits, count_target)
             terms["location"] = F.binary_cross_entropy_with_logits(location_logits, location_target)

@@ -153,7 +153,8 @@ class MiM(nn.Module):
         Returns (weighted total loss, each unweighted term detached).
         """
         terms, decoded = {}, {}
-        for name, (volumes, volume_valid, mask) in self.levels(image, valid, octants, middle, fine_tokens, fine).items():
+        levels = self.levels(image, valid, octants, middle, fine_tokens, fine)
+        for name, (volumes, volume_valid, mask) in levels.items():
             output, decoded[name] = self._pass(volumes, mask)
             losses = token_losses(output, volumes, self.patch_size)
             terms[name] = masked_token_mean(losses, mask, complete_tokens(volume_valid, self.patch_size))

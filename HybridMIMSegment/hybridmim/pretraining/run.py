@@ -21,7 +21,8 @@ def merge_recipes(base: dict, override: dict) -> dict:
     """``override`` on top of ``base``, recursing into objects (a partial recipe changes only what it names)."""
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = merge_recipes(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        both_tables = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = merge_recipes(base[key], value) if both_tables else value
     return merged
 
 

@@ -275,7 +275,8 @@ def _one_step(model, method, data: PreparedData, schedule: Schedule, dist: _Dist
     totals: dict[str, float] = {}
     for micro in range(schedule.accumulate):
         rng, generator = step_generators(schedule.seed, dist.rank, step, micro)
-        stored, valid, _ = data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume, method.crop_size)
+        stored, valid, _ = data.sample_crops(rng, schedule.volumes_per_step, schedule.crops_per_volume,
+                                             method.crop_size)
         valid = torch.from_numpy(valid).to(dist.device, non_blocking=True)
         image = data.to_model(torch.from_numpy(stored).to(dist.device, non_blocking=True), valid)
         choices = method.sample(image.shape[0], generator, progress=(step + 1) / schedule.steps)
@@ -324,7 +325,8 @@ def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step
             "recipe": recipe,
             "data": data.sources,
             "steps": step,
-            "crops_seen": step * schedule.accumulate * schedule.volumes_per_step * schedule.crops_per_volume * dist.world,
+            "crops_seen": (step * schedule.accumulate * schedule.volumes_per_step * schedule.crops_per_volume
+                           * dist.world),
             "train_seconds": round(elapsed, 1),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "software": {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()},

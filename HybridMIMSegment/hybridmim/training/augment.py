@@ -99,7 +99,8 @@ def crop_augmentations(roi_size, organ_contrast: bool = False, axial_slabs: bool
     """
     keys = ("image", "label")
     roi_size = tuple(int(r) for r in roi_size)
-    contrast = [RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35))] if organ_contrast else []
+    shift = RandLabelIntensityShiftd("image", "label", prob=0.5, shift_range=(-0.05, 0.35))
+    contrast = [shift] if organ_contrast else []
     # Slabs last: the blanked slices stay exact zeros, as the padding of a thin scan is at inference.
     slabs = [RandAxialSlabd(keys, prob=0.4, min_slices=max(4, roi_size[0] // 8), max_slices=roi_size[0] // 2)
              ] if axial_slabs else []

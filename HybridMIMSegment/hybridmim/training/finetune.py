@@ -448,8 +448,8 @@ def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val
         entry["dice"] = scores["dice"]
         reporter.stage("fine-tune")
     run["history"].append(entry)
-    reporter.metric(**entry, **({"dice_per_label": {start.labels[c - 1].name: v for c, v in scores["per_class"].items()}}
-                                if scores else {}))
+    per_label = {start.labels[c - 1].name: v for c, v in scores["per_class"].items()} if scores else None
+    reporter.metric(**entry, **({"dice_per_label": per_label} if scores else {}))
     if scores is not None and scores["dice"] > run["best"]:
         run["best"], run["best_epoch"] = scores["dice"], epoch
         run["best_scores"] = {start.labels[c - 1].name: round(v, 4) for c, v in scores["per_class"].items()}
