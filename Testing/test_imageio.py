@@ -140,19 +140,37 @@ def test_a_series_missing_a_slice_is_put_back_on_an_even_grid_with_the_gap_inter
                         f"{ct.GetDepth() - 1}), the grid the label map is written on"]
 
 
-def test_a_tilted_series_is_named_and_one_with_two_slices_in_one_place_refused(tmp_path):
+@pytest.mark.parametrize("skip", [(), (30,)])
+def test_a_tilted_series_is_shifted_back_onto_an_untilted_grid(tmp_path, capfd, skip):
     ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
     origin, spacing = np.array(ct.GetOrigin()), ct.GetSpacing()
-    # Each slice 0.3 of its spacing further along y than the one before: a gantry tilted by atan(0.3), 17°
-    _write_dicom_series(ct, tmp_path / "tilted",
-                        position=lambda k: origin + k * spacing[2] * np.array([0.0, 0.3, 1.0]))
+    # Each slice 0.3 of its spacing further along y than the one before: a gantry tilted by atan(0.3), 17°;
+    # ITK alone stacks them 3.13 mm apart (the distance between slices, not along their normal), unshifted.
+    where = tmp_path / "tilted"
+    _write_dicom_series(ct, where, skip=skip, position=lambda k: origin + k * spacing[2] * np.array([0.0, 0.3, 1.0]))
     warnings = []
-    back = read_volume(tmp_path / "tilted", warnings.append)
-    assert back.GetSize() == ct.GetSize()
-    drift = 0.3 * spacing[2] * (ct.GetDepth() - 1)
-    assert warnings == [f"{tmp_path / 'tilted'}: the slices shift sideways along the series (a tilted gantry, about "
-                        f"17°); read as if untilted, so outlines may be off by up to {drift:.1f} mm at the series' "
-                        "far end"]
+    back = read_volume(where, warnings.append)
+    drift = 0.3 * spacing[2] * (ct.GetDepth() - 1)  # 49.5 mm: 16.5 rows, so 17 more on a grid kept on slice 0's
+    assert warnings[0] == (f"{where}: the slices shift sideways along the series (a tilted gantry, about 17°, "
+                           f"{drift:.1f} mm at its far end); resampled onto an untilted grid (96 x 89 voxels a "
+                           "slice), the grid the label map is written on")
+    assert len(warnings) == 1 + len(skip) and capfd.readouterr().err == ""
+    assert back.GetSize() == (ct.GetWidth(), 89, ct.GetDepth())
+    np.testing.assert_allclose(back.GetSpacing(), spacing, atol=1e-6)
+    assert back.GetDirection() == ct.GetDirection()
+    # Slices shifted by whole rows (every tenth, but a missing one) hold the scan's voxels unchanged, each at its
+    # true place.
+    voxels, written = sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(ct)
+    for k in sorted(set(range(0, ct.GetDepth(), 10)) - set(skip)):
+        place = origin + k * spacing[2] * np.array([0.0, 0.3, 1.0])
+        x, y, z = back.TransformPhysicalPointToIndex(place.tolist())
+        assert (x, z) == (0, k)
+        np.testing.assert_array_equal(voxels[z, y:y + ct.GetHeight(), :], written[k])
+
+
+def test_a_series_with_two_slices_in_one_place_is_refused(tmp_path):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    origin, spacing = np.array(ct.GetOrigin()), ct.GetSpacing()
     _write_dicom_series(ct, tmp_path / "twice", position=lambda k: origin + min(k, 3) * spacing[2] * np.eye(3)[2])
     with pytest.raises(UserError, match="slices 4 and 5 of the series lie at the same place"):
         read_volume(tmp_path / "twice")

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from conftest import run_cli
 from hybridmim.batch import segment_cases
 from hybridmim.errors import UserError
+from hybridmim.imageio import read_volume
 from hybridmim.progress import parse_event
 from test_imageio import _write_dicom_series
 
@@ -87,6 +88,21 @@ def test_a_series_missing_a_slice_is_segmented_on_the_even_grid_it_was_cut_from(
     np.testing.assert_allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-3)
     whole = sitk.GetArrayFromImage(sitk.ReadImage(str(segmented_many[0] / "small.v2.seg.nrrd")))
     assert (sitk.GetArrayFromImage(labels) == whole).mean() > 0.98  # as the whole series is segmented
+
+
+def test_a_tilted_series_is_segmented_on_the_untilted_grid_its_slices_were_shifted_onto(small_ct, tmp_path):
+    ct = sitk.ReadImage(str(small_ct))
+    origin, step = np.array(ct.GetOrigin()), ct.GetSpacing()[2]
+    _write_dicom_series(ct, tmp_path / "series", position=lambda k: origin + k * step * np.array([0.1, 0.0, 1.0]))
+    result = run_cli("segment", tmp_path / "series", "-o", tmp_path / "labels.nii.gz", "--progress", "quiet",
+                     check_rc=0)
+    assert "a tilted gantry" in result.stderr and "ITK" not in result.stderr
+    labels, series = sitk.ReadImage(str(tmp_path / "labels.nii.gz")), read_volume(tmp_path / "series")
+    # the last slice lies 9.3 mm aside (3.1 columns): 4 columns more; slices 3 mm apart (ITK alone: 3.015)
+    assert labels.GetSize() == series.GetSize() == (ct.GetWidth() + 4, ct.GetHeight(), ct.GetDepth())
+    np.testing.assert_allclose(labels.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetOrigin(), series.GetOrigin(), atol=1e-3)
+    assert sitk.GetArrayViewFromImage(labels).any()
 
 
 def test_one_model_load_progress_per_case_and_a_statistics_table(segmented_many, cases):

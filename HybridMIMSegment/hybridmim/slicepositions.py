@@ -1,8 +1,9 @@
 """A DICOM series' slices where they really are. ITK stacks a series' files at the mean slice spacing and only
 warns (on stderr) when the gaps differ, so one missing slice silently shifts every slice after it. Here each
 file's Image Position (Patient) is checked: uneven gaps are resampled onto an even grid (linear between the
-two nearest slices, the spacing of the usual gap), and a sideways drift of the slices (a tilted gantry), which
-an image grid cannot hold, is named."""
+two nearest slices, the spacing of the usual gap), and slices that drift sideways (a tilted gantry: a sheared
+grid, which an ITK image cannot hold; ITK also stretches the slice spacing by the drift) are shifted back onto
+an untilted grid, as Slicer's DICOM reader does when it regularises a series."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def slice_positions(reader: sitk.ImageSeriesReader, count: int) -> np.ndarray | 
 
 
 def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Callable[[str], None]) -> sitk.Image:
-    """``image`` (ITK's stacking of a series) with its slices at ``positions``: unchanged when the gaps are even,
-    else resampled onto an even grid, with a warning either way something was off."""
+    """``image`` (ITK's stacking of a series) with its slices at ``positions``: shifted back within their
+    planes where they drift sideways, resampled onto an even grid where the gaps are uneven, with a warning
+    for each; unchanged otherwise, or when ITK stacked them against their normal (left to ITK)."""
     count = image.GetDepth()
     if count < 3:
         return image
@@ -45,15 +47,45 @@ def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Cal
         first = int(np.argmin(np.abs(steps)))
         raise UserError(f"{where}: slices {first + 1} and {first + 2} of the series lie at the same place "
                         f"({along[first]:.1f} mm): duplicate files, or two scans under one series UID")
-    sideways = np.abs(offsets @ axes[:, :2]).max()
-    if sideways > 0.5 * min(image.GetSpacing()[:2]):
-        tilt = np.degrees(np.arctan2(sideways, abs(along[-1])))
-        warn(f"{where}: the slices shift sideways along the series (a tilted gantry, about {tilt:.0f}°); read as if "
-             f"untilted, so outlines may be off by up to {sideways:.1f} mm at the series' far end")
     mean_step = along[-1] / (count - 1)
-    if mean_step <= 0 or np.abs(along - np.arange(count) * mean_step).max() <= UNEVEN * mean_step:
+    if mean_step <= 0:
+        return image
+    lateral = offsets @ axes[:, :2]  # each slice's offset within the plane, along the rows and the columns
+    sideways = np.linalg.norm(lateral, axis=1).max()
+    if sideways > 0.5 * min(image.GetSpacing()[:2]):
+        image = _untilt(image, lateral, mean_step)
+        tilt = np.degrees(np.arctan2(sideways, along[-1]))
+        warn(f"{where}: the slices shift sideways along the series (a tilted gantry, about {tilt:.0f}°, "
+             f"{sideways:.1f} mm at its far end); resampled onto an untilted grid "
+             f"({image.GetWidth()} x {image.GetHeight()} voxels a slice), the grid the label map is written on")
+    if np.abs(along - np.arange(count) * mean_step).max() <= UNEVEN * mean_step:
         return image
     return _even_grid(image, along, steps, where, warn)
+
+
+def _untilt(image: sitk.Image, lateral: np.ndarray, step: float) -> sitk.Image:
+    """``image`` with each slice k shifted within its plane by ``lateral[k]`` (mm along the rows and the
+    columns), onto a grid wide enough for every slice, its slices ``step`` mm apart along their normal."""
+    spacing = np.array(image.GetSpacing()[:2])
+    # whole voxels from the first slice, whose voxels then keep their places
+    low = np.floor(lateral.min(axis=0) / spacing + 1e-6) * spacing
+    size = np.array(image.GetSize()[:2]) + np.ceil((lateral.max(axis=0) - low) / spacing - 1e-6).astype(int)
+    voxels = sitk.GetArrayViewFromImage(image)
+    fill = float(voxels.min())  # beyond what a slice covered: the scan's own padding value
+    shifted = np.empty((len(voxels), size[1], size[0]), voxels.dtype)
+    for k, offset in enumerate(lateral):  # a slice at a time: no float copy of the whole scan
+        plane = sitk.GetImageFromArray(voxels[k].astype(np.float32))
+        plane.SetSpacing(spacing.tolist())
+        plane.SetOrigin(offset.tolist())
+        moved = sitk.GetArrayFromImage(sitk.Resample(plane, size.tolist(), sitk.Transform(), sitk.sitkLinear,
+                                                     low.tolist(), spacing.tolist(), (1, 0, 0, 1), fill))
+        shifted[k] = np.rint(moved) if np.issubdtype(voxels.dtype, np.integer) else moved
+    result = sitk.GetImageFromArray(shifted)
+    axes = np.array(image.GetDirection()).reshape(3, 3)
+    result.SetSpacing(tuple(spacing) + (step,))
+    result.SetOrigin(tuple(np.array(image.GetOrigin()) + axes[:, :2] @ low))
+    result.SetDirection(image.GetDirection())
+    return result
 
 
 def _even_grid(image: sitk.Image, along: np.ndarray, steps: np.ndarray, where: str,
