@@ -254,6 +254,17 @@ def test_unsupported_output_type_is_refused_before_work(tmp_path):
     assert result.returncode == 2 and "unsupported output type" in result.stderr
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from hybridmim.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"{name} {action.option_strings[-1]}" for name, command in commands.items()
+              for action in command._actions if action.option_strings and not action.help]
+    assert len(commands) == 10 and silent == []
+
+
 def test_info_and_models_describe_the_default_model():
     info = run_cli("info", DEFAULT_MODEL, check_rc=0).stdout
     assert "spleen" in info and "78961009" in info and "window -200..300" in info

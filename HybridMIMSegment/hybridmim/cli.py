@@ -26,6 +26,12 @@ def _add_progress(parser: argparse.ArgumentParser) -> None:
                         help="json: machine-readable progress lines on stdout (see docs/PROGRESS.md)")
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto (default): the GPU when torch sees one, else the CPU; cuda without a GPU "
+                             "runs on the CPU and says so")
+
+
 def _add_training_run_options(parser: argparse.ArgumentParser, prepare_only_help: str) -> None:
     """The options pre-training and fine-tuning share: resume, overwrite, the prepared-data cache, device."""
     parser.add_argument("--resume", action="store_true", help="continue the run that wrote -o from its resume state")
@@ -35,7 +41,7 @@ def _add_training_run_options(parser: argparse.ArgumentParser, prepare_only_help
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
                         help="case names in --data to leave out (held-out cases, or to train on a subset)")
     parser.add_argument("--prepare-only", action="store_true", help=prepare_only_help)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(parser)
     _add_progress(parser)
 
 
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="label map to write: .seg.nrrd (named segments for Slicer), .nii.gz, .nrrd or .mha; with "
                           "--data, the folder for one label map per case and statistics.csv")
     seg.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
-    seg.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(seg)
     seg.add_argument("--preview", metavar="PNG",
                      help="also write a QA preview: slices through each segment and a 3-D rendering")
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -221,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--mask-ratio", type=float,
                      help="share of patches masked (default: the model's pre-training ratio)")
     rec.add_argument("--seed", type=int, default=0, help="which patches are masked (same seed, same mask)")
-    rec.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(rec)
     rec.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_progress(rec)
     rec.set_defaults(handler=_cmd_reconstruct)
@@ -276,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "folders")
     ev.add_argument("-o", "--output", metavar="REPORT", help="JSON report to write; the CSV goes beside it")
     ev.add_argument("--overlays", metavar="DIR", help="also write one PNG per case: reference vs model outlines")
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(ev)
     ev.add_argument("--overwrite", action="store_true", help="replace existing report and overlay files")
     _add_progress(ev)
     ev.set_defaults(handler=_cmd_evaluate)
@@ -295,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_cmd_info)
 
     models = commands.add_parser("models", help="list the catalog's models")
-    models.add_argument("--json", action="store_true")
+    models.add_argument("--json", action="store_true", help="print the catalog's entries as JSON")
     _add_progress(models)
     models.set_defaults(handler=_cmd_models)
 
