@@ -168,6 +168,29 @@ def test_a_tilted_series_is_shifted_back_onto_an_untilted_grid(tmp_path, capfd, 
         np.testing.assert_array_equal(voxels[z, y:y + ct.GetHeight(), :], written[k])
 
 
+@pytest.mark.parametrize("same_size", [False, True])
+def test_a_localiser_filed_under_the_series_uid_is_left_out_with_a_warning(tmp_path, capfd, same_size):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.424242"
+    _write_dicom_series(ct, tmp_path / "series", series_uid)
+    # A sagittal localiser (72 x 56) fails ITK's stacking; a coronal one of the axial slices' size (96 x 72)
+    # stacks, at the wrong place and orientation.
+    array = sitk.GetArrayFromImage(ct)
+    plane = array[10] if same_size else array[:, :, 48]
+    localiser = sitk.GetImageFromArray(plane.astype(np.int16)[None])
+    localiser.SetDirection((1, 0, 0, 0, 0, -1, 0, 1, 0) if same_size else (0, 0, 1, 1, 0, 0, 0, -1, 0))
+    localiser.SetOrigin(ct.TransformIndexToPhysicalPoint((0, 36, 0)))
+    _write_dicom_series(localiser, tmp_path / "series", series_uid, prefix="localiser")
+    warnings = []
+    back = read_volume(tmp_path / "series", warnings.append)
+    assert_same_grid(back, ct, 1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+    assert warnings == [f"{tmp_path / 'series'}: 1 of the series' {ct.GetDepth() + 1} files left out, of another "
+                        f"image size or orientation than the other {ct.GetDepth()} or unreadable (a localiser or a "
+                        "reformat filed under the series?)"]
+    assert capfd.readouterr().err == ""
+
+
 def test_a_series_with_two_slices_in_one_place_is_refused(tmp_path):
     ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
     origin, spacing = np.array(ct.GetOrigin()), ct.GetSpacing()

@@ -21,7 +21,7 @@ from .atomic import atomic_output, full_suffix
 from .errors import UserError, message_line
 from .geometry import Grid, resample_onto
 from .labels import Label
-from .slicepositions import place_slices, slice_positions
+from .slicepositions import files_of_main_geometry, one_orientation, place_slices, slice_positions
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 # A whole-body CT spans about 2 m: a header saying more has a wrong voxel spacing (metres taken for millimetres,
@@ -78,14 +78,37 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | 
         if len(files) > 1:
             warn(f"{folder} holds {len(files)} DICOM series; using the largest ({len(files[chosen])} files, {chosen}); "
                  "`segment --data` takes each series as a case")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files[chosen])
-    reader.MetaDataDictionaryArrayUpdateOn()  # each file's position, to place its slice
+    names = files[chosen]
     try:
-        image = reader.Execute()
+        reader, image = _read_series_files(names, folder)
+        if one_orientation(reader, len(names)):
+            return _placed(reader, image, len(names), folder, warn)
+        failure = None
+    except UserError as error:
+        failure = error
+    kept = files_of_main_geometry(names)
+    if len(kept) == len(names) or len(kept) < 2:  # nothing to leave out, or nothing left to read
+        if failure is not None:
+            raise failure
+        return _placed(reader, image, len(names), folder, warn)
+    warn(f"{folder}: {len(names) - len(kept)} of the series' {len(names)} files left out, of another image size or "
+         f"orientation than the other {len(kept)} or unreadable (a localiser or a reformat filed under the series?)")
+    reader, image = _read_series_files(kept, folder)
+    return _placed(reader, image, len(kept), folder, warn)
+
+
+def _read_series_files(names, folder: Path) -> tuple[sitk.ImageSeriesReader, sitk.Image]:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each file's position and orientation, to place its slice
+    try:
+        return reader, reader.Execute()
     except RuntimeError as exc:
         raise UserError(f"{folder}: cannot read the DICOM series: {message_line(exc, last=True)}") from None
-    positions = slice_positions(reader, image.GetDepth()) if len(files[chosen]) == image.GetDepth() else None
+
+
+def _placed(reader, image: sitk.Image, files: int, folder: Path, warn: Callable[[str], None]) -> sitk.Image:
+    positions = slice_positions(reader, image.GetDepth()) if files == image.GetDepth() else None
     return image if positions is None else place_slices(image, positions, str(folder), warn)
 
 

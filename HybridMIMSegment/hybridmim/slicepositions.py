@@ -16,6 +16,7 @@ from .errors import UserError
 
 UNEVEN = 0.1  # a slice further than this share of the mean spacing from its even place makes the gaps uneven
 SAME_PLACE_MM = 0.01
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines closer than this are one orientation
 
 
 def slice_positions(reader: sitk.ImageSeriesReader, count: int) -> np.ndarray | None:
@@ -30,6 +31,38 @@ def slice_positions(reader: sitk.ImageSeriesReader, count: int) -> np.ndarray | 
         except ValueError:
             return None
     return np.array(positions) if all(len(p) == 3 for p in positions) else None
+
+
+def one_orientation(reader: sitk.ImageSeriesReader, count: int) -> bool:
+    """Whether every slice read by ``reader`` (metadata dictionaries kept) states the same Image Orientation
+    (Patient); True where a file does not state it (nothing to tell them apart by)."""
+    orientations = []
+    for index in range(count):
+        if not reader.HasMetaDataKey(index, "0020|0037"):
+            return True
+        try:
+            orientations.append([float(v) for v in reader.GetMetaData(index, "0020|0037").split("\\")])
+        except ValueError:
+            return True
+    return all(len(o) == len(orientations[0]) and np.allclose(o, orientations[0], atol=ORIENTATION_TOLERANCE)
+               for o in orientations)
+
+
+def files_of_main_geometry(files) -> list[str]:
+    """The files of a series that share the most common image size and orientation, in their order: what is
+    left out (a localiser or a reformat filed under the series' UID, or a file that cannot be read) ITK cannot
+    stack with the rest."""
+    groups: dict[tuple, list[str]] = {}
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue
+        direction = tuple(round(v / ORIENTATION_TOLERANCE) for v in reader.GetDirection())
+        groups.setdefault((reader.GetSize()[:2], direction), []).append(name)
+    return max(groups.values(), key=len, default=[])
 
 
 def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Callable[[str], None]) -> sitk.Image:
