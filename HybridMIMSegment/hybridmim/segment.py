@@ -36,7 +36,7 @@ def labelmap_provenance(checkpoint) -> dict[str, str]:
 def _label_totals(labels_flat: np.ndarray, bins: int, weights=()) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per label value from 1 to ``bins`` - 1: its voxel count, and for each array of ``weights`` (one value a
     voxel) their sum over its voxels. Background is left out: it is most of a scan, and counting only the
-    labelled voxels is 5 times faster (a 512 x 512 x 400 CT: 0.34 s against 1.7 s)."""
+    labelled voxels is 3 to 5 times faster (a 512 x 512 x 400 CT: 0.4 s against 1.2 to 1.7 s)."""
     slab = 1 << 24  # in slabs: bincount widens its input (and weights) to 8 bytes a voxel first
     counts, sums = np.zeros(bins), [np.zeros(bins) for _ in weights]
     for i in range(0, labels_flat.size, slab):
