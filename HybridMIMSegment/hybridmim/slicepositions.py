@@ -19,33 +19,31 @@ SAME_PLACE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines closer than this are one orientation
 
 
+def _per_file(reader: sitk.ImageSeriesReader, count: int, tag: str, length: int) -> np.ndarray | None:
+    """The ``length`` numbers of DICOM ``tag`` in each of the ``count`` files read by ``reader`` (metadata
+    dictionaries kept); None when a file lacks the tag or holds something else."""
+    values = []
+    for index in range(count):
+        if not reader.HasMetaDataKey(index, tag):
+            return None
+        try:
+            values.append([float(v) for v in reader.GetMetaData(index, tag).split("\\")])
+        except ValueError:
+            return None
+    return np.array(values) if all(len(v) == length for v in values) else None
+
+
 def slice_positions(reader: sitk.ImageSeriesReader, count: int) -> np.ndarray | None:
     """Each slice's Image Position (Patient) in mm, from a reader run with its metadata dictionaries kept; None
     when a file lacks it (ITK's stacking is then all there is to go on)."""
-    positions = []
-    for index in range(count):
-        if not reader.HasMetaDataKey(index, "0020|0032"):
-            return None
-        try:
-            positions.append([float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")])
-        except ValueError:
-            return None
-    return np.array(positions) if all(len(p) == 3 for p in positions) else None
+    return _per_file(reader, count, "0020|0032", 3)
 
 
 def one_orientation(reader: sitk.ImageSeriesReader, count: int) -> bool:
     """Whether every slice read by ``reader`` (metadata dictionaries kept) states the same Image Orientation
     (Patient); True where a file does not state it (nothing to tell them apart by)."""
-    orientations = []
-    for index in range(count):
-        if not reader.HasMetaDataKey(index, "0020|0037"):
-            return True
-        try:
-            orientations.append([float(v) for v in reader.GetMetaData(index, "0020|0037").split("\\")])
-        except ValueError:
-            return True
-    return all(len(o) == len(orientations[0]) and np.allclose(o, orientations[0], atol=ORIENTATION_TOLERANCE)
-               for o in orientations)
+    orientations = _per_file(reader, count, "0020|0037", 6)
+    return orientations is None or bool(np.abs(orientations - orientations[0]).max() <= ORIENTATION_TOLERANCE)
 
 
 def files_of_main_geometry(files) -> list[str]:
