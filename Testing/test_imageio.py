@@ -168,6 +168,20 @@ def test_a_tilted_series_is_shifted_back_onto_an_untilted_grid(tmp_path, capfd, 
         np.testing.assert_array_equal(voxels[z, y:y + ct.GetHeight(), :], written[k])
 
 
+def test_one_slice_placed_sideways_is_not_taken_for_a_tilt(tmp_path):
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    origin, spacing = np.array(ct.GetOrigin()), ct.GetSpacing()
+    # slice 20's position 20 mm off to the side: no steady drift, so nothing to shift back
+    _write_dicom_series(ct, tmp_path / "odd", position=lambda k: origin + k * spacing[2] * np.eye(3)[2]
+                        + (k == 20) * np.array([20.0, 0.0, 0.0]))
+    warnings = []
+    back = read_volume(tmp_path / "odd", warnings.append)
+    assert_same_grid(back, ct, 1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct))
+    assert len(warnings) == 1 and "lie sideways of each other irregularly (up to 19.9 mm off" in warnings[0]
+    assert warnings[0].endswith("read as if in line, so outlines may be off by up to 20.0 mm")
+
+
 @pytest.mark.parametrize("same_size", [False, True])
 def test_a_localiser_filed_under_the_series_uid_is_left_out_with_a_warning(tmp_path, capfd, same_size):
     ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))

@@ -3,7 +3,8 @@ warns (on stderr) when the gaps differ, so one missing slice silently shifts eve
 file's Image Position (Patient) is checked: uneven gaps are resampled onto an even grid (linear between the
 two nearest slices, the spacing of the usual gap), and slices that drift sideways (a tilted gantry: a sheared
 grid, which an ITK image cannot hold; ITK also stretches the slice spacing by the drift) are shifted back onto
-an untilted grid, as Slicer's DICOM reader does when it regularises a series."""
+an untilted grid, as Slicer's DICOM reader does when it regularises a series; slices off to the side without
+such a steady drift (inconsistent positions) are only warned of."""
 
 from __future__ import annotations
 
@@ -83,12 +84,20 @@ def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Cal
         return image
     lateral = offsets @ axes[:, :2]  # each slice's offset within the plane, along the rows and the columns
     sideways = np.linalg.norm(lateral, axis=1).max()
-    if sideways > 0.5 * min(image.GetSpacing()[:2]):
-        image = _untilt(image, lateral, mean_step)
-        tilt = np.degrees(np.arctan2(sideways, along[-1]))
-        warn(f"{where}: the slices shift sideways along the series (a tilted gantry, about {tilt:.0f}°, "
-             f"{sideways:.1f} mm at its far end); resampled onto an untilted grid "
-             f"({image.GetWidth()} x {image.GetHeight()} voxels a slice), the grid the label map is written on")
+    half_pixel = 0.5 * min(image.GetSpacing()[:2])
+    if sideways > half_pixel:
+        drift = along @ lateral / (along @ along)  # mm sideways per mm along the normal: a tilt's steady drift
+        off_line = np.linalg.norm(lateral - np.outer(along, drift), axis=1).max()
+        if off_line > half_pixel:
+            warn(f"{where}: the slices lie sideways of each other irregularly (up to {off_line:.1f} mm off a tilted "
+                 f"gantry's steady drift: inconsistent positions?); read as if in line, so outlines may be off by "
+                 f"up to {sideways:.1f} mm")
+        else:
+            image = _untilt(image, lateral, mean_step)
+            warn(f"{where}: the slices shift sideways along the series (a tilted gantry, about "
+                 f"{np.degrees(np.arctan(np.linalg.norm(drift))):.0f}°, {sideways:.1f} mm at its far end); resampled "
+                 f"onto an untilted grid ({image.GetWidth()} x {image.GetHeight()} voxels a slice), the grid the "
+                 "label map is written on")
     if np.abs(along - np.arange(count) * mean_step).max() <= UNEVEN * mean_step:
         return image
     return _even_grid(image, along, steps, where, warn)
