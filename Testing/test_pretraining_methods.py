@@ -393,6 +393,37 @@ def test_a_model_finetuned_from_selfmedhpm_trains_and_segments(trained, tmp_path
     assert set(np.unique(sitk.GetArrayViewFromImage(result))) <= {0, 1}
 
 
+def test_self_pre_training_reads_the_fine_tuning_tasks_prepared_training_cases(tmp_path):
+    """The GPU plan's self pre-training (scripts/device_methods.sh) starts from the sarcoma folder prepared for
+    fine-tuning: same pre-processing as the self pre-training recipes, labels carried but unused."""
+    from hybridmim.checkpoint import read_metadata
+    from hybridmim.training.finetune import load_recipe as finetune_recipe
+
+    sarcoma_recipe = finetune_recipe(str(REPO / "scripts/recipes/finetune-sarcoma-ct.json"))
+    shipped_start = resolve_start("ct-hybridmim-cnn", sarcoma_recipe, None, Reporter("quiet"))
+    for method in ("mim", "hpm"):
+        recipe = load_recipe(None, None, str(REPO / f"scripts/recipes/self-pretrain-{method}-sarcoma.json"))
+        assert Preprocessing.from_dict(recipe["preprocessing"]) == shipped_start.preprocessing, method
+
+    for number in (1, 2):
+        (tmp_path / "train").mkdir(exist_ok=True)
+        (tmp_path / "train" / f"STS_{number:03d}").symlink_to(data_file(f"sarcoma_ct/STS_{number:03d}"))
+    pretrain_recipe = {"method": "hpm", **tiny_recipe("hpm", steps=2, checkpoint_every=2)}
+    (tmp_path / "hpm.json").write_text(json.dumps(pretrain_recipe), encoding="utf-8")
+    (tmp_path / "finetune.json").write_text(json.dumps({
+        "labels": [{"value": 1, "name": "soft-tissue sarcoma", "color": [230, 60, 60]}],
+        "scratch": {"preprocessing": pretrain_recipe["preprocessing"]}}), encoding="utf-8")
+    cache = tmp_path / "sarcoma-train"
+    run_cli("finetune", "--init", "scratch", "--recipe", tmp_path / "finetune.json", "--data", tmp_path / "train",
+            "--cache", cache, "--prepare-only", check_rc=0)
+    output = tmp_path / "sts-hpm.safetensors"
+    run_cli("pretrain", "--recipe", tmp_path / "hpm.json", "--data", cache, "-o", output, "--device", "cpu",
+            check_rc=0)
+    meta = read_metadata(output)
+    assert meta.task == "reconstruction" and meta.method == "hpm" and meta.provenance["steps"] == 2
+    assert sorted(d["name"] for d in meta.provenance["data"]) == ["STS_001", "STS_002"]
+
+
 def test_two_process_gloo_run_of_selfmedhpm_completes(prepared, tmp_path):
     recipe = tmp_path / "hpm.json"
     recipe.write_text(json.dumps({"method": "hpm", **TINY["hpm"]}), encoding="utf-8")
