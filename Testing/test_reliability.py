@@ -19,6 +19,7 @@ from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of
 from hybridmim.atomic import output_lock
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
+from hybridmim.imageio import read_volume
 from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, window_plans
 from hybridmim.memory import BASE_BYTES, GIB, ScanHeader, segment_bytes, window_bytes
 from hybridmim.networks import build_network
@@ -34,9 +35,10 @@ def one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
-@pytest.fixture(scope="module")
-def nan_ct(small_ct, tmp_path_factory):
-    """A small CT as float32 with a NaN slab, a few +Inf and a few -Inf voxels."""
+@pytest.fixture(scope="module", params=[".nrrd", ".nii.gz", ".nii", "uncompressed .nii.gz"])
+def nan_ct(small_ct, tmp_path_factory, request):
+    """A small CT as float32 with a NaN slab, a few +Inf and a few -Inf voxels (ITK's NIfTI reader, before ITK 6,
+    reads them as 0), and the array written. ITK also reads an uncompressed NIfTI named .nii.gz."""
     image = sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(image)
     array[:3] = np.nan
@@ -44,39 +46,54 @@ def nan_ct(small_ct, tmp_path_factory):
     array[20, 20, :5] = -np.inf
     poisoned = sitk.GetImageFromArray(array)
     poisoned.CopyInformation(image)
-    path = tmp_path_factory.mktemp("nan") / "nan.nrrd"
-    sitk.WriteImage(poisoned, str(path))
-    return path
+    path = tmp_path_factory.mktemp("nan") / f"nan{request.param.split()[-1]}"
+    sitk.WriteImage(poisoned, str(path.with_suffix("") if request.param.startswith("uncompressed") else path))
+    if request.param.startswith("uncompressed"):
+        path.with_suffix("").rename(path)
+    return path, array
 
 
 def test_non_finite_voxels_become_the_lowest_finite_value_with_a_warning(nan_ct):
-    image = sitk.ReadImage(str(nan_ct))
-    array = sitk.GetArrayFromImage(image)
+    path, array = nan_ct
+    image = read_volume(path)
     bad = ~np.isfinite(array)
+    np.testing.assert_array_equal(~np.isfinite(sitk.GetArrayViewFromImage(image)), bad)  # found where written
     said = []
-    fixed = sitk.GetArrayFromImage(finite_volume(image, "nan.nrrd", said.append))
+    fixed = sitk.GetArrayFromImage(finite_volume(image, path.name, said.append))
     assert np.isfinite(fixed).all()
     np.testing.assert_array_equal(fixed[~bad], array[~bad])
     assert (fixed[bad] == array[~bad].min()).all()
-    assert len(said) == 1 and f"{int(bad.sum())} voxels" in said[0]
+    assert said == [f"{path.name}: {int(bad.sum())} voxels (9.4%) are NaN or infinite; they are treated as the "
+                    f"lowest value in the scan ({array[~bad].min():g})"]
+
+
+def test_a_float_nifti_without_a_zero_voxel_is_read_as_itk_reads_it(small_ct, tmp_path):
+    """ITK turns NaN into 0: a float NIfTI without a voxel at 0 has no NaN to look for (the search stops)."""
+    array = sitk.GetArrayFromImage(sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkFloat32)) + 0.5
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(sitk.ReadImage(str(small_ct)))
+    sitk.WriteImage(image, str(tmp_path / "shifted.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "shifted.nii.gz")), array)
 
 
 def test_segmenting_a_scan_with_nan_voxels_warns_and_keeps_the_grid(nan_ct, tmp_path):
+    path, _ = nan_ct
     output = tmp_path / "seg.nii.gz"
-    result = run_cli("segment", nan_ct, "-o", output, "--device", "cpu", "--progress", "json", check_rc=0)
+    result = run_cli("segment", path, "-o", output, "--device", "cpu", "--progress", "json", check_rc=0)
     assert any("NaN or infinite" in w for w in warnings_of(result))
-    segmentation, image = sitk.ReadImage(str(output)), sitk.ReadImage(str(nan_ct))
+    segmentation, image = sitk.ReadImage(str(output)), sitk.ReadImage(str(path))
     assert segmentation.GetSize() == image.GetSize() and segmentation.GetDirection() == image.GetDirection()
     assert sitk.GetArrayViewFromImage(segmentation).any()
 
 
-@pytest.mark.parametrize("fill, message", [(np.nan, "every voxel is NaN or infinite"),
-                                           (40.0, "every voxel has the same value (40)")])
-def test_an_all_nan_or_constant_scan_is_refused_with_one_line(small_ct, tmp_path, fill, message):
+@pytest.mark.parametrize("fill, suffix, message", [(np.nan, ".nrrd", "every voxel is NaN or infinite"),
+                                                   (np.nan, ".nii.gz", "every voxel is NaN or infinite"),
+                                                   (40.0, ".nrrd", "every voxel has the same value (40)")])
+def test_an_all_nan_or_constant_scan_is_refused_with_one_line(small_ct, tmp_path, fill, suffix, message):
     image = sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkFloat32)
     blank = sitk.GetImageFromArray(np.full(sitk.GetArrayViewFromImage(image).shape, fill, dtype=np.float32))
     blank.CopyInformation(image)
-    path = tmp_path / "blank.nrrd"
+    path = tmp_path / f"blank{suffix}"
     sitk.WriteImage(blank, str(path))
     output = tmp_path / "out" / "seg.nii.gz"
     one_line_error(run_cli("segment", path, "-o", output), message)

@@ -8,7 +8,7 @@ import functools
 import gzip
 import os
 import shutil
-import struct
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from . import niftifile
 from .atomic import atomic_output, full_suffix
 from .errors import UserError, message_line
 from .geometry import Grid, resample_onto
@@ -112,55 +113,6 @@ def _placed(reader, image: sitk.Image, files: int, folder: Path, warn: Callable[
     return image if positions is None else place_slices(image, positions, str(folder), warn)
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """vox_offset + voxel data size from a NIfTI-1 or NIfTI-2 header, or None if not NIfTI."""
-    for order in "<>":
-        size = struct.unpack(order + "i", header[:4])[0]
-        if size == 348 and len(header) >= 348:
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
-            break
-        if size == 540 and len(header) >= 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            dims = struct.unpack(order + "8q", header[16:80])
-            offset = struct.unpack(order + "q", header[168:176])[0]
-            break
-    else:
-        return None
-    voxels = 1
-    for extent in dims[1: 1 + max(0, min(7, dims[0]))]:
-        voxels *= max(1, extent)
-    return max(offset, 352 if size == 348 else 544) + voxels * bitpix // 8
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a truncated NIfTI without complaint (missing voxels become 0): refuse it here."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            expected = _nifti_expected_bytes(f.read(544))
-            if expected is None or (opener is gzip.open and _gzip_stated_size(path) == expected % 2**32):
-                return  # a complete gzip stream states its length at its end: no need to inflate it twice
-            f.seek(0)
-            length = 0
-            for block in iter(lambda: f.read(1 << 22), b""):
-                length += len(block)
-    except gzip.BadGzipFile:
-        return  # not gzip at all: let the image reader say what it is
-    except (EOFError, OSError, zlib.error):
-        raise UserError(f"{path}: truncated or corrupt file") from None
-    if length < expected:
-        raise UserError(f"{path}: truncated file ({length} of {expected} bytes)")
-
-
-def _gzip_stated_size(path: Path) -> int:
-    """The uncompressed length (mod 2**32) a gzip file's trailer states; from a truncated file, arbitrary bytes."""
-    with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), "little")
-
-
 def read_header(path: str | Path) -> sitk.ImageFileReader | None:
     """An image file's header (size, spacing, origin, direction) without its voxels; None for
     folders (DICOM series) and files whose header cannot be read."""
@@ -175,6 +127,29 @@ def read_header(path: str | Path) -> sitk.ImageFileReader | None:
     return reader
 
 
+def _read_file(path: Path) -> sitk.Image:
+    nifti = niftifile.is_nifti(path)
+    if nifti:
+        niftifile.check_complete(path)
+    # A float NIfTI's NaN voxels are looked for while ITK reads it (which makes them 0), and no longer once
+    # it has no 0 to hide them: 400 MB of .nii.gz read in 1.4 s, 2.7 s with them looked for all through.
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        non_finite = pool.submit(niftifile.non_finite_indices, path, stop) if nifti else None
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            stop.set()
+            if "orthonormal" in str(exc):
+                raise UserError(f"{path}: its axes are not at right angles (a sheared grid, which ITK cannot hold): "
+                                "resample it onto a grid without shear first") from None
+            raise UserError(f"{path}: not a readable image: {message_line(exc, last=True)}") from None
+        if non_finite is None or not niftifile.may_hide_non_finite(image):
+            stop.set()
+            return image
+        return niftifile.with_nan_at(image, non_finite.result())
+
+
 def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
                 series: str | None = None) -> sitk.Image:
     """One scalar 3-D volume from a file or DICOM folder (``series``: the UID of the series to read from a folder
@@ -187,15 +162,7 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
     else:
         if path.stat().st_size == 0:
             raise UserError(f"{path}: empty file")
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(path)
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            if "orthonormal" in str(exc):
-                raise UserError(f"{path}: its axes are not at right angles (a sheared grid, which ITK cannot hold): "
-                                "resample it onto a grid without shear first") from None
-            raise UserError(f"{path}: not a readable image: {message_line(exc, last=True)}") from None
+        image = _read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel "
                         "(colour or vector image); give one scalar volume per input channel")
