@@ -167,6 +167,36 @@ def test_a_label_map_off_the_image_grid_is_refused(abdomen_crop, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(abdomen_crop, tmp_path):
+    """NaN in a float reference label map is background (it was an IndexError once NIfTI NaN were kept); a negative
+    label value is refused with one line, before any report is written."""
+    label = sitk.ReadImage(str(abdomen_crop["label"]))
+    values = sitk.GetArrayFromImage(label)
+    reports = {}
+    for variant, written in (("as given", None), ("nan", np.where(values == 0, np.nan, values).astype(np.float32)),
+                             ("negative", np.where(values == 0, -1, values.astype(np.int16)))):
+        case = tmp_path / variant / "ct_a"
+        case.mkdir(parents=True)
+        (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
+        if written is None:
+            (case / "label.nii.gz").symlink_to(abdomen_crop["label"])
+        else:
+            image = sitk.GetImageFromArray(written)
+            image.CopyInformation(label)
+            sitk.WriteImage(image, str(case / "label.nii.gz"))
+        report = tmp_path / f"{variant}.json"
+        result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report, "--device", "cpu",
+                         check_rc=2 if variant == "negative" else 0)
+        if variant == "negative":
+            assert result.stderr.strip() == (f"error: ct_a: label.nii.gz: values from -1 to {values.max()}; label "
+                                             "values are whole numbers from 0 (background) to 65535")
+            assert not report.exists()
+        else:
+            reports[variant] = json.loads(report.read_text())["cases"][0]["scores"]
+            assert ("NaN or infinite; they are taken as background" in result.stderr) == (variant == "nan")
+    assert reports["nan"] == reports["as given"]
+
+
 def test_regions_and_source_values_survive_the_checkpoint_metadata():
     from hybridmim.checkpoint import ModelMeta
 

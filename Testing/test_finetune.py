@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -345,6 +346,48 @@ def test_cases_unlike_the_models_modality_are_prepared_with_a_warning(folders, t
                      "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json", check_rc=0)
     unlike = [w for w in warnings_of(result) if "unlike a CT" in w]
     assert len(unlike) == 1 and unlike[0].startswith("pat0003: image.nii.gz:"), warnings_of(result)
+
+
+def test_a_float_label_map_with_nan_background_trains_like_its_whole_number_twin(folders, tmp_path, refused):
+    """NaN in a float label map is "no label": background, with a warning (ITK had made it 0 in NIfTI files without
+    a word); a label map with fractions (resampled with linear interpolation) is refused with one line."""
+    from conftest import warnings_of
+    from hybridmim.preprocessing import Preprocessing
+    from hybridmim.volumes import load_prepared
+
+    source = folders["train"] / "STS_001"
+    label = sitk.ReadImage(str(source / "label.nii.gz"))
+    values = sitk.GetArrayFromImage(label).astype("float32")
+    prepared = {}
+    for variant in ("as given", "float, NaN background", "fractions"):
+        case = tmp_path / variant / "STS_001"
+        case.mkdir(parents=True)
+        (case / "image.nii.gz").symlink_to(source / "image.nii.gz")
+        if variant == "as given":
+            (case / "label.nii.gz").symlink_to(source / "label.nii.gz")
+            written = values
+        else:
+            written = values.copy()
+            written[values == 0] = float("nan") if variant.startswith("float") else 0.0
+            written[values == 1] = 1.0 if variant.startswith("float") else 0.5
+            float_label = sitk.GetImageFromArray(written)
+            float_label.CopyInformation(label)
+            sitk.WriteImage(float_label, str(case / "label.nii.gz"))
+        command = ("finetune", "--init", "scratch", "--data", case.parent, "--recipe", folders["recipe"],
+                   "--cache", tmp_path / f"prepared {variant}", "--prepare-only", "--progress", "json")
+        if variant == "fractions":
+            refused(*command, message=f"STS_001: label.nii.gz: {int((values == 1).sum())} voxels hold fractions "
+                                      "(such as 0.5), not label values: resampled with linear interpolation?")
+            continue
+        said = [w for w in warnings_of(run_cli(*command, check_rc=0)) if "label.nii.gz" in w]
+        assert said == ([] if variant == "as given" else
+                        [f"STS_001: label.nii.gz: {int((values == 0).sum())} voxels are NaN or infinite; they are "
+                         "taken as background (0)"])
+        preprocessing = Preprocessing.from_dict(load_recipe(str(folders["recipe"]))["scratch"]["preprocessing"])
+        prepared[variant] = load_prepared(tmp_path / f"prepared {variant}", preprocessing, Reporter("quiet"),
+                                          {1: 1}).volumes[0].label
+    assert prepared["as given"].max() == 1
+    np.testing.assert_array_equal(prepared["float, NaN background"], prepared["as given"])
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):

@@ -324,18 +324,16 @@ def check_label_grid(case: Case) -> None:
 
 
 def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None, channels, warn) -> dict:
-    import SimpleITK as sitk
-
     from .imageio import read_channels, read_volume
     from .modelgrid import prepare
-    from .scancheck import checked_channels
+    from .scancheck import checked_channels, checked_label_map
 
     count = len(case.channels)
     expected = ([c.get("modality", "") for c in channels] + [""] * count)[:count]  # "": a channel not described
     images = checked_channels(read_channels(case.channels, warn, case.series),
                               [f"{case.name}: {p.name}" for p in case.channels],
                               expected, warn)
-    label = sitk.Cast(read_volume(case.label), sitk.sitkUInt16) if classes else None
+    label = checked_label_map(read_volume(case.label), f"{case.name}: {case.label.name}", warn) if classes else None
     model_input = prepare(images, preprocessing, label)
     array = model_input.array
     if preprocessing.foreground_threshold is not None:
