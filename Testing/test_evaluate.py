@@ -168,12 +168,15 @@ def test_a_label_map_off_the_image_grid_is_refused(abdomen_crop, tmp_path):
 
 
 def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(abdomen_crop, tmp_path):
-    """NaN in a float reference label map is background (it was an IndexError once NIfTI NaN were kept); a negative
-    label value is refused with one line, before any report is written."""
+    """NaN in a float reference label map is background (it was an IndexError once NIfTI NaN were kept), and so,
+    named, is a value that no label of the model takes; a negative label value is refused with one line, before
+    any report is written."""
     label = sitk.ReadImage(str(abdomen_crop["label"]))
     values = sitk.GetArrayFromImage(label)
     reports = {}
-    for variant, written in (("as given", None), ("nan", np.where(values == 0, np.nan, values).astype(np.float32)),
+    unknown = np.where(values == 0, np.nan, values).astype(np.float32)
+    unknown[0, 0, :3] = 20  # a value none of the model's labels takes: background
+    for variant, written in (("as given", None), ("nan", unknown),
                              ("negative", np.where(values == 0, -1, values.astype(np.int16)))):
         case = tmp_path / variant / "ct_a"
         case.mkdir(parents=True)
@@ -194,6 +197,9 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
         else:
             reports[variant] = json.loads(report.read_text())["cases"][0]["scores"]
             assert ("NaN or infinite; they are taken as background" in result.stderr) == (variant == "nan")
+            assert ("ct_a: label.nii.gz: value 20 matches no label of the model and count as background: is the "
+                    "reference labelled as `hybridmim info` lists the model's labels?" in result.stderr) == (
+                variant == "nan")
     assert reports["nan"] == reports["as given"]
 
 

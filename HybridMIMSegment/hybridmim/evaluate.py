@@ -60,6 +60,12 @@ def overlap_scores(prediction: np.ndarray, reference: np.ndarray, spacing_zyx) -
     return {"dice": dice, "hd95_mm": float(hd95.item())}
 
 
+def values_of_no_label(reference: np.ndarray, meta) -> list[int]:
+    """The values a reference label map holds that none of the model's labels takes (scored as background)."""
+    present = np.flatnonzero(np.bincount(reference.ravel()))
+    return [int(v) for v in present if v and int(v) not in meta.source_lookup]
+
+
 def reference_on_model_labels(reference: np.ndarray, meta) -> np.ndarray:
     """A reference label map's values turned into the model's label values (0 where none applies)."""
     lookup = np.zeros(max(int(reference.max()), max(meta.source_lookup)) + 1, dtype=np.uint16)
@@ -158,7 +164,15 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
                                             reporter.warning)
         prediction_image, unsure_ml = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)
-        reference = reference_on_model_labels(sitk.GetArrayFromImage(reference_image).astype(np.int64), meta)
+        reference_values = sitk.GetArrayFromImage(reference_image)
+        unknown = values_of_no_label(reference_values, meta)
+        if unknown:
+            listed = ", ".join(map(str, unknown[:10])) + " …" * (len(unknown) > 10)
+            reporter.warning(f"{case.name}: {case.label.name}: "
+                             + (f"values {listed} match" if len(unknown) > 1 else f"value {listed} matches")
+                             + " no label of the model and count as background: is the reference labelled as "
+                             "`hybridmim info` lists the model's labels?")
+        reference = reference_on_model_labels(reference_values.astype(np.int64), meta)
         scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1], unsure_ml)
         results.append({"case": case.name, "scores": scores})
         reporter.metric(case=case.name, **{f"dice {n}": s["dice"] for n, s in scores.items()})
