@@ -197,7 +197,7 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
         else:
             reports[variant] = json.loads(report.read_text())["cases"][0]["scores"]
             assert ("NaN or infinite; they are taken as background" in result.stderr) == (variant == "nan")
-            assert ("ct_a: label.nii.gz: value 20 matches no label of the model and count as background: is the "
+            assert ("ct_a: label.nii.gz: no label of the model takes the value 20, counted as background: is the "
                     "reference labelled as `hybridmim info` lists the model's labels?" in result.stderr) == (
                 variant == "nan")
     assert reports["nan"] == reports["as given"]

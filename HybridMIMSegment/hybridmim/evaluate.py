@@ -168,10 +168,9 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
         unknown = values_of_no_label(reference_values, meta)
         if unknown:
             listed = ", ".join(map(str, unknown[:10])) + " …" * (len(unknown) > 10)
-            reporter.warning(f"{case.name}: {case.label.name}: "
-                             + (f"values {listed} match" if len(unknown) > 1 else f"value {listed} matches")
-                             + " no label of the model and count as background: is the reference labelled as "
-                             "`hybridmim info` lists the model's labels?")
+            reporter.warning(f"{case.name}: {case.label.name}: no label of the model takes the value"
+                             f"{'s' * (len(unknown) > 1)} {listed}, counted as background: is the reference "
+                             "labelled as `hybridmim info` lists the model's labels?")
         reference = reference_on_model_labels(reference_values.astype(np.int64), meta)
         scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1], unsure_ml)
         results.append({"case": case.name, "scores": scores})
