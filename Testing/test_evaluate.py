@@ -203,6 +203,27 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
     assert reports["nan"] == reports["as given"]
 
 
+def test_a_slicer_segmentation_file_where_the_label_map_belongs_is_explained(abdomen_crop, tmp_path, refused):
+    """A label.seg.nrrd (Slicer's format, whose label values number each layer's segments) is not read as a label
+    map; the refusal says what to export instead."""
+    import slicerio
+
+    case = tmp_path / "data" / "ct_a"
+    case.mkdir(parents=True)
+    (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
+    segmentation = {"voxels": np.zeros((8, 8, 8), np.uint8), "ijkToLPS": np.eye(4), "segments": []}
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:5, 2:5, 2:5] = True
+    slicerio.add_segment(segmentation, mask, {"name": "liver"})
+    slicerio.write_segmentation(str(case / "label.seg.nrrd"), segmentation)
+    refused("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "data", "-o", tmp_path / "r.json",
+            message=f"no label map for ct_a (a case folder needs label.nii.gz beside its image); {case}/label.seg.nrrd "
+                    "is a Slicer segmentation, which is not read as a label map (its label values are per layer, not "
+                    "per structure): export it from Slicer as label.nii.gz (Segmentations module, Export to files, "
+                    "NIfTI, with the scan as reference volume)")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_regions_and_source_values_survive_the_checkpoint_metadata():
     from hybridmim.checkpoint import ModelMeta
 

@@ -123,6 +123,14 @@ def _check_excluded(names, exclude) -> None:
         raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
 
 
+def _segmentation_file_hint(cases: list[Case]) -> str:
+    """What to do with a Slicer segmentation file left where an unlabelled case's label map belongs."""
+    found = [p for c in cases if c.label is None for p in c.channels[0].parent.glob("label.seg.nrrd")]
+    return (f"; {found[0]} is a Slicer segmentation, which is not read as a label map (its label values are per "
+            "layer, not per structure): export it from Slicer as label.nii.gz (Segmentations module, Export to "
+            "files, NIfTI, with the scan as reference volume)") if found else ""
+
+
 def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -> list[Case]:
     """Volumes from image files, case folders, folders of case folders, Decathlon folders
     (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
@@ -161,7 +169,7 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
         unlabelled = [c.name for c in cases if c.label is None]
         if unlabelled:
             raise UserError(f"no label map for {', '.join(unlabelled[:5])}{' …' if len(unlabelled) > 5 else ''} "
-                            "(a case folder needs label.nii.gz beside its image)")
+                            f"(a case folder needs label.nii.gz beside its image){_segmentation_file_hint(cases)}")
     return cases
 
 
