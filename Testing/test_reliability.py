@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of
 from hybridmim.atomic import output_lock
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
+from hybridmim import niftifile
 from hybridmim.imageio import read_volume
 from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, window_plans
 from hybridmim.memory import BASE_BYTES, GIB, ScanHeader, segment_bytes, window_bytes
@@ -73,7 +75,14 @@ def test_a_float_nifti_without_a_zero_voxel_is_read_as_itk_reads_it(small_ct, tm
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(sitk.ReadImage(str(small_ct)))
     sitk.WriteImage(image, str(tmp_path / "shifted.nii.gz"))
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "shifted.nii.gz")), array)
+    read = read_volume(tmp_path / "shifted.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), array)
+    assert not niftifile.may_hide_non_finite(read)  # so the search is stopped, and a stopped search gives nothing
+    stopped = threading.Event()
+    stopped.set()
+    assert niftifile.non_finite_indices(tmp_path / "shifted.nii.gz", stopped) is None
+    zeros = sitk.GetImageFromArray(np.zeros_like(array))
+    assert niftifile.may_hide_non_finite(zeros)  # a 0 may be a NaN ITK read
 
 
 def test_segmenting_a_scan_with_nan_voxels_warns_and_keeps_the_grid(nan_ct, tmp_path):

@@ -149,9 +149,8 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     import SimpleITK as sitk
 
     from .devices import resolve_device
-    from .imageio import read_volume
     from .predict import load_network, read_inputs, segment_channels
-    from .scancheck import checked_label_map
+    from .volumes import read_case_label
 
     device = resolve_device(device, reporter)
     network = load_network(checkpoint, meta, device, reporter)
@@ -160,8 +159,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     reporter.stage("evaluate")
     for index, case in enumerate(cases):
         channels = read_inputs(case.channels, meta, reporter.warning)
-        reference_image = checked_label_map(read_volume(case.label), f"{case.name}: {case.label.name}",
-                                            reporter.warning)
+        reference_image = read_case_label(case, reporter.warning)
         prediction_image, unsure_ml = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)
         reference_values = sitk.GetArrayFromImage(reference_image)

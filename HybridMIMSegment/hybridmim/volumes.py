@@ -331,17 +331,26 @@ def check_label_grid(case: Case) -> None:
                         "from the image's; resample it onto the image first")
 
 
+def read_case_label(case: Case, warn):
+    """A case's label map as an UInt16 sitk.Image, checked as one (scancheck.checked_label_map), for training and
+    for evaluate. SimpleITK is imported only here: prepared folders load on a machine without it."""
+    from .imageio import read_volume
+    from .scancheck import checked_label_map
+
+    return checked_label_map(read_volume(case.label), f"{case.name}: {case.label.name}", warn)
+
+
 def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None, channels, warn) -> dict:
-    from .imageio import read_channels, read_volume
+    from .imageio import read_channels
     from .modelgrid import prepare
-    from .scancheck import checked_channels, checked_label_map
+    from .scancheck import checked_channels
 
     count = len(case.channels)
     expected = ([c.get("modality", "") for c in channels] + [""] * count)[:count]  # "": a channel not described
     images = checked_channels(read_channels(case.channels, warn, case.series),
                               [f"{case.name}: {p.name}" for p in case.channels],
                               expected, warn)
-    label = checked_label_map(read_volume(case.label), f"{case.name}: {case.label.name}", warn) if classes else None
+    label = read_case_label(case, warn) if classes else None
     model_input = prepare(images, preprocessing, label)
     array = model_input.array
     if preprocessing.foreground_threshold is not None:
