@@ -46,6 +46,25 @@ def around_the_tumour(case: Path, target: Path, margin_mm: float = 15.0) -> None
     sitk.WriteImage(label[cut], str(target / "label.nii.gz"))
 
 
+def write_slicer_segmentation(path: Path, grid: sitk.Image, segments: list[dict]) -> None:
+    """A .seg.nrrd as Slicer saves one, on ``grid``'s voxel grid: ``segments`` are {"name", "mask" (bool, z y x),
+    "layer", "value" (the label value within its layer), optionally "terminology" (slicerio's form)}."""
+    import numpy as np
+    import slicerio
+    from hybridmim.geometry import Grid
+
+    layers = np.zeros((1 + max(s["layer"] for s in segments), *grid.GetSize()), dtype=np.uint8)
+    entries = []
+    for number, segment in enumerate(segments, start=1):
+        layers[segment["layer"]][segment["mask"].T] = segment["value"]  # slicerio's voxels are (i, j, k)
+        entries.append({"id": f"Segment_{number}", "name": segment["name"], "labelValue": segment["value"],
+                        "layer": segment["layer"], "color": [0.5, 0.5, 0.5],
+                        **({"terminology": segment["terminology"]} if "terminology" in segment else {})})
+    voxels = layers if len(layers) > 1 else layers[0]
+    slicerio.write_segmentation(str(path), {"voxels": voxels, "ijkToLPS": Grid.of(grid).ijk_to_lps(),
+                                            "segments": entries})
+
+
 @pytest.fixture(scope="session")
 def abdomen_crop(tmp_path_factory) -> dict[str, Path]:
     """ct_a and its BTCV-13 labels, cropped to the upper abdomen (96 x 72 x 56 voxels at 3 mm)."""

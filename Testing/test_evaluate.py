@@ -203,25 +203,44 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
     assert reports["nan"] == reports["as given"]
 
 
-def test_a_slicer_segmentation_file_where_the_label_map_belongs_is_explained(abdomen_crop, tmp_path, refused):
-    """A label.seg.nrrd (Slicer's format, whose label values number each layer's segments) is not read as a label
-    map; the refusal says what to export instead."""
-    import slicerio
+def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop, tmp_path, refused):
+    """A label.seg.nrrd reference (cut to its segments' box, segments numbered in their own order, named as the
+    model's labels but for case) scores exactly as the label map it was made from; one off the scan's voxel grid is
+    refused in one line, before any report."""
+    from conftest import write_slicer_segmentation
 
-    case = tmp_path / "data" / "ct_a"
-    case.mkdir(parents=True)
-    (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
-    segmentation = {"voxels": np.zeros((8, 8, 8), np.uint8), "ijkToLPS": np.eye(4), "segments": []}
-    mask = np.zeros((8, 8, 8), bool)
-    mask[2:5, 2:5, 2:5] = True
-    slicerio.add_segment(segmentation, mask, {"name": "liver"})
-    slicerio.write_segmentation(str(case / "label.seg.nrrd"), segmentation)
-    refused("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "data", "-o", tmp_path / "r.json",
-            message=f"no label map for ct_a (a case folder needs label.nii.gz beside its image); {case}/label.seg.nrrd "
-                    "is a Slicer segmentation, which is not read as a label map (its label values are per layer, not "
-                    "per structure): export it from Slicer as label.nii.gz (Segmentations module, Export to files, "
-                    "NIfTI, with the scan as reference volume)")
-    assert not (tmp_path / "r.json").exists()
+    label = sitk.ReadImage(str(abdomen_crop["label"]))
+    z, y, x = np.nonzero(sitk.GetArrayViewFromImage(label))
+    box = label[int(x.min()):int(x.max()) + 1, int(y.min()):int(y.max()) + 1, int(z.min()):int(z.max()) + 1]
+    assert box.GetSize() != label.GetSize()
+    values = sitk.GetArrayFromImage(box)
+    present = [lab for lab in read_metadata(DEFAULT_MODEL).labels if (values == lab.value).any()]
+    segments = [{"name": lab.name.upper(), "mask": values == lab.value, "layer": 0, "value": number}
+                for number, lab in enumerate(reversed(present), start=1)]
+    shifted = sitk.Image(box)
+    shifted.SetOrigin([o + s / 2 for o, s in zip(box.GetOrigin(), box.GetSpacing())])
+    reports = {}
+    for variant in ("label map", "segmentation", "off the grid"):
+        case = tmp_path / variant / "ct_a"
+        case.mkdir(parents=True)
+        (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
+        if variant == "label map":
+            (case / "label.nii.gz").symlink_to(abdomen_crop["label"])
+        else:
+            write_slicer_segmentation(case / "label.seg.nrrd", box if variant == "segmentation" else shifted, segments)
+        report = tmp_path / f"{variant}.json"
+        if variant == "off the grid":
+            refused("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report,
+                    message="case ct_a: label.seg.nrrd does not lie on the image's grid (another spacing or direction, "
+                            "or between its voxels)")
+            assert not report.exists()
+            continue
+        result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report, "--device", "cpu",
+                         check_rc=0)
+        assert "label.seg.nrrd" not in result.stderr  # every segment is a label, all inside the scan
+        reports[variant] = json.loads(report.read_text())["cases"][0]["scores"]
+    assert len(present) >= 3 and reports["segmentation"] == reports["label map"]
+    assert reports["label map"]["liver"]["dice"] > 0.5
 
 
 def test_regions_and_source_values_survive_the_checkpoint_metadata():

@@ -390,6 +390,56 @@ def test_a_float_label_map_with_nan_background_trains_like_its_whole_number_twin
     np.testing.assert_array_equal(prepared["float, NaN background"], prepared["as given"])
 
 
+def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_and_codes(folders, tmp_path):
+    """label.seg.nrrd as Slicer saves a corrected case (cut to the box its segments fill, an overlapping segment in
+    a layer of its own, label values that only number a layer's segments) prepares exactly like the label map:
+    the tumour segment is found by its terminology, another segment is named as no label; with labels that name
+    the tumour otherwise (no codes, another name), the case is prepared anew and the tumour is not read."""
+    from conftest import warnings_of, write_slicer_segmentation
+    from hybridmim.preprocessing import Preprocessing
+    from hybridmim.volumes import load_prepared
+
+    source = folders["train"] / "STS_001"
+    label = sitk.ReadImage(str(source / "label.nii.gz"))
+    z, y, x = np.nonzero(sitk.GetArrayViewFromImage(label))
+    box = label[int(x.min()) - 3:int(x.max()) + 4, int(y.min()) - 3:int(y.max()) + 4, int(z.min()):int(z.max()) + 1]
+    tumour = sitk.GetArrayFromImage(box) == 1
+    first_slice = np.zeros_like(tumour)
+    first_slice[0] = True  # overlaps the tumour: a layer of its own
+    sarcoma = json.loads((REPO / "scripts" / "labels" / "sarcoma.json").read_text())[0]
+    codes_only = {"category": sarcoma["terminology"]["category"], "type": sarcoma["terminology"]["type"]}
+    variants = {"label map": None, "segmentation": [
+        {"name": "Segment_1", "mask": first_slice, "layer": 0, "value": 1},
+        {"name": "Tumour", "mask": tumour, "layer": 1, "value": 1, "terminology": codes_only}]}
+    prepared = {}
+    for variant, segments in variants.items():
+        case = tmp_path / variant / "STS_001"
+        case.mkdir(parents=True)
+        (case / "image.nii.gz").symlink_to(source / "image.nii.gz")
+        if segments is None:
+            (case / "label.nii.gz").symlink_to(source / "label.nii.gz")
+        else:
+            write_slicer_segmentation(case / "label.seg.nrrd", box, segments)
+        result = run_cli("finetune", "--init", "scratch", "--data", case.parent, "--recipe", folders["recipe"],
+                         "--labels", REPO / "scripts" / "labels" / "sarcoma.json", "--cache", tmp_path / "prepared",
+                         "--prepare-only", "--progress", "json", check_rc=0)
+        assert [w for w in warnings_of(result) if "label" in w] == ([] if segments is None else [
+            "STS_001: label.seg.nrrd: segment 'Segment_1' is none of the labels ('soft-tissue sarcoma') by "
+            "terminology or name; read as background"])
+        preprocessing = Preprocessing.from_dict(load_recipe(str(folders["recipe"]))["scratch"]["preprocessing"])
+        prepared[variant] = load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), {1: 1})
+    assert prepared["label map"].volumes[0].label.max() == 1
+    np.testing.assert_array_equal(prepared["segmentation"].volumes[0].label, prepared["label map"].volumes[0].label)
+    assert prepared["segmentation"].sources[0]["files"] == ["image.nii.gz", "label.seg.nrrd"]
+
+    renamed = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "segmentation", "--recipe",
+                      folders["recipe"], "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json",
+                      check_rc=0)  # the recipe's label: 'soft-tissue sarcoma', no codes
+    assert "STS_001: label.seg.nrrd: segments 'Segment_1', 'Tumour' are none of the labels ('soft-tissue sarcoma') " \
+           "by terminology or name; read as background" in warnings_of(renamed)
+    assert load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), {1: 1}).volumes[0].label.max() == 0
+
+
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):
     """A labels file whose values are not the label maps' would train a model of background alone: refused before
     training; a label that only some other data would hold is named, and the run goes on."""

@@ -159,7 +159,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     reporter.stage("evaluate")
     for index, case in enumerate(cases):
         channels = read_inputs(case.channels, meta, reporter.warning)
-        reference_image = read_case_label(case, reporter.warning)
+        reference_image = read_case_label(case, meta.labels, reporter.warning)
         prediction_image, unsure_ml = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)
         reference_values = sitk.GetArrayFromImage(reference_image)

@@ -51,6 +51,16 @@ class Grid:
         apart = np.linalg.norm((self.ijk_to_lps() @ corners - other.ijk_to_lps() @ corners)[:3], axis=0)
         return float(apart.max()) <= tolerance * min(self.spacing)
 
+    def offset_in(self, other: "Grid") -> tuple[int, int, int] | None:
+        """Where this grid's first voxel lies in ``other``, in whole voxels (i, j, k), when this grid is a box of
+        ``other``'s voxels (same spacing and direction; it may reach beyond ``other``); None otherwise. Slicer
+        saves a segmentation on its scan's grid, often cut to the box its segments fill."""
+        index = np.linalg.solve(other.ijk_to_lps(), [*self.origin, 1.0])[:3]
+        offset = tuple(int(round(float(v))) for v in index)
+        origin = (other.ijk_to_lps() @ [*offset, 1.0])[:3]
+        box = Grid(self.size, other.spacing, tuple(float(v) for v in origin), other.direction)
+        return offset if box.matches(self) else None
+
     def ijk_to_lps(self) -> np.ndarray:
         """4x4 matrix from voxel index (i, j, k) to LPS millimetres."""
         matrix = np.eye(4)

@@ -100,6 +100,11 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
     return labels
 
 
+def class_indices(labels: list[Label]) -> dict[int, int]:
+    """{value in the training label maps: class index (the output channel; 0 is background)}."""
+    return {source: i + 1 for i, label in enumerate(labels) for source in label.sources}
+
+
 def source_lookup(labels: list[Label], source: str = "label table") -> dict[int, int]:
     """{value in the training label maps: label value}; a map value may stand for one label only."""
     lookup: dict[int, int] = {}

@@ -23,6 +23,7 @@ import numpy as np
 
 from .atomic import atomic_output, make_folder
 from .errors import UserError
+from .labels import Label, class_indices
 from .preprocessing import Preprocessing
 from .progress import Reporter
 
@@ -97,9 +98,11 @@ def _dicom_cases_below(root: Path, folder: Path) -> list[Case]:
 
 def _case_in_folder(folder: Path) -> Case | None:
     """A case folder of the dataset layout: image.nii.gz, or image_0000.nii.gz, image_0001.nii.gz, …,
-    and optionally label.nii.gz."""
+    and optionally label.nii.gz (any image type), or else Slicer's label.seg.nrrd."""
     files = [p for p in folder.iterdir() if _is_image(p)]
-    label = next((p for p in files if p.name.split(".")[0] == "label"), None)
+    segmentation = folder / "label.seg.nrrd"
+    label = next((p for p in files if p.name.split(".")[0] == "label"), None) or (
+        segmentation if segmentation.is_file() else None)
     single = [p for p in files if p.name.split(".")[0] == "image"]
     if single:
         return Case(folder.name, (single[0],), label)
@@ -121,14 +124,6 @@ def _check_excluded(names, exclude) -> None:
     unknown = set(exclude) - set(names)
     if unknown:
         raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
-
-
-def _segmentation_file_hint(cases: list[Case]) -> str:
-    """What to do with a Slicer segmentation file left where an unlabelled case's label map belongs."""
-    found = [p for c in cases if c.label is None for p in c.channels[0].parent.glob("label.seg.nrrd")]
-    return (f"; {found[0]} is a Slicer segmentation, which is not read as a label map (its label values are per "
-            "layer, not per structure): export it from Slicer as label.nii.gz (Segmentations module, Export to "
-            "files, NIfTI, with the scan as reference volume)") if found else ""
 
 
 def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -> list[Case]:
@@ -169,7 +164,8 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
         unlabelled = [c.name for c in cases if c.label is None]
         if unlabelled:
             raise UserError(f"no label map for {', '.join(unlabelled[:5])}{' …' if len(unlabelled) > 5 else ''} "
-                            f"(a case folder needs label.nii.gz beside its image){_segmentation_file_hint(cases)}")
+                            "(a case folder needs label.nii.gz, or a Slicer segmentation label.seg.nrrd, beside its "
+                            "image)")
     return cases
 
 
@@ -300,9 +296,14 @@ def _source_sha256(path: Path, series: str | None = None) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def _cache_key(case: Case, preprocessing: Preprocessing, classes: dict | None) -> str:
-    identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted((classes or {}).items())]
-    for path in case.channels + ((case.label,) if classes else ()):
+def _cache_key(case: Case, preprocessing: Preprocessing, labels: list[Label] | None) -> str:
+    identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted(class_indices(labels or []).items())]
+    if labels:
+        from .segfile import is_segmentation_file  # SimpleITK: not needed for unlabelled volumes
+
+        if is_segmentation_file(case.label):  # its segments are read by the labels' names and codes
+            identity.append([label.to_dict() for label in labels])
+    for path in case.channels + ((case.label,) if labels else ()):
         for file in _source_files(path, case.series):  # a DICOM series changes when any of its files does
             stat = file.stat()
             identity.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
@@ -315,9 +316,11 @@ def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def check_label_grid(case: Case) -> None:
-    """Refuse, from the file headers alone, a label map that does not lie on its image's grid."""
+    """Refuse, from the file headers alone, a label map that does not lie on its image's grid (a Slicer
+    segmentation: on a box of it)."""
     from .geometry import Grid
     from .imageio import read_header
+    from .segfile import is_segmentation_file
 
     headers = []
     for path in (case.channels[0], case.label):
@@ -326,21 +329,33 @@ def check_label_grid(case: Case) -> None:
             raise UserError(f"case {case.name}: {path.name} is not a readable image")
         headers.append(header)
     image, label = (Grid.of(header) for header in headers)
-    if not label.matches(image):  # the test that preparing applies to the voxels, so it refuses nothing more
+    if is_segmentation_file(case.label):
+        if label.offset_in(image) is None:
+            raise UserError(f"case {case.name}: {case.label.name} does not lie on the image's grid (another spacing "
+                            "or direction, or between its voxels): segment this scan in Slicer, or resample the "
+                            "segmentation onto it")
+    elif not label.matches(image):  # the test that preparing applies to the voxels, so it refuses nothing more
         raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
                         "from the image's; resample it onto the image first")
 
 
-def read_case_label(case: Case, warn):
+def read_case_label(case: Case, labels: list[Label], warn):
     """A case's label map as an UInt16 sitk.Image, checked as one (scancheck.checked_label_map), for training and
-    for evaluate. SimpleITK is imported only here: prepared folders load on a machine without it."""
-    from .imageio import read_volume
+    for evaluate; a Slicer segmentation's segments as the ``labels`` they are, on the image's grid. SimpleITK is
+    imported only here: prepared folders load on a machine without it."""
+    from .geometry import Grid
+    from .imageio import read_header, read_volume
     from .scancheck import checked_label_map
+    from .segfile import is_segmentation_file, read_segmentation_labels
 
-    return checked_label_map(read_volume(case.label), f"{case.name}: {case.label.name}", warn)
+    where = f"{case.name}: {case.label.name}"
+    if is_segmentation_file(case.label):
+        return read_segmentation_labels(case.label, Grid.of(read_header(case.channels[0])), labels, where, warn)
+    return checked_label_map(read_volume(case.label), where, warn)
 
 
-def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes: dict | None, channels, warn) -> dict:
+def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, labels: list[Label] | None, channels,
+                    warn) -> dict:
     from .imageio import read_channels
     from .modelgrid import prepare
     from .scancheck import checked_channels
@@ -350,7 +365,7 @@ def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes:
     images = checked_channels(read_channels(case.channels, warn, case.series),
                               [f"{case.name}: {p.name}" for p in case.channels],
                               expected, warn)
-    label = read_case_label(case, warn) if classes else None
+    label = read_case_label(case, labels, warn) if labels else None
     model_input = prepare(images, preprocessing, label)
     array = model_input.array
     if preprocessing.foreground_threshold is not None:
@@ -363,7 +378,8 @@ def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, classes:
         candidates = np.argwhere(np.ones(array.shape[1:], dtype=bool))
     rng = np.random.default_rng(int(key[:8], 16))
     prepared = {"image": _encode(array, preprocessing), "centres": _sample(candidates, rng)}
-    if classes:
+    if labels:
+        classes = class_indices(labels)
         lookup = np.zeros(max(int(model_input.label.max()), max(classes)) + 1, dtype=np.uint8)
         for value, index in classes.items():
             lookup[value] = index
@@ -382,28 +398,28 @@ def _volume(name: str, arrays: dict) -> Volume:
 
 
 def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, reporter: Reporter,
-                  classes: dict[int, int] | None = None, channels=()) -> PreparedData:
+                  labels: list[Label] | None = None, channels=()) -> PreparedData:
     """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
 
-    ``classes``: label value → class index, to prepare the label maps too (other values become 0).
+    ``labels``: to prepare the label maps too, as class indices (labels.class_indices; other values become 0).
     ``channels``: the model's input channels ({name, modality}); a scan unlike its channel's modality (an MR
     given to a CT recipe) is prepared with a warning.
     """
     if not cases:
         raise UserError("no volumes to train on")
-    for case in cases if classes else ():
+    for case in cases if labels else ():
         check_label_grid(case)  # headers only: refuse before an hour of preparing
     make_folder(cache, "the folder for prepared cases (--cache)")
     reporter.stage("prepare data")
     volumes, sources, entries = [], [], []
     for done, case in enumerate(cases):
-        key = _cache_key(case, preprocessing, classes)
+        key = _cache_key(case, preprocessing, labels)
         path = cache / f"{key}.npz"
-        files = case.channels + ((case.label,) if classes else ())
+        files = case.channels + ((case.label,) if labels else ())
         if path.is_file():
             arrays = _load_npz(path)
         else:
-            arrays = _prepare_volume(case, preprocessing, key, classes, channels, reporter.warning)
+            arrays = _prepare_volume(case, preprocessing, key, labels, channels, reporter.warning)
             # the sources' digests travel with the volume: its key already stands for their sizes and times, and
             # hashing them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
             arrays[SOURCE_DIGESTS] = np.array([_source_sha256(p, case.series) for p in files])
@@ -422,7 +438,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
     index = {"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
-             "classes": {str(k): v for k, v in (classes or {}).items()}, "volumes": entries}
+             "classes": {str(k): v for k, v in class_indices(labels or []).items()}, "volumes": entries}
     with atomic_output(cache / INDEX_NAME) as tmp:
         tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     return PreparedData(volumes, preprocessing, sources)

@@ -36,7 +36,7 @@ from ..catalog import resolve_model, resources_dir
 from ..checkpoint import ModelMeta, read_metadata, save_checkpoint
 from ..download import cache_dir, file_sha256
 from ..errors import UserError
-from ..labels import Label, parse_label_file
+from ..labels import Label, class_indices, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
@@ -186,16 +186,11 @@ def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
-def _load_data(paths, start: Start, classes, cache: Path, reporter: Reporter, exclude=()) -> PreparedData:
+def _load_data(paths, start: Start, cache: Path, reporter: Reporter, exclude=()) -> PreparedData:
     if len(paths) == 1 and is_prepared_folder(paths[0]):
-        return load_prepared(Path(paths[0]), start.preprocessing, reporter, classes, exclude)
-    return prepare_cases(find_cases(paths, exclude, labelled=True), start.preprocessing, cache, reporter, classes,
+        return load_prepared(Path(paths[0]), start.preprocessing, reporter, class_indices(start.labels), exclude)
+    return prepare_cases(find_cases(paths, exclude, labelled=True), start.preprocessing, cache, reporter, start.labels,
                          start.channels)
-
-
-def _classes(start: Start) -> dict[int, int]:
-    """{value in the data's label maps: class index}."""
-    return {source: i + 1 for i, label in enumerate(start.labels) for source in label.sources}
 
 
 def _prepare_only(init: str, data_paths, labels_file, recipe_file, cache, reporter: Reporter) -> dict:
@@ -205,7 +200,7 @@ def _prepare_only(init: str, data_paths, labels_file, recipe_file, cache, report
         raise UserError("--prepare-only needs --cache DIR: the folder to prepare into")
     start = resolve_start(init, load_recipe(recipe_file), labels_file, reporter)
     data = prepare_cases(find_cases(data_paths, labelled=True), start.preprocessing, Path(cache), reporter,
-                         _classes(start), start.channels)
+                         start.labels, start.channels)
     outputs = {"volumes": len(data.volumes), "folder": str(cache)}
     reporter.done(outputs)
     return outputs
@@ -299,13 +294,12 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     from ..inference import select_device
     from ..networks import build_network
 
-    classes = _classes(start)
     folder = Path(cache) if cache else cache_dir() / "prepared"
     if val_paths:
-        train_data = _load_data(data_paths, start, classes, folder, reporter, exclude)
-        val_data = _load_data(val_paths, start, classes, folder, reporter)
+        train_data = _load_data(data_paths, start, folder, reporter, exclude)
+        val_data = _load_data(val_paths, start, folder, reporter)
     else:
-        all_data = _load_data(data_paths, start, classes, folder, reporter, exclude)
+        all_data = _load_data(data_paths, start, folder, reporter, exclude)
         train_volumes, val_volumes = split_cases(all_data.volumes, schedule.val_fraction, schedule.seed)
         train_data = PreparedData(train_volumes, start.preprocessing, all_data.sources)
         val_data = PreparedData(val_volumes, start.preprocessing, all_data.sources) if val_volumes else None

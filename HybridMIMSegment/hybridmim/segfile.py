@@ -1,0 +1,128 @@
+"""Slicer segmentation files (.seg.nrrd) read as label maps of a model's labels: fine-tuning cases and evaluate's
+references corrected in Slicer and saved as they are.
+
+A segmentation's own label values only number the segments within a layer (segments that overlap lie in separate
+layers), so they say nothing about which structure a segment is. Each segment is matched to a label instead, by
+its terminology's codes, else by its name, and written as that label's label-map value onto the scan's grid
+(Slicer saves a segmentation on its scan's grid, often cut to the box its segments fill).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UserError, message_line
+from .geometry import Grid
+from .labels import Label
+
+SUFFIX = ".seg.nrrd"
+
+
+def is_segmentation_file(path) -> bool:
+    return Path(path).name.lower().endswith(SUFFIX)
+
+
+def _same_code(first, second) -> bool:
+    """Two [scheme, value, meaning] codes are the same code: scheme and value (the meaning is free text)."""
+    return first[0] == second[0] and first[1] == second[1]
+
+
+def _terminology_names(entry: dict, label: Label) -> bool:
+    """Whether a segment's terminology entry (slicerio's form) is the label's: the same category, type and type
+    modifier; the anatomic region counts only where both give one (Slicer leaves it empty for most structures)."""
+    ours = label.terminology
+    if not ours or not all(f in entry and _same_code(entry[f], ours[f]) for f in ("category", "type")):
+        return False
+    if ("typeModifier" in entry) != ("typeModifier" in ours):
+        return False
+    shared = [f for f in ("typeModifier", "anatomicRegion") if f in entry and f in ours]
+    return all(_same_code(entry[f], ours[f]) for f in shared)
+
+
+def _plain(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def label_of_segment(segment: dict, labels: list[Label]) -> Label | None:
+    """The label a segment is: the one its terminology names, else the one of its name (case and spacing aside)."""
+    entry = segment.get("terminology")
+    by_codes = [label for label in labels if entry and _terminology_names(entry, label)]
+    if by_codes:
+        return by_codes[0]
+    name = _plain(str(segment.get("name", "")))
+    return next((label for label in labels if _plain(label.name) == name), None)
+
+
+def _read(path: Path, where: str) -> tuple[list[dict], sitk.Image]:
+    """The segments (slicerio's descriptions) and the voxels (one component per layer) of a segmentation file."""
+    import slicerio
+
+    try:
+        segments = slicerio.read_segmentation(str(path), skip_voxels=True).get("segments", [])
+        return segments, sitk.ReadImage(str(path))
+    except Exception as exc:  # pynrrd's, slicerio's and ITK's errors alike: the file is not what it says
+        raise UserError(f"{where}: not a readable Slicer segmentation: {message_line(exc, last=True)}") from None
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names[:5]) + " …" * (len(names) > 5)
+
+
+def read_segmentation_labels(path: Path, image_grid: Grid, labels: list[Label], where: str,
+                             warn: Callable[[str], None]) -> sitk.Image:
+    """The segmentation at ``path`` as a UInt16 label map on ``image_grid``: each segment written as the label-map
+    value of the label it is (``Label.sources[0]``, so that fine-tuning and evaluate map it as a label map's);
+    segments that are no label are left out, with a warning. ``where`` names the file in messages."""
+    segments, image = _read(path, where)
+    offset = Grid.of(image).offset_in(image_grid)
+    if offset is None:
+        raise UserError(f"{where}: the segmentation does not lie on its scan's grid (another spacing or "
+                        "direction, or between its voxels); segment this scan in Slicer, or resample it onto the scan")
+    voxels = sitk.GetArrayViewFromImage(image)
+    layers = voxels if voxels.ndim == 4 else voxels[..., None]  # (z, y, x, layer)
+    values = np.zeros(layers.shape[:3], dtype=np.uint16)
+    unmatched, overlapping = [], 0
+    for index, segment in enumerate(segments):
+        name = str(segment.get("name", f"segment {index + 1}"))
+        label = label_of_segment(segment, labels)
+        if label is None:
+            unmatched.append(name)
+            continue
+        # files from before Slicer 4.11 give neither: each segment is its own layer, of value 1
+        layer = segment.get("layer", index if layers.shape[3] > 1 else 0)
+        if not 0 <= layer < layers.shape[3]:
+            raise UserError(f"{where}: segment '{name}' lies in layer {layer}, the file holds {layers.shape[3]}")
+        mask = layers[..., layer] == segment.get("labelValue", 1)
+        value = label.sources[0]
+        overlapping += int(np.count_nonzero(mask & (values != 0) & (values != value)))
+        values[mask] = value
+    if not segments:
+        warn(f"{where}: holds no segments; read as background only")
+    if unmatched:
+        names = [label.name for label in labels]
+        warn(f"{where}: {'segments' if len(unmatched) > 1 else 'segment'} {_listed(unmatched)} "
+             f"{'are' if len(unmatched) > 1 else 'is'} none of the labels ({_listed(names)}) by terminology or "
+             "name; read as background")
+    if overlapping:
+        warn(f"{where}: {overlapping} voxels lie in segments of two labels; each is read as the later segment's")
+    return image_grid.image(_placed(values, offset, image_grid, where, warn))
+
+
+def _placed(values: np.ndarray, offset, image_grid: Grid, where: str, warn) -> np.ndarray:
+    """``values`` (z, y, x), whose first voxel is at ``offset`` (i, j, k) of ``image_grid``, on the whole grid."""
+    placed = np.zeros(image_grid.size[::-1], dtype=np.uint16)
+    source, target = [], []
+    for start, extent, size in zip(offset[::-1], values.shape, image_grid.size[::-1]):
+        low = max(start, 0)
+        high = max(low, min(start + extent, size))
+        source.append(slice(low - start, high - start))
+        target.append(slice(low, high))
+    placed[tuple(target)] = values[tuple(source)]
+    outside = int(np.count_nonzero(values)) - int(np.count_nonzero(placed))
+    if outside:
+        warn(f"{where}: {outside} segment voxels lie outside the scan; left out")
+    return placed
