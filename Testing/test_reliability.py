@@ -77,12 +77,35 @@ def test_a_float_nifti_without_a_zero_voxel_is_read_as_itk_reads_it(small_ct, tm
     sitk.WriteImage(image, str(tmp_path / "shifted.nii.gz"))
     read = read_volume(tmp_path / "shifted.nii.gz")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read), array)
-    assert not niftifile.may_hide_non_finite(read)  # so the search is stopped, and a stopped search gives nothing
+    assert not niftifile.may_hide_non_finite(read, tmp_path / "shifted.nii.gz")  # so the search is stopped,
+    # and a stopped search gives nothing
     stopped = threading.Event()
     stopped.set()
     assert niftifile.non_finite_indices(tmp_path / "shifted.nii.gz", stopped) is None
     zeros = sitk.GetImageFromArray(np.zeros_like(array))
-    assert niftifile.may_hide_non_finite(zeros)  # a 0 may be a NaN ITK read
+    assert niftifile.may_hide_non_finite(zeros, tmp_path / "shifted.nii.gz")  # a 0 may be a NaN ITK read
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nan_voxels_of_a_nifti_with_an_intercept_are_found(small_ct, tmp_path, suffix):
+    """ITK puts 0 for NaN before applying the header's scl_slope and scl_inter, so such a NaN reads as scl_inter:
+    that value, not 0, is what may hide one."""
+    import gzip
+    import struct
+
+    image = sitk.Cast(sitk.ReadImage(str(small_ct)), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image) + 0.5  # no voxel at 0 or at the intercept once read
+    array[:2] = np.nan
+    written = sitk.GetImageFromArray(array)
+    written.CopyInformation(image)
+    sitk.WriteImage(written, str(tmp_path / "plain.nii"))
+    raw = bytearray((tmp_path / "plain.nii").read_bytes())
+    raw[112:120] = struct.pack("<2f", 1.0, -1000.0)  # scl_slope, scl_inter
+    path = tmp_path / f"intercept{suffix}"
+    path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    read = sitk.GetArrayFromImage(read_volume(path))
+    np.testing.assert_array_equal(np.isnan(read), np.isnan(array))
+    np.testing.assert_array_equal(read[2:], array[2:] - 1000.0)
 
 
 def test_segmenting_a_scan_with_nan_voxels_warns_and_keeps_the_grid(nan_ct, tmp_path):

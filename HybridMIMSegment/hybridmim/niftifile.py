@@ -5,6 +5,7 @@ reads them as 0, a valid intensity: 0 HU is water, so a CT's missing region woul
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import threading
@@ -32,6 +33,7 @@ class _Header:
     bitpix: int
     voxels: int
     offset: int  # where the voxels start
+    zero_reads_as: float  # what ITK reads a stored 0 as (scl_inter; it puts 0 for NaN before scaling)
 
     @property
     def end(self) -> int:
@@ -46,18 +48,20 @@ def _header(raw: bytes) -> _Header | None:
             datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
             dims = struct.unpack(order + "8h", raw[40:56])
             offset = max(int(struct.unpack(order + "f", raw[108:112])[0]), 352)
+            intercept = struct.unpack(order + "f", raw[116:120])[0]
             break
         if size == 540 and len(raw) >= 540:
             datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
             dims = struct.unpack(order + "8q", raw[16:80])
             offset = max(struct.unpack(order + "q", raw[168:176])[0], 544)
+            intercept = struct.unpack(order + "d", raw[184:192])[0]
             break
     else:
         return None
     voxels = 1
     for extent in dims[1: 1 + max(0, min(7, dims[0]))]:
         voxels *= max(1, extent)
-    return _Header(order, datatype, bitpix, voxels, offset)
+    return _Header(order, datatype, bitpix, voxels, offset, intercept if math.isfinite(intercept) else 0.0)
 
 
 def _opener(path: Path):
@@ -110,10 +114,15 @@ def non_finite_indices(path: Path, stop: threading.Event) -> np.ndarray | None:
     return np.concatenate(found) if found else None
 
 
-def may_hide_non_finite(image: sitk.Image) -> bool:
-    """Whether ``image``, as ITK read it from a NIfTI file, has a voxel at 0, the value ITK gives NaN and infinite
-    voxels: if not, the file has none."""
-    return image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) and not sitk.GetArrayViewFromImage(image).all()
+def may_hide_non_finite(image: sitk.Image, path: Path) -> bool:
+    """Whether ``image``, as ITK read it from the NIfTI file ``path``, has a voxel at the value ITK gives NaN and
+    infinite voxels (0, or the header's scl_inter, which ITK adds to every voxel): if not, the file has none."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return False
+    with _opener(path)(path, "rb") as f:
+        header = _header(f.read(544))
+    hidden = header.zero_reads_as if header is not None else 0.0
+    return bool((sitk.GetArrayViewFromImage(image) == hidden).any())
 
 
 def with_nan_at(image: sitk.Image, indices: np.ndarray | None) -> sitk.Image:
