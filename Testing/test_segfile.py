@@ -51,6 +51,8 @@ def test_segments_are_matched_by_codes_then_by_name():
     kidney = {"category": ["SCT", "123037004", "x"], "type": ["SCT", "64033007", "y"]}
     left = {**kidney, "typeModifier": ["SCT", "7771000", "z"]}
     assert label_of_segment({"name": "Segment_1", "terminology": left}, LABELS).value == 2
+    older = {key: ["SRT", *code[1:]] for key, code in left.items()}  # as older Slicer versions wrote it
+    assert label_of_segment({"name": "Segment_1", "terminology": older}, LABELS).value == 2
     assert label_of_segment({"name": "liver", "terminology": kidney}, LABELS).value == 1  # no modifier: by name
     assert label_of_segment({"name": "  Tumour   CORE "}, LABELS).value == 3
     assert label_of_segment({"name": "kidney"}, LABELS) is None

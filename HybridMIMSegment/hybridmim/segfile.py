@@ -20,6 +20,8 @@ from .geometry import Grid
 from .labels import Label
 
 SUFFIX = ".seg.nrrd"
+# DICOM retired the designator SRT for SNOMED CT's SCT (same codes), which older Slicer versions wrote
+_SCHEME_NAMES = {"SRT": "SCT"}
 
 
 def is_segmentation_file(path) -> bool:
@@ -28,7 +30,7 @@ def is_segmentation_file(path) -> bool:
 
 def _same_code(first, second) -> bool:
     """Two [scheme, value, meaning] codes are the same code: scheme and value (the meaning is free text)."""
-    return first[0] == second[0] and first[1] == second[1]
+    return _SCHEME_NAMES.get(first[0], first[0]) == _SCHEME_NAMES.get(second[0], second[0]) and first[1] == second[1]
 
 
 def _terminology_names(entry: dict, label: Label) -> bool:
