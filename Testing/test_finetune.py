@@ -262,7 +262,9 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
     refused = functools.partial(refused, "finetune")
     out = tmp_path / "m.safetensors"
     refused("--init", "scratch", "--data", folders["train"], "-o", out,
-            message="name the structures to segment with --labels")
+            message="name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
+                    "terminology; see scripts/labels/), or give every case as a Slicer segmentation (label.seg.nrrd), "
+                    "whose segments name them")
     refused("--init", "scratch", "--data", folders["train"], "--val", folders["val"], "--val-fraction", "0.2",
             "--recipe", folders["recipe"], "-o", out, message="either --val or --val-fraction")
     unlabelled = tmp_path / "unlabelled"
@@ -438,6 +440,61 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
     assert "STS_001: label.seg.nrrd: segments 'Segment_1', 'Tumour' are none of the labels ('soft-tissue sarcoma') " \
            "by terminology or name; read as background" in warnings_of(renamed)
     assert load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), {1: 1}).volumes[0].label.max() == 0
+
+
+def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(folders, tmp_path):
+    """From scratch with no labels file, the distinct segment names of the cases' Slicer segmentations are the labels
+    (with the segments' colours and codes); a run stopped and resumed keeps them, though a segment is renamed
+    meanwhile."""
+    from conftest import warnings_of, write_slicer_segmentation
+
+    sarcoma = json.loads((REPO / "scripts" / "labels" / "sarcoma.json").read_text())[0]
+    codes = {"category": sarcoma["terminology"]["category"], "type": sarcoma["terminology"]["type"]}
+
+    def write_cases(second_name: str) -> None:
+        for number, names in ((1, ["Tumour", second_name]), (2, ["tumour "])):
+            case = tmp_path / "data" / f"STS_{number:03d}"
+            case.mkdir(parents=True, exist_ok=True)
+            source = folders["train"] / case.name
+            if not (case / "image.nii.gz").exists():
+                (case / "image.nii.gz").symlink_to(source / "image.nii.gz")
+            label = sitk.ReadImage(str(source / "label.nii.gz"))
+            tumour = sitk.GetArrayFromImage(label) == 1
+            around = np.zeros_like(tumour)
+            around[int(np.nonzero(tumour)[0].min())] = True  # a slice through the tumour's top: a layer of its own
+            masks = [tumour, around]
+            write_slicer_segmentation(case / "label.seg.nrrd", label, [
+                {"name": name, "mask": masks[layer], "layer": layer, "value": 1, "terminology": codes}
+                if layer == 0 else {"name": name, "mask": masks[layer], "layer": layer, "value": 1}
+                for layer, name in enumerate(names)])
+
+    write_cases("Oedema")
+    recipe = tmp_path / "no labels.json"
+    recipe.write_text(json.dumps({**{k: v for k, v in TINY.items() if k != "labels"},
+                                  "train": {**TINY["train"], "epochs": 2, "steps_per_epoch": 3}}), encoding="utf-8")
+    output = tmp_path / "run.safetensors"
+    command = [sys.executable, "-m", "hybridmim", "finetune", "--init", "scratch", "--data", str(tmp_path / "data"),
+               "--val-fraction", "0", "--recipe", str(recipe), "--cache", str(tmp_path / "cache"), "-o", str(output),
+               "--device", "cpu", "--progress", "json"]
+    process, events = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO), []
+    for line in process.stdout:
+        events += [event] if (event := parse_event(line)) else []
+        if events and events[-1]["event"] == "progress" and events[-1]["stage"] == "fine-tune" and \
+                events[-1]["done"] == 2:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=120) == 0
+    assert {"event": "message", "level": "info", "text": "labels from the cases' segmentations: Tumour, Oedema"} in [
+        {k: e.get(k) for k in ("event", "level", "text")} for e in events]
+
+    write_cases("Swelling")
+    resumed = run_cli(*command[3:], "--resume", check_rc=0)
+    assert "STS_001: label.seg.nrrd: segment 'Swelling' is none of the labels ('Tumour', 'Oedema') by terminology " \
+           "or name; read as background" in warnings_of(resumed)
+    labels = read_metadata(output).labels
+    assert [(label.value, label.name) for label in labels] == [(1, "Tumour"), (2, "Oedema")]
+    assert labels[0].terminology == codes and labels[0].color == (128, 128, 128) and not labels[1].terminology
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):

@@ -47,15 +47,20 @@ def test_a_box_of_a_grid_is_placed_by_whole_voxels_and_any_other_grid_is_not():
     assert Grid.of(finer).offset_in(Grid.of(scan)) is None
 
 
-def test_segments_are_matched_by_codes_then_by_name():
+def test_segments_are_matched_by_name_then_by_codes_that_fit_one_label():
     kidney = {"category": ["SCT", "123037004", "x"], "type": ["SCT", "64033007", "y"]}
     left = {**kidney, "typeModifier": ["SCT", "7771000", "z"]}
     assert label_of_segment({"name": "Segment_1", "terminology": left}, LABELS).value == 2
+    assert label_of_segment({"name": "liver", "terminology": left}, LABELS).value == 1  # the name Slicer shows
     older = {key: ["SRT", *code[1:]] for key, code in left.items()}  # as older Slicer versions wrote it
     assert label_of_segment({"name": "Segment_1", "terminology": older}, LABELS).value == 2
-    assert label_of_segment({"name": "liver", "terminology": kidney}, LABELS).value == 1  # no modifier: by name
+    assert label_of_segment({"name": "kidney", "terminology": kidney}, LABELS) is None  # no modifier: no kidney
     assert label_of_segment({"name": "  Tumour   CORE "}, LABELS).value == 3
-    assert label_of_segment({"name": "kidney"}, LABELS) is None
+    tissue = {"category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "85756007", "Tissue"]}  # Slicer's default
+    generic = parse_labels([{"value": v, "name": f"Segment_{v}", "color": [0, 0, 0], "terminology": tissue}
+                            for v in (1, 2)])
+    assert label_of_segment({"name": "Segment_2", "terminology": tissue}, generic).value == 2
+    assert label_of_segment({"name": "Segment_3", "terminology": tissue}, generic) is None  # codes fit both
 
 
 def test_segments_become_their_labels_values_on_the_scan_with_what_was_left_out_named(tmp_path):

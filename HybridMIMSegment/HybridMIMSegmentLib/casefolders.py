@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from hybridmim.atomic import atomic_output
-from hybridmim.labels import CODE_FIELDS, parse_labels
+from hybridmim.labels import parse_labels, segment_entry
 
 
 def _file_name(index: int, volume_name: str) -> str:
@@ -35,17 +35,9 @@ def labels_from_segments(segments: list[dict]) -> list[dict]:
     Slicer's terminology tag or ""}``; checked as the engine will check them."""
     from slicerio.segmentation import terminology_entry_from_string
 
-    labels = []
-    for value, segment in enumerate(segments, start=1):
-        entry = {"value": value, "name": segment["name"],
-                 "color": [max(0, min(255, round(c * 255))) for c in segment["color"]]}
-        tag = segment.get("terminology") or ""
-        if tag:
-            parsed = terminology_entry_from_string(tag)
-            codes = {k: list(parsed[k]) for k in CODE_FIELDS if k in parsed and parsed[k] and parsed[k][1]}
-            if "category" in codes and "type" in codes:
-                entry["terminology"] = codes
-        labels.append(entry)
+    labels = [segment_entry(value, segment["name"], segment["color"],
+                            terminology_entry_from_string(segment["terminology"]) if segment.get("terminology") else None)
+              for value, segment in enumerate(segments, start=1)]
     parse_labels(labels, "the scene's segments")
     return labels
 

@@ -100,6 +100,16 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
     return labels
 
 
+def segment_entry(value: int, name: str, color, terminology: dict | None) -> dict:
+    """A label entry (parse_labels' form) for a Slicer segment: ``color`` (r, g, b) in 0..1, ``terminology`` in
+    slicerio's form (or None); only the codes Slicer filled in are kept, and only with a category and a type."""
+    entry = {"value": value, "name": name, "color": [max(0, min(255, round(c * 255))) for c in color]}
+    codes = {k: list(terminology[k]) for k in CODE_FIELDS if terminology and terminology.get(k) and terminology[k][1]}
+    if "category" in codes and "type" in codes:
+        entry["terminology"] = codes
+    return entry
+
+
 def class_indices(labels: list[Label]) -> dict[int, int]:
     """{value in the training label maps: class index (the output channel; 0 is background)}."""
     return {source: i + 1 for i, label in enumerate(labels) for source in label.sources}

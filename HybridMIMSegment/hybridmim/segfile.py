@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from .errors import UserError, message_line
 from .geometry import Grid
-from .labels import Label
+from .labels import Label, segment_entry
 
 SUFFIX = ".seg.nrrd"
 # DICOM retired the designator SRT for SNOMED CT's SCT (same codes), which older Slicer versions wrote
@@ -50,24 +50,54 @@ def _plain(name: str) -> str:
 
 
 def label_of_segment(segment: dict, labels: list[Label]) -> Label | None:
-    """The label a segment is: the one its terminology names, else the one of its name (case and spacing aside)."""
+    """The label a segment is: the one of its name (case and spacing aside; the name is what Slicer shows), else
+    the one its terminology names (None where the codes fit several labels: Slicer gives new segments the same
+    generic "Tissue" codes)."""
+    name = _plain(str(segment.get("name", "")))
+    by_name = [label for label in labels if _plain(label.name) == name]
+    if by_name:
+        return by_name[0]
     entry = segment.get("terminology")
     by_codes = [label for label in labels if entry and _terminology_names(entry, label)]
-    if by_codes:
-        return by_codes[0]
-    name = _plain(str(segment.get("name", "")))
-    return next((label for label in labels if _plain(label.name) == name), None)
+    return by_codes[0] if len(by_codes) == 1 else None
 
 
-def _read(path: Path, where: str) -> tuple[list[dict], sitk.Image]:
-    """The segments (slicerio's descriptions) and the voxels (one component per layer) of a segmentation file."""
+def _unreadable(exc: Exception, where: str) -> UserError:
+    return UserError(f"{where}: not a readable Slicer segmentation: {message_line(exc, last=True)}")
+
+
+def _segments(path: Path, where: str) -> list[dict]:
+    """A segmentation file's segments (slicerio's descriptions), from its header."""
     import slicerio
 
     try:
-        segments = slicerio.read_segmentation(str(path), skip_voxels=True).get("segments", [])
+        return slicerio.read_segmentation(str(path), skip_voxels=True).get("segments", [])
+    except Exception as exc:  # pynrrd's and slicerio's errors alike: the file is not what it says
+        raise _unreadable(exc, where) from None
+
+
+def _read(path: Path, where: str) -> tuple[list[dict], sitk.Image]:
+    """The segments and the voxels (one component per layer) of a segmentation file."""
+    segments = _segments(path, where)
+    try:
         return segments, sitk.ReadImage(str(path))
-    except Exception as exc:  # pynrrd's, slicerio's and ITK's errors alike: the file is not what it says
-        raise UserError(f"{where}: not a readable Slicer segmentation: {message_line(exc, last=True)}") from None
+    except RuntimeError as exc:
+        raise _unreadable(exc, where) from None
+
+
+def labels_of_segmentations(paths: list[Path]) -> list[dict]:
+    """Label entries (parse_labels' form) for the segments of Slicer segmentation files, one per distinct name (case
+    and spacing aside) in the order they first appear, valued 1, 2, …, with the segment's colour and terminology:
+    the labels of a fine-tuning run that nothing else names."""
+    entries, seen = [], set()
+    for path in paths:
+        for segment in _segments(path, str(path)):
+            name = " ".join(str(segment.get("name", "")).split())
+            if name and _plain(name) not in seen:
+                seen.add(_plain(name))
+                entries.append(segment_entry(len(entries) + 1, name, segment.get("color", (0.5, 0.5, 0.5)),
+                                             segment.get("terminology")))
+    return entries
 
 
 def _listed(names: list[str]) -> str:

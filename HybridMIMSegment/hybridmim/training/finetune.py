@@ -122,9 +122,32 @@ class Start:
     init: dict  # provenance of the init checkpoint ({} from scratch)
     weights: dict | None
     keep_head: bool  # the init model segments these very labels: its output layer carries over too
+    labels_of_data: list[dict] | None = None  # labels read from the cases' segmentations (kept for a resume)
 
 
-def resolve_start(init: str, recipe: dict, labels_file: str | None, reporter: Reporter) -> Start:
+def _labels_of_segmentations(data_paths, reporter: Reporter) -> list[dict]:
+    """The labels of a run that nothing else names, from its cases' Slicer segmentations (label.seg.nrrd): one per
+    distinct segment name."""
+    from ..segfile import is_segmentation_file, labels_of_segmentations
+
+    asked = ("name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
+             "terminology; see scripts/labels/)")
+    if not data_paths or any(is_prepared_folder(p) for p in data_paths):
+        raise UserError(asked)
+    files = [case.label for case in find_cases(data_paths, labelled=True)]
+    if not all(is_segmentation_file(f) for f in files):
+        raise UserError(f"{asked}, or give every case as a Slicer segmentation (label.seg.nrrd), whose segments "
+                        "name them")
+    entries = labels_of_segmentations(files)
+    if not entries:
+        raise UserError(f"{asked}: the cases' segmentations hold no named segments")
+    reporter.info(f"labels from the cases' segmentations: {', '.join(e['name'] for e in entries)}")
+    return entries
+
+
+def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data_paths=()) -> Start:
+    """Network, pre-processing, labels and init weights of a run. Labels: ``labels_file`` (a path, or the labels
+    themselves), else the recipe's, else the init model's, else the distinct segments of ``data_paths``' cases."""
     if init == "scratch":
         scratch = recipe["scratch"]
         base = {"network": scratch["network"], "channels": scratch["channels"],
@@ -141,6 +164,7 @@ def resolve_start(init: str, recipe: dict, labels_file: str | None, reporter: Re
         weights = load_file(str(path))
         provenance = {"file": path.name, "sha256": file_sha256(path), "task": init_meta.task,
                       "method": init_meta.method, "title": init_meta.title, "pretraining": init_meta.pretraining}
+    labels_of_data = None
     if labels_file:
         labels, regions = read_labels(labels_file)
     elif recipe.get("labels"):
@@ -148,15 +172,15 @@ def resolve_start(init: str, recipe: dict, labels_file: str | None, reporter: Re
     elif init_meta is not None and init_meta.labels:
         labels, regions = list(init_meta.labels), list(init_meta.regions)
     else:
-        raise UserError("name the structures to segment with --labels FILE (a JSON list of value, name, colour "
-                        "and terminology; see scripts/labels/)")
+        labels_of_data = _labels_of_segmentations(data_paths, reporter)
+        labels, regions = parse_label_file(labels_of_data, "the cases' segmentations")
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
     def outputs(ls):  # what the output channels mean; the largest-piece clean-up after them does not count
         return [{k: v for k, v in label.to_dict().items() if k != "largest_component"} for label in ls]
 
     keep_head = init_meta is not None and outputs(init_meta.labels) == outputs(labels)
     return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
-                 regions, provenance, weights, keep_head)
+                 regions, provenance, weights, keep_head, labels_of_data)
 
 
 def transfer_weights(network: torch.nn.Module, weights: dict, keep_head: bool) -> dict:
@@ -198,7 +222,7 @@ def _prepare_only(init: str, data_paths, labels_file, recipe_file, cache, report
     (on a machine without the scans or SimpleITK, for example)."""
     if not cache:
         raise UserError("--prepare-only needs --cache DIR: the folder to prepare into")
-    start = resolve_start(init, load_recipe(recipe_file), labels_file, reporter)
+    start = resolve_start(init, load_recipe(recipe_file), labels_file, reporter, data_paths)
     data = prepare_cases(find_cases(data_paths, labelled=True), start.preprocessing, Path(cache), reporter,
                          start.labels, start.channels)
     outputs = {"volumes": len(data.volumes), "folder": str(cache)}
@@ -277,7 +301,7 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
             isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
     check_time_limit(schedule.max_minutes)
-    start = resolve_start(init, recipe, labels_file, reporter)
+    start = resolve_start(init, recipe, labels_file, reporter, [*data_paths, *(val_paths or [])])
     try:
         with StopRequest(at_once=True):  # until the first step, a stop ends the run at once: nothing to save yet
             train_data, val_data, network, torch_device = _prepare_run(start, schedule, data_paths, val_paths, cache,
@@ -285,7 +309,7 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
     except StoppedBeforeTraining:
         return report_stopped_before_training(output_path, state is not None, reporter)
     return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
-                  reporter, {"init_spec": init, "labels_file": labels_file})
+                  reporter, {"init_spec": init, "labels_file": labels_file or start.labels_of_data})
 
 
 def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths, cache, exclude, device,
