@@ -35,9 +35,11 @@ def labels_from_segments(segments: list[dict]) -> list[dict]:
     Slicer's terminology tag or ""}``; checked as the engine will check them."""
     from slicerio.segmentation import terminology_entry_from_string
 
-    labels = [segment_entry(value, segment["name"], segment["color"],
-                            terminology_entry_from_string(segment["terminology"]) if segment.get("terminology") else None)
-              for value, segment in enumerate(segments, start=1)]
+    labels = []
+    for value, segment in enumerate(segments, start=1):
+        tag = segment.get("terminology")
+        labels.append(segment_entry(value, segment["name"], segment["color"],
+                                    terminology_entry_from_string(tag) if tag else None))
     parse_labels(labels, "the scene's segments")
     return labels
 
