@@ -205,8 +205,8 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
 
 def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop, tmp_path, refused):
     """A label.seg.nrrd reference (cut to its segments' box, segments numbered in their own order, named as the
-    model's labels but for case) scores exactly as the label map it was made from; one off the scan's voxel grid is
-    refused in one line, before any report."""
+    model's labels but for case) scores exactly as the label map it was made from; one off the scan's voxel grid, or
+    one beside a label.nii.gz (which is the case's?), is refused in one line, before any report."""
     from conftest import write_slicer_segmentation
 
     label = sitk.ReadImage(str(abdomen_crop["label"]))
@@ -220,15 +220,21 @@ def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop
     shifted = sitk.Image(box)
     shifted.SetOrigin([o + s / 2 for o, s in zip(box.GetOrigin(), box.GetSpacing())])
     reports = {}
-    for variant in ("label map", "segmentation", "off the grid"):
+    for variant in ("label map", "segmentation", "off the grid", "both"):
         case = tmp_path / variant / "ct_a"
         case.mkdir(parents=True)
         (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
-        if variant == "label map":
+        if variant in ("label map", "both"):
             (case / "label.nii.gz").symlink_to(abdomen_crop["label"])
-        else:
-            write_slicer_segmentation(case / "label.seg.nrrd", box if variant == "segmentation" else shifted, segments)
+        if variant != "label map":
+            write_slicer_segmentation(case / "label.seg.nrrd", shifted if variant == "off the grid" else box, segments)
         report = tmp_path / f"{variant}.json"
+        if variant == "both":
+            refused("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report,
+                    message=f"{case}: holds label.nii.gz and label.seg.nrrd; keep the one label file that is the "
+                            "case's, and move the other out of the folder")
+            assert not report.exists()
+            continue
         if variant == "off the grid":
             refused("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report,
                     message="case ct_a: label.seg.nrrd does not lie on the image's grid (another spacing or direction, "

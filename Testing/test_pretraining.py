@@ -301,6 +301,9 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):
         find_cases([tmp_path / "empty"])
+    (case_folder / "image.nrrd").symlink_to(abdomen)  # which image would be read is the file system's choice
+    with pytest.raises(UserError, match=f"^{case_folder}: holds image.nii.gz and image.nrrd; keep the one image file"):
+        find_cases([tmp_path / "cases"])
 
 
 def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path, monkeypatch):

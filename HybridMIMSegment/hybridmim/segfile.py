@@ -3,7 +3,7 @@ references corrected in Slicer and saved as they are.
 
 A segmentation's own label values only number the segments within a layer (segments that overlap lie in separate
 layers), so they say nothing about which structure a segment is. Each segment is matched to a label instead, by
-its terminology's codes, else by its name, and written as that label's label-map value onto the scan's grid
+its name, else by its terminology's codes, and written as that label's label-map value onto the scan's grid
 (Slicer saves a segmentation on its scan's grid, often cut to the box its segments fill).
 """
 

@@ -98,16 +98,21 @@ def _dicom_cases_below(root: Path, folder: Path) -> list[Case]:
 
 def _case_in_folder(folder: Path) -> Case | None:
     """A case folder of the dataset layout: image.nii.gz, or image_0000.nii.gz, image_0001.nii.gz, …,
-    and optionally label.nii.gz (any image type), or else Slicer's label.seg.nrrd."""
-    files = [p for p in folder.iterdir() if _is_image(p)]
-    segmentation = folder / "label.seg.nrrd"
-    label = next((p for p in files if p.name.split(".")[0] == "label"), None) or (
-        segmentation if segmentation.is_file() else None)
+    and optionally one label file: label.nii.gz (any image type) or Slicer's label.seg.nrrd."""
+    files = sorted(p for p in folder.iterdir() if _is_image(p))
     single = [p for p in files if p.name.split(".")[0] == "image"]
-    if single:
-        return Case(folder.name, (single[0],), label)
-    channels = sorted(p for p in files if p.name.split(".")[0].startswith("image_"))
-    return Case(folder.name, tuple(channels), label) if channels else None
+    channels = single[:1] or [p for p in files if p.name.split(".")[0].startswith("image_")]
+    if not channels:
+        return None
+    segmentation = folder / "label.seg.nrrd"
+    labels = [p for p in files if p.name.split(".")[0] == "label"] + [segmentation] * segmentation.is_file()
+    # which of two would be read is down to the file system's order: say so rather than guess (a case corrected in
+    # Slicer and saved as label.seg.nrrd beside the label.nii.gz it was made from)
+    for kind, found in (("label", labels), ("image", single)):
+        if len(found) > 1:
+            raise UserError(f"{folder}: holds {' and '.join(p.name for p in found)}; keep the one {kind} file that is "
+                            "the case's, and move the other out of the folder")
+    return Case(folder.name, tuple(channels), labels[0] if labels else None)
 
 
 def _decathlon_cases(folder: Path) -> list[Case]:
