@@ -100,7 +100,8 @@ def test_each_level_is_cut_from_the_region_hidden_above(ct_crop):
         region = (slice(32 * a, 32 * a + 32), slice(32 * b, 32 * b + 32), slice(32 * c, 32 * c + 32))
         assert torch.equal(middle[j, 0], ct_crop[(0, 0, *region)])  # the octant at native resolution …
         half = tuple(slice(s.start // 2, s.stop // 2) for s in region)
-        assert torch.allclose(F.avg_pool3d(middle[j:j + 1], 2)[0, 0], coarse[(0, 0, *half)], atol=1e-6)  # … seen coarse
+        # … and, averaged 2×, the coarse level there
+        assert torch.allclose(F.avg_pool3d(middle[j:j + 1], 2)[0, 0], coarse[(0, 0, *half)], atol=1e-6)
         tokens = tuple(slice(s.start // 8, s.stop // 8) for s in half)
         assert coarse_mask[(0, *tokens)].all()  # and hidden there
     for index, token in enumerate(choices["fine_tokens"].flatten().tolist()):
