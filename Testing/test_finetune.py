@@ -23,6 +23,7 @@ from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
+from hybridmim.runfiles import curve_path
 from hybridmim.training import runstate
 from hybridmim.training.finetune import (FinetuneSchedule, load_recipe, resolve_start, run_finetune, split_cases,
                                         transfer_weights)
@@ -188,16 +189,22 @@ def test_stop_then_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(fol
 
 
 def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_path):
+    """The state is saved; no model and no curve are written yet, and the done event does not name them."""
     output = tmp_path / "run.safetensors"
     process = _start(folders, output)
     for line in process.stdout:
         if parse_event(line) == {"event": "stage", "name": "validate"}:
             process.send_signal(signal.SIGTERM)
             break
-    process.stdout.read()
+    events = [e for e in map(parse_event, process.stdout.read().splitlines()) if e]
     assert process.wait(timeout=60) == 0, process.stderr.read()
     state = runstate.load_resume_state(output, "finetune")
     assert state["step"] == 0 and [h["epoch"] for h in state["history"]] == [0]  # its validation finished
+    outputs = events[-1]["outputs"]
+    assert events[-1]["event"] == "done" and outputs["stopped"] and outputs["resume_state"] == str(
+        runstate.state_path(output))
+    assert outputs["checkpoint"] is None and outputs["curve"] is None and outputs["best_dice"] is None
+    assert not output.exists() and not curve_path(output).exists()
 
 
 def test_stop_while_preparing_the_data_ends_at_once_with_nothing_to_resume(folders, tmp_path):

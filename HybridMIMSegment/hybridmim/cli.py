@@ -171,7 +171,9 @@ def _cmd_finetune(args, reporter: Reporter) -> None:
     elif reporter.mode == "tqdm" and not outputs.get("before_training"):
         best = "" if outputs["best_dice"] is None else f", best validation Dice {outputs['best_dice']:.3f} " \
                                                       f"at epoch {outputs['best_epoch']}"
-        print(f"wrote {outputs['checkpoint']}{best}; curve {outputs['curve']}", file=sys.stderr)
+        curve = f"; curve {outputs['curve']}" if outputs["curve"] else ""
+        written = f"wrote {outputs['checkpoint']}{best}" if outputs["checkpoint"] else "no model written yet"
+        print(f"{written}{curve}; resume state {outputs['resume_state']}", file=sys.stderr)
 
 
 def _cmd_evaluate(args, reporter: Reporter) -> None:

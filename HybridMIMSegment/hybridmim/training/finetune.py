@@ -425,9 +425,13 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             stopped = stop.requested
     if stopped and (run["step"] % schedule.steps_per_epoch or run["step"] == 0):
         save_state()  # mid-epoch (the epoch's losses so far travel in the state), or before the first step
-    outputs = {"checkpoint": str(output), "resume_state": str(state_path(output)), "curve": str(curve_path(output)),
-               "step": run["step"], "steps": total_steps, "best_dice": run["best"] if val_data is not None else None,
-               "best_epoch": run["best_epoch"], "stopped": stopped, "stopped_early": early}
+    # a model is written at a validation that improves on the best (without validation cases, at the last epoch),
+    # the curve at each epoch's end: a run stopped before either has written neither
+    saved, plotted = run["best_epoch"] > 0, run["step"] >= schedule.steps_per_epoch
+    outputs = {"checkpoint": str(output) if saved else None, "resume_state": str(state_path(output)),
+               "curve": str(curve_path(output)) if plotted else None, "step": run["step"], "steps": total_steps,
+               "best_dice": run["best"] if val_data is not None and saved else None, "best_epoch": run["best_epoch"],
+               "stopped": stopped, "stopped_early": early}
     if stopped:
         reporter.info(f"stopped at step {run['step']} of {total_steps}; `--resume` continues from there")
     elif early:
