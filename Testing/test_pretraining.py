@@ -298,6 +298,9 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="not an image file"):
         find_cases([tmp_path / "notes.txt"])
+    (tmp_path / "case.seg.nrrd").write_text("x")
+    with pytest.raises(UserError, match="case.seg.nrrd: a Slicer segmentation, not a scan"):
+        find_cases([tmp_path / "case.seg.nrrd"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):
         find_cases([tmp_path / "empty"])

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import slicerio
 from PIL import Image
 
-from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of
+from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of, write_slicer_segmentation
 from hybridmim.labels import parse_labels
 from hybridmim.metrics import dice_per_label
 from hybridmim.progress import parse_event
@@ -207,6 +207,15 @@ def _spacing_in_centimetres(tmp_path):
     return [path]
 
 
+def _slicer_segmentation(tmp_path):
+    """The reference of a real CT as Slicer saves it: ITK reads it as a volume of small whole numbers."""
+    reference = sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz")))
+    path = tmp_path / "ct_a.seg.nrrd"
+    write_slicer_segmentation(path, reference, [
+        {"name": "liver", "mask": sitk.GetArrayViewFromImage(reference) == 6, "layer": 0, "value": 1}])
+    return [path]
+
+
 def _two_channels(tmp_path):
     return [data_file("abdomen_ct/ct_a.nii.gz"), data_file("abdomen_ct/ct_a.nii.gz")]
 
@@ -223,6 +232,7 @@ def _two_channels(tmp_path):
     (_four_d, [], "4-D image"),
     (_spacing_in_centimetres, [], "its header makes it 3660 x 3030 x 3360 mm (voxels of 30 x 30 x 30 mm), larger "
                                   "than any patient"),
+    (_slicer_segmentation, [], "ct_a.seg.nrrd: a Slicer segmentation, not a scan; give the scan it outlines"),
     (_two_channels, [], "expects 1 input channel"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "no-such-model"], "unknown model"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "__TEXT__"], "not a safetensors checkpoint"),

@@ -231,6 +231,10 @@ def read_channels(paths, warn: Callable[[str], None] = lambda _: None,
                   series: str | None = None) -> list[sitk.Image]:
     """Input channels on the grid of the first; others are resampled onto it (linear) with a warning. ``series``:
     the DICOM series a folder channel reads (a case of one series among several in a folder)."""
+    from .segfile import refuse_as_scan
+
+    for path in paths:
+        refuse_as_scan(path)
     images = [read_volume(p, warn, series) for p in paths]
     reference = Grid.of(images[0])
     for i in range(1, len(images)):

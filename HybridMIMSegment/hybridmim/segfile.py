@@ -28,6 +28,12 @@ def is_segmentation_file(path) -> bool:
     return Path(path).name.lower().endswith(SUFFIX)
 
 
+def refuse_as_scan(path) -> None:
+    """A segmentation given where a scan is wanted (ITK would read its label values as intensities) is refused."""
+    if is_segmentation_file(path):
+        raise UserError(f"{path}: a Slicer segmentation, not a scan; give the scan it outlines")
+
+
 def _same_code(first, second) -> bool:
     """Two [scheme, value, meaning] codes are the same code: scheme and value (the meaning is free text)."""
     return _SCHEME_NAMES.get(first[0], first[0]) == _SCHEME_NAMES.get(second[0], second[0]) and first[1] == second[1]

@@ -141,6 +141,9 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
         if not path.exists():
             raise UserError(f"{path}: no such file or folder")
         if path.is_file():
+            from .segfile import refuse_as_scan
+
+            refuse_as_scan(path)
             if not _is_image(path):
                 raise UserError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
             cases.append(Case(_image_stem(path), (path,)))
