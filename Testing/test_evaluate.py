@@ -203,6 +203,31 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
     assert reports["nan"] == reports["as given"]
 
 
+
+@pytest.mark.parametrize("labels", [1, 7, 14])
+def test_an_overlays_title_lies_above_the_top_rows_panel_titles(labels):
+    """An overlay has a row of three planes per label; in a tall one, tight_layout alone put the figure's title
+    over the top row's panel titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybridmim.preview import lay_out
+
+    fig, axes = plt.subplots(labels, 3, figsize=(9, 3 * labels), facecolor="black", squeeze=False)
+    for ax in axes.ravel():
+        ax.imshow(np.eye(8))
+        ax.set_title("inferior vena cava · coronal", fontsize=8)
+        ax.axis("off")
+    lay_out(fig, "ct_a: reference (solid) vs model (dashed)")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    [title] = [text.get_window_extent(renderer) for text in fig.texts]  # the suptitle is the figure's one text
+    panel_tops = [ax.title.get_window_extent(renderer).y1 for ax in axes.ravel()]
+    assert max(panel_tops) < title.y0 and title.y1 <= fig.bbox.y1
+    plt.close(fig)
+
 def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop, tmp_path, refused):
     """A label.seg.nrrd reference (cut to its segments' box, segments numbered in their own order, named as the
     model's labels but for case) scores exactly as the label map it was made from; one off the scan's voxel grid, or

@@ -59,10 +59,21 @@ def _median_index(mask_zyx: np.ndarray) -> tuple[int, int, int]:
     return tuple(centre)
 
 
-def _save_figure(fig, path: Path, dpi: int) -> None:
+def lay_out(fig, title: str = "") -> None:
+    """Panels laid out tight, ``title`` above them in a band of its own (tight_layout alone let it cover the top
+    row's panel titles in a tall figure, such as an evaluation overlay of seven labels)."""
+    if title:
+        band = 0.45 / fig.get_figheight()  # 0.45 inch, as a share of the figure's height
+        fig.suptitle(title, color="white", fontsize=11, y=1 - band / 5, va="top")
+        fig.tight_layout(rect=(0, 0, 1, 1 - band))
+    else:
+        fig.tight_layout()
+
+
+def _save_figure(fig, path: Path, dpi: int, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    lay_out(fig, title)
     with atomic_output(Path(path)) as tmp:
         fig.savefig(tmp, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
     plt.close(fig)
@@ -94,9 +105,7 @@ def render_reconstruction_montage(original: sitk.Image, masked: sitk.Image, reco
                           interpolation="bilinear")
             ax.set_title(f"{name} · {view}", color="white", fontsize=8)
             ax.axis("off")
-    if title:
-        fig.suptitle(title, color="white", fontsize=11)
-    _save_figure(fig, path, dpi=90)
+    _save_figure(fig, path, dpi=90, title=title)
 
 
 def render_preview(image: sitk.Image, labels: sitk.Image, label_table: list[Label], path: Path,
@@ -192,6 +201,4 @@ def render_comparison(image: sitk.Image, prediction: sitk.Image, reference: sitk
                 if mask.any():
                     ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style)
             ax.set_title(f"{label.name} · {view}", color="white", fontsize=8)
-    if title:
-        fig.suptitle(title, color="white", fontsize=10)
-    _save_figure(fig, path, dpi=90)
+    _save_figure(fig, path, dpi=90, title=title)
