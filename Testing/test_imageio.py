@@ -17,7 +17,7 @@ from conftest import REPO, crop, data_file
 from hybridmim import imageio
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
-from hybridmim.imageio import dicom_series, read_channels, read_volume, write_labelmap
+from hybridmim.imageio import dicom_series, labelmap_model, read_channels, read_volume, write_labelmap
 from hybridmim.labels import parse_labels
 
 BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
@@ -301,6 +301,12 @@ def test_what_made_a_label_map_is_in_its_header(tmp_path, label_crop, suffix):
             "HybridMIM_engine": "hybridmim 9.9", "HybridMIM_model": "my-model", "HybridMIM_model_sha256": "ab" * 32}
     if suffix == ".seg.nrrd":  # and the segments are still Slicer's
         assert [s["name"] for s in slicerio.read_segmentation(str(path))["segments"]][:2] == ["spleen", "right kidney"]
+    # read back: the whole digest, or from NIfTI's description what fits (79 characters in all)
+    digest = "ab" * 32 if suffix != ".nii.gz" else ("ab" * 32)[:79 - len("hybridmim 9.9; my-model; ")]
+    assert labelmap_model(path) == ("my-model", digest)
+    made_elsewhere = tmp_path / f"elsewhere{suffix}"
+    sitk.WriteImage(label_crop, str(made_elsewhere))
+    assert labelmap_model(made_elsewhere) is None
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")

@@ -186,6 +186,29 @@ def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, case
     assert unsure[("abdomen", "liver")] == "" and float(unsure[("small.v2", "liver")]) > 0
 
 
+def test_skip_existing_keeps_only_the_label_maps_of_the_model_that_goes_on(segmented_many, cases, tmp_path, refused):
+    """Kept maps of another model would be counted with this one's labels: refused before any work; a map whose
+    header names no model (made elsewhere) is kept with a warning."""
+    out = tmp_path / "labels"
+    shutil.copytree(segmented_many[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused("segment", "--data", cases, "-o", out, "--skip-existing", "--model", "sarcoma-ct",
+            message=f"{out / 'abdomen.seg.nrrd'}: made by the model abdomen-ct-scratch, not by sarcoma-ct; "
+                    "--skip-existing keeps only label maps of the model that segments the rest: continue with "
+                    "--model abdomen-ct-scratch, or pass --overwrite to replace them")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    plain, made = out / "case3.seg.nrrd", sitk.ReadImage(str(out / "case3.seg.nrrd"))
+    voxels = sitk.GetImageFromArray(sitk.GetArrayFromImage(made))  # the same voxels, without our header fields
+    voxels.CopyInformation(made)
+    sitk.WriteImage(voxels, str(plain))
+    result = run_cli("segment", "--data", cases, "-o", out, "--skip-existing", "--progress", "json", check_rc=0)
+    warnings = [e["text"] for e in map(parse_event, result.stdout.splitlines()) if e and e.get("level") == "warning"]
+    assert warnings == ["1 label maps kept (case3.seg.nrrd) do not say which model made them; they are counted "
+                        "with the labels of abdomen-ct-scratch"]
+    assert _statistics(out / "statistics.csv") == _statistics(segmented_many[0] / "statistics.csv")
+
+
 def test_bad_batch_requests_are_refused_before_any_work(refused, cases, small_ct, tmp_path):
     out = tmp_path / "out"
     refused("segment", small_ct, "--data", cases, "-o", out, message="not both")

@@ -65,6 +65,27 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     return out.getvalue()
 
 
+def _check_kept_maps_model(paths: list[Path], provenance: dict[str, str], reporter: Reporter) -> None:
+    """Label maps kept by --skip-existing must be the model's that segments the rest: another model's would be
+    counted and drawn with this one's labels (a tumour model's 1 as the abdominal model's spleen)."""
+    from .imageio import labelmap_model
+
+    unnamed = []
+    for path in paths:
+        made_by = labelmap_model(path)
+        if made_by is None:
+            unnamed.append(path.name)
+        elif not provenance["model_sha256"].startswith(made_by[1]):
+            name, renamed = made_by[0], made_by[0] != provenance["model"]
+            raise UserError(f"{path}: made by the model {name}{'' if renamed else ' (another file of that name)'}, "
+                            f"not by {provenance['model']}; --skip-existing keeps only label maps of the model that "
+                            f"segments the rest: {f'continue with --model {name}, or ' if renamed else ''}pass "
+                            "--overwrite to replace them")
+    if unnamed:
+        reporter.warning(f"{len(unnamed)} label maps kept ({', '.join(unnamed[:3])}{' …' * (len(unnamed) > 3)}) do "
+                         f"not say which model made them; they are counted with the labels of {provenance['model']}")
+
+
 def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",
                   suffix: str = ".seg.nrrd", previews: bool = False, overwrite: bool = False,
                   skip_existing: bool = False, reporter: Reporter | None = None) -> dict:
@@ -102,6 +123,8 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
             meta.check_input_count(len(case.channels), checkpoint.name)
         except UserError as exc:
             raise UserError(f"case {case.name}: {exc}") from None
+    provenance = labelmap_provenance(checkpoint)
+    _check_kept_maps_model([planned[name]["segmentation"] for name in sorted(kept)], provenance, reporter)
     make_folder(folder, "the output folder")
     network = None
     if len(kept) < len(cases):
@@ -109,7 +132,6 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         network = load_network(checkpoint, meta, device, reporter)
 
     statistics, failed, channel_names = {}, {}, [c["name"] for c in meta.channels]
-    provenance = labelmap_provenance(checkpoint)
     full = None  # the case at which the disk was found full: the run stops there
     reporter.stage("segment")
     for index, case in enumerate(cases):

@@ -25,6 +25,8 @@ from .labels import Label
 from .slicepositions import files_of_main_geometry, one_orientation, place_slices, slice_positions
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+# Where a label map's header says what made it: a field per item in NRRD and MHA; in NIfTI, the description
+PROVENANCE_PREFIX, NIFTI_NOTES, NOTES_SEPARATOR = "HybridMIM_", "ITK_FileNotes", "; "
 # A whole-body CT spans about 2 m: a header saying more has a wrong voxel spacing (metres taken for millimetres,
 # say), and resampling it to a model's grid would ask for more memory than any machine has
 MAX_EXTENT_MM = 3000.0
@@ -261,11 +263,11 @@ def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
     path = Path(path)
     check_labelmap_path(path)
     image = sitk.Cast(image, _labelmap_pixel_type(labels))
-    fields = {f"HybridMIM_{key}": str(value) for key, value in (provenance or {}).items()}
+    fields = {f"{PROVENANCE_PREFIX}{key}": str(value) for key, value in (provenance or {}).items()}
     suffix = full_suffix(path).lower()
     if suffix in (".nii", ".nii.gz"):
         if provenance:
-            image.SetMetaData("ITK_FileNotes", "; ".join(map(str, provenance.values()))[:79])
+            image.SetMetaData(NIFTI_NOTES, NOTES_SEPARATOR.join(map(str, provenance.values()))[:79])
     elif suffix != ".seg.nrrd":
         for key, value in fields.items():
             image.SetMetaData(key, value)
@@ -274,6 +276,23 @@ def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
             _write_seg_nrrd(image, tmp, labels, fields)
         else:
             write_image(image, tmp, path)
+
+
+def labelmap_model(path: str | Path) -> tuple[str, str] | None:
+    """The model that made a label map, as write_labelmap's provenance names it in the header: (name, SHA256 of
+    its file; from a NIfTI, whose description is cut to 79 characters, the start of it); None when the header
+    names none (a map made elsewhere) or cannot be read."""
+    header = read_header(path)
+    if header is None:
+        return None
+    keys = set(header.GetMetaDataKeys())
+    name, digest = f"{PROVENANCE_PREFIX}model", f"{PROVENANCE_PREFIX}model_sha256"
+    if {name, digest} <= keys:
+        return header.GetMetaData(name), header.GetMetaData(digest)
+    notes = header.GetMetaData(NIFTI_NOTES).split(NOTES_SEPARATOR) if NIFTI_NOTES in keys else []
+    if len(notes) == 3 and notes[0].startswith("hybridmim ") and notes[2]:  # engine, model, model_sha256
+        return notes[1], notes[2]
+    return None
 
 
 def write_image(image: sitk.Image, tmp: Path, path: Path) -> None:
