@@ -83,6 +83,17 @@ def test_a_short_finetune_raises_validation_dice(folders, tmp_path):
     assert sorted(d["name"] for d in meta.provenance["train_data"]) == ["STS_001", "STS_002", "STS_003", "STS_004"]
     assert output.with_name("sarcoma.curve.png").stat().st_size > 10_000
 
+    # Refined on the same labels, it starts where it ended: its output layer is kept, not drawn anew.
+    stream = io.StringIO()
+    run_finetune(str(output), [str(folders["train"])], str(tmp_path / "refined.safetensors"), Reporter("json", stream),
+                 val_paths=[str(folders["val"])], recipe_file=str(folders["recipe"]), cache=str(folders["cache"]),
+                 device="cpu", epochs=1)
+    events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+    assert any(e["event"] == "message" and e["text"].endswith("tensors transferred, the output layer kept too: the "
+                                                              "same labels") for e in events)
+    first = next(e for e in events if e["event"] == "metric")
+    assert first["epoch"] == 0 and first["dice"] == pytest.approx(best, abs=0.01)
+
     # The model it wrote is a working segmentation model.
     seg = tmp_path / "sts036.nii.gz"
     run_cli("segment", folders["val"] / "STS_036" / "image.nii.gz", "-o", seg, "--model", output, check_rc=0)

@@ -340,8 +340,9 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     network = build_network(start.network).to(torch_device)
     if start.weights is not None and state is None:
         summary = transfer_weights(network, start.weights, keep_head=start.keep_head)
-        reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, "
-                      f"{len(summary['new'])} new ({', '.join(summary['new'])})")
+        new = f"{len(summary['new'])} new ({', '.join(summary['new'])})" if summary["new"] else \
+            "the output layer kept too: the same labels"
+        reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, {new}")
     return train_data, val_data, network, torch_device
 
 
