@@ -256,6 +256,16 @@ def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too
                            val_paths=[str(folders["val"])], cache=str(folders["cache"]), device="cpu", resume=True)
     assert resumed["step"] == resumed["steps"] == 3 * epochs
 
+    # A limit shorter than the first epoch: the run ends with that epoch, and says so.
+    stream = io.StringIO()
+    short = run_finetune("scratch", [str(folders["train"])], str(tmp_path / "short.safetensors"),
+                         Reporter("json", stream), val_paths=[str(folders["val"])], recipe_file=str(recipe),
+                         cache=str(folders["cache"]), device="cpu", max_minutes=0.001)
+    messages = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
+    assert any(re.fullmatch(r"the first epoch took [0-9.]+ s, more than the 0.001 minutes: the run ends with it \(an "
+                            r"epoch, validated, is the least it trains\)", m) for m in messages), messages
+    assert short["step"] == short["steps"] == 3 and short["checkpoint"]
+
 
 def test_a_resume_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"

@@ -230,6 +230,13 @@ def test_max_minutes_keeps_the_steps_that_fit_and_ends_the_schedules_there(prepa
     done = [e for e in map(parse_event, resumed.stdout.splitlines()) if e and e["event"] == "done"]
     assert done[0]["outputs"]["step"] == done[0]["outputs"]["steps"] == fit
 
+    # A limit the timed steps would pass is kept too: the steps are fitted once the next one would pass it (a
+    # 1-minute run of 21-s CPU steps took 4 minutes, its 11 timed steps).
+    limit, short = 4 * pace, tmp_path / "short.safetensors"
+    outputs = pretrain(recipe, data, short, Reporter("quiet"), device="cpu", max_minutes=limit / 60)
+    trained = load_resume_state(short)["elapsed"]
+    assert outputs["step"] == outputs["steps"] < 11 and trained < limit + 2 * pace, (outputs, trained, pace)
+
 
 def test_two_process_gloo_run_completes(prepared, recipe_file, tmp_path):
     """Two ranks, each timing its own pace under --max-minutes: both stop at the same step."""

@@ -230,10 +230,14 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
             optimiser_step(optimiser, scheduler, scaler, learnt, schedule.grad_clip)
             step += 1
             if step == start + 1:
-                paced_from = time.time()
-            elif step == start + 1 + PACE_STEPS and schedule.max_minutes:
-                recipe = _fit_steps_in_time(recipe, schedule, step, (time.time() - paced_from) / PACE_STEPS,
-                                            elapsed + time.time() - started, dist, reporter)
+                paced_from = first_step = time.time()
+            if schedule.max_minutes and step <= start + 1 + PACE_STEPS:
+                # fitted once PACE_STEPS steps are timed, or sooner where the next step would pass the limit
+                timed, now = step - start - 1, time.time()
+                pace = (now - paced_from) / timed if timed else first_step - started
+                spent = elapsed + now - started
+                if timed == PACE_STEPS or dist.any(spent + pace > schedule.max_minutes * 60):
+                    recipe = _fit_steps_in_time(recipe, schedule, step, pace, spent, dist, reporter)
             if hasattr(method, "after_step"):  # SelfMedHPM's teacher follows the student
                 method.after_step(step, schedule.steps)
             window.append(terms)

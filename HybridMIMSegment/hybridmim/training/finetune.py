@@ -447,8 +447,11 @@ def _fit_epochs_in_time(run: dict, schedule: FinetuneSchedule, first_epoch_secon
     validation not yet counted: the first validation, before training, stands in for it); the new total steps."""
     fit = max(1, int(schedule.max_minutes * 60 // first_epoch_seconds))
     if fit < schedule.epochs:
-        reporter.info(f"the first epoch took {first_epoch_seconds:.1f} s: {fit} of {schedule.epochs} epochs fit "
-                      f"in {schedule.max_minutes:g} minutes")
+        took = f"the first epoch took {first_epoch_seconds:.1f} s"
+        reporter.info(f"{took}: {fit} of {schedule.epochs} epochs fit in {schedule.max_minutes:g} minutes"
+                      if first_epoch_seconds <= schedule.max_minutes * 60 else
+                      f"{took}, more than the {schedule.max_minutes:g} minutes: the run ends with it (an epoch, "
+                      "validated, is the least it trains)")
         schedule.epochs = run["epochs"] = fit
     return schedule.epochs * schedule.steps_per_epoch
 
