@@ -204,8 +204,8 @@ def test_skip_existing_keeps_only_the_label_maps_of_the_model_that_goes_on(segme
     sitk.WriteImage(voxels, str(plain))
     result = run_cli("segment", "--data", cases, "-o", out, "--skip-existing", "--progress", "json", check_rc=0)
     warnings = [e["text"] for e in map(parse_event, result.stdout.splitlines()) if e and e.get("level") == "warning"]
-    assert warnings == ["1 label maps kept (case3.seg.nrrd) do not say which model made them; they are counted "
-                        "with the labels of abdomen-ct-scratch"]
+    assert warnings == ["label maps kept whose headers name no model (made elsewhere?), counted with the labels of "
+                        "abdomen-ct-scratch: case3.seg.nrrd"]
     assert _statistics(out / "statistics.csv") == _statistics(segmented_many[0] / "statistics.csv")
 
 

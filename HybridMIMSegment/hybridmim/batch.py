@@ -82,8 +82,8 @@ def _check_kept_maps_model(paths: list[Path], provenance: dict[str, str], report
                             f"segments the rest: {f'continue with --model {name}, or ' if renamed else ''}pass "
                             "--overwrite to replace them")
     if unnamed:
-        reporter.warning(f"{len(unnamed)} label maps kept ({', '.join(unnamed[:3])}{' …' * (len(unnamed) > 3)}) do "
-                         f"not say which model made them; they are counted with the labels of {provenance['model']}")
+        reporter.warning(f"label maps kept whose headers name no model (made elsewhere?), counted with the labels of "
+                         f"{provenance['model']}: {', '.join(unnamed[:3])}{' …' * (len(unnamed) > 3)}")
 
 
 def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",
