@@ -62,6 +62,12 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1)}, pickle)
     with pytest.raises(UserError, match="imported first"):
         read_metadata(pickle)
+    state = tmp_path / "mine.resume.pt"  # given for its model, beside which training wrote it
+    torch.save({"format": 1, "kind": "finetune"}, state)
+    with pytest.raises(UserError) as refused:
+        read_metadata(state)
+    assert str(refused.value) == (f"{state}: a training run's resume state (what --resume continues), not a model; "
+                                  "the run writes its model as mine.safetensors")
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import UserError, message_line
 from .labels import Label, parse_labels, parse_regions, source_lookup
 from .preprocessing import Preprocessing
+from .runfiles import model_of_state
 
 FORMAT = "hybridmim-checkpoint"
 FORMAT_VERSION = 1
@@ -132,6 +133,10 @@ def _open_header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="np") as f:
             return f.metadata() or {}
     except Exception as exc:  # safetensors raises several types for a bad header
+        model = model_of_state(path)
+        if model is not None:
+            raise UserError(f"{path}: a training run's resume state (what --resume continues), not a model; the run "
+                            f"writes its model as {model.name}") from None
         hint = " (official .pt checkpoints must be imported first)" if path.suffix in (".pt", ".pth", ".ckpt") else ""
         raise UserError(f"{path}: not a safetensors checkpoint{hint}: {message_line(exc)}") from None
 
