@@ -255,6 +255,16 @@ def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too
     resumed = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("quiet"),
                            val_paths=[str(folders["val"])], cache=str(folders["cache"]), device="cpu", resume=True)
     assert resumed["step"] == resumed["steps"] == 3 * epochs
+    # Resumed on other cases, it goes on with them, and says how they differ from the run's.
+    stream = io.StringIO()
+    run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream), val_paths=[
+        str(folders["train"] / "STS_001")], cache=str(folders["cache"]), device="cpu", resume=True, exclude=["STS_002"])
+    warnings = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e.get("level") == "warning"]
+    assert warnings == ["validation cases that are training cases too (the same files): STS_001; their Dice flatters "
+                        "the model, which has learnt them",
+                        "the cases differ from those the run stopped with (training cases gone: STS_002; validation "
+                        "cases added: STS_001; validation cases gone: STS_036, STS_037): it goes on with these, so it "
+                        "will not end as the uninterrupted run would have"]
 
     # A limit shorter than the first epoch: the run ends with that epoch, and says so.
     stream = io.StringIO()

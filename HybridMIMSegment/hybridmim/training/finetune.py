@@ -308,8 +308,33 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
                                                                        exclude, device, state, reporter)
     except StoppedBeforeTraining:
         return report_stopped_before_training(output_path, state is not None, reporter)
+    cases = _cases_record(train_data, val_data)
+    if state is not None:
+        _warn_if_cases_changed(state.get("cases"), cases, reporter)
     return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
-                  reporter, {"init_spec": init, "labels_file": labels_file or start.labels_of_data})
+                  reporter, {"init_spec": init, "labels_file": labels_file or start.labels_of_data, "cases": cases})
+
+
+def _cases_record(train_data: PreparedData, val_data: PreparedData | None) -> dict:
+    """The cases a run trains and validates on (name: the SHA256 of each of its files), kept in its resume state."""
+    return {role: {s["name"]: list(s["sha256"]) for s in data.sources_of(data.volumes)} if data is not None else {}
+            for role, data in (("training", train_data), ("validation", val_data))}
+
+
+def _warn_if_cases_changed(before: dict | None, now: dict, reporter: Reporter) -> None:
+    """A run resumed on other cases than it stopped with goes on with them, but no longer as the uninterrupted run
+    would have; say so (a state from before this record says nothing)."""
+    if before is None or before == now:
+        return
+    changes = []
+    for role, cases in now.items():
+        earlier = before.get(role, {})
+        for what, names in (("added", set(cases) - set(earlier)), ("gone", set(earlier) - set(cases)),
+                            ("changed", {n for n in set(cases) & set(earlier) if cases[n] != earlier[n]})):
+            if names:
+                changes.append(f"{role} cases {what}: {', '.join(sorted(names)[:3])}{' …' * (len(names) > 3)}")
+    reporter.warning(f"the cases differ from those the run stopped with ({'; '.join(changes)}): it goes on with "
+                     "these, so it will not end as the uninterrupted run would have")
 
 
 def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths, cache, exclude, device,
@@ -332,6 +357,12 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     _check_labels_occur(train_data, start, reporter)
     if val_data is None:
         reporter.warning("no validation cases: the last epoch is kept and early stopping is off")
+    else:
+        trained = {tuple(s["sha256"]) for s in train_data.sources_of(train_data.volumes)}
+        seen = sorted(s["name"] for s in val_data.sources_of(val_data.volumes) if tuple(s["sha256"]) in trained)
+        if seen:
+            reporter.warning(f"validation cases that are training cases too (the same files): {', '.join(seen[:5])}"
+                             f"{' …' * (len(seen) > 5)}; their Dice flatters the model, which has learnt them")
 
     torch_device = select_device(device, reporter)
     if schedule.num_threads and torch_device.type == "cpu":
