@@ -229,6 +229,13 @@ def test_max_minutes_keeps_the_steps_that_fit_and_ends_the_schedules_there(prepa
                       "json", check_rc=0)
     done = [e for e in map(parse_event, resumed.stdout.splitlines()) if e and e["event"] == "done"]
     assert done[0]["outputs"]["step"] == done[0]["outputs"]["steps"] == fit
+    assert "warning" not in resumed.stdout
+    # given other cases, it says so
+    resumed = run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--exclude", "lung", "--device", "cpu",
+                      "--progress", "json", check_rc=0)
+    assert [e["text"] for e in map(parse_event, resumed.stdout.splitlines()) if e and e.get("level") == "warning"] == [
+        "the cases differ from those the run stopped with (training cases gone: lung): it goes on with these, so it "
+        "will not end as the uninterrupted run would have"]
 
     # A limit the timed steps would pass is kept too: the steps are fitted once the next one would pass it (a
     # 1-minute run of 21-s CPU steps took 4 minutes, its 11 timed steps).

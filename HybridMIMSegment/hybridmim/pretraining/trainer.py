@@ -39,8 +39,8 @@ from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
-from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, check_time_limit, optimiser_step, read_schedule,
-                                 step_generators)
+from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_record, check_time_limit, optimiser_step,
+                                 read_schedule, step_generators, warn_if_cases_changed)
 from ..training.schedule import warmup_cosine
 from ..volumes import PreparedData
 from .hpm import HPM
@@ -213,6 +213,7 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
         scaler.load_state_dict(state["scaler"])
         start, history, elapsed = int(state["step"]), list(state["history"]), float(state["elapsed"])
         reporter.info(f"resuming at step {start} of {schedule.steps}")
+        warn_if_cases_changed(state.get("cases"), cases_record(training=data), reporter)
     model = dist.wrap(method)
     model.train()
 
@@ -309,7 +310,8 @@ def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step
 
     state = {"format": STATE_FORMAT, "kind": "pretrain", "recipe": recipe, "step": step, "method": method.state_dict(),
              "optimizer": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "history": history, "elapsed": elapsed}
+             "scaler": scaler.state_dict(), "history": history, "elapsed": elapsed,
+             "cases": cases_record(training=data)}
     with atomic_output(state_path(output)) as tmp:
         save_torch_file(state, tmp)
     device = f"{torch.cuda.get_device_name(dist.device)}" if dist.device.type == "cuda" else f"{platform.machine()} CPU"

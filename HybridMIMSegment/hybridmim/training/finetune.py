@@ -42,9 +42,9 @@ from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
 from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
-from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, check_new_run, check_time_limit,
-                       load_resume_state, optimiser_step, read_schedule, report_stopped_before_training,
-                       step_generators)
+from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
+                       check_time_limit, load_resume_state, optimiser_step, read_schedule,
+                       report_stopped_before_training, step_generators, warn_if_cases_changed)
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
 
@@ -308,33 +308,11 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
                                                                        exclude, device, state, reporter)
     except StoppedBeforeTraining:
         return report_stopped_before_training(output_path, state is not None, reporter)
-    cases = _cases_record(train_data, val_data)
+    cases = cases_record(training=train_data, validation=val_data)
     if state is not None:
-        _warn_if_cases_changed(state.get("cases"), cases, reporter)
+        warn_if_cases_changed(state.get("cases"), cases, reporter)
     return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
                   reporter, {"init_spec": init, "labels_file": labels_file or start.labels_of_data, "cases": cases})
-
-
-def _cases_record(train_data: PreparedData, val_data: PreparedData | None) -> dict:
-    """The cases a run trains and validates on (name: the SHA256 of each of its files), kept in its resume state."""
-    return {role: {s["name"]: list(s["sha256"]) for s in data.sources_of(data.volumes)} if data is not None else {}
-            for role, data in (("training", train_data), ("validation", val_data))}
-
-
-def _warn_if_cases_changed(before: dict | None, now: dict, reporter: Reporter) -> None:
-    """A run resumed on other cases than it stopped with goes on with them, but no longer as the uninterrupted run
-    would have; say so (a state from before this record says nothing)."""
-    if before is None or before == now:
-        return
-    changes = []
-    for role, cases in now.items():
-        earlier = before.get(role, {})
-        for what, names in (("added", set(cases) - set(earlier)), ("gone", set(earlier) - set(cases)),
-                            ("changed", {n for n in set(cases) & set(earlier) if cases[n] != earlier[n]})):
-            if names:
-                changes.append(f"{role} cases {what}: {', '.join(sorted(names)[:3])}{' …' * (len(names) > 3)}")
-    reporter.warning(f"the cases differ from those the run stopped with ({'; '.join(changes)}): it goes on with "
-                     "these, so it will not end as the uninterrupted run would have")
 
 
 def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths, cache, exclude, device,

@@ -1,5 +1,6 @@
 """What every training run (pre-training, fine-tuning) shares: its files beside the model,
-resume states, clean stops on SIGTERM/Ctrl-C, per-step random generators and mixed precision.
+resume states (with the cases they were made on), clean stops on SIGTERM/Ctrl-C, per-step random generators and
+mixed precision.
 
 Exact resume without saving random-number-generator states: every random
 choice of a step is drawn from generators seeded by (seed, rank, step,
@@ -77,6 +78,29 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def cases_record(**roles) -> dict:
+    """The cases a run learns from, by role (``training=``, ``validation=``: PreparedData or None), each as
+    {name: the SHA256 of each of its files}; kept in its resume state."""
+    return {role: {s["name"]: list(s["sha256"]) for s in data.sources_of(data.volumes)} if data is not None else {}
+            for role, data in roles.items()}
+
+
+def warn_if_cases_changed(before: dict | None, now: dict, reporter) -> None:
+    """A run resumed on other cases than it stopped with (``cases_record``s) goes on with them, but no longer as
+    the uninterrupted run would have: say so (a state from before this record says nothing)."""
+    if before is None or before == now:
+        return
+    changes = []
+    for role, cases in now.items():
+        earlier = before.get(role, {})
+        for what, names in (("added", set(cases) - set(earlier)), ("gone", set(earlier) - set(cases)),
+                            ("changed", {n for n in set(cases) & set(earlier) if cases[n] != earlier[n]})):
+            if names:
+                changes.append(f"{role} cases {what}: {', '.join(sorted(names)[:3])}{' …' * (len(names) > 3)}")
+    reporter.warning(f"the cases differ from those the run stopped with ({'; '.join(changes)}): it goes on with "
+                     "these, so it will not end as the uninterrupted run would have")
 
 
 def report_stopped_before_training(output: Path | None, resuming: bool, reporter) -> dict:
