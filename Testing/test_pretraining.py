@@ -318,6 +318,11 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):
         find_cases([tmp_path / "empty"])
+    # two label files: refused where the labels are read, left out where they are not (segmenting, pre-training)
+    (case_folder / "label.seg.nrrd").write_text("a Slicer segmentation")
+    with pytest.raises(UserError, match=f"^{case_folder}: holds label.nii.gz and label.seg.nrrd; keep the one label "):
+        find_cases([case_folder], labelled=True)
+    assert [(c.name, c.label) for c in find_cases([case_folder])] == [("case_1", None)]
     (case_folder / "image.nrrd").symlink_to(abdomen)  # which image would be read is the file system's choice
     with pytest.raises(UserError, match=f"^{case_folder}: holds image.nii.gz and image.nrrd; keep the one image file"):
         find_cases([tmp_path / "cases"])

@@ -96,9 +96,10 @@ def _dicom_cases_below(root: Path, folder: Path) -> list[Case]:
     return cases
 
 
-def _case_in_folder(folder: Path) -> Case | None:
+def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
     """A case folder of the dataset layout: image.nii.gz, or image_0000.nii.gz, image_0001.nii.gz, …,
-    and optionally one label file: label.nii.gz (any image type) or Slicer's label.seg.nrrd."""
+    and optionally one label file: label.nii.gz (any image type) or Slicer's label.seg.nrrd (two are refused where
+    the labels are read, ``labelled``, and left out elsewhere)."""
     files = sorted(p for p in folder.iterdir() if _is_image(p))
     single = [p for p in files if p.name.split(".")[0] == "image"]
     channels = single[:1] or [p for p in files if p.name.split(".")[0].startswith("image_")]
@@ -108,11 +109,11 @@ def _case_in_folder(folder: Path) -> Case | None:
     labels = [p for p in files if p.name.split(".")[0] == "label"] + [segmentation] * segmentation.is_file()
     # which of two would be read is down to the file system's order: say so rather than guess (a case corrected in
     # Slicer and saved as label.seg.nrrd beside the label.nii.gz it was made from)
-    for kind, found in (("label", labels), ("image", single)):
+    for kind, found in (("label", labels if labelled else []), ("image", single)):
         if len(found) > 1:
             raise UserError(f"{folder}: holds {' and '.join(p.name for p in found)}; keep the one {kind} file that is "
                             "the case's, and move the other out of the folder")
-    return Case(folder.name, tuple(channels), labels[0] if labels else None)
+    return Case(folder.name, tuple(channels), labels[0] if len(labels) == 1 else None)
 
 
 def _decathlon_cases(folder: Path) -> list[Case]:
@@ -149,7 +150,7 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
             cases.append(Case(_image_stem(path), (path,)))
         elif (path / "dataset.json").is_file():
             cases += _decathlon_cases(path)
-        elif (case := _case_in_folder(path)) is not None:
+        elif (case := _case_in_folder(path, labelled)) is not None:
             cases.append(case)
         elif dicom and _holds_dicom(path):
             cases += _dicom_cases(path.name, path)
@@ -157,7 +158,7 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
             subfolders = sorted(p for p in path.iterdir() if p.is_dir())
             found = []
             for folder in subfolders:
-                if (case := _case_in_folder(folder)) is not None:
+                if (case := _case_in_folder(folder, labelled)) is not None:
                     found.append(case)
                 elif dicom:
                     found += _dicom_cases_below(path, folder)
