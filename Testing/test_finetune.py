@@ -21,12 +21,15 @@ from conftest import DEFAULT_MODEL, MODELS, REPO, around_the_tumour, data_file, 
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
+from hybridmim.labels import parse_labels
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.runfiles import curve_path
 from hybridmim.training import runstate
 from hybridmim.training.finetune import (FinetuneSchedule, load_recipe, resolve_start, run_finetune, split_cases,
                                         transfer_weights)
+
+SARCOMA = parse_labels(json.loads((REPO / "scripts/labels/sarcoma.json").read_text(encoding="utf-8")))
 
 # A small U-Net at 3 mm on 48³ windows; tumour only. Everything else from Resources/Recipes/finetune.json.
 TINY = {
@@ -353,7 +356,7 @@ def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path)
     assert index["classes"] == {"1": 1}
     recipe = load_recipe(str(folders["recipe"]))
     preprocessing = Preprocessing.from_dict(recipe["scratch"]["preprocessing"])
-    subset = load_prepared(cache, preprocessing, Reporter("quiet"), {1: 1}, exclude=["STS_002", "STS_004"])
+    subset = load_prepared(cache, preprocessing, Reporter("quiet"), SARCOMA, exclude=["STS_002", "STS_004"])
     assert [v.name for v in subset.volumes] == ["STS_001", "STS_003"]
     assert all(v.label is not None and v.label.max() == 1 for v in subset.volumes)
 
@@ -425,7 +428,7 @@ def test_a_float_label_map_with_nan_background_trains_like_its_whole_number_twin
                          "taken as background (0)"])
         preprocessing = Preprocessing.from_dict(load_recipe(str(folders["recipe"]))["scratch"]["preprocessing"])
         prepared[variant] = load_prepared(tmp_path / f"prepared {variant}", preprocessing, Reporter("quiet"),
-                                          {1: 1}).volumes[0].label
+                                          SARCOMA).volumes[0].label
     assert prepared["as given"].max() == 1
     np.testing.assert_array_equal(prepared["float, NaN background"], prepared["as given"])
 
@@ -467,7 +470,7 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
             "STS_001: label.seg.nrrd: segment 'Segment_1' is none of the labels ('soft-tissue sarcoma') by "
             "terminology or name; read as background"])
         preprocessing = Preprocessing.from_dict(load_recipe(str(folders["recipe"]))["scratch"]["preprocessing"])
-        prepared[variant] = load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), {1: 1})
+        prepared[variant] = load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), SARCOMA)
     assert prepared["label map"].volumes[0].label.max() == 1
     np.testing.assert_array_equal(prepared["segmentation"].volumes[0].label, prepared["label map"].volumes[0].label)
     assert prepared["segmentation"].sources[0]["files"] == ["image.nii.gz", "label.seg.nrrd"]
@@ -477,7 +480,7 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
                       check_rc=0)  # the recipe's label: 'soft-tissue sarcoma', no codes
     assert "STS_001: label.seg.nrrd: segments 'Segment_1', 'Tumour' are none of the labels ('soft-tissue sarcoma') " \
            "by terminology or name; read as background" in warnings_of(renamed)
-    assert load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), {1: 1}).volumes[0].label.max() == 0
+    assert load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), SARCOMA).volumes[0].label.max() == 0
 
 
 def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(folders, tmp_path):
@@ -533,6 +536,20 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     labels = read_metadata(output).labels
     assert [(label.value, label.name) for label in labels] == [(1, "Tumour"), (2, "Oedema")]
     assert labels[0].terminology == codes and labels[0].color == (128, 128, 128) and not labels[1].terminology
+
+    # Prepared alone (--prepare-only), the cases keep the labels they were read with: a run from the prepared folder
+    # that nothing else names labels for takes them; labels that would have read other segments are refused.
+    from hybridmim.volumes import load_prepared
+
+    run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--cache",
+            tmp_path / "prepared", "--prepare-only", check_rc=0)
+    start = resolve_start("scratch", load_recipe(str(recipe)), None, Reporter("quiet"), [str(tmp_path / "prepared")])
+    assert [(label.value, label.name) for label in start.labels] == [(1, "Tumour"), (2, "Swelling")]
+    others = parse_labels([{"value": 1, "name": "Swelling", "color": [1, 2, 3]},
+                           {"value": 2, "name": "Tumour", "color": [1, 2, 3]}])
+    with pytest.raises(UserError, match=r"its Slicer segmentations were read by the names of other labels \(Tumour, "
+                                        r"Swelling\); prepare the data again with these"):
+        load_prepared(tmp_path / "prepared", start.preprocessing, Reporter("quiet"), others)
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):

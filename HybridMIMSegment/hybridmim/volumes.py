@@ -447,7 +447,8 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
     index = {"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
-             "classes": {str(k): v for k, v in class_indices(labels or []).items()}, "volumes": entries}
+             "classes": {str(k): v for k, v in class_indices(labels or []).items()},
+             "labels": [label.to_dict() for label in labels or []], "volumes": entries}
     with atomic_output(cache / INDEX_NAME) as tmp:
         tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     return PreparedData(volumes, preprocessing, sources)
@@ -457,17 +458,33 @@ def is_prepared_folder(path) -> bool:
     return (Path(path) / INDEX_NAME).is_file()
 
 
+def prepared_labels(folder: Path) -> list[dict]:
+    """The labels (parse_labels' entries) a prepared folder's label maps were made with; [] for none, or for a
+    folder prepared before they were recorded."""
+    return json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("labels", [])
+
+
+def _named_alike(entries: list[dict], labels: list[Label]) -> bool:
+    return [(e["value"], e["name"]) for e in entries] == [(label.value, label.name) for label in labels]
+
+
 def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter,
-                  classes: dict[int, int] | None = None, exclude=()) -> PreparedData:
+                  labels: list[Label] | None = None, exclude=()) -> PreparedData:
     """A cache folder given as data, less the ``exclude``d case names; its pre-processing (and label
-    classes) must be the run's."""
+    classes) must be the run's, and where Slicer segmentations were read, its labels' names too (they chose
+    each segment's label)."""
     index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
     if index.get("format") != CACHE_FORMAT:
         raise UserError(f"{folder}: prepared with another version of the engine; prepare the data again")
     if Preprocessing.from_dict(index["preprocessing"]) != preprocessing:
         raise UserError(f"{folder}: prepared with other pre-processing than the recipe's; prepare the data again")
-    if classes and {int(k): v for k, v in index.get("classes", {}).items()} != classes:
+    if labels and {int(k): v for k, v in index.get("classes", {}).items()} != class_indices(labels):
         raise UserError(f"{folder}: prepared without these labels; prepare the data again")
+    from_segmentations = any(f.lower().endswith(".seg.nrrd") for entry in index["volumes"] for f in entry["files"])
+    if labels and from_segmentations and not _named_alike(index.get("labels", []), labels):
+        raise UserError(f"{folder}: its Slicer segmentations were read by the names of other labels "
+                        f"({', '.join(e['name'] for e in index.get('labels', [])) or 'not recorded'}); prepare the "
+                        "data again with these")
     _check_excluded([entry["name"] for entry in index["volumes"]], exclude)
     entries = [entry for entry in index["volumes"] if entry["name"] not in set(exclude)]
     reporter.stage("load data")

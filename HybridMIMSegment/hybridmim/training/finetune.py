@@ -36,12 +36,12 @@ from ..catalog import resolve_model, resources_dir
 from ..checkpoint import ModelMeta, read_metadata, save_checkpoint
 from ..download import cache_dir, file_sha256
 from ..errors import UserError
-from ..labels import Label, class_indices, parse_label_file
+from ..labels import Label, parse_label_file
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
-from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases
+from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases, prepared_labels
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
                        check_time_limit, load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
@@ -125,14 +125,20 @@ class Start:
     labels_of_data: list[dict] | None = None  # labels read from the cases' segmentations (kept for a resume)
 
 
-def _labels_of_segmentations(data_paths, reporter: Reporter) -> list[dict]:
+def _labels_of_data(data_paths, reporter: Reporter) -> list[dict]:
     """The labels of a run that nothing else names, from its cases' Slicer segmentations (label.seg.nrrd): one per
-    distinct segment name."""
+    distinct segment name; or those a prepared folder was made with."""
     from ..segfile import is_segmentation_file, labels_of_segmentations
 
     asked = ("name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
              "terminology; see scripts/labels/)")
-    if not data_paths or any(is_prepared_folder(p) for p in data_paths):
+    prepared = [prepared_labels(Path(p)) for p in data_paths if is_prepared_folder(p)]
+    if prepared:
+        if len(prepared) < len(data_paths) or not prepared[0] or any(p != prepared[0] for p in prepared):
+            raise UserError(asked)
+        reporter.info(f"labels of the prepared data: {', '.join(e['name'] for e in prepared[0])}")
+        return prepared[0]
+    if not data_paths:
         raise UserError(asked)
     files = [case.label for case in find_cases(data_paths, labelled=True)]
     if not all(is_segmentation_file(f) for f in files):
@@ -172,8 +178,8 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
     elif init_meta is not None and init_meta.labels:
         labels, regions = list(init_meta.labels), list(init_meta.regions)
     else:
-        labels_of_data = _labels_of_segmentations(data_paths, reporter)
-        labels, regions = parse_label_file(labels_of_data, "the cases' segmentations")
+        labels_of_data = _labels_of_data(data_paths, reporter)
+        labels, regions = parse_label_file(labels_of_data, "the data's labels")
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
     def outputs(ls):  # what the output channels mean; the largest-piece clean-up after them does not count
         return [{k: v for k, v in label.to_dict().items() if k != "largest_component"} for label in ls]
@@ -212,7 +218,7 @@ def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def _load_data(paths, start: Start, cache: Path, reporter: Reporter, exclude=()) -> PreparedData:
     if len(paths) == 1 and is_prepared_folder(paths[0]):
-        return load_prepared(Path(paths[0]), start.preprocessing, reporter, class_indices(start.labels), exclude)
+        return load_prepared(Path(paths[0]), start.preprocessing, reporter, start.labels, exclude)
     return prepare_cases(find_cases(paths, exclude, labelled=True), start.preprocessing, cache, reporter, start.labels,
                          start.channels)
 
