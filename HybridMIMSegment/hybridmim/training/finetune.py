@@ -315,6 +315,11 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
     except StoppedBeforeTraining:
         return report_stopped_before_training(output_path, state is not None, reporter)
     cases = cases_record(training=train_data, validation=val_data)
+    trained = {tuple(digests) for digests in cases["training"].values()}
+    seen = sorted(name for name, digests in cases["validation"].items() if tuple(digests) in trained)
+    if seen:
+        reporter.warning(f"validation cases that are training cases too (the same files): {', '.join(seen[:5])}"
+                         f"{' …' * (len(seen) > 5)}; their Dice flatters the model, which has learnt them")
     if state is not None:
         warn_if_cases_changed(state.get("cases"), cases, reporter)
     return _train(network, start, schedule, recipe, train_data, val_data, output_path, torch_device, state,
@@ -341,12 +346,6 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     _check_labels_occur(train_data, start, reporter)
     if val_data is None:
         reporter.warning("no validation cases: the last epoch is kept and early stopping is off")
-    else:
-        trained = {tuple(s["sha256"]) for s in train_data.sources_of(train_data.volumes)}
-        seen = sorted(s["name"] for s in val_data.sources_of(val_data.volumes) if tuple(s["sha256"]) in trained)
-        if seen:
-            reporter.warning(f"validation cases that are training cases too (the same files): {', '.join(seen[:5])}"
-                             f"{' …' * (len(seen) > 5)}; their Dice flatters the model, which has learnt them")
 
     torch_device = select_device(device, reporter)
     if schedule.num_threads and torch_device.type == "cpu":
