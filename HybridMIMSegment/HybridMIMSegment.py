@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-from HybridMIMSegmentLib.casefolders import case_folder, labels_from_segments, scan_file, write_labels_file
+from HybridMIMSegmentLib.casefolders import case_folder, case_labels, relabelled, scan_file, write_labels_file
 from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row
 from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, PRETRAIN_MODALITIES, devices_command, finetune_command,
                                           pretrain_command, reconstruct_command, segment_command)
@@ -318,10 +318,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
     def onFinetune(self):
         def commands():
             pairs = [(slicer.mrmlScene.GetNodeByID(v), slicer.mrmlScene.GetNodeByID(s)) for v, s in self.trainingPairs]
-            return self.logic.finetuneCommands(pairs, self.ui.trainingFolderPathLineEdit.currentPath,
-                                               self.ui.baseModelComboBox.currentData, self.ui.epochsSpinBox.value,
+            index = self.ui.baseModelComboBox.currentIndex
+            if not 0 <= index < len(self.choices):
+                raise RuntimeError("Choose the model to start from.")
+            base = self.choices[index]
+            return self.logic.finetuneCommands(pairs, self.ui.trainingFolderPathLineEdit.currentPath, base.spec,
+                                               base.labels, self.ui.epochsSpinBox.value,
                                                self.ui.deviceComboBox.currentData,
-                                               self.ui.timeLimitSpinBox.value or None)
+                                               self.ui.timeLimitSpinBox.value or None, self.log)
 
         self.startOrStopTraining(self.training, commands)
 
@@ -341,10 +345,12 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             processing.go(State.CANCELLING)
             self.showTrainingViews()
             return
+        from hybridmim.errors import UserError
+
         try:
             self.logic.ensureDependencies()
             command, run = commands()
-        except RuntimeError as error:
+        except (RuntimeError, UserError) as error:
             slicer.util.errorDisplay(str(error))
             return
         if processing in self.lastRuns:  # a new run replaces the stopped one (the terminal can still resume it)
@@ -661,8 +667,9 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
             composite.SetLinkedControl(True)
         slicer.util.resetSliceViews()
 
-    def finetuneCommands(self, pairs, folder, init, epochs, device, max_minutes=None):
-        """(start command, TrainingRun) for the scene's pairs and/or a case folder."""
+    def finetuneCommands(self, pairs, folder, init, initLabels, epochs, device, max_minutes=None, log=print):
+        """(start command, TrainingRun) for the scene's pairs and/or a case folder, from the model ``init``
+        (which segments ``initLabels``)."""
         if not pairs and not folder:
             raise RuntimeError("Add at least one volume + corrected segmentation pair, or choose a case folder.")
         output, exports = new_run_paths(self.userFolder(), "finetuned")
@@ -670,7 +677,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         if pairs:
             root = os.path.join(exports, "cases")
             with removed_on_error(exports):
-                labels = self.exportTrainingCases(pairs, root)
+                labels = self.exportTrainingCases(pairs, root, initLabels, log)
             data.append(root)
         if folder:
             data.append(folder)
@@ -697,38 +704,41 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
                           exports if volumes else None)
         return pretrain_command(data, output, method, device, max_minutes=max_minutes, modality=modality), run
 
-    def exportTrainingCases(self, pairs, root):
-        """Each pair as a case folder (image + label map); returns the labels file all cases share."""
-        names = None
-        for index, (volume, segmentation) in enumerate(pairs):
+    def exportTrainingCases(self, pairs, root, initLabels, log):
+        """Each pair as a case folder (image + label map); returns the run's labels file, or None where the
+        segments are the init model's labels (see HybridMIMSegmentLib.casefolders.case_labels)."""
+        cases = []
+        for _, segmentation in pairs:
             segments = segmentation.GetSegmentation()
             ids = [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())]
-            pairNames = [segments.GetSegment(i).GetName() for i in ids]
-            if names is None:
-                names = pairNames
-                described = []
-                for segmentId in ids:
-                    segment = segments.GetSegment(segmentId)
-                    tag = vtk.mutable("")
-                    segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
-                    described.append({"name": segment.GetName(), "color": segment.GetColor(), "terminology": str(tag)})
-                labels = labels_from_segments(described)
-            elif sorted(pairNames) != sorted(names):
-                raise RuntimeError(f"{segmentation.GetName()} has segments {pairNames}; every case needs {names}.")
-            ordered = vtk.vtkStringArray()
-            for name in names:  # the same label value for the same name in every case
-                ordered.InsertNextValue(segments.GetSegmentIdBySegmentName(name))
+            described = []
+            for segmentId in ids:
+                segment = segments.GetSegment(segmentId)
+                tag = vtk.mutable("")
+                segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
+                described.append({"name": segment.GetName(), "color": segment.GetColor(), "terminology": str(tag)})
+            cases.append((ids, (segmentation.GetName(), described)))
+        plan = case_labels([described for _, described in cases], initLabels)
+        for line in plan.notes:
+            log(line)
+        for index, ((volume, segmentation), (ids, _), values) in enumerate(zip(pairs, cases, plan.values)):
+            exported = vtk.vtkStringArray()
+            for segmentId in ids:
+                exported.InsertNextValue(segmentId)
             paths = case_folder(root, index, volume.GetName())
             os.makedirs(paths["folder"], exist_ok=True)
             labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
             try:
                 segmentations = slicer.modules.segmentations.logic()
-                segmentations.ExportSegmentsToLabelmapNode(segmentation, ordered, labelmap, volume)
+                segmentations.ExportSegmentsToLabelmapNode(segmentation, exported, labelmap, volume)
+                slicer.util.updateVolumeFromArray(labelmap, relabelled(slicer.util.arrayFromVolume(labelmap), values))
                 self.exportVolume(volume, paths["image"])
                 self.exportVolume(labelmap, paths["label"])
             finally:
                 slicer.mrmlScene.RemoveNode(labelmap)
-        return str(write_labels_file(os.path.join(root, "labels.json"), labels))
+        if plan.labels is None:
+            return None
+        return str(write_labels_file(os.path.join(root, "labels.json"), plan.labels))
 
     @staticmethod
     def newTrainingChart(spec):

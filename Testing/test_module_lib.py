@@ -16,6 +16,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import SimpleITK as sitk
@@ -25,8 +26,8 @@ from conftest import MODELS, REPO, data_file
 
 sys.path.insert(0, str(REPO / "HybridMIMSegment"))
 from hybridmim.runfiles import state_path  # noqa: E402
-from HybridMIMSegmentLib.casefolders import (case_folder, labels_from_segments, scan_file,  # noqa: E402
-                                             write_labels_file)
+from HybridMIMSegmentLib.casefolders import (case_folder, case_labels, labels_from_segments,  # noqa: E402
+                                             relabelled, scan_file, write_labels_file)
 from HybridMIMSegmentLib.charts import FINETUNE_CHART, PRETRAIN_CHART, chart_row  # noqa: E402
 from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, PRETRAIN_MODALITIES, convert_command,  # noqa: E402
                                           devices_command, finetune_command, pretrain_command, reconstruct_command,
@@ -309,6 +310,60 @@ def test_scene_segments_become_a_labels_file_the_engine_accepts(tmp_path):
     paths = case_folder(tmp_path, 3, "CT chest: 2024/05 (contrast)")
     assert paths["folder"].name == "003_CT_chest_2024_05_contrast" and paths["label"].name == "label.nii.gz"
     assert scan_file(tmp_path, 12, "CT.1 abdomen").name == "012_CT.1_abdomen.nrrd"
+
+
+def _scene_segments(labels) -> list[dict]:
+    """The segments Slicer shows for a label map the engine wrote as .seg.nrrd: name, colour in 0..1 and
+    terminology tag, as the panel reads them."""
+    from slicerio.segmentation import terminology_entry_to_string
+
+    return [{"name": label.name, "color": tuple(c / 255 for c in label.color),
+             "terminology": terminology_entry_to_string(label.slicer_terminology())} for label in labels]
+
+
+def test_scene_segments_of_the_init_models_labels_keep_them_and_their_values():
+    from hybridmim.labels import source_lookup
+
+    organs = next(c for c in catalog_choices() if c.spec == "abdomen-ct-scratch").labels
+    assert [label.name for label in organs[:2]] == ["spleen", "right kidney"] and len(organs) == 13
+    # A model's output corrected in Slicer: reordered, one organ deleted (absent), one renamed in case only, and
+    # one renamed freely but still carrying the spleen's terminology.
+    first = _scene_segments(organs)[::-1]
+    second = [s for s in _scene_segments(organs) if s["name"] != "gallbladder"]
+    second[4] = {**second[4], "name": "  Liver "}
+    second[0] = {**second[0], "name": "Milz"}
+    plan = case_labels([("case A", first), ("case B", second)], organs)
+    assert plan.labels is None  # no labels file: the run takes the model's own, and keeps its output layer
+    assert plan.values[0] == list(range(13, 0, -1))
+    assert plan.values[1] == [1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert plan.notes[1:] == ["case B: no segment for gallbladder; background there"]
+    # The label maps the panel writes: Slicer's export numbers the segments 1, 2, … in the order given.
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz"))))
+    exported = np.where(reference > 0, 14 - reference, 0)  # case A's order: its segment k is organ 14 - k
+    assert np.array_equal(relabelled(exported, plan.values[0]), reference)
+    # Brain: a segment is written as the label-map value the model's labels read as it (BraTS codes).
+    brain = next(c for c in catalog_choices() if c.spec == "brain-tumor-mr").labels
+    core = [s for s in _scene_segments(brain) if "core" in s["name"]]
+    values = case_labels([("glioma", core)], brain).values[0]
+    assert source_lookup(list(brain))[values[0]] == 2
+
+
+def test_scene_segments_that_are_not_the_init_models_labels_become_the_runs_labels():
+    organs = next(c for c in catalog_choices() if c.spec == "abdomen-ct-scratch").labels
+    lesion = {"name": "my lesion", "color": (1.0, 0.0, 0.0), "terminology": ""}
+    liver = next(s for s in _scene_segments(organs) if s["name"] == "liver")
+    plan = case_labels([("case A", [liver, lesion]), ("case B", [{**lesion, "name": "My Lesion"}, liver])], organs)
+    assert [(e["value"], e["name"]) for e in plan.labels] == [(1, "liver"), (2, "my lesion")]
+    assert plan.values == [[1, 2], [2, 1]]
+    assert plan.notes == ["segments that are none of the labels of the model the run starts from: my lesion, My "
+                          "Lesion; the run learns the segments' own labels, with a new output layer"]
+    # From a pre-trained model (no labels), the segments' own labels, said nothing about
+    assert case_labels([("case A", [lesion])], ()).notes == []
+    with pytest.raises(RuntimeError, match=r"case B has segments \['liver'\], case A \['liver', 'my lesion'\]: "
+                                           "every case needs the same segments"):
+        case_labels([("case A", [liver, lesion]), ("case B", [liver])], ())
+    with pytest.raises(RuntimeError, match="case B has no segments"):
+        case_labels([("case A", [liver]), ("case B", [])], organs)
 
 
 def test_missing_requirements_are_named_before_anything_is_installed(tmp_path):

@@ -12,6 +12,7 @@ from hybridmim.atomic import atomic_output
 from hybridmim.catalog import load_catalog
 from hybridmim.checkpoint import ModelMeta, read_metadata
 from hybridmim.errors import UserError
+from hybridmim.labels import Label
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelChoice:
     channels: tuple[str, ...]
     details: str
     user: bool = False
+    labels: tuple[Label, ...] = ()  # what a segmentation model segments (none for a pre-trained one)
 
 
 def details_text(meta: ModelMeta, licence: str = "", source: str = "") -> str:
@@ -49,7 +51,7 @@ def _choice(spec: str, path: Path, licence: str, user: bool) -> ModelChoice:
     modality = "+".join(sorted({c.get("modality", "") for c in meta.channels}))
     label = f"{meta.title or path.stem} [{'your model' if user else spec}]"
     return ModelChoice(spec, label, modality, meta.task, tuple(c["name"] for c in meta.channels),
-                       details_text(meta, licence, str(path)), user)
+                       details_text(meta, licence, str(path)), user, tuple(meta.labels))
 
 
 def catalog_choices() -> list[ModelChoice]:

@@ -51,7 +51,8 @@ def _terminology_names(entry: dict, label: Label) -> bool:
     return all(_same_code(entry[f], ours[f]) for f in shared)
 
 
-def _plain(name: str) -> str:
+def plain_name(name: str) -> str:
+    """A segment's or label's name as names are compared: case and spacing aside."""
     return " ".join(name.split()).casefold()
 
 
@@ -59,8 +60,8 @@ def label_of_segment(segment: dict, labels: list[Label]) -> Label | None:
     """The label a segment is: the one of its name (case and spacing aside; the name is what Slicer shows), else
     the one its terminology names (None where the codes fit several labels: Slicer gives new segments the same
     generic "Tissue" codes)."""
-    name = _plain(str(segment.get("name", "")))
-    by_name = [label for label in labels if _plain(label.name) == name]
+    name = plain_name(str(segment.get("name", "")))
+    by_name = [label for label in labels if plain_name(label.name) == name]
     if by_name:
         return by_name[0]
     entry = segment.get("terminology")
@@ -99,8 +100,8 @@ def labels_of_segmentations(paths: list[Path]) -> list[dict]:
     for path in paths:
         for segment in _segments(path, str(path)):
             name = " ".join(str(segment.get("name", "")).split())
-            if name and _plain(name) not in seen:
-                seen.add(_plain(name))
+            if name and plain_name(name) not in seen:
+                seen.add(plain_name(name))
                 entries.append(segment_entry(len(entries) + 1, name, segment.get("color", (0.5, 0.5, 0.5)),
                                              segment.get("terminology")))
     return entries
