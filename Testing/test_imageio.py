@@ -17,7 +17,7 @@ from conftest import REPO, crop, data_file
 from hybridmim import imageio
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
-from hybridmim.imageio import dicom_series, labelmap_model, read_channels, read_volume, write_labelmap
+from hybridmim.imageio import LabelmapOrigin, dicom_series, labelmap_model, read_channels, read_volume, write_labelmap
 from hybridmim.labels import parse_labels
 
 BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
@@ -290,9 +290,8 @@ def test_dicom_folder_without_series(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".seg.nrrd", ".nrrd", ".mha", ".nii.gz"])
 def test_what_made_a_label_map_is_in_its_header(tmp_path, label_crop, suffix):
-    provenance = {"engine": "hybridmim 9.9", "model": "my-model", "model_sha256": "ab" * 32}
     path = tmp_path / f"labels{suffix}"
-    write_labelmap(label_crop, path, BTCV, provenance)
+    write_labelmap(label_crop, path, BTCV, LabelmapOrigin("hybridmim 9.9", "my-model", "ab" * 32))
     header = sitk.ReadImage(str(path))
     if suffix == ".nii.gz":  # NIfTI has one 80-character description
         assert header.GetMetaData("descrip") == f"hybridmim 9.9; my-model; {'ab' * 32}"[:79]
@@ -303,7 +302,7 @@ def test_what_made_a_label_map_is_in_its_header(tmp_path, label_crop, suffix):
         assert [s["name"] for s in slicerio.read_segmentation(str(path))["segments"]][:2] == ["spleen", "right kidney"]
     # read back: the whole digest, or from NIfTI's description what fits (79 characters in all)
     digest = "ab" * 32 if suffix != ".nii.gz" else ("ab" * 32)[:79 - len("hybridmim 9.9; my-model; ")]
-    assert labelmap_model(path) == ("my-model", digest)
+    assert labelmap_model(path) == ("hybridmim 9.9", "my-model", digest)
     made_elsewhere = tmp_path / f"elsewhere{suffix}"
     sitk.WriteImage(label_crop, str(made_elsewhere))
     assert labelmap_model(made_elsewhere) is None

@@ -16,10 +16,14 @@ import csv
 import io
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import atomic_output, check_inputs_kept, check_new_output, make_folder
 from .errors import DiskFull, UserError
 from .progress import MEAN_PREFIX, Reporter
+
+if TYPE_CHECKING:  # imageio loads SimpleITK: imported where it is used
+    from .imageio import LabelmapOrigin
 
 STATISTICS_NAME = "statistics.csv"
 FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
@@ -65,7 +69,7 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     return out.getvalue()
 
 
-def _check_kept_maps_model(paths: list[Path], provenance: dict[str, str], reporter: Reporter) -> None:
+def _check_kept_maps_model(paths: list[Path], origin: LabelmapOrigin, reporter: Reporter) -> None:
     """Label maps kept by --skip-existing must be the model's that segments the rest: another model's would be
     counted and drawn with this one's labels (a tumour model's 1 as the abdominal model's spleen)."""
     from .imageio import labelmap_model
@@ -75,15 +79,15 @@ def _check_kept_maps_model(paths: list[Path], provenance: dict[str, str], report
         made_by = labelmap_model(path)
         if made_by is None:
             unnamed.append(path.name)
-        elif not provenance["model_sha256"].startswith(made_by[1]):
-            name, renamed = made_by[0], made_by[0] != provenance["model"]
+        elif not origin.model_sha256.startswith(made_by.model_sha256):
+            name, renamed = made_by.model, made_by.model != origin.model
             raise UserError(f"{path}: made by the model {name}{'' if renamed else ' (another file of that name)'}, "
-                            f"not by {provenance['model']}; --skip-existing keeps only label maps of the model that "
+                            f"not by {origin.model}; --skip-existing keeps only label maps of the model that "
                             f"segments the rest: {f'continue with --model {name}, or ' if renamed else ''}pass "
                             "--overwrite to replace them")
     if unnamed:
         reporter.warning(f"label maps kept whose headers name no model (made elsewhere?), counted with the labels of "
-                         f"{provenance['model']}: {', '.join(unnamed[:3])}{' …' * (len(unnamed) > 3)}")
+                         f"{origin.model}: {', '.join(unnamed[:3])}{' …' * (len(unnamed) > 3)}")
 
 
 def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",
@@ -97,7 +101,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     from .devices import resolve_device
     from .imageio import read_volume, write_labelmap
     from .predict import load_network, read_inputs, segment_channels
-    from .segment import labelmap_provenance, segment_statistics, segmentation_model
+    from .segment import labelmap_origin, segment_statistics, segmentation_model
     from .volumes import find_cases
 
     reporter = reporter or Reporter("quiet")
@@ -123,8 +127,8 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
             meta.check_input_count(len(case.channels), checkpoint.name)
         except UserError as exc:
             raise UserError(f"case {case.name}: {exc}") from None
-    provenance = labelmap_provenance(checkpoint)
-    _check_kept_maps_model([planned[name]["segmentation"] for name in sorted(kept)], provenance, reporter)
+    origin = labelmap_origin(checkpoint)
+    _check_kept_maps_model([planned[name]["segmentation"] for name in sorted(kept)], origin, reporter)
     make_folder(folder, "the output folder")
     network = None
     if len(kept) < len(cases):
@@ -144,7 +148,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
                 labels, unsure_ml = read_volume(paths["segmentation"]), None
             else:
                 labels, unsure_ml = segment_channels(channels, network, meta, device)
-                write_labelmap(labels, paths["segmentation"], meta.labels, provenance)
+                write_labelmap(labels, paths["segmentation"], meta.labels, origin)
             if draw:
                 from .preview import render_preview
 

@@ -12,7 +12,7 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,6 +27,15 @@ from .slicepositions import files_of_main_geometry, one_orientation, place_slice
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 # Where a label map's header says what made it: a field per item in NRRD and MHA; in NIfTI, the description
 PROVENANCE_PREFIX, NIFTI_NOTES, NOTES_SEPARATOR = "HybridMIM_", "ITK_FileNotes", "; "
+
+
+class LabelmapOrigin(NamedTuple):
+    """What made a label map, kept in its header: ``HybridMIM_<field>`` fields in NRRD and MHA, the fields in
+    this order in NIfTI's description (80 characters, so a NIfTI's model_sha256 reads back as its start)."""
+
+    engine: str
+    model: str
+    model_sha256: str
 # A whole-body CT spans about 2 m: a header saying more has a wrong voxel spacing (metres taken for millimetres,
 # say), and resampling it to a model's grid would ask for more memory than any machine has
 MAX_EXTENT_MM = 3000.0
@@ -256,18 +265,17 @@ def _labelmap_pixel_type(labels: list[Label]):
 
 
 def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
-                   provenance: dict[str, str] | None = None) -> None:
-    """Write atomically; ``.seg.nrrd`` carries each label as a named Slicer segment. ``provenance``
-    (what made the map) goes into the header: ``HybridMIM_<key>`` fields in NRRD and MHA, the
-    description (80 characters) in NIfTI."""
+                   origin: LabelmapOrigin | None = None) -> None:
+    """Write atomically; ``.seg.nrrd`` carries each label as a named Slicer segment, and the header what made
+    the map (``origin``)."""
     path = Path(path)
     check_labelmap_path(path)
     image = sitk.Cast(image, _labelmap_pixel_type(labels))
-    fields = {f"{PROVENANCE_PREFIX}{key}": str(value) for key, value in (provenance or {}).items()}
+    fields = {f"{PROVENANCE_PREFIX}{key}": value for key, value in (origin._asdict() if origin else {}).items()}
     suffix = full_suffix(path).lower()
     if suffix in (".nii", ".nii.gz"):
-        if provenance:
-            image.SetMetaData(NIFTI_NOTES, NOTES_SEPARATOR.join(map(str, provenance.values()))[:79])
+        if origin:
+            image.SetMetaData(NIFTI_NOTES, NOTES_SEPARATOR.join(origin)[:79])
     elif suffix != ".seg.nrrd":
         for key, value in fields.items():
             image.SetMetaData(key, value)
@@ -278,20 +286,20 @@ def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
             write_image(image, tmp, path)
 
 
-def labelmap_model(path: str | Path) -> tuple[str, str] | None:
-    """The model that made a label map, as write_labelmap's provenance names it in the header: (name, SHA256 of
-    its file; from a NIfTI, whose description is cut to 79 characters, the start of it); None when the header
-    names none (a map made elsewhere) or cannot be read."""
+def labelmap_model(path: str | Path) -> LabelmapOrigin | None:
+    """What made a label map, as write_labelmap wrote it into the header; None when the header names no model
+    (a map made elsewhere) or cannot be read."""
     header = read_header(path)
     if header is None:
         return None
     keys = set(header.GetMetaDataKeys())
-    name, digest = f"{PROVENANCE_PREFIX}model", f"{PROVENANCE_PREFIX}model_sha256"
-    if {name, digest} <= keys:
-        return header.GetMetaData(name), header.GetMetaData(digest)
+    fields = [f"{PROVENANCE_PREFIX}{field}" for field in LabelmapOrigin._fields]
+    if set(fields) <= keys:
+        return LabelmapOrigin(*map(header.GetMetaData, fields))
     notes = header.GetMetaData(NIFTI_NOTES).split(NOTES_SEPARATOR) if NIFTI_NOTES in keys else []
-    if len(notes) == 3 and notes[0].startswith("hybridmim ") and notes[2]:  # engine, model, model_sha256
-        return notes[1], notes[2]
+    if len(notes) == len(LabelmapOrigin._fields) and notes[0].startswith("hybridmim "):
+        origin = LabelmapOrigin(*notes)
+        return origin if origin.model_sha256 else None
     return None
 
 

@@ -10,7 +10,7 @@ from .atomic import check_inputs_kept, check_new_output
 from .catalog import resolve_model
 from .checkpoint import read_metadata
 from .errors import UserError
-from .imageio import check_labelmap_path, start_reading, write_labelmap
+from .imageio import LabelmapOrigin, check_labelmap_path, start_reading, write_labelmap
 from .progress import MEAN_PREFIX, Reporter
 
 
@@ -25,12 +25,12 @@ def segmentation_model(model: str | None, reporter: Reporter):
     return checkpoint, meta
 
 
-def labelmap_provenance(checkpoint) -> dict[str, str]:
+def labelmap_origin(checkpoint) -> LabelmapOrigin:
     """What made a label map, for its file's header: engine version, model and the model file's SHA256."""
     from . import __version__
     from .download import file_sha256
 
-    return {"engine": f"hybridmim {__version__}", "model": checkpoint.stem, "model_sha256": file_sha256(checkpoint)}
+    return LabelmapOrigin(f"hybridmim {__version__}", checkpoint.stem, file_sha256(checkpoint))
 
 
 def _label_totals(labels_flat: np.ndarray, bins: int, weights=()) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -132,7 +132,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     labels, unsure_ml = labels_on_input_grid(network, model_input, meta, device, reporter, channels[0])
 
     reporter.stage("write")
-    write_labelmap(labels, output_path, meta.labels, labelmap_provenance(checkpoint))
+    write_labelmap(labels, output_path, meta.labels, labelmap_origin(checkpoint))
     outputs = {"segmentation": str(output_path)}
 
     if preview_path is not None:
