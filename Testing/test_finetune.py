@@ -262,7 +262,8 @@ def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too
     stream = io.StringIO()
     run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream), val_paths=[
         str(folders["train"] / "STS_001")], cache=str(folders["cache"]), device="cpu", resume=True, exclude=["STS_002"])
-    warnings = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e.get("level") == "warning"]
+    events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+    warnings = [e["text"] for e in events if e.get("level") == "warning"]
     assert warnings == ["validation cases that are training cases too (the same files): STS_001; their Dice flatters "
                         "the model, which has learnt them",
                         "the cases differ from those the run stopped with (training cases gone: STS_002; validation "
@@ -577,6 +578,22 @@ def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp
     warnings = [e["text"] for e in map(parse_event, stream.getvalue().splitlines())
                 if e and e["event"] == "message" and e["level"] == "warning"]
     assert "labels in no training case (the model cannot learn them): 2 → necrosis; 5, 6 → oedema" in warnings
+
+
+def test_a_refined_models_labels_in_no_training_case_are_said_to_be_unlearnt():
+    from types import SimpleNamespace
+
+    from hybridmim.training.finetune import _check_labels_occur
+
+    # ct_a's organs, refining the abdominal model (its output layer kept): ct_a has no oesophagus
+    start = resolve_start("abdomen-ct-scratch", load_recipe(None), None, Reporter("quiet"))
+    organs = sitk.GetArrayFromImage(sitk.ReadImage(str(data_file("abdomen_ct/ct_a_btcv13.nii.gz"))))
+    stream = io.StringIO()
+    _check_labels_occur(SimpleNamespace(volumes=[SimpleNamespace(label=organs.astype(np.uint8))]), start,
+                        Reporter("json", stream))
+    assert [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e] == [
+        "labels in no training case (the model, which segments them, learns that they are absent: it will unlearn "
+        "them): 5 → esophagus"]
 
 
 def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_its_output_layer():

@@ -238,7 +238,8 @@ def _prepare_only(init: str, data_paths, labels_file, recipe_file, cache, report
 
 def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) -> None:
     """Refuse training cases in which no label of the labels file occurs (its values are not the label maps': the
-    model would learn background alone), and name the labels that occur in none (the model cannot learn them)."""
+    model would learn background alone), and name the labels that occur in none: a new output layer cannot learn
+    them, and the init model's own, kept, is taught that they are absent."""
     occurs = np.zeros(len(start.labels) + 1, dtype=bool)
     for volume in data.volumes:
         occurs |= np.bincount(volume.label.ravel(), minlength=len(occurs))[:len(occurs)] > 0
@@ -248,7 +249,9 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
         raise UserError(f"no label of the labels file occurs in the training cases' label maps ({'; '.join(missing)}): "
                         "give the values the label maps use")
     if missing:
-        reporter.warning(f"labels in no training case (the model cannot learn them): {'; '.join(missing)}")
+        kept = "the model, which segments them, learns that they are absent: it will unlearn them"
+        outcome = kept if start.keep_head else "the model cannot learn them"
+        reporter.warning(f"labels in no training case ({outcome}): {'; '.join(missing)}")
 
 
 def validate(network, data: PreparedData, start: Start, device, classes: int) -> dict:
