@@ -262,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--init", required=True, metavar="CKPT|NAME|scratch",
                      help="checkpoint (path or catalog name) whose encoder and decoder start the model, or 'scratch'")
     fin.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                     help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon "
-                          "folders, or one folder prepared earlier")
+                     help="labelled cases: case folders (image.nii.gz + label.nii.gz or label.seg.nrrd), folders of "
+                          "them, Decathlon folders, or one folder prepared earlier")
     fin.add_argument("-o", "--output", help="the best model (.safetensors); resume state and curve beside it")
     fin.add_argument("--val", nargs="+", metavar="PATH", help="validation cases (default: --val-fraction of --data)")
     fin.add_argument("--val-fraction", type=float, help="share of --data held out for validation (recipe default 0.2)")
@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="Dice and HD95 of a model on labelled cases, per case and label")
     ev.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
     ev.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                    help="labelled cases: case folders (image.nii.gz + label.nii.gz), folders of them, Decathlon "
-                         "folders")
+                    help="labelled cases: case folders (image.nii.gz + label.nii.gz or label.seg.nrrd), folders of "
+                         "them, Decathlon folders")
     ev.add_argument("-o", "--output", metavar="REPORT", help="JSON report to write; the CSV goes beside it")
     ev.add_argument("--overlays", metavar="DIR", help="also write one PNG per case: reference vs model outlines")
     _add_device(ev)
