@@ -17,7 +17,8 @@ from conftest import REPO, crop, data_file
 from hybridmim import imageio
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
-from hybridmim.imageio import LabelmapOrigin, dicom_series, labelmap_model, read_channels, read_volume, write_labelmap
+from hybridmim.imageio import (LabelmapOrigin, dicom_series, labelmap_model, labelmap_unsure_ml, read_channels,
+                               read_volume, write_labelmap)
 from hybridmim.labels import parse_labels
 
 BTCV = parse_labels(json.loads((REPO / "scripts/labels/btcv13.json").read_text(encoding="utf-8")))
@@ -291,21 +292,24 @@ def test_dicom_folder_without_series(tmp_path):
 @pytest.mark.parametrize("suffix", [".seg.nrrd", ".nrrd", ".mha", ".nii.gz"])
 def test_what_made_a_label_map_is_in_its_header(tmp_path, label_crop, suffix):
     path = tmp_path / f"labels{suffix}"
-    write_labelmap(label_crop, path, BTCV, LabelmapOrigin("hybridmim 9.9", "my-model", "ab" * 32))
+    write_labelmap(label_crop, path, BTCV, LabelmapOrigin("hybridmim 9.9", "my-model", "ab" * 32),
+                   {6: 12.345, 1: 0.0})
     header = sitk.ReadImage(str(path))
     if suffix == ".nii.gz":  # NIfTI has one 80-character description
         assert header.GetMetaData("descrip") == f"hybridmim 9.9; my-model; {'ab' * 32}"[:79]
     else:
         assert {k: header.GetMetaData(k) for k in header.GetMetaDataKeys() if k.startswith("HybridMIM_")} == {
-            "HybridMIM_engine": "hybridmim 9.9", "HybridMIM_model": "my-model", "HybridMIM_model_sha256": "ab" * 32}
+            "HybridMIM_engine": "hybridmim 9.9", "HybridMIM_model": "my-model", "HybridMIM_model_sha256": "ab" * 32,
+            "HybridMIM_unsure_ml": '{"1": 0.0, "6": 12.35}'}
     if suffix == ".seg.nrrd":  # and the segments are still Slicer's
         assert [s["name"] for s in slicerio.read_segmentation(str(path))["segments"]][:2] == ["spleen", "right kidney"]
     # read back: the whole digest, or from NIfTI's description what fits (79 characters in all)
     digest = "ab" * 32 if suffix != ".nii.gz" else ("ab" * 32)[:79 - len("hybridmim 9.9; my-model; ")]
     assert labelmap_model(path) == ("hybridmim 9.9", "my-model", digest)
+    assert labelmap_unsure_ml(path) == (None if suffix == ".nii.gz" else {1: 0.0, 6: 12.35})
     made_elsewhere = tmp_path / f"elsewhere{suffix}"
     sitk.WriteImage(label_crop, str(made_elsewhere))
-    assert labelmap_model(made_elsewhere) is None
+    assert labelmap_model(made_elsewhere) is None and labelmap_unsure_ml(made_elsewhere) is None
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")

@@ -99,7 +99,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     is drawn from that label map).
     """
     from .devices import resolve_device
-    from .imageio import read_volume, write_labelmap
+    from .imageio import labelmap_unsure_ml, read_volume, write_labelmap
     from .predict import load_network, read_inputs, segment_channels
     from .segment import labelmap_origin, segment_statistics, segmentation_model
     from .volumes import find_cases
@@ -144,11 +144,11 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         try:
             warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
             channels = read_inputs(case.channels, meta, warn, case.series)
-            if keep:  # how unsure the model was is not known for a label map kept from an earlier run
-                labels, unsure_ml = read_volume(paths["segmentation"]), None
+            if keep:  # how unsure the model was, the earlier run kept in the map's header (not in NIfTI)
+                labels, unsure_ml = read_volume(paths["segmentation"]), labelmap_unsure_ml(paths["segmentation"])
             else:
                 labels, unsure_ml = segment_channels(channels, network, meta, device)
-                write_labelmap(labels, paths["segmentation"], meta.labels, origin)
+                write_labelmap(labels, paths["segmentation"], meta.labels, origin, unsure_ml)
             if draw:
                 from .preview import render_preview
 

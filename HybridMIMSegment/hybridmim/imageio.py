@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import gzip
+import json
 import os
 import shutil
 import threading
@@ -36,6 +37,9 @@ class LabelmapOrigin(NamedTuple):
     engine: str
     model: str
     model_sha256: str
+
+
+UNSURE_FIELD = f"{PROVENANCE_PREFIX}unsure_ml"
 # A whole-body CT spans about 2 m: a header saying more has a wrong voxel spacing (metres taken for millimetres,
 # say), and resampling it to a model's grid would ask for more memory than any machine has
 MAX_EXTENT_MM = 3000.0
@@ -264,14 +268,17 @@ def _labelmap_pixel_type(labels: list[Label]):
     return sitk.sitkUInt8 if max((l.value for l in labels), default=0) <= 255 else sitk.sitkUInt16
 
 
-def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
-                   origin: LabelmapOrigin | None = None) -> None:
+def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label], origin: LabelmapOrigin | None = None,
+                   unsure_ml: dict[int, float] | None = None) -> None:
     """Write atomically; ``.seg.nrrd`` carries each label as a named Slicer segment, and the header what made
-    the map (``origin``)."""
+    the map (``origin``) and, but in NIfTI (its one description is full), the volume the model was unsure of per
+    label value (``unsure_ml``: kept maps then still have it, see ``labelmap_unsure_ml``)."""
     path = Path(path)
     check_labelmap_path(path)
     image = sitk.Cast(image, _labelmap_pixel_type(labels))
     fields = {f"{PROVENANCE_PREFIX}{key}": value for key, value in (origin._asdict() if origin else {}).items()}
+    if unsure_ml is not None:
+        fields[UNSURE_FIELD] = json.dumps({str(value): round(ml, 2) for value, ml in sorted(unsure_ml.items())})
     suffix = full_suffix(path).lower()
     if suffix in (".nii", ".nii.gz"):
         if origin:
@@ -284,6 +291,18 @@ def write_labelmap(image: sitk.Image, path: str | Path, labels: list[Label],
             _write_seg_nrrd(image, tmp, labels, fields)
         else:
             write_image(image, tmp, path)
+
+
+def labelmap_unsure_ml(path: str | Path) -> dict[int, float] | None:
+    """The unsure volume per label value that write_labelmap kept in a label map's header; None where there is
+    none (a NIfTI, a map made elsewhere or saved again by another program)."""
+    header = read_header(path)
+    if header is None or not header.HasMetaDataKey(UNSURE_FIELD):
+        return None
+    try:
+        return {int(value): float(ml) for value, ml in json.loads(header.GetMetaData(UNSURE_FIELD)).items()}
+    except (ValueError, TypeError, AttributeError):  # not what write_labelmap writes
+        return None
 
 
 def labelmap_model(path: str | Path) -> LabelmapOrigin | None:

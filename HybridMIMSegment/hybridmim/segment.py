@@ -132,7 +132,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
     labels, unsure_ml = labels_on_input_grid(network, model_input, meta, device, reporter, channels[0])
 
     reporter.stage("write")
-    write_labelmap(labels, output_path, meta.labels, labelmap_origin(checkpoint))
+    write_labelmap(labels, output_path, meta.labels, labelmap_origin(checkpoint), unsure_ml)
     outputs = {"segmentation": str(output_path)}
 
     if preview_path is not None:
