@@ -87,6 +87,28 @@ def test_segments_become_their_labels_values_on_the_scan_with_what_was_left_out_
     np.testing.assert_array_equal(labels, expected)
 
 
+def test_a_segmentation_on_a_finer_grid_of_its_own_is_resampled_onto_the_scan(tmp_path):
+    """Slicer's oversampled segmentation geometry: half the spacing, two voxels beyond the scan's last column."""
+    scan = _scan()
+    fine = sitk.Image([2 * scan.GetSize()[0] + 2, *(2 * n for n in scan.GetSize()[1:])], sitk.sitkUInt8)
+    fine.SetSpacing([s / 2 for s in scan.GetSpacing()])
+    fine.SetDirection(scan.GetDirection())
+    quarter = np.asarray(scan.GetDirection()).reshape(3, 3) @ (np.asarray(scan.GetSpacing()) / 4)
+    fine.SetOrigin((np.asarray(scan.GetOrigin()) - quarter).tolist())
+    liver = np.zeros(fine.GetSize()[::-1], bool)
+    liver[4:8, 6:12, 16:22] = True  # scan voxels (2:4, 3:6, 8:10), and 48 fine voxels beyond its last column
+    path = tmp_path / "label.seg.nrrd"
+    write_slicer_segmentation(path, fine, [{"name": "liver", "mask": liver, "layer": 0, "value": 1}])
+    said = []
+    labels = sitk.GetArrayFromImage(read_segmentation_labels(path, Grid.of(scan), LABELS, "case: file", said.append))
+    assert said == ["case: file: not on its scan's voxel grid (spacing 0.5 x 1 x 1.5 mm against the scan's 1 x 2 x 3 "
+                    "mm); resampled onto it (nearest neighbour)",
+                    "case: file: 48 segment voxels lie outside the scan; left out"]
+    expected = np.zeros(scan.GetSize()[::-1], np.uint16)
+    expected[2:4, 3:6, 8:10] = 1
+    np.testing.assert_array_equal(labels, expected)
+
+
 def test_a_file_from_before_slicer_4_11_has_a_layer_per_segment(tmp_path):
     """No Layer or LabelValue fields: segment N is layer N, of value 1."""
     scan = _scan()

@@ -4,7 +4,8 @@ references corrected in Slicer and saved as they are.
 A segmentation's own label values only number the segments within a layer (segments that overlap lie in separate
 layers), so they say nothing about which structure a segment is. Each segment is matched to a label instead, by
 its name, else by its terminology's codes, and written as that label's label-map value onto the scan's grid
-(Slicer saves a segmentation on its scan's grid, often cut to the box its segments fill).
+(Slicer saves a segmentation on its scan's grid, often cut to the box its segments fill; one on a grid of its
+own, oversampled for smoother surfaces, is resampled onto the scan's).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UserError, message_line
-from .geometry import Grid
+from .geometry import Grid, resample_onto
 from .labels import Label, segment_entry
 
 SUFFIX = ".seg.nrrd"
@@ -117,10 +118,6 @@ def read_segmentation_labels(path: Path, image_grid: Grid, labels: list[Label], 
     value of the label it is (``Label.sources[0]``, so that fine-tuning and evaluate map it as a label map's);
     segments that are no label are left out, with a warning. ``where`` names the file in messages."""
     segments, image = _read(path, where)
-    offset = Grid.of(image).offset_in(image_grid)
-    if offset is None:
-        raise UserError(f"{where}: the segmentation does not lie on its scan's grid (another spacing or "
-                        "direction, or between its voxels); segment this scan in Slicer, or resample it onto the scan")
     voxels = sitk.GetArrayViewFromImage(image)
     layers = voxels if voxels.ndim == 4 else voxels[..., None]  # (z, y, x, layer)
     values = np.zeros(layers.shape[:3], dtype=np.uint16)
@@ -148,7 +145,32 @@ def read_segmentation_labels(path: Path, image_grid: Grid, labels: list[Label], 
              "name; read as background")
     if overlapping:
         warn(f"{where}: {overlapping} voxels lie in segments of two labels; each is read as the later segment's")
+    own = Grid.of(image)
+    offset = own.offset_in(image_grid)
+    if offset is None:
+        return _resampled(values, own, image_grid, where, warn)
     return image_grid.image(_placed(values, offset, image_grid, where, warn))
+
+
+def _warn_outside(values: np.ndarray, placed_count: int, where: str, warn) -> None:
+    outside = int(np.count_nonzero(values)) - placed_count
+    if outside:
+        warn(f"{where}: {outside} segment voxels lie outside the scan; left out")
+
+
+def _resampled(values: np.ndarray, own: Grid, image_grid: Grid, where: str, warn) -> sitk.Image:
+    """``values`` (z, y, x) on ``own`` grid, which is not a box of the scan's (Slicer's oversampled segmentation
+    geometry, or another scan's), on the scan's grid by nearest neighbour."""
+    warn(f"{where}: not on its scan's voxel grid (spacing {_mm(own.spacing)} against the scan's "
+         f"{_mm(image_grid.spacing)}{'' if own.direction == image_grid.direction else ', other axes'}); resampled "
+         "onto it (nearest neighbour)")
+    inside = resample_onto(image_grid.image(np.ones(image_grid.size[::-1], np.uint8)), own, sitk.sitkNearestNeighbor)
+    _warn_outside(values, int(np.count_nonzero(values * sitk.GetArrayViewFromImage(inside))), where, warn)
+    return resample_onto(own.image(values), image_grid, sitk.sitkNearestNeighbor)
+
+
+def _mm(spacing) -> str:
+    return " x ".join(f"{s:g}" for s in spacing) + " mm"
 
 
 def _placed(values: np.ndarray, offset, image_grid: Grid, where: str, warn) -> np.ndarray:
@@ -161,7 +183,5 @@ def _placed(values: np.ndarray, offset, image_grid: Grid, where: str, warn) -> n
         source.append(slice(low - start, high - start))
         target.append(slice(low, high))
     placed[tuple(target)] = values[tuple(source)]
-    outside = int(np.count_nonzero(values)) - int(np.count_nonzero(placed))
-    if outside:
-        warn(f"{where}: {outside} segment voxels lie outside the scan; left out")
+    _warn_outside(values, int(np.count_nonzero(placed)), where, warn)
     return placed

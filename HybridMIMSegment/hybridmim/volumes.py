@@ -326,7 +326,7 @@ def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def check_label_grid(case: Case) -> None:
     """Refuse, from the file headers alone, a label map that does not lie on its image's grid (a Slicer
-    segmentation: on a box of it)."""
+    segmentation is resampled onto it when read: Slicer may keep it on a finer grid of its own)."""
     from .geometry import Grid
     from .imageio import read_header
     from .segfile import is_segmentation_file
@@ -338,12 +338,7 @@ def check_label_grid(case: Case) -> None:
             raise UserError(f"case {case.name}: {path.name} is not a readable image")
         headers.append(header)
     image, label = (Grid.of(header) for header in headers)
-    if is_segmentation_file(case.label):
-        if label.offset_in(image) is None:
-            raise UserError(f"case {case.name}: {case.label.name} does not lie on the image's grid (another spacing "
-                            "or direction, or between its voxels): segment this scan in Slicer, or resample the "
-                            "segmentation onto it")
-    elif not label.matches(image):  # the test that preparing applies to the voxels, so it refuses nothing more
+    if not is_segmentation_file(case.label) and not label.matches(image):  # as preparing tests the voxels
         raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
                         "from the image's; resample it onto the image first")
 
