@@ -718,7 +718,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
                 segment.GetTag(segment.GetTerminologyEntryTagName(), tag)
                 described.append({"name": segment.GetName(), "color": segment.GetColor(), "terminology": str(tag)})
             cases.append((ids, (segmentation.GetName(), described)))
-        plan = case_labels([described for _, described in cases], initLabels)
+        plan = case_labels([named for _, named in cases], initLabels)
         for line in plan.notes:
             log(line)
         for index, ((volume, segmentation), (ids, _), values) in enumerate(zip(pairs, cases, plan.values)):
