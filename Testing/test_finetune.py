@@ -552,6 +552,15 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
                                         r"Swelling\); prepare the data again with these"):
         load_prepared(tmp_path / "prepared", start.preprocessing, Reporter("quiet"), others)
 
+    # Labels that no segment is: the refusal says to name the segments so, not to change label-map values.
+    necrosis = tmp_path / "necrosis.json"
+    necrosis.write_text(json.dumps([{"value": 1, "name": "necrosis", "color": [90, 90, 90]}]), encoding="utf-8")
+    none = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
+                   necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress", "quiet")
+    assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
+        "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
+        "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")
+
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):
     """A labels file whose values are not the label maps' would train a model of background alone: refused before

@@ -246,8 +246,13 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
     missing = [f"{', '.join(map(str, label.sources))} → {label.name}"
                for label, found in zip(start.labels, occurs[1:]) if not found]
     if len(missing) == len(start.labels):
+        from ..segfile import is_segmentation_file
+
+        files = [name for source in data.sources_of(data.volumes) for name in source["files"]]
+        hint = ("name the segments of the cases' Slicer segmentations as the labels, or name the labels with "
+                "--labels FILE" if any(map(is_segmentation_file, files)) else "give the values the label maps use")
         raise UserError(f"no label of the labels file occurs in the training cases' label maps ({'; '.join(missing)}): "
-                        "give the values the label maps use")
+                        f"{hint}")
     if missing:
         kept = "the model, which segments them, learns that they are absent: it will unlearn them"
         outcome = kept if start.keep_head else "the model cannot learn them"
