@@ -555,11 +555,18 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     # Labels that no segment is: the refusal says to name the segments so, not to change label-map values.
     necrosis = tmp_path / "necrosis.json"
     necrosis.write_text(json.dumps([{"value": 1, "name": "necrosis", "color": [90, 90, 90]}]), encoding="utf-8")
-    none = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
-                   necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress", "quiet")
-    assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
-        "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
-        "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")
+    said = []
+    for _ in range(2):  # the second from the cases prepared by the first: its warnings are said again
+        none = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
+                       necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors",
+                       "--progress", "json")
+        assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
+            "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
+            "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")
+        said.append(warnings_of(none))
+    assert said[0] == said[1] and len(said[0]) == 2
+    assert said[0][0] == ("STS_001: label.seg.nrrd: segments 'Tumour', 'Swelling' are none of the labels "
+                          "('necrosis') by terminology or name; read as background")
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):

@@ -32,6 +32,7 @@ INDEX_NAME = "prepared.json"
 CACHE_FORMAT = 2
 FOREGROUND_SAMPLES = 20000  # crop centres kept per volume (body; and labelled voxels)
 SOURCE_DIGESTS = "source_sha256"  # a prepared volume's entry holding its source files' SHA256s
+PREPARE_WARNINGS = "warnings"  # and the warnings preparing it gave, said again whenever it is read back
 # In a folder holding several DICOM series, those with fewer files are not scans to learn from or segment:
 # localisers (1-3 images), dose reports, secondary captures
 MIN_SERIES_FILES = 10
@@ -397,6 +398,13 @@ def _load_npz(path: Path) -> dict:
         return {key: f[key] for key in f.files}
 
 
+def _say_warnings_again(arrays: dict, reporter: Reporter) -> None:
+    """The warnings preparing a case gave (a segment that is no label, a scan unlike its modality, …), given
+    again when it is read back prepared: each run that trains on it should say them, not only the first."""
+    for text in arrays.get(PREPARE_WARNINGS, ()):
+        reporter.warning(str(text))
+
+
 def _volume(name: str, arrays: dict) -> Volume:
     return Volume(name, arrays["image"], arrays["centres"], arrays.get("label"), arrays.get("label_centres"))
 
@@ -422,8 +430,12 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         files = case.channels + ((case.label,) if labels else ())
         if path.is_file():
             arrays = _load_npz(path)
+            _say_warnings_again(arrays, reporter)
         else:
-            arrays = _prepare_volume(case, preprocessing, key, labels, channels, reporter.warning)
+            said = []
+            arrays = _prepare_volume(case, preprocessing, key, labels, channels,
+                                     lambda text: (said.append(text), reporter.warning(text)))
+            arrays[PREPARE_WARNINGS] = np.array(said, dtype=str)
             # the sources' digests travel with the volume: its key already stands for their sizes and times, and
             # hashing them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
             arrays[SOURCE_DIGESTS] = np.array([_source_sha256(p, case.series) for p in files])
@@ -485,7 +497,9 @@ def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter
     reporter.stage("load data")
     volumes, sources = [], []
     for done, entry in enumerate(entries):
-        volumes.append(_volume(entry["name"], _load_npz(folder / entry["file"])))
+        arrays = _load_npz(folder / entry["file"])
+        _say_warnings_again(arrays, reporter)
+        volumes.append(_volume(entry["name"], arrays))
         sources.append({k: v for k, v in entry.items() if k != "file"})
         reporter.progress(done + 1, len(entries))
     return PreparedData(volumes, preprocessing, sources)
