@@ -26,8 +26,8 @@ from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.runfiles import curve_path
 from hybridmim.training import runstate
-from hybridmim.training.finetune import (FinetuneSchedule, load_recipe, resolve_start, run_finetune, split_cases,
-                                        transfer_weights)
+from hybridmim.training.finetune import (FinetuneSchedule, _head_summary, load_recipe, resolve_start, run_finetune,
+                                        split_cases, transfer_weights)
 
 SARCOMA = parse_labels(json.loads((REPO / "scripts/labels/sarcoma.json").read_text(encoding="utf-8")))
 
@@ -107,10 +107,10 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
     recipe = load_recipe(None)
     start = resolve_start("ct-hybridmim-cnn", recipe, str(REPO / "scripts/labels/btcv13.json"),
                           Reporter("quiet"))
-    assert start.init["task"] == "reconstruction" and not start.keep_head
+    assert start.init["task"] == "reconstruction" and not start.keep_head and start.head_channels is None
     assert start.roi_size == (96, 96, 96) and start.preprocessing.spacing == (1.5, 1.5, 2.0)
     network = build_network(start.network)
-    summary = transfer_weights(network, start.weights, keep_head=False)
+    summary = transfer_weights(network, start.weights, start.head_channels)
     assert summary["new"] == ["head.bias", "head.weight"]
     pretrained = load_file(str(MODELS / "ct-hybridmim-cnn.safetensors"))
     loaded = network.state_dict()
@@ -126,7 +126,7 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
     start = resolve_start(str(DEFAULT_MODEL), recipe, None, Reporter("quiet"))
     assert start.keep_head and len(start.labels) == 13
     network = build_network(start.network)
-    assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
+    assert transfer_weights(network, start.weights, start.head_channels)["new"] == []
     assert torch.equal(network.state_dict()["head.weight"], load_file(str(DEFAULT_MODEL))["head.weight"].float())
 
     # So does one given its labels without the largest-piece clean-up: that flag changes no output channel.
@@ -136,6 +136,28 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
     start = resolve_start(str(MODELS / "sarcoma-ct.safetensors"), recipe, str(tmp_path / "plain.json"),
                           Reporter("quiet"))
     assert start.keep_head and not start.labels[0].largest_component
+
+    # A structure added to a segmentation model's: the channels of the labels it shares (by name) carry over.
+    (tmp_path / "added.json").write_text(json.dumps([{"value": 1, "name": "Liver", "color": [1, 2, 3]},
+                                                     {"value": 2, "name": "liver tumour", "color": [4, 5, 6]}]))
+    start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "added.json"), Reporter("quiet"))
+    assert start.head_channels == [0, 6, None] and not start.keep_head
+    assert [label.name for label in start.kept_labels()] == ["Liver"]
+    network = build_network(start.network)
+    fresh = {k: v.clone() for k, v in network.state_dict().items()}
+    assert transfer_weights(network, start.weights, start.head_channels)["new"] == []
+    init = load_file(str(DEFAULT_MODEL))
+    for name in ("head.weight", "head.bias"):
+        rows = network.state_dict()[name]
+        assert torch.equal(rows[0], init[name][0].float()) and torch.equal(rows[1], init[name][6].float())
+        assert torch.equal(rows[2], fresh[name][2])
+    assert _head_summary(start, []) == ("of the output layer, the channels of background, Liver kept (labels of the "
+                                        "init model), of liver tumour new")
+    (tmp_path / "fewer.json").write_text(json.dumps([{"value": 1, "name": "liver", "color": [1, 2, 3]}]))
+    start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "fewer.json"), Reporter("quiet"))
+    assert start.head_channels == [0, 6] and not start.keep_head
+    assert _head_summary(start, []) == ("of the output layer, the channels of background, liver kept (labels of the "
+                                        "init model); its other labels left out")
 
 
 def _start(folders, output, *extra) -> subprocess.Popen:
@@ -625,6 +647,6 @@ def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_i
         start = resolve_start("sarcoma-ct", load_recipe(str(recipes[name])), None, Reporter("quiet"))
         assert start.keep_head and [label.name for label in start.labels] == ["soft-tissue sarcoma"]
         network = build_network(start.network)
-        assert transfer_weights(network, start.weights, keep_head=True)["new"] == []
+        assert transfer_weights(network, start.weights, start.head_channels)["new"] == []
         head = [key for key in start.weights if key.startswith(network.head_name + ".")]
         assert head and all(torch.equal(network.state_dict()[key], start.weights[key].float()) for key in head)

@@ -356,7 +356,8 @@ def test_scene_segments_that_are_not_the_init_models_labels_become_the_runs_labe
     assert [(e["value"], e["name"]) for e in plan.labels] == [(1, "liver"), (2, "my lesion")]
     assert plan.values == [[1, 2], [2, 1]]
     assert plan.notes == ["segments that are none of the labels of the model the run starts from: my lesion, My "
-                          "Lesion; the run learns the segments' own labels, with a new output layer"]
+                          "Lesion; the run learns the segments' own labels (those named as its labels keep their "
+                          "output channels)"]
     # From a pre-trained model (no labels), the segments' own labels, said nothing about
     assert case_labels([("case A", [lesion])], ()).notes == []
     with pytest.raises(RuntimeError, match=r"case B has segments \['liver'\], case A \['liver', 'my lesion'\]: "

@@ -316,7 +316,7 @@ def test_finetune_starts_from_the_checkpoint_with_encoder_and_decoder(trained, m
     start = resolve_start(str(checkpoint), finetune_recipe(None), labels, Reporter("quiet"))
     assert start.init["pretraining"]["method"] == method and start.roi_size == (32, 32, 32)
     network = build_network(start.network)
-    summary = transfer_weights(network, start.weights, keep_head=False)
+    summary = transfer_weights(network, start.weights, None)
     assert summary["new"] == ["head.bias", "head.weight"]
     loaded, pretrained = network.state_dict(), load_file(str(checkpoint))
     for name in pretrained:

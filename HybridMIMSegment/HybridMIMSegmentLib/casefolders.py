@@ -82,7 +82,8 @@ def case_labels(cases: Sequence[tuple[str, list[dict]]], init_labels: Sequence[L
                                "where the structure is absent)")
     unique = [next(s for s in first if plain_name(s["name"]) == name) for name in names]
     notes = [f"segments that are none of the labels of the model the run starts from: {', '.join(unmatched)}; the "
-             "run learns the segments' own labels, with a new output layer"] if init_labels else []
+             "run learns the segments' own labels (those named as its labels keep their output channels)"] \
+        if init_labels else []
     return CaseLabels(labels_from_segments(unique),
                       [[names.index(plain_name(s["name"])) + 1 for s in segments] for _, segments in cases], notes)
 

@@ -2,8 +2,8 @@
 
 The encoder and decoder come from ``--init`` (any of our checkpoints: a
 pre-trained reconstruction model, or a segmentation model to refine on new
-cases); only the output layer is new, unless the labels are the init model's
-own. Network, channels and pre-processing follow the init checkpoint (the
+cases); only the output layer is new, but for the channels of labels the init
+model segments too (by name). Network, channels and pre-processing follow the init checkpoint (the
 recipe's ``scratch`` block when there is none), so the data are prepared
 exactly as in pre-training.
 
@@ -121,8 +121,20 @@ class Start:
     regions: list[dict]
     init: dict  # provenance of the init checkpoint ({} from scratch)
     weights: dict | None
-    keep_head: bool  # the init model segments these very labels: its output layer carries over too
+    # per output channel (0: background), the init model's channel for the same structure, or None (new); None
+    # when the two share no label: the output layer is new
+    head_channels: list[int | None] | None
     labels_of_data: list[dict] | None = None  # labels read from the cases' segmentations (kept for a resume)
+    init_label_count: int = 0  # how many labels the init model segments
+
+    @property
+    def keep_head(self) -> bool:
+        """The init model segments these very labels: its whole output layer carries over."""
+        return self.head_channels == list(range(len(self.labels) + 1)) and self.init_label_count == len(self.labels)
+
+    def kept_labels(self) -> list[Label]:
+        """The labels whose output channel comes from the init model."""
+        return [label for label, channel in zip(self.labels, (self.head_channels or [])[1:]) if channel is not None]
 
 
 def _labels_of_data(data_paths, reporter: Reporter) -> list[dict]:
@@ -181,31 +193,51 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
         labels_of_data = _labels_of_data(data_paths, reporter)
         labels, regions = parse_label_file(labels_of_data, "the data's labels")
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
-    def outputs(ls):  # what the output channels mean; the largest-piece clean-up after them does not count
-        return [{k: v for k, v in label.to_dict().items() if k != "largest_component"} for label in ls]
-
-    keep_head = init_meta is not None and outputs(init_meta.labels) == outputs(labels)
+    init_labels = list(init_meta.labels) if init_meta is not None else []
     return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
-                 regions, provenance, weights, keep_head, labels_of_data)
+                 regions, provenance, weights, shared_channels(init_labels, labels), labels_of_data, len(init_labels))
 
 
-def transfer_weights(network: torch.nn.Module, weights: dict, keep_head: bool) -> dict:
-    """Load every init tensor into ``network`` except the output layer (kept when ``keep_head``).
+def shared_channels(init_labels: list[Label], labels: list[Label]) -> list[int | None] | None:
+    """Per output channel of a network for ``labels`` (0: background), the channel of a model for ``init_labels``
+    that segments the structure of the same name (case and spacing aside), else None; None where they share no
+    structure (a pre-trained model has none), the background then being another thing too."""
+    from ..segfile import plain_name
 
-    Returns {"transferred": n, "new": [names of the tensors left at their initialisation]}.
+    channels = {plain_name(label.name): index for index, label in enumerate(init_labels, start=1)}
+    shared = [channels.get(plain_name(label.name)) for label in labels]
+    return [0, *shared] if any(channel is not None for channel in shared) else None
+
+
+def transfer_weights(network: torch.nn.Module, weights: dict, head_channels: list[int | None] | None) -> dict:
+    """Load every init tensor into ``network``; of the output layer, the channels ``head_channels`` names (see
+    Start), the others left at their initialisation.
+
+    Returns {"transferred": n, "new": [names of the tensors left wholly at their initialisation]}.
     """
     head = network.head_name + "."
     own = network.state_dict()
-    taken = {k: v for k, v in weights.items() if k in own and (keep_head or not k.startswith(head))}
+    taken = {k: v for k, v in weights.items() if k in own and not k.startswith(head)}
     mismatched = [k for k, v in taken.items() if tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
         raise UserError(f"init checkpoint: {mismatched[0]} has shape {tuple(taken[mismatched[0]].shape)}, "
                         f"the network needs {tuple(own[mismatched[0]].shape)}")
-    new = sorted(set(own) - set(taken))
+    loaded = {k: v.to(own[k].dtype) for k, v in taken.items()}
+    shared_head = [k for k in own if k.startswith(head) and k in weights] if head_channels else []
+    for name in shared_head:
+        if tuple(weights[name].shape[1:]) != tuple(own[name].shape[1:]):
+            raise UserError(f"init checkpoint: {name} has shape {tuple(weights[name].shape)}, the network needs "
+                            f"{tuple(own[name].shape)}")
+        rows = own[name].clone()
+        for channel, init_channel in enumerate(head_channels):
+            if init_channel is not None:
+                rows[channel] = weights[name][init_channel].to(rows.dtype)
+        loaded[name] = rows
+    new = sorted(set(own) - set(loaded))
     if any(not k.startswith(head) for k in new):
         raise UserError(f"init checkpoint lacks {len(new)} of the network's tensors (first: {new[0]})")
-    network.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in taken.items()}})
-    return {"transferred": len(taken), "new": new}
+    network.load_state_dict({**own, **loaded})
+    return {"transferred": len(loaded), "new": new}
 
 
 def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -243,7 +275,7 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
     occurs = np.zeros(len(start.labels) + 1, dtype=bool)
     for volume in data.volumes:
         occurs |= np.bincount(volume.label.ravel(), minlength=len(occurs))[:len(occurs)] > 0
-    missing = [f"{', '.join(map(str, label.sources))} → {label.name}"
+    missing = [(label, f"{', '.join(map(str, label.sources))} → {label.name}")
                for label, found in zip(start.labels, occurs[1:]) if not found]
     if len(missing) == len(start.labels):
         from ..segfile import is_segmentation_file
@@ -251,12 +283,14 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
         files = [name for source in data.sources_of(data.volumes) for name in source["files"]]
         hint = ("name the segments of the cases' Slicer segmentations as the labels, or name the labels with "
                 "--labels FILE" if any(map(is_segmentation_file, files)) else "give the values the label maps use")
-        raise UserError(f"no label of the labels file occurs in the training cases' label maps ({'; '.join(missing)}): "
-                        f"{hint}")
-    if missing:
-        kept = "the model, which segments them, learns that they are absent: it will unlearn them"
-        outcome = kept if start.keep_head else "the model cannot learn them"
-        reporter.warning(f"labels in no training case ({outcome}): {'; '.join(missing)}")
+        raise UserError(f"no label of the labels file occurs in the training cases' label maps "
+                        f"({'; '.join(text for _, text in missing)}): {hint}")
+    kept = {label.name for label in start.kept_labels()}
+    for unlearnt, outcome in ((True, "the model, which segments them, learns that they are absent: it will unlearn "
+                                     "them"), (False, "the model cannot learn them")):
+        named = [text for label, text in missing if (label.name in kept) == unlearnt]
+        if named:
+            reporter.warning(f"labels in no training case ({outcome}): {'; '.join(named)}")
 
 
 def validate(network, data: PreparedData, start: Start, device, classes: int) -> dict:
@@ -361,11 +395,22 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     torch.manual_seed(schedule.seed)
     network = build_network(start.network).to(torch_device)
     if start.weights is not None and state is None:
-        summary = transfer_weights(network, start.weights, keep_head=start.keep_head)
-        new = f"{len(summary['new'])} new ({', '.join(summary['new'])})" if summary["new"] else \
-            "the output layer kept too: the same labels"
-        reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, {new}")
+        summary = transfer_weights(network, start.weights, start.head_channels)
+        reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, "
+                      f"{_head_summary(start, summary['new'])}")
     return train_data, val_data, network, torch_device
+
+
+def _head_summary(start: Start, new: list[str]) -> str:
+    """What became of the output layer, for the log."""
+    if start.keep_head:
+        return "the output layer kept too: the same labels"
+    kept = [label.name for label in start.kept_labels()]
+    if not kept:
+        return f"{len(new)} new ({', '.join(new)})"
+    fresh = [label.name for label in start.labels if label.name not in kept]
+    return (f"of the output layer, the channels of background, {', '.join(kept)} kept (labels of the init model)"
+            + (f", of {', '.join(fresh)} new" if fresh else "; its other labels left out"))
 
 
 def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, train_data: PreparedData,
