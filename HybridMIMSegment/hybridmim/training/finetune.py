@@ -3,9 +3,9 @@
 The encoder and decoder come from ``--init`` (any of our checkpoints: a
 pre-trained reconstruction model, or a segmentation model to refine on new
 cases); only the output layer is new, but for the channels of labels the init
-model segments too (by name). Network, channels and pre-processing follow the init checkpoint (the
-recipe's ``scratch`` block when there is none), so the data are prepared
-exactly as in pre-training.
+model segments too (by name). Network, channels and pre-processing follow the
+init checkpoint (the recipe's ``scratch`` block when there is none), so the
+data are prepared exactly as in pre-training.
 
 Per step: crops 1.25 × the window, centred on a labelled voxel or anywhere in
 the body at the recipe's ratio, rotated/scaled down to the window and
