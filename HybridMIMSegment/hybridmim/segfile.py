@@ -161,9 +161,9 @@ def _warn_outside(values: np.ndarray, placed_count: int, where: str, warn) -> No
 def _resampled(values: np.ndarray, own: Grid, image_grid: Grid, where: str, warn) -> sitk.Image:
     """``values`` (z, y, x) on ``own`` grid, which is not a box of the scan's (Slicer's oversampled segmentation
     geometry, or another scan's), on the scan's grid by nearest neighbour."""
+    axes = "" if np.allclose(own.direction, image_grid.direction, atol=1e-6) else ", other axes"
     warn(f"{where}: not on its scan's voxel grid (spacing {_mm(own.spacing)} against the scan's "
-         f"{_mm(image_grid.spacing)}{'' if own.direction == image_grid.direction else ', other axes'}); resampled "
-         "onto it (nearest neighbour)")
+         f"{_mm(image_grid.spacing)}{axes}); resampled onto it (nearest neighbour)")
     inside = resample_onto(image_grid.image(np.ones(image_grid.size[::-1], np.uint8)), own, sitk.sitkNearestNeighbor)
     _warn_outside(values, int(np.count_nonzero(values * sitk.GetArrayViewFromImage(inside))), where, warn)
     return resample_onto(own.image(values), image_grid, sitk.sitkNearestNeighbor)
