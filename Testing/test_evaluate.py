@@ -251,34 +251,30 @@ def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop
     quarter = np.asarray(box.GetDirection()).reshape(3, 3) @ (np.asarray(box.GetSpacing()) / 4)
     fine.SetOrigin((np.asarray(box.GetOrigin()) - quarter).tolist())
     twice = [{**s, "mask": s["mask"].repeat(2, 0).repeat(2, 1).repeat(2, 2)} for s in segments]
-    reports = {}
-    for variant in ("label map", "segmentation", "oversampled", "both"):
-        case = tmp_path / variant / "ct_a"
+    # One run over the three forms of the same reference: a label map, the segmentation, the oversampled one.
+    data = tmp_path / "cases"
+    for name in ("map", "segmentation", "oversampled", "both"):
+        case = (tmp_path / "both" if name == "both" else data) / name
         case.mkdir(parents=True)
         (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
-        if variant in ("label map", "both"):
+        if name in ("map", "both"):
             (case / "label.nii.gz").symlink_to(abdomen_crop["label"])
-        if variant == "oversampled":
-            write_slicer_segmentation(case / "label.seg.nrrd", fine, twice)
-        elif variant != "label map":
-            write_slicer_segmentation(case / "label.seg.nrrd", box, segments)
-        report = tmp_path / f"{variant}.json"
-        if variant == "both":
-            refused("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report,
-                    message=f"{case}: holds label.nii.gz and label.seg.nrrd; keep the one label file that is the "
-                            "case's, and move the other out of the folder")
-            assert not report.exists()
-            continue
-        result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report, "--device", "cpu",
-                         check_rc=0)
-        said = [line for line in result.stderr.splitlines() if "label.seg.nrrd" in line]
-        # every segment is a label, all inside the scan
-        assert said == (["warning: ct_a: label.seg.nrrd: not on its scan's voxel grid (spacing 1.5 x 1.5 x 1.5 mm "
-                         "against the scan's 3 x 3 x 3 mm); resampled onto it (nearest neighbour)"]
-                        if variant == "oversampled" else [])
-        reports[variant] = json.loads(report.read_text())["cases"][0]["scores"]
-    assert len(present) >= 3 and reports["segmentation"] == reports["oversampled"] == reports["label map"]
-    assert reports["label map"]["liver"]["dice"] > 0.5
+        if name != "map":
+            write_slicer_segmentation(case / "label.seg.nrrd", fine if name == "oversampled" else box,
+                                      twice if name == "oversampled" else segments)
+    refused("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "both", "-o", tmp_path / "both.json",
+            message=f"{tmp_path / 'both' / 'both'}: holds label.nii.gz and label.seg.nrrd; keep the one label file "
+                    "that is the case's, and move the other out of the folder")
+    assert not (tmp_path / "both.json").exists()
+    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", data, "-o", tmp_path / "report.json", "--device",
+                     "cpu", check_rc=0)
+    # every segment is a label, all inside the scan; the oversampled file is said to be resampled
+    assert [line for line in result.stderr.splitlines() if "label.seg.nrrd" in line] == [
+        "warning: oversampled: label.seg.nrrd: not on its scan's voxel grid (spacing 1.5 x 1.5 x 1.5 mm against the "
+        "scan's 3 x 3 x 3 mm); resampled onto it (nearest neighbour)"]
+    scores = {c["case"]: c["scores"] for c in json.loads((tmp_path / "report.json").read_text())["cases"]}
+    assert len(present) >= 3 and scores["segmentation"] == scores["oversampled"] == scores["map"]
+    assert scores["map"]["liver"]["dice"] > 0.5
 
 
 def test_regions_and_source_values_survive_the_checkpoint_metadata():

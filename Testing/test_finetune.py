@@ -577,18 +577,24 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     # Labels that no segment is: the refusal says to name the segments so, not to change label-map values.
     necrosis = tmp_path / "necrosis.json"
     necrosis.write_text(json.dumps([{"value": 1, "name": "necrosis", "color": [90, 90, 90]}]), encoding="utf-8")
-    said = []
-    for _ in range(2):  # the second from the cases prepared by the first: its warnings are said again
-        none = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
-                       necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors",
-                       "--progress", "json")
-        assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
-            "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
-            "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")
-        said.append(warnings_of(none))
-    assert said[0] == said[1] and len(said[0]) == 2
-    assert said[0][0] == ("STS_001: label.seg.nrrd: segments 'Tumour', 'Swelling' are none of the labels "
-                          "('necrosis') by terminology or name; read as background")
+    none = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
+                   necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress", "json")
+    assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
+        "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
+        "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")
+    said = warnings_of(none)
+    assert len(said) == 2 and said[0] == ("STS_001: label.seg.nrrd: segments 'Tumour', 'Swelling' are none of the "
+                                          "labels ('necrosis') by terminology or name; read as background")
+    # Read back from the cases it prepared, the same warnings are said again.
+    from hybridmim.volumes import find_cases, prepare_cases
+
+    start = resolve_start("scratch", load_recipe(str(recipe)), str(necrosis), Reporter("quiet"))
+    stream, prepared = io.StringIO(), {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
+    prepare_cases(find_cases([tmp_path / "data"], labelled=True), start.preprocessing, tmp_path / "cache",
+                  Reporter("json", stream), start.labels, start.channels)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")} == prepared  # nothing prepared anew
+    events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+    assert [e["text"] for e in events if e.get("level") == "warning"] == said
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):
