@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from hybridmim.atomic import atomic_output
-from hybridmim.labels import Label, parse_labels, segment_entry
+from hybridmim.labels import Label, parse_labels, plain_name, segment_entry
 
 
 def _file_name(index: int, volume_name: str) -> str:
@@ -53,7 +53,7 @@ def case_labels(cases: Sequence[tuple[str, list[dict]]], init_labels: Sequence[L
     name alike: a name missing from one case would teach the model that the structure is absent there."""
     from slicerio.segmentation import terminology_entry_from_string
 
-    from hybridmim.segfile import label_of_segment, plain_name
+    from hybridmim.segfile import label_of_segment
 
     def entry(segment):
         tag = segment.get("terminology")

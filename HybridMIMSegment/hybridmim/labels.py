@@ -100,6 +100,11 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
     return labels
 
 
+def plain_name(name: str) -> str:
+    """A segment's or label's name as names are compared: case and spacing aside."""
+    return " ".join(name.split()).casefold()
+
+
 def segment_entry(value: int, name: str, color, terminology: dict | None) -> dict:
     """A label entry (parse_labels' form) for a Slicer segment: ``color`` (r, g, b) in 0..1, ``terminology`` in
     slicerio's form (or None); only the codes Slicer filled in are kept, and only with a category and a type."""

@@ -18,15 +18,11 @@ import SimpleITK as sitk
 
 from .errors import UserError, message_line
 from .geometry import Grid, resample_onto
-from .labels import Label, segment_entry
+from .labels import Label, plain_name, segment_entry
+from .volumes import is_segmentation_file
 
-SUFFIX = ".seg.nrrd"
 # DICOM retired the designator SRT for SNOMED CT's SCT (same codes), which older Slicer versions wrote
 _SCHEME_NAMES = {"SRT": "SCT"}
-
-
-def is_segmentation_file(path) -> bool:
-    return Path(path).name.lower().endswith(SUFFIX)
 
 
 def refuse_as_scan(path) -> None:
@@ -50,11 +46,6 @@ def _terminology_names(entry: dict, label: Label) -> bool:
         return False
     shared = [f for f in ("typeModifier", "anatomicRegion") if f in entry and f in ours]
     return all(_same_code(entry[f], ours[f]) for f in shared)
-
-
-def plain_name(name: str) -> str:
-    """A segment's or label's name as names are compared: case and spacing aside."""
-    return " ".join(name.split()).casefold()
 
 
 def label_of_segment(segment: dict, labels: list[Label]) -> Label | None:

@@ -28,6 +28,7 @@ from .preprocessing import Preprocessing
 from .progress import Reporter
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
 INDEX_NAME = "prepared.json"
 CACHE_FORMAT = 2
 FOREGROUND_SAMPLES = 20000  # crop centres kept per volume (body; and labelled voxels)
@@ -49,9 +50,13 @@ class Case:
     series: str | None = None
 
 
+def is_segmentation_file(path) -> bool:
+    """A Slicer segmentation (segments, not intensities: read by segfile)."""
+    return Path(path).name.lower().endswith(SEGMENTATION_SUFFIX)
+
+
 def _is_image(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(".seg.nrrd")
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not is_segmentation_file(path)
 
 
 def _image_stem(path: Path) -> str:
@@ -106,7 +111,7 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
     channels = single[:1] or [p for p in files if p.name.split(".")[0].startswith("image_")]
     if not channels:
         return None
-    segmentation = folder / "label.seg.nrrd"
+    segmentation = folder / f"label{SEGMENTATION_SUFFIX}"
     labels = [p for p in files if p.name.split(".")[0] == "label"] + [segmentation] * segmentation.is_file()
     # which of two would be read is down to the file system's order: say so rather than guess (a case corrected in
     # Slicer and saved as label.seg.nrrd beside the label.nii.gz it was made from)
@@ -308,11 +313,8 @@ def _source_sha256(path: Path, series: str | None = None) -> str:
 
 def _cache_key(case: Case, preprocessing: Preprocessing, labels: list[Label] | None) -> str:
     identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted(class_indices(labels or []).items())]
-    if labels:
-        from .segfile import is_segmentation_file  # SimpleITK: not needed for unlabelled volumes
-
-        if is_segmentation_file(case.label):  # its segments are read by the labels' names and codes
-            identity.append([label.to_dict() for label in labels])
+    if labels and is_segmentation_file(case.label):  # its segments are read by the labels' names and codes
+        identity.append([label.to_dict() for label in labels])
     for path in case.channels + ((case.label,) if labels else ()):
         for file in _source_files(path, case.series):  # a DICOM series changes when any of its files does
             stat = file.stat()
@@ -330,8 +332,6 @@ def check_label_grid(case: Case) -> None:
     segmentation is resampled onto it when read: Slicer may keep it on a finer grid of its own)."""
     from .geometry import Grid
     from .imageio import read_header
-    from .segfile import is_segmentation_file
-
     headers = []
     for path in (case.channels[0], case.label):
         header = read_header(path)
@@ -351,7 +351,7 @@ def read_case_label(case: Case, labels: list[Label], warn):
     from .geometry import Grid
     from .imageio import read_header, read_volume
     from .scancheck import checked_label_map
-    from .segfile import is_segmentation_file, read_segmentation_labels
+    from .segfile import read_segmentation_labels
 
     where = f"{case.name}: {case.label.name}"
     if is_segmentation_file(case.label):
@@ -487,7 +487,7 @@ def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter
         raise UserError(f"{folder}: prepared with other pre-processing than the recipe's; prepare the data again")
     if labels and {int(k): v for k, v in index.get("classes", {}).items()} != class_indices(labels):
         raise UserError(f"{folder}: prepared without these labels; prepare the data again")
-    from_segmentations = any(f.lower().endswith(".seg.nrrd") for entry in index["volumes"] for f in entry["files"])
+    from_segmentations = any(is_segmentation_file(f) for entry in index["volumes"] for f in entry["files"])
     if labels and from_segmentations and not _named_alike(index.get("labels", []), labels):
         raise UserError(f"{folder}: its Slicer segmentations were read by the names of other labels "
                         f"({', '.join(e['name'] for e in index.get('labels', [])) or 'not recorded'}); prepare the "

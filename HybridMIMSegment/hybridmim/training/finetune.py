@@ -36,12 +36,13 @@ from ..catalog import resolve_model, resources_dir
 from ..checkpoint import ModelMeta, read_metadata, save_checkpoint
 from ..download import cache_dir, file_sha256
 from ..errors import UserError
-from ..labels import Label, parse_label_file
+from ..labels import Label, parse_label_file, plain_name
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
-from ..volumes import PreparedData, find_cases, is_prepared_folder, load_prepared, prepare_cases, prepared_labels
+from ..volumes import (PreparedData, find_cases, is_prepared_folder, is_segmentation_file, load_prepared,
+                       prepare_cases, prepared_labels)
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
                        check_time_limit, load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
@@ -140,7 +141,7 @@ class Start:
 def _labels_of_data(data_paths, reporter: Reporter) -> list[dict]:
     """The labels of a run that nothing else names, from its cases' Slicer segmentations (label.seg.nrrd): one per
     distinct segment name; or those a prepared folder was made with."""
-    from ..segfile import is_segmentation_file, labels_of_segmentations
+    from ..segfile import labels_of_segmentations
 
     asked = ("name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
              "terminology; see scripts/labels/)")
@@ -202,8 +203,6 @@ def shared_channels(init_labels: list[Label], labels: list[Label]) -> list[int |
     """Per output channel of a network for ``labels`` (0: background), the channel of a model for ``init_labels``
     that segments the structure of the same name (case and spacing aside), else None; None where they share no
     structure (a pre-trained model has none), the background then being another thing too."""
-    from ..segfile import plain_name
-
     channels = {plain_name(label.name): index for index, label in enumerate(init_labels, start=1)}
     shared = [channels.get(plain_name(label.name)) for label in labels]
     return [0, *shared] if any(channel is not None for channel in shared) else None
@@ -278,8 +277,6 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
     missing = [(label, f"{', '.join(map(str, label.sources))} → {label.name}")
                for label, found in zip(start.labels, occurs[1:]) if not found]
     if len(missing) == len(start.labels):
-        from ..segfile import is_segmentation_file
-
         files = [name for source in data.sources_of(data.volumes) for name in source["files"]]
         hint = ("name the segments of the cases' Slicer segmentations as the labels, or name the labels with "
                 "--labels FILE" if any(map(is_segmentation_file, files)) else "give the values the label maps use")
