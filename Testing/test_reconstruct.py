@@ -8,7 +8,8 @@ import SimpleITK as sitk
 
 from conftest import DEFAULT_MODEL, data_file, run_cli
 from hybridmim.progress import parse_event
-from hybridmim.reconstruct import window_layout
+from hybridmim.masking import volume_patch_mask
+from hybridmim.reconstruct import interpolation_baseline, window_layout
 from test_imageio import assert_same_grid
 
 VOLUMES = ("mask", "masked", "reconstruction", "error")
@@ -66,6 +67,20 @@ def test_the_model_fills_holes_better_than_interpolation(reconstructed):
     _, events = reconstructed
     summary = events[-1]["outputs"]
     assert summary["mae_model"] < 0.95 * summary["mae_interpolation"], summary
+
+
+def test_the_interpolation_fills_holes_from_the_visible_voxels_around_them(unseen_slab):
+    """Normalised convolution: a constant scan is filled with its constant, edges and all; on the unseen slab
+    (HU, 40% of 16³ patches hidden) the hidden voxels' mean error at σ = 4 voxels is 70.5 HU (70.6 with MONAI's
+    filter, used before), and the visible voxels are smoothed (58.4 HU), not copied."""
+    slab = sitk.GetArrayFromImage(sitk.ReadImage(str(unseen_slab))).astype(np.float32)[None]
+    hidden = volume_patch_mask(slab.shape[1:], 16, 0.4, 0).numpy()
+    constant = interpolation_baseline(np.full_like(slab, 40.0), ~hidden, 4.0)
+    assert constant.dtype == np.float32 and constant.shape == slab.shape
+    np.testing.assert_allclose(constant, 40.0, rtol=1e-4)
+    filled = interpolation_baseline(slab, ~hidden, 4.0)
+    assert 65 < np.abs(filled[0][hidden] - slab[0][hidden]).mean() < 75
+    assert 0 < np.abs(filled[0][~hidden] - slab[0][~hidden]).mean() < 65
 
 
 def test_windows_start_on_the_patch_grid():

@@ -72,16 +72,15 @@ def interpolation_baseline(array: np.ndarray, visible: np.ndarray, sigma: float)
     """Masked voxels filled by normalised Gaussian convolution of the visible ones.
 
     ``array`` (C, z, y, x), ``visible`` (z, y, x) booleans; returns a float32 array like ``array``.
+    SciPy's filter, zero outside the volume: MONAI's GaussianFilter gave the same errors (within 0.3 HU on
+    STS_036) at 5-10 times the time, and importing MONAI for it added 3.5 s to every run.
     """
-    import torch
-    from monai.networks.layers import GaussianFilter
+    from scipy.ndimage import gaussian_filter
 
-    smooth = GaussianFilter(3, sigma)
-    weights = torch.from_numpy(visible.astype(np.float32))[None, None]
-    with torch.inference_mode():
-        support = smooth(weights)[0, 0].clamp(min=1e-6)
-        filled = [smooth(torch.from_numpy(channel * visible)[None, None].float())[0, 0] / support for channel in array]
-    return torch.stack(filled).numpy()
+    weights = visible.astype(np.float32)
+    support = np.maximum(gaussian_filter(weights, sigma, mode="constant"), 1e-6)
+    return np.stack([gaussian_filter(channel.astype(np.float32) * weights, sigma, mode="constant") / support
+                     for channel in array])
 
 
 def masked_mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray, scales) -> float:
