@@ -26,8 +26,8 @@ from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.runfiles import curve_path
 from hybridmim.training import runstate
-from hybridmim.training.finetune import (FinetuneSchedule, _head_summary, load_recipe, resolve_start, run_finetune,
-                                        split_cases, transfer_weights)
+from hybridmim.training.finetune import FinetuneSchedule, load_recipe, run_finetune, split_cases
+from hybridmim.training.start import head_summary, resolve_start, transfer_weights
 
 SARCOMA = parse_labels(json.loads((REPO / "scripts/labels/sarcoma.json").read_text(encoding="utf-8")))
 
@@ -151,12 +151,12 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
         rows = network.state_dict()[name]
         assert torch.equal(rows[0], init[name][0].float()) and torch.equal(rows[1], init[name][6].float())
         assert torch.equal(rows[2], fresh[name][2])
-    assert _head_summary(start, []) == ("of the output layer, the channels of background, Liver kept (labels of the "
+    assert head_summary(start, []) == ("of the output layer, the channels of background, Liver kept (labels of the "
                                         "init model), of liver tumour new")
     (tmp_path / "fewer.json").write_text(json.dumps([{"value": 1, "name": "liver", "color": [1, 2, 3]}]))
     start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "fewer.json"), Reporter("quiet"))
     assert start.head_channels == [0, 6] and not start.keep_head
-    assert _head_summary(start, []) == ("of the output layer, the channels of background, liver kept (labels of the "
+    assert head_summary(start, []) == ("of the output layer, the channels of background, liver kept (labels of the "
                                         "init model); its other labels left out")
 
 

@@ -294,7 +294,7 @@ SPLEEN_TAG = ("Segmentation category and type - 3D Slicer General Anatomy list~S
 
 
 def test_scene_segments_become_a_labels_file_the_engine_accepts(tmp_path):
-    from hybridmim.training.finetune import read_labels
+    from hybridmim.training.start import read_labels
 
     labels = labels_from_segments([{"name": "spleen", "color": (0.616, 0.424, 0.635), "terminology": SPLEEN_TAG},
                                    {"name": "my lesion", "color": (1.0, 0.0, 0.0), "terminology": ""}])

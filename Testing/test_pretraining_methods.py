@@ -28,7 +28,7 @@ from hybridmim.pretraining.run import load_recipe, merge_recipes
 from hybridmim.pretraining.trainer import build_method, pretrain
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.training import runstate
-from hybridmim.training.finetune import resolve_start, transfer_weights
+from hybridmim.training.start import resolve_start, transfer_weights
 from hybridmim.volumes import load_prepared
 from safetensors.torch import load_file
 from test_pretraining import mean_term, terms_on_fixed_batches

@@ -1,13 +1,7 @@
 """``hybridmim finetune``: a segmentation model from a pre-trained checkpoint (or from scratch).
 
-The encoder and decoder come from ``--init`` (any of our checkpoints: a
-pre-trained reconstruction model, or a segmentation model to refine on new
-cases); only the output layer is new, but for the channels of labels the init
-model segments too (by name). Network, channels and pre-processing follow the
-init checkpoint (the recipe's ``scratch`` block when there is none), so the
-data are prepared exactly as in pre-training.
-
-Per step: crops 1.25 × the window, centred on a labelled voxel or anywhere in
+What the run starts from (network, labels, the init checkpoint's weights) is
+``training.start``. Per step: crops 1.25 × the window, centred on a labelled voxel or anywhere in
 the body at the recipe's ratio, rotated/scaled down to the window and
 intensity-augmented (MONAI), DiceCE loss. Per epoch: sliding-window Dice on
 every validation case on the model grid; the best epoch is the model (``-o``),
@@ -32,20 +26,18 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_output
-from ..catalog import resolve_model, resources_dir
-from ..checkpoint import ModelMeta, read_metadata, save_checkpoint
-from ..download import cache_dir, file_sha256
+from ..catalog import resources_dir
+from ..checkpoint import ModelMeta, save_checkpoint
+from ..download import cache_dir
 from ..errors import UserError
-from ..labels import Label, parse_label_file, plain_name
-from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
-from ..volumes import (PreparedData, find_cases, is_prepared_folder, is_segmentation_file, load_prepared,
-                       prepare_cases, prepared_labels)
+from ..volumes import PreparedData, find_cases, is_prepared_folder, is_segmentation_file, load_prepared, prepare_cases
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
                        check_time_limit, load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
+from .start import Start, head_summary, resolve_start, transfer_weights
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
 
@@ -95,148 +87,6 @@ def load_recipe(recipe_file: str | None) -> dict:
     if isinstance(override.get("labels"), str):  # a labels file named relative to its recipe
         override["labels"] = str(Path(recipe_file).parent / override["labels"])
     return merge_recipes(default, override)
-
-
-def read_labels(source) -> tuple[list[Label], list[dict]]:
-    """(labels, regions) from a labels file path or an inline document (see labels.py)."""
-    if not isinstance(source, str):
-        return parse_label_file(source, "recipe labels")
-    path = Path(source)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable labels file ({exc})") from None
-    return parse_label_file(document, str(path))
-
-
-@dataclass
-class Start:
-    """Where a run starts: the network description and, unless from scratch, the init weights."""
-
-    network: dict
-    channels: list
-    preprocessing: Preprocessing
-    roi_size: tuple
-    overlap: float
-    labels: list[Label]
-    regions: list[dict]
-    init: dict  # provenance of the init checkpoint ({} from scratch)
-    weights: dict | None
-    # per output channel (0: background), the init model's channel for the same structure, or None (new); None
-    # when the two share no label: the output layer is new
-    head_channels: list[int | None] | None
-    labels_of_data: list[dict] | None = None  # labels read from the cases' segmentations (kept for a resume)
-    init_label_count: int = 0  # how many labels the init model segments
-
-    @property
-    def keep_head(self) -> bool:
-        """The init model segments these very labels: its whole output layer carries over."""
-        return self.head_channels == list(range(len(self.labels) + 1)) and self.init_label_count == len(self.labels)
-
-    def kept_labels(self) -> list[Label]:
-        """The labels whose output channel comes from the init model."""
-        return [label for label, channel in zip(self.labels, (self.head_channels or [])[1:]) if channel is not None]
-
-
-def _labels_of_data(data_paths, reporter: Reporter) -> list[dict]:
-    """The labels of a run that nothing else names, from its cases' Slicer segmentations (label.seg.nrrd): one per
-    distinct segment name; or those a prepared folder was made with."""
-    from ..segfile import labels_of_segmentations
-
-    asked = ("name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
-             "terminology; see scripts/labels/)")
-    prepared = [prepared_labels(Path(p)) for p in data_paths if is_prepared_folder(p)]
-    if prepared:
-        if len(prepared) < len(data_paths) or not prepared[0] or any(p != prepared[0] for p in prepared):
-            raise UserError(asked)
-        reporter.info(f"labels of the prepared data: {', '.join(e['name'] for e in prepared[0])}")
-        return prepared[0]
-    if not data_paths:
-        raise UserError(asked)
-    files = [case.label for case in find_cases(data_paths, labelled=True)]
-    if not all(is_segmentation_file(f) for f in files):
-        raise UserError(f"{asked}, or give every case as a Slicer segmentation (label.seg.nrrd), whose segments "
-                        "name them")
-    entries = labels_of_segmentations(files)
-    if not entries:
-        raise UserError(f"{asked}: the cases' segmentations hold no named segments")
-    reporter.info(f"labels from the cases' segmentations: {', '.join(e['name'] for e in entries)}")
-    return entries
-
-
-def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data_paths=()) -> Start:
-    """Network, pre-processing, labels and init weights of a run. Labels: ``labels_file`` (a path, or the labels
-    themselves), else the recipe's, else the init model's, else the distinct segments of ``data_paths``' cases."""
-    if init == "scratch":
-        scratch = recipe["scratch"]
-        base = {"network": scratch["network"], "channels": scratch["channels"],
-                "preprocessing": Preprocessing.from_dict(scratch["preprocessing"]),
-                "roi_size": tuple(scratch["roi_size"]), "overlap": float(scratch.get("overlap", 0.5))}
-        init_meta, weights, provenance = None, None, {}
-    else:
-        from safetensors.torch import load_file
-
-        path = resolve_model(init, reporter)
-        init_meta = read_metadata(path)
-        base = {"network": init_meta.network, "channels": init_meta.channels, "preprocessing": init_meta.preprocessing,
-                "roi_size": tuple(init_meta.roi_size), "overlap": init_meta.overlap}
-        weights = load_file(str(path))
-        provenance = {"file": path.name, "sha256": file_sha256(path), "task": init_meta.task,
-                      "method": init_meta.method, "title": init_meta.title, "pretraining": init_meta.pretraining}
-    labels_of_data = None
-    if labels_file:
-        labels, regions = read_labels(labels_file)
-    elif recipe.get("labels"):
-        labels, regions = read_labels(recipe["labels"])
-    elif init_meta is not None and init_meta.labels:
-        labels, regions = list(init_meta.labels), list(init_meta.regions)
-    else:
-        labels_of_data = _labels_of_data(data_paths, reporter)
-        labels, regions = parse_label_file(labels_of_data, "the data's labels")
-    network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
-    init_labels = list(init_meta.labels) if init_meta is not None else []
-    return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
-                 regions, provenance, weights, shared_channels(init_labels, labels), labels_of_data, len(init_labels))
-
-
-def shared_channels(init_labels: list[Label], labels: list[Label]) -> list[int | None] | None:
-    """Per output channel of a network for ``labels`` (0: background), the channel of a model for ``init_labels``
-    that segments the structure of the same name (case and spacing aside), else None; None where they share no
-    structure (a pre-trained model has none), the background then being another thing too."""
-    channels = {plain_name(label.name): index for index, label in enumerate(init_labels, start=1)}
-    shared = [channels.get(plain_name(label.name)) for label in labels]
-    return [0, *shared] if any(channel is not None for channel in shared) else None
-
-
-def transfer_weights(network: torch.nn.Module, weights: dict, head_channels: list[int | None] | None) -> dict:
-    """Load every init tensor into ``network``; of the output layer, the channels ``head_channels`` names (see
-    Start), the others left at their initialisation.
-
-    Returns {"transferred": n, "new": [names of the tensors left wholly at their initialisation]}.
-    """
-    head = network.head_name + "."
-    own = network.state_dict()
-    taken = {k: v for k, v in weights.items() if k in own and not k.startswith(head)}
-    mismatched = [k for k, v in taken.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched:
-        raise UserError(f"init checkpoint: {mismatched[0]} has shape {tuple(taken[mismatched[0]].shape)}, "
-                        f"the network needs {tuple(own[mismatched[0]].shape)}")
-    loaded = {k: v.to(own[k].dtype) for k, v in taken.items()}
-    shared_head = [k for k in own if k.startswith(head) and k in weights] if head_channels else []
-    for name in shared_head:
-        if tuple(weights[name].shape[1:]) != tuple(own[name].shape[1:]):
-            raise UserError(f"init checkpoint: {name} has shape {tuple(weights[name].shape)}, the network needs "
-                            f"{tuple(own[name].shape)}")
-        rows = own[name].clone()
-        for channel, init_channel in enumerate(head_channels):
-            if init_channel is not None:
-                rows[channel] = weights[name][init_channel].to(rows.dtype)
-        loaded[name] = rows
-    new = sorted(set(own) - set(loaded))
-    if any(not k.startswith(head) for k in new):
-        raise UserError(f"init checkpoint lacks {len(new)} of the network's tensors (first: {new[0]})")
-    network.load_state_dict({**own, **loaded})
-    return {"transferred": len(loaded), "new": new}
 
 
 def split_cases(cases: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -394,20 +244,8 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     if start.weights is not None and state is None:
         summary = transfer_weights(network, start.weights, start.head_channels)
         reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, "
-                      f"{_head_summary(start, summary['new'])}")
+                      f"{head_summary(start, summary['new'])}")
     return train_data, val_data, network, torch_device
-
-
-def _head_summary(start: Start, new: list[str]) -> str:
-    """What became of the output layer, for the log."""
-    if start.keep_head:
-        return "the output layer kept too: the same labels"
-    kept = [label.name for label in start.kept_labels()]
-    if not kept:
-        return f"{len(new)} new ({', '.join(new)})"
-    fresh = [label.name for label in start.labels if label.name not in kept]
-    return (f"of the output layer, the channels of background, {', '.join(kept)} kept (labels of the init model)"
-            + (f", of {', '.join(fresh)} new" if fresh else "; its other labels left out"))
 
 
 def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, train_data: PreparedData,
