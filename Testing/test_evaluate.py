@@ -173,12 +173,11 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
     any report is written."""
     label = sitk.ReadImage(str(abdomen_crop["label"]))
     values = sitk.GetArrayFromImage(label)
-    reports = {}
     unknown = np.where(values == 0, np.nan, values).astype(np.float32)
     unknown[0, 0, :3] = 20  # a value none of the model's labels takes: background
-    for variant, written in (("as given", None), ("nan", unknown),
-                             ("negative", np.where(values == 0, -1, values.astype(np.int16)))):
-        case = tmp_path / variant / "ct_a"
+    for data, case_name, written in (("twins", "given", None), ("twins", "nan", unknown),
+                                     ("negative", "ct_a", np.where(values == 0, -1, values.astype(np.int16)))):
+        case = tmp_path / data / case_name
         case.mkdir(parents=True)
         (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
         if written is None:
@@ -187,21 +186,23 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
             image = sitk.GetImageFromArray(written)
             image.CopyInformation(label)
             sitk.WriteImage(image, str(case / "label.nii.gz"))
-        report = tmp_path / f"{variant}.json"
-        result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case.parent, "-o", report, "--device", "cpu",
-                         check_rc=2 if variant == "negative" else 0)
-        if variant == "negative":
-            assert result.stderr.strip() == (f"error: ct_a: label.nii.gz: values from -1 to {values.max()}; label "
-                                             "values are whole numbers from 0 (background) to 65535")
-            assert not report.exists()
-        else:
-            reports[variant] = json.loads(report.read_text())["cases"][0]["scores"]
-            assert ("NaN or infinite; they are taken as background" in result.stderr) == (variant == "nan")
-            assert ("ct_a: label.nii.gz: no label of the model takes the value 20, counted as background: is the "
-                    "reference labelled as `hybridmim info` lists the model's labels?" in result.stderr) == (
-                variant == "nan")
-    assert reports["nan"] == reports["as given"]
 
+    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "twins", "-o", tmp_path / "twins.json",
+                     "--device", "cpu", check_rc=0)
+    scores = {case["case"]: case["scores"] for case in json.loads((tmp_path / "twins.json").read_text())["cases"]}
+    assert scores["nan"] == scores["given"]
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 2 and all(line.startswith("warning: nan: label.nii.gz: ") for line in warned), warned
+    assert "NaN or infinite; they are taken as background" in warned[0]
+    assert warned[1].endswith("no label of the model takes the value 20, counted as background: is the reference "
+                              "labelled as `hybridmim info` lists the model's labels?")
+
+    report = tmp_path / "negative.json"
+    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "negative", "-o", report, "--device",
+                     "cpu", check_rc=2)
+    assert result.stderr.strip() == (f"error: ct_a: label.nii.gz: values from -1 to {values.max()}; label "
+                                     "values are whole numbers from 0 (background) to 65535")
+    assert not report.exists()
 
 
 @pytest.mark.parametrize("labels", [1, 7, 14])
