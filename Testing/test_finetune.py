@@ -153,6 +153,20 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
         assert torch.equal(rows[2], fresh[name][2])
     assert head_summary(start, []) == ("of the output layer, the channels of background, Liver kept (labels of the "
                                         "init model), of liver tumour new")
+    # Renamed, a structure is known by its terminology codes: "Hepar" with the liver's codes is the liver, "kidney"
+    # with the left kidney's is that one; codes of no label, or a channel a label of its name takes, start anew.
+    codes = {label.name: label.terminology for label in read_metadata(DEFAULT_MODEL).labels}
+    renamed = [("Hepar", codes["liver"]), ("kidney", codes["left kidney"]), ("Leber", codes["liver"]),
+               ("liver", {}), ("lesion", {**codes["liver"], "type": ["SCT", "52988006", "Lesion"]})]
+    (tmp_path / "renamed.json").write_text(json.dumps([{"value": value, "name": name, "color": [1, 2, 3],
+                                                         **({"terminology": entry} if entry else {})}
+                                                        for value, (name, entry) in enumerate(renamed, start=1)]))
+    start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "renamed.json"), Reporter("quiet"))
+    assert start.head_channels == [0, None, 3, None, 6, None]
+    (tmp_path / "hepar.json").write_text(json.dumps([{"value": 1, "name": "Hepar", "color": [1, 2, 3],
+                                                      "terminology": codes["liver"]}]))
+    assert resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "hepar.json"),
+                         Reporter("quiet")).head_channels == [0, 6]
     (tmp_path / "fewer.json").write_text(json.dumps([{"value": 1, "name": "liver", "color": [1, 2, 3]}]))
     start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "fewer.json"), Reporter("quiet"))
     assert start.head_channels == [0, 6] and not start.keep_head

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from conftest import write_slicer_segmentation
 from hybridmim.errors import UserError
 from hybridmim.geometry import Grid
-from hybridmim.labels import parse_labels
-from hybridmim.segfile import label_of_segment, read_segmentation_labels
+from hybridmim.labels import label_of_segment, parse_labels
+from hybridmim.segfile import read_segmentation_labels
 
 LABELS = parse_labels([
     {"value": 1, "name": "liver", "color": [1, 2, 3],

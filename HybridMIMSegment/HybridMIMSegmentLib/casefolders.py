@@ -53,7 +53,7 @@ def case_labels(cases: Sequence[tuple[str, list[dict]]], init_labels: Sequence[L
     name alike: a name missing from one case would teach the model that the structure is absent there."""
     from slicerio.segmentation import terminology_entry_from_string
 
-    from hybridmim.segfile import label_of_segment
+    from hybridmim.labels import label_of_segment
 
     def entry(segment):
         tag = segment.get("terminology")

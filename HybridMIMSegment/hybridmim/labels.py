@@ -20,6 +20,8 @@ from .errors import UserError
 
 CODE_FIELDS = ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier")
 DEFAULT_CONTEXT = "Segmentation category and type - DICOM master list"
+# DICOM retired the designator SRT for SNOMED CT's SCT (same codes), which older Slicer versions wrote
+_SCHEME_NAMES = {"SRT": "SCT"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,38 @@ def parse_labels(entries, source: str = "label table") -> list[Label]:
 def plain_name(name: str) -> str:
     """A segment's or label's name as names are compared: case and spacing aside."""
     return " ".join(name.split()).casefold()
+
+
+def _same_code(first, second) -> bool:
+    """Two [scheme, value, meaning] codes are the same code: scheme and value (the meaning is free text)."""
+    return _SCHEME_NAMES.get(first[0], first[0]) == _SCHEME_NAMES.get(second[0], second[0]) and first[1] == second[1]
+
+
+def _terminology_names(entry: dict, label: Label) -> bool:
+    """Whether a segment's terminology entry (slicerio's form) is the label's: the same category, type and type
+    modifier; the anatomic region counts only where both give one (Slicer leaves it empty for most structures)."""
+    ours = label.terminology
+    if not ours or not all(f in entry and _same_code(entry[f], ours[f]) for f in ("category", "type")):
+        return False
+    if ("typeModifier" in entry) != ("typeModifier" in ours):
+        return False
+    shared = [f for f in ("typeModifier", "anatomicRegion") if f in entry and f in ours]
+    return all(_same_code(entry[f], ours[f]) for f in shared)
+
+
+def label_of_segment(segment: dict, labels: list[Label]) -> Label | None:
+    """The label a segment is: the one of its name (case and spacing aside; the name is what Slicer shows), else
+    the one its terminology names (None where the codes fit several labels: Slicer gives new segments the same
+    generic "Tissue" codes)."""
+    name = plain_name(str(segment.get("name", "")))
+    by_name = [label for label in labels if plain_name(label.name) == name]
+    return by_name[0] if by_name else label_of_codes(segment.get("terminology"), labels)
+
+
+def label_of_codes(entry: dict | None, labels: list[Label]) -> Label | None:
+    """The one label whose terminology a terminology entry (slicerio's form) names; None where none or several do."""
+    by_codes = [label for label in labels if entry and _terminology_names(entry, label)]
+    return by_codes[0] if len(by_codes) == 1 else None
 
 
 def segment_entry(value: int, name: str, color, terminology: dict | None) -> dict:

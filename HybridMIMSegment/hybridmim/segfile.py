@@ -18,47 +18,14 @@ import SimpleITK as sitk
 
 from .errors import UserError, message_line
 from .geometry import Grid, resample_onto
-from .labels import Label, plain_name, segment_entry
+from .labels import Label, label_of_segment, plain_name, segment_entry
 from .volumes import is_segmentation_file
-
-# DICOM retired the designator SRT for SNOMED CT's SCT (same codes), which older Slicer versions wrote
-_SCHEME_NAMES = {"SRT": "SCT"}
 
 
 def refuse_as_scan(path) -> None:
     """A segmentation given where a scan is wanted (ITK would read its label values as intensities) is refused."""
     if is_segmentation_file(path):
         raise UserError(f"{path}: a Slicer segmentation, not a scan; give the scan it outlines")
-
-
-def _same_code(first, second) -> bool:
-    """Two [scheme, value, meaning] codes are the same code: scheme and value (the meaning is free text)."""
-    return _SCHEME_NAMES.get(first[0], first[0]) == _SCHEME_NAMES.get(second[0], second[0]) and first[1] == second[1]
-
-
-def _terminology_names(entry: dict, label: Label) -> bool:
-    """Whether a segment's terminology entry (slicerio's form) is the label's: the same category, type and type
-    modifier; the anatomic region counts only where both give one (Slicer leaves it empty for most structures)."""
-    ours = label.terminology
-    if not ours or not all(f in entry and _same_code(entry[f], ours[f]) for f in ("category", "type")):
-        return False
-    if ("typeModifier" in entry) != ("typeModifier" in ours):
-        return False
-    shared = [f for f in ("typeModifier", "anatomicRegion") if f in entry and f in ours]
-    return all(_same_code(entry[f], ours[f]) for f in shared)
-
-
-def label_of_segment(segment: dict, labels: list[Label]) -> Label | None:
-    """The label a segment is: the one of its name (case and spacing aside; the name is what Slicer shows), else
-    the one its terminology names (None where the codes fit several labels: Slicer gives new segments the same
-    generic "Tissue" codes)."""
-    name = plain_name(str(segment.get("name", "")))
-    by_name = [label for label in labels if plain_name(label.name) == name]
-    if by_name:
-        return by_name[0]
-    entry = segment.get("terminology")
-    by_codes = [label for label in labels if entry and _terminology_names(entry, label)]
-    return by_codes[0] if len(by_codes) == 1 else None
 
 
 def _unreadable(exc: Exception, where: str) -> UserError:

@@ -3,7 +3,8 @@
 The encoder and decoder come from ``--init`` (any of our checkpoints: a pre-trained reconstruction model, or a
 segmentation model to refine on new cases); network, channels and pre-processing follow it (the recipe's
 ``scratch`` block when there is none), so the data are prepared exactly as in pre-training. Of the output layer,
-the channels of the labels the init model segments too (by name) carry over; the others are new.
+the channels of the labels the init model segments too (by name, else terminology codes) carry over; the others
+are new.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..catalog import resolve_model
 from ..checkpoint import read_metadata
 from ..download import file_sha256
 from ..errors import UserError
-from ..labels import Label, parse_label_file, plain_name
+from ..labels import Label, label_of_codes, parse_label_file, plain_name
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import find_cases, is_prepared_folder, is_segmentation_file, prepared_labels
@@ -128,10 +129,18 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
 
 def shared_channels(init_labels: list[Label], labels: list[Label]) -> list[int | None] | None:
     """Per output channel of a network for ``labels`` (0: background), the channel of a model for ``init_labels``
-    that segments the structure of the same name (case and spacing aside), else None; None where they share no
-    structure (a pre-trained model has none), the background then being another thing too."""
-    channels = {plain_name(label.name): index for index, label in enumerate(init_labels, start=1)}
-    shared = [channels.get(plain_name(label.name)) for label in labels]
+    that segments the same structure, else None; None where they share no structure (a pre-trained model has
+    none), the background then being another thing too. The same structure: the same name (case and spacing
+    aside), else the one label whose terminology codes are the same (a structure renamed, "Hepar" for "liver");
+    each init channel carries over once."""
+    by_name = {plain_name(label.name): index for index, label in enumerate(init_labels, start=1)}
+    shared = [by_name.get(plain_name(label.name)) for label in labels]
+    for position, label in enumerate(labels):
+        if shared[position] is None and label.terminology:
+            free = [init for index, init in enumerate(init_labels, start=1) if index not in shared]
+            found = label_of_codes(label.terminology, free)
+            shared[position] = None if found is None else 1 + next(
+                index for index, init in enumerate(init_labels) if init is found)
     return [0, *shared] if any(channel is not None for channel in shared) else None
 
 
