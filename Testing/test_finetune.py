@@ -152,7 +152,7 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
         assert torch.equal(rows[0], init[name][0].float()) and torch.equal(rows[1], init[name][6].float())
         assert torch.equal(rows[2], fresh[name][2])
     assert head_summary(start, []) == ("of the output layer, the channels of background, Liver kept (labels of the "
-                                        "init model), of liver tumour new")
+                                        "init model), of liver tumour new; its other labels left out")
     # Renamed, a structure is known by its terminology codes: "Hepar" with the liver's codes is the liver, "kidney"
     # with the left kidney's is that one; codes of no label, or a channel a label of its name takes, start anew.
     codes = {label.name: label.terminology for label in read_metadata(DEFAULT_MODEL).labels}
@@ -163,10 +163,19 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
                                                         for value, (name, entry) in enumerate(renamed, start=1)]))
     start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "renamed.json"), Reporter("quiet"))
     assert start.head_channels == [0, None, 3, None, 6, None]
+    assert head_summary(start, []) == ("of the output layer, the channels of background, kidney (its left kidney), "
+                                        "liver kept (labels of the init model), of Hepar, Leber, lesion new; its other "
+                                        "labels left out")
     (tmp_path / "hepar.json").write_text(json.dumps([{"value": 1, "name": "Hepar", "color": [1, 2, 3],
                                                       "terminology": codes["liver"]}]))
     assert resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "hepar.json"),
                          Reporter("quiet")).head_channels == [0, 6]
+    # All its labels in another order: every channel kept, none left out.
+    (tmp_path / "reordered.json").write_text(json.dumps([{**label.to_dict(), "value": value} for value, label in
+                                                         enumerate(start.init_labels[::-1], start=1)]))
+    start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "reordered.json"), Reporter("quiet"))
+    assert start.head_channels == [0, *range(13, 0, -1)] and not start.keep_head
+    assert head_summary(start, []).endswith("spleen kept (labels of the init model)")
     (tmp_path / "fewer.json").write_text(json.dumps([{"value": 1, "name": "liver", "color": [1, 2, 3]}]))
     start = resolve_start(str(DEFAULT_MODEL), recipe, str(tmp_path / "fewer.json"), Reporter("quiet"))
     assert start.head_channels == [0, 6] and not start.keep_head

@@ -113,8 +113,9 @@ def _same_code(first, second) -> bool:
 
 
 def _terminology_names(entry: dict, label: Label) -> bool:
-    """Whether a segment's terminology entry (slicerio's form) is the label's: the same category, type and type
-    modifier; the anatomic region counts only where both give one (Slicer leaves it empty for most structures)."""
+    """Whether a terminology entry (slicerio's form: a segment's, or another label's) is the label's: the same
+    category, type and type modifier; the anatomic region counts only where both give one (Slicer leaves it empty
+    for most structures)."""
     ours = label.terminology
     if not ours or not all(f in entry and _same_code(entry[f], ours[f]) for f in ("category", "type")):
         return False

@@ -10,7 +10,7 @@ are new.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,12 +54,12 @@ class Start:
     # when the two share no label: the output layer is new
     head_channels: list[int | None] | None
     labels_of_data: list[dict] | None = None  # labels read from the cases' segmentations (kept for a resume)
-    init_label_count: int = 0  # how many labels the init model segments
+    init_labels: list[Label] = field(default_factory=list)  # the labels the init model segments
 
     @property
     def keep_head(self) -> bool:
         """The init model segments these very labels: its whole output layer carries over."""
-        return self.head_channels == list(range(len(self.labels) + 1)) and self.init_label_count == len(self.labels)
+        return self.head_channels == list(range(len(self.labels) + 1)) and len(self.init_labels) == len(self.labels)
 
     def kept_labels(self) -> list[Label]:
         """The labels whose output channel comes from the init model."""
@@ -124,7 +124,7 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
     init_labels = list(init_meta.labels) if init_meta is not None else []
     return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
-                 regions, provenance, weights, shared_channels(init_labels, labels), labels_of_data, len(init_labels))
+                 regions, provenance, weights, shared_channels(init_labels, labels), labels_of_data, init_labels)
 
 
 def shared_channels(init_labels: list[Label], labels: list[Label]) -> list[int | None] | None:
@@ -179,9 +179,18 @@ def head_summary(start: Start, new: list[str]) -> str:
     """What became of the output layer, for the log."""
     if start.keep_head:
         return "the output layer kept too: the same labels"
-    kept = [label.name for label in start.kept_labels()]
+    channels = start.head_channels[1:] if start.head_channels else []
+    kept = [_kept_name(label, start.init_labels[channel - 1]) for label, channel in zip(start.labels, channels)
+            if channel is not None]
     if not kept:
         return f"{len(new)} new ({', '.join(new)})"
-    fresh = [label.name for label in start.labels if label.name not in kept]
+    fresh = [label.name for label, channel in zip(start.labels, channels) if channel is None]
+    left_out = "; its other labels left out" if len(kept) < len(start.init_labels) else ""
     return (f"of the output layer, the channels of background, {', '.join(kept)} kept (labels of the init model)"
-            + (f", of {', '.join(fresh)} new" if fresh else "; its other labels left out"))
+            + (f", of {', '.join(fresh)} new" if fresh else "") + left_out)
+
+
+def _kept_name(label: Label, init_label: Label) -> str:
+    """A kept label as the log names it: with the init model's name for it where that differs."""
+    same = plain_name(label.name) == plain_name(init_label.name)
+    return label.name if same else f"{label.name} (its {init_label.name})"
