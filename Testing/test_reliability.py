@@ -296,6 +296,9 @@ def test_window_plans_fall_back_to_host_blending_then_the_cpu():
                                                      WindowPlan("cpu", "cpu", 1)]
     # an output buffer larger than half the free GPU memory is blended on the host from the start
     assert window_plans("cuda", 5 * GIB, 8 * GIB, 1) == [WindowPlan("cuda", "cpu", 1), WindowPlan("cpu", "cpu", 1)]
+    # a caller that holds more memory anyway (fine-tuning's validation) runs the CPU's windows two at a time
+    assert window_plans("cpu", GIB, None, 4, cpu_batch=2) == [WindowPlan("cpu", "cpu", 2)]
+    assert window_plans("cuda", GIB, 8 * GIB, 4, cpu_batch=2)[-1] == WindowPlan("cpu", "cpu", 2)
 
 
 def test_out_of_memory_retries_with_the_next_plan_and_says_so():
