@@ -83,13 +83,19 @@ def mean_term(results: list[dict], name: str) -> float:
     return float(np.mean([r[name] for r in results]))
 
 
-def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_path):
+def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_path, monkeypatch):
     recipe = recipe_for(recipe_file)
-    recipe["train"].update(steps=40, lr=1e-2, log_every=10, checkpoint_every=40, num_threads=None)
+    recipe["train"].update(steps=40, lr=1e-2, log_every=10, checkpoint_every=10, num_threads=None)
     data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
     stream = io.StringIO()
     output = tmp_path / "tiny.safetensors"
+    import hybridmim.curves
+
+    drawn, draw = [], hybridmim.curves.plot_curves
+    monkeypatch.setattr(hybridmim.curves, "plot_curves", lambda history, *args: (drawn.append(history[-1]["step"]),
+                                                                                 draw(history, *args)))
     pretrain(recipe, data, output, Reporter("json", stream), device="cpu")
+    assert drawn == [10, 40]  # the curve at the first checkpoint, then not within a minute but at the end
 
     events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
     metrics = [e for e in events if e["event"] == "metric"]

@@ -49,6 +49,8 @@ from .mim import MiM
 
 METHODS = {method.name: method for method in (HybridMIM, MiM, HPM)}
 PACE_STEPS = 10  # steps timed for --max-minutes, after the first (cuDNN autotuning, allocator warm-up)
+# Drawing the curve takes about a second: at checkpoints at most this often, and always at the run's end or stop
+CURVE_EVERY_S = 60.0
 
 
 @dataclass
@@ -217,10 +219,15 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     model = dist.wrap(method)
     model.train()
 
-    def save(step: int) -> None:
+    plotted = float("-inf")
+
+    def save(step: int, last: bool) -> None:
+        nonlocal plotted
         if dist.main:
+            plot = last or time.time() - plotted >= CURVE_EVERY_S
             _save(output, recipe, method, optimiser, scheduler, scaler, step, history, elapsed + time.time() - started,
-                  data, dist, schedule)
+                  data, dist, schedule, plot)
+            plotted = time.time() if plot else plotted
 
     reporter.stage("pre-train")
     started, window, stopped = time.time(), [], False
@@ -249,7 +256,7 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
                 window = []
             stopped = dist.any(stop.requested)
             if stopped or step % schedule.checkpoint_every == 0 or step == schedule.steps:
-                save(step)
+                save(step, last=stopped or step == schedule.steps)
             if stopped:
                 break
     outputs = {"checkpoint": str(output), "resume_state": str(state_path(output)), "curve": str(curve_path(output)),
@@ -302,8 +309,9 @@ def _summarise(window: list[dict], step: int, lr: float, seconds: float) -> dict
 
 
 def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step: int, history: list, elapsed: float,
-          data: PreparedData, dist: _Distributed, schedule: Schedule) -> None:
-    """The resume state first, then the model: a model file never runs ahead of its state."""
+          data: PreparedData, dist: _Distributed, schedule: Schedule, plot: bool) -> None:
+    """The resume state first, then the model: a model file never runs ahead of its state; then (``plot``) the
+    curve."""
     import monai
 
     from ..curves import plot_curves
@@ -341,5 +349,5 @@ def _save(output: Path, recipe: dict, method, optimiser, scheduler, scaler, step
         metrics={"last": history[-1]} if history else {},
     )
     save_checkpoint(output, method.network.state_dict(), meta, half=schedule.half_precision)
-    if history:
+    if history and plot:
         plot_curves(history, curve_path(output), recipe.get("title", ""))
