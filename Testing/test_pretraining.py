@@ -25,7 +25,7 @@ from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.volumes import find_cases, load_prepared, prepare_cases
-from hybridmim.pretraining.run import load_recipe
+from hybridmim.pretraining.run import load_recipe, run_pretrain
 from hybridmim.pretraining.trainer import _Distributed, build_method, pretrain
 from hybridmim.training import runstate
 from hybridmim.runfiles import state_path
@@ -231,15 +231,18 @@ def test_max_minutes_keeps_the_steps_that_fit_and_ends_the_schedules_there(prepa
     assert recipe["train"]["steps"] == 1000  # the caller's recipe is left alone
 
     # Resumed, the finished run stays finished: its 1000-step recipe does not come back.
-    resumed = run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress",
-                      "json", check_rc=0)
-    done = [e for e in map(parse_event, resumed.stdout.splitlines()) if e and e["event"] == "done"]
+    def resumed(*exclude) -> list[dict]:
+        stream = io.StringIO()
+        run_pretrain([str(prepared)], str(output), Reporter("json", stream), resume=True, exclude=exclude,
+                     device="cpu")
+        return [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+
+    events = resumed()
+    done = [e for e in events if e["event"] == "done"]
     assert done[0]["outputs"]["step"] == done[0]["outputs"]["steps"] == fit
-    assert "warning" not in resumed.stdout
+    assert not [e for e in events if e.get("level") == "warning"]
     # given other cases, it says so
-    resumed = run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--exclude", "lung", "--device", "cpu",
-                      "--progress", "json", check_rc=0)
-    assert [e["text"] for e in map(parse_event, resumed.stdout.splitlines()) if e and e.get("level") == "warning"] == [
+    assert [e["text"] for e in resumed("lung") if e.get("level") == "warning"] == [
         "the cases differ from those the run stopped with (training cases gone: lung): it goes on with these, so it "
         "will not end as the uninterrupted run would have"]
 
