@@ -79,7 +79,7 @@ def interpolation_baseline(array: np.ndarray, visible: np.ndarray, sigma: float)
 
     weights = visible.astype(np.float32)
     support = np.maximum(gaussian_filter(weights, sigma, mode="constant"), 1e-6)
-    return np.stack([gaussian_filter(channel.astype(np.float32) * weights, sigma, mode="constant") / support
+    return np.stack([gaussian_filter(np.asarray(channel, np.float32) * weights, sigma, mode="constant") / support
                      for channel in array])
 
 

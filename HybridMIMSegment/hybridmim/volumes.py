@@ -332,6 +332,7 @@ def check_label_grid(case: Case) -> None:
     segmentation is resampled onto it when read: Slicer may keep it on a finer grid of its own)."""
     from .geometry import Grid
     from .imageio import read_header
+
     headers = []
     for path in (case.channels[0], case.label):
         header = read_header(path)

@@ -136,11 +136,10 @@ def shared_channels(init_labels: list[Label], labels: list[Label]) -> list[int |
     by_name = {plain_name(label.name): index for index, label in enumerate(init_labels, start=1)}
     shared = [by_name.get(plain_name(label.name)) for label in labels]
     for position, label in enumerate(labels):
-        if shared[position] is None and label.terminology:
-            free = [init for index, init in enumerate(init_labels, start=1) if index not in shared]
-            found = label_of_codes(label.terminology, free)
-            shared[position] = None if found is None else 1 + next(
-                index for index, init in enumerate(init_labels) if init is found)
+        if shared[position] is None:
+            found = label_of_codes(label.terminology, [init for index, init in enumerate(init_labels, start=1)
+                                                       if index not in shared])
+            shared[position] = None if found is None else init_labels.index(found) + 1
     return [0, *shared] if any(channel is not None for channel in shared) else None
 
 
