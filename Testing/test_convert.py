@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli_here
 from hybridmim.checkpoint import load_model
 from hybridmim.networks import build_network
 
@@ -32,7 +32,7 @@ def test_official_checkpoint_converts_with_every_tensor_kept(tmp_path):
     source = tmp_path / "model_final_epoch.pt"
     torch.save({"epoch": 100, "state_dict": state}, source)
     output = tmp_path / "official.safetensors"
-    result = run_cli("convert", source, "-o", output, check_rc=0)
+    result = run_cli_here("convert", source, "-o", output, check_rc=0)
     assert "depths [1, 2, 1, 1]" in result.stderr and "pred_mask_region" in result.stderr
 
     converted = load_file(str(output))
@@ -53,7 +53,7 @@ def test_official_checkpoint_converts_with_every_tensor_kept(tmp_path):
     with torch.no_grad():
         assert network(torch.rand(1, 1, 64, 64, 64)).shape == (1, 1, 64, 64, 64)
 
-    again = run_cli("convert", source, "-o", output, check_rc=2)
+    again = run_cli_here("convert", source, "-o", output, check_rc=2)
     assert "already exists" in again.stderr
 
 
@@ -70,7 +70,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     torch.save({"state_dict": official_state(), "extra": payload}, source)
     assert not marker.exists()
 
-    result = run_cli("convert", source, "-o", tmp_path / "out.safetensors", check_rc=2)
+    result = run_cli_here("convert", source, "-o", tmp_path / "out.safetensors", check_rc=2)
     assert "refused" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists(), "loading the checkpoint ran its code"
     assert not (tmp_path / "out.safetensors").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DEFAULT_MODEL, MODELS, data_file, run_cli
+from conftest import DEFAULT_MODEL, MODELS, data_file, run_cli, run_cli_here
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
 from hybridmim.evaluate import evaluate, overlap_scores, reference_on_model_labels, score_case, summarise
@@ -115,8 +115,8 @@ def case_folder(abdomen_crop, tmp_path_factory):
 
 def test_evaluate_end_to_end_matches_an_independent_comparison(case_folder, abdomen_crop):
     report_path, overlays = case_folder / "report.json", case_folder / "overlays"
-    run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,
-            "--overlays", overlays, "--device", "cpu", check_rc=0)
+    run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,
+                 "--overlays", overlays, "--device", "cpu", check_rc=0)
     report = json.loads(report_path.read_text())
     segmentation = case_folder / "seg.nii.gz"
     segmented = run_cli("segment", abdomen_crop["image"], "-o", segmentation, "--model", DEFAULT_MODEL, "--device",
@@ -149,8 +149,8 @@ def test_evaluate_end_to_end_matches_an_independent_comparison(case_folder, abdo
                                                                       scores["liver"]["unsure_ml"])
     assert (overlays / "ct_a.png").stat().st_size > 10_000
 
-    again = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,
-                    check_rc=2)
+    again = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", case_folder / "data", "-o", report_path,
+                         check_rc=2)
     assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
 
 
@@ -161,8 +161,8 @@ def test_a_label_map_off_the_image_grid_is_refused(abdomen_crop, tmp_path):
     label = sitk.ReadImage(str(abdomen_crop["label"]))
     label.SetOrigin([o + 5.0 for o in label.GetOrigin()])
     sitk.WriteImage(label, str(case / "label.nii.gz"))
-    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "data", "-o", tmp_path / "r.json",
-                     check_rc=2)
+    result = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "data", "-o",
+                          tmp_path / "r.json", check_rc=2)
     assert "grid" in result.stderr and result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "r.json").exists()
 
@@ -187,8 +187,8 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
             image.CopyInformation(label)
             sitk.WriteImage(image, str(case / "label.nii.gz"))
 
-    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "twins", "-o", tmp_path / "twins.json",
-                     "--device", "cpu", check_rc=0)
+    result = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "twins", "-o",
+                          tmp_path / "twins.json", "--device", "cpu", check_rc=0)
     scores = {case["case"]: case["scores"] for case in json.loads((tmp_path / "twins.json").read_text())["cases"]}
     assert scores["nan"] == scores["given"]
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
@@ -198,8 +198,8 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
                               "labelled as `hybridmim info` lists the model's labels?")
 
     report = tmp_path / "negative.json"
-    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "negative", "-o", report, "--device",
-                     "cpu", check_rc=2)
+    result = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "negative", "-o", report,
+                          "--device", "cpu", check_rc=2)
     assert result.stderr.strip() == (f"error: ct_a: label.nii.gz: values from -1 to {values.max()}; label "
                                      "values are whole numbers from 0 (background) to 65535")
     assert not report.exists()
@@ -267,8 +267,8 @@ def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop
             message=f"{tmp_path / 'both' / 'both'}: holds label.nii.gz and label.seg.nrrd; keep the one label file "
                     "that is the case's, and move the other out of the folder")
     assert not (tmp_path / "both.json").exists()
-    result = run_cli("evaluate", "--model", DEFAULT_MODEL, "--data", data, "-o", tmp_path / "report.json", "--device",
-                     "cpu", check_rc=0)
+    result = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", data, "-o", tmp_path / "report.json",
+                          "--device", "cpu", check_rc=0)
     # every segment is a label, all inside the scan; the oversampled file is said to be resampled
     assert [line for line in result.stderr.splitlines() if "label.seg.nrrd" in line] == [
         "warning: oversampled: label.seg.nrrd: not on its scan's voxel grid (spacing 1.5 x 1.5 x 1.5 mm against the "
@@ -321,8 +321,8 @@ def test_shipped_brain_model_two_channels_brats_codes_and_regions(tmp_path):
                          ("OTMultiClass", "label")):
         (case / f"{target}.nii.gz").symlink_to(source / f"{name}.nii.gz")
     report_path = tmp_path / "report.json"
-    run_cli("evaluate", "--model", "brain-tumor-mr", "--data", tmp_path / "data", "-o", report_path,
-            "--device", "cpu", check_rc=0)
+    run_cli_here("evaluate", "--model", "brain-tumor-mr", "--data", tmp_path / "data", "-o", report_path,
+                 "--device", "cpu", check_rc=0)
     summary = json.loads(report_path.read_text())["summary"]
     assert list(summary) == ["peritumoral oedema", "necrotic and non-enhancing tumour core", "enhancing tumour",
                              "whole tumour", "tumour core"]

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEFAULT_MODEL, MODELS, REPO, around_the_tumour, data_file, run_cli, stop_while_preparing
+from conftest import DEFAULT_MODEL, MODELS, REPO, around_the_tumour, data_file, run_cli_here, stop_while_preparing
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -99,7 +99,7 @@ def test_a_short_finetune_raises_validation_dice(folders, tmp_path):
 
     # The model it wrote is a working segmentation model.
     seg = tmp_path / "sts036.nii.gz"
-    run_cli("segment", folders["val"] / "STS_036" / "image.nii.gz", "-o", seg, "--model", output, check_rc=0)
+    run_cli_here("segment", folders["val"] / "STS_036" / "image.nii.gz", "-o", seg, "--model", output, check_rc=0)
     assert seg.is_file()
 
 
@@ -183,11 +183,16 @@ def test_transfer_loads_encoder_and_decoder_and_only_the_head_is_new(tmp_path):
                                         "init model); its other labels left out")
 
 
+def _short_run(folders, output, *extra) -> list[str]:
+    """The arguments of the interrupted runs' fine-tuning (the short recipe)."""
+    return ["finetune", "--init", "scratch", "--data", str(folders["train"]), "--val", str(folders["val"]), "--recipe",
+            str(folders["short"]), "--cache", str(folders["cache"]), "-o", str(output), "--device", "cpu",
+            "--progress", "json", *extra]
+
+
 def _start(folders, output, *extra) -> subprocess.Popen:
-    command = [sys.executable, "-m", "hybridmim", "finetune", "--init", "scratch", "--data", str(folders["train"]),
-               "--val", str(folders["val"]), "--recipe", str(folders["short"]), "--cache", str(folders["cache"]),
-               "-o", str(output), "--device", "cpu", "--progress", "json", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+    return subprocess.Popen([sys.executable, "-m", "hybridmim", *_short_run(folders, output, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
                             errors="replace", cwd=REPO)
 
 
@@ -208,14 +213,14 @@ def _start_and_signal_at(folders, output, step: int, signal_number, *extra) -> t
 @pytest.fixture(scope="module")
 def uninterrupted(folders, tmp_path_factory) -> Path:
     reference = tmp_path_factory.mktemp("uninterrupted") / "reference.safetensors"
-    assert _start(folders, reference).wait(timeout=300) == 0
+    run_cli_here(*_short_run(folders, reference), check_rc=0)
     return reference
 
 
 def _resume(folders, output) -> subprocess.CompletedProcess:
-    return run_cli("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
-                   "--cache", folders["cache"], "-o", output, "--resume", "--device", "cpu", "--progress", "json",
-                   check_rc=0)
+    return run_cli_here("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
+                        "--cache", folders["cache"], "-o", output, "--resume", "--device", "cpu", "--progress", "json",
+                        check_rc=0)
 
 
 def _assert_same_run(output: Path, reference: Path) -> None:
@@ -395,8 +400,8 @@ def test_prepare_only_writes_a_folder_that_trains_on_a_subset(folders, tmp_path)
     from hybridmim.volumes import load_prepared
 
     cache = tmp_path / "prepared"
-    run_cli("finetune", "--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"],
-            "--cache", cache, "--prepare-only", check_rc=0)
+    run_cli_here("finetune", "--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"],
+                 "--cache", cache, "--prepare-only", check_rc=0)
     index = json.loads((cache / "prepared.json").read_text())
     assert [v["name"] for v in index["volumes"]] == ["STS_001", "STS_002", "STS_003", "STS_004"]
     assert index["classes"] == {"1": 1}
@@ -431,8 +436,8 @@ def test_cases_unlike_the_models_modality_are_prepared_with_a_warning(folders, t
     (mr / "image.nii.gz").symlink_to(brain / "Flair_subtrMeanDivStd.nii.gz")
     (mr / "label.nii.gz").symlink_to(brain / "OTMultiClass.nii.gz")
     (tmp_path / "cases" / "STS_001").symlink_to(folders["train"] / "STS_001")
-    result = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "cases", "--recipe", folders["recipe"],
-                     "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json", check_rc=0)
+    result = run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "cases", "--recipe", folders["recipe"],
+                          "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json", check_rc=0)
     unlike = [w for w in warnings_of(result) if "unlike a CT" in w]
     assert len(unlike) == 1 and unlike[0].startswith("pat0003: image.nii.gz:"), warnings_of(result)
 
@@ -468,7 +473,7 @@ def test_a_float_label_map_with_nan_background_trains_like_its_whole_number_twin
             refused(*command, message=f"STS_001: label.nii.gz: {int((values == 1).sum())} voxels hold fractions "
                                       "(such as 0.5), not label values: resampled with linear interpolation?")
             continue
-        said = [w for w in warnings_of(run_cli(*command, check_rc=0)) if "label.nii.gz" in w]
+        said = [w for w in warnings_of(run_cli_here(*command, check_rc=0)) if "label.nii.gz" in w]
         assert said == ([] if variant == "as given" else
                         [f"STS_001: label.nii.gz: {int((values == 0).sum())} voxels are NaN or infinite; they are "
                          "taken as background (0)"])
@@ -509,9 +514,9 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
             (case / "label.nii.gz").symlink_to(source / "label.nii.gz")
         else:
             write_slicer_segmentation(case / "label.seg.nrrd", box, segments)
-        result = run_cli("finetune", "--init", "scratch", "--data", case.parent, "--recipe", folders["recipe"],
-                         "--labels", REPO / "scripts" / "labels" / "sarcoma.json", "--cache", tmp_path / "prepared",
-                         "--prepare-only", "--progress", "json", check_rc=0)
+        result = run_cli_here("finetune", "--init", "scratch", "--data", case.parent, "--recipe", folders["recipe"],
+                              "--labels", REPO / "scripts" / "labels" / "sarcoma.json", "--cache",
+                              tmp_path / "prepared", "--prepare-only", "--progress", "json", check_rc=0)
         assert [w for w in warnings_of(result) if "label" in w] == ([] if segments is None else [
             "STS_001: label.seg.nrrd: segment 'Segment_1' is none of the labels ('soft-tissue sarcoma') by "
             "terminology or name; read as background"])
@@ -521,9 +526,9 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
     np.testing.assert_array_equal(prepared["segmentation"].volumes[0].label, prepared["label map"].volumes[0].label)
     assert prepared["segmentation"].sources[0]["files"] == ["image.nii.gz", "label.seg.nrrd"]
 
-    renamed = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "segmentation", "--recipe",
-                      folders["recipe"], "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json",
-                      check_rc=0)  # the recipe's label: 'soft-tissue sarcoma', no codes
+    renamed = run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "segmentation", "--recipe",
+                           folders["recipe"], "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json",
+                           check_rc=0)  # the recipe's label: 'soft-tissue sarcoma', no codes
     assert "STS_001: label.seg.nrrd: segments 'Segment_1', 'Tumour' are none of the labels ('soft-tissue sarcoma') " \
            "by terminology or name; read as background" in warnings_of(renamed)
     assert load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), SARCOMA).volumes[0].label.max() == 0
@@ -576,7 +581,7 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
         {k: e.get(k) for k in ("event", "level", "text")} for e in events]
 
     write_cases("Swelling")
-    resumed = run_cli(*command[3:], "--resume", check_rc=0)
+    resumed = run_cli_here(*command[3:], "--resume", check_rc=0)
     assert "STS_001: label.seg.nrrd: segment 'Swelling' is none of the labels ('Tumour', 'Oedema') by terminology " \
            "or name; read as background" in warnings_of(resumed)
     labels = read_metadata(output).labels
@@ -587,8 +592,8 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     # that nothing else names labels for takes them; labels that would have read other segments are refused.
     from hybridmim.volumes import load_prepared
 
-    run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--cache",
-            tmp_path / "prepared", "--prepare-only", check_rc=0)
+    run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--cache",
+                 tmp_path / "prepared", "--prepare-only", check_rc=0)
     start = resolve_start("scratch", load_recipe(str(recipe)), None, Reporter("quiet"), [str(tmp_path / "prepared")])
     assert [(label.value, label.name) for label in start.labels] == [(1, "Tumour"), (2, "Swelling")]
     others = parse_labels([{"value": 1, "name": "Swelling", "color": [1, 2, 3]},
@@ -600,8 +605,9 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     # Labels that no segment is: the refusal says to name the segments so, not to change label-map values.
     necrosis = tmp_path / "necrosis.json"
     necrosis.write_text(json.dumps([{"value": 1, "name": "necrosis", "color": [90, 90, 90]}]), encoding="utf-8")
-    none = run_cli("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
-                   necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress", "json")
+    none = run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
+                        necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress",
+                        "json")
     assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
         "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
         "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")

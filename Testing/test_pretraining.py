@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, stop_while_preparing
+from conftest import REPO, run_cli_here, stop_while_preparing
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
@@ -146,8 +146,8 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, recipe_file, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("reference") / "reference.safetensors"
-    run_cli("pretrain", "--recipe", recipe_file, "--data", prepared, "-o", output, "--device", "cpu",
-            "--progress", "quiet", check_rc=0)
+    run_cli_here("pretrain", "--recipe", recipe_file, "--data", prepared, "-o", output, "--device", "cpu",
+                 "--progress", "quiet", check_rc=0)
     return output
 
 
@@ -186,8 +186,8 @@ def test_sigterm_then_kill_9_then_resume_continues_with_the_same_batches(prepare
     state = load_resume_state(output)
     assert 4 <= state["step"] < 10, "the run finished before it could be killed"
 
-    resumed = run_cli("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu",
-                      "--progress", "json", check_rc=0)
+    resumed = run_cli_here("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu",
+                           "--progress", "json", check_rc=0)
     events = [e for e in map(parse_event, resumed.stdout.splitlines()) if e]
     assert any(e["event"] == "message" and f"resuming at step {state['step']} of 10" in e["text"] for e in events)
     steps_done = [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "pre-train"]
@@ -381,8 +381,8 @@ def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_
     _write_dicom_series(sitk.ReadImage(str(scans / "abdomen.nii.gz")), series)
     (tmp_path / "export" / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + bytes(64))  # an index, not an image
     cache, output = tmp_path / "cache", tmp_path / "dicom.safetensors"
-    run_cli("pretrain", "--data", tmp_path / "export", scans / "lung.nii.gz", "-o", output, "--recipe", recipe_file,
-            "--steps", 2, "--cache", cache, "--progress", "quiet", check_rc=0)
+    run_cli_here("pretrain", "--data", tmp_path / "export", scans / "lung.nii.gz", "-o", output, "--recipe",
+                 recipe_file, "--steps", 2, "--cache", cache, "--progress", "quiet", check_rc=0)
     preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
     from_dicom = load_prepared(cache, preprocessing, Reporter("quiet"))
     from_nifti = prepare_cases(find_cases([scans / "abdomen.nii.gz"]), preprocessing, tmp_path / "nifti",
@@ -443,8 +443,8 @@ def test_a_scan_unlike_the_recipes_modality_is_prepared_with_a_warning(scans, re
     folder.mkdir()
     (folder / "abdomen.nii.gz").symlink_to(scans / "abdomen.nii.gz")
     sitk.WriteImage(sitk.ReadImage(str(data_file("abdomen_mr/mr.nii.gz")))[20:100, 10:80, :], str(folder / "mr.nii.gz"))
-    result = run_cli("pretrain", "--prepare-only", "--recipe", recipe_file, "--cache", tmp_path / "cache", "--data",
-                     folder, "--progress", "json", check_rc=0)
+    result = run_cli_here("pretrain", "--prepare-only", "--recipe", recipe_file, "--cache", tmp_path / "cache",
+                          "--data", folder, "--progress", "json", check_rc=0)
     unlike = [w for w in warnings_of(result) if "unlike a CT" in w]
     assert len(unlike) == 1 and unlike[0].startswith("mr: mr.nii.gz: no voxel below -200"), warnings_of(result)
 
@@ -480,8 +480,9 @@ def test_mr_scans_pre_train_with_the_mr_modality_and_the_model_reconstructs_mr(s
     sitk.WriteImage(flair[40:200, 30:210, 20:140], str(folder / "flair.nii.gz"))
     (folder / "ct.nii.gz").symlink_to(scans / "abdomen.nii.gz")
     output = tmp_path / "mr.safetensors"
-    result = run_cli("pretrain", "--modality", "MR", "--recipe", recipe_file, "--steps", "4", "--data", folder,
-                     "--cache", tmp_path / "cache", "-o", output, "--device", "cpu", "--progress", "json", check_rc=0)
+    result = run_cli_here("pretrain", "--modality", "MR", "--recipe", recipe_file, "--steps", "4", "--data", folder,
+                          "--cache", tmp_path / "cache", "-o", output, "--device", "cpu", "--progress", "json",
+                          check_rc=0)
     like_ct = [w for w in warnings_of(result) if "like a CT" in w]
     assert len(like_ct) == 1 and like_ct[0].startswith("ct: ct.nii.gz: values down to"), warnings_of(result)
 
@@ -490,8 +491,8 @@ def test_mr_scans_pre_train_with_the_mr_modality_and_the_model_reconstructs_mr(s
     assert meta.preprocessing.intensity.kind == "zscore" and meta.preprocessing.foreground_threshold is None
     assert meta.preprocessing.spacing == (3.0, 3.0, 3.0)  # the tiny recipe's, merged over the MR settings
     assert meta.title == "MR encoder-decoder pre-trained with HybridMIM (U-Net)"
-    shown = run_cli("reconstruct", folder / "abdomen.nii.gz", "-o", tmp_path / "recon", "--model", output,
-                    "--device", "cpu", "--progress", "json", check_rc=0)
+    shown = run_cli_here("reconstruct", folder / "abdomen.nii.gz", "-o", tmp_path / "recon", "--model", output,
+                         "--device", "cpu", "--progress", "json", check_rc=0)
     done = [e for e in map(parse_event, shown.stdout.splitlines()) if e and e["event"] == "done"][0]["outputs"]
     assert Path(done["reconstruction"]).is_file() and Path(done["masked"]).is_file()
 

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, data_file, run_cli
+from conftest import REPO, data_file, run_cli_here
 from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
 from hybridmim.networks import build_network
 from hybridmim.preprocessing import Preprocessing
@@ -328,8 +328,8 @@ def test_finetune_starts_from_the_checkpoint_with_encoder_and_decoder(trained, m
 
 def test_reconstruct_shows_a_token_masked_model(trained, scans, tmp_path):
     output = tmp_path / "recon"
-    result = run_cli("reconstruct", scans / "abdomen.nii.gz", "-o", output, "--model", trained["hpm"]["output"],
-                     "--device", "cpu", "--progress", "json", check_rc=0)
+    result = run_cli_here("reconstruct", scans / "abdomen.nii.gz", "-o", output, "--model", trained["hpm"]["output"],
+                          "--device", "cpu", "--progress", "json", check_rc=0)
     done = [e for e in map(parse_event, result.stdout.splitlines()) if e and e["event"] == "done"][0]["outputs"]
     assert done["patch_mean_and_spread_from_truth"] is True and done["mask_ratio"] == 0.75
     original = sitk.GetArrayFromImage(sitk.ReadImage(str(scans / "abdomen.nii.gz"))).astype(np.float32)
@@ -388,7 +388,7 @@ def test_a_model_finetuned_from_selfmedhpm_trains_and_segments(trained, tmp_path
     assert 0.0 <= outputs["best_dice"] <= 1.0
     segmentation = tmp_path / "sts036.nii.gz"
     image = tmp_path / "val" / "STS_036" / "image.nii.gz"
-    run_cli("segment", image, "-o", segmentation, "--model", output, "--device", "cpu", check_rc=0)
+    run_cli_here("segment", image, "-o", segmentation, "--model", output, "--device", "cpu", check_rc=0)
     result, source = sitk.ReadImage(str(segmentation)), sitk.ReadImage(str(image))
     assert result.GetSize() == source.GetSize() and result.GetOrigin() == source.GetOrigin()
     assert set(np.unique(sitk.GetArrayViewFromImage(result))) <= {0, 1}
@@ -415,11 +415,11 @@ def test_self_pre_training_reads_the_fine_tuning_tasks_prepared_training_cases(t
         "labels": [{"value": 1, "name": "soft-tissue sarcoma", "color": [230, 60, 60]}],
         "scratch": {"preprocessing": pretrain_recipe["preprocessing"]}}), encoding="utf-8")
     cache = tmp_path / "sarcoma-train"
-    run_cli("finetune", "--init", "scratch", "--recipe", tmp_path / "finetune.json", "--data", tmp_path / "train",
-            "--cache", cache, "--prepare-only", check_rc=0)
+    run_cli_here("finetune", "--init", "scratch", "--recipe", tmp_path / "finetune.json", "--data", tmp_path / "train",
+                 "--cache", cache, "--prepare-only", check_rc=0)
     output = tmp_path / "sts-hpm.safetensors"
-    run_cli("pretrain", "--recipe", tmp_path / "hpm.json", "--data", cache, "-o", output, "--device", "cpu",
-            check_rc=0)
+    run_cli_here("pretrain", "--recipe", tmp_path / "hpm.json", "--data", cache, "-o", output, "--device", "cpu",
+                 check_rc=0)
     meta = read_metadata(output)
     assert meta.task == "reconstruction" and meta.method == "hpm" and meta.provenance["steps"] == 2
     assert sorted(d["name"] for d in meta.provenance["data"]) == ["STS_001", "STS_002"]

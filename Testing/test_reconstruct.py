@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DEFAULT_MODEL, data_file, run_cli
+from conftest import DEFAULT_MODEL, data_file, run_cli, run_cli_here
 from hybridmim.progress import parse_event
 from hybridmim.masking import volume_patch_mask
 from hybridmim.reconstruct import interpolation_baseline, window_layout
@@ -28,7 +28,7 @@ def unseen_slab(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reconstructed(unseen_slab, tmp_path_factory):
     out = tmp_path_factory.mktemp("reconstruct") / "qa"
-    result = run_cli("reconstruct", unseen_slab, "-o", out, "--progress", "json", check_rc=0)
+    result = run_cli_here("reconstruct", unseen_slab, "-o", out, "--progress", "json", check_rc=0)
     events = [parse_event(line) for line in result.stdout.splitlines()]
     assert None not in events
     return out, events
@@ -96,7 +96,7 @@ def test_bad_requests_are_refused_with_one_line(unseen_slab, reconstructed, tmp_
     out, _ = reconstructed
 
     def refused(*args, message):
-        result = run_cli("reconstruct", *args, check_rc=2)
+        result = run_cli_here("reconstruct", *args, check_rc=2)
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
 
     refused(unseen_slab, "-o", tmp_path / "a", "--model", DEFAULT_MODEL, message="is a segmentation model")
