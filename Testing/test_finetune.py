@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -64,12 +65,24 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train", "val": root / "val", "recipe": recipe, "short": short, "cache": root / "cache"}
 
 
-def test_a_short_finetune_raises_validation_dice(folders, tmp_path):
+def _record_drawings(monkeypatch) -> list[int]:
+    """The last step of the history that each drawing of a curve shows, from now on."""
+    import hybridmim.curves
+
+    drawn, draw = [], hybridmim.curves.plot_curves
+    monkeypatch.setattr(hybridmim.curves, "plot_curves", lambda history, *args: (drawn.append(history[-1]["step"]),
+                                                                                 draw(history, *args)))
+    return drawn
+
+
+def test_a_short_finetune_raises_validation_dice(folders, tmp_path, monkeypatch):
     stream = io.StringIO()
     output = tmp_path / "sarcoma.safetensors"
+    drawn = _record_drawings(monkeypatch)
     outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream),
                            val_paths=[str(folders["val"])], recipe_file=str(folders["recipe"]),
                            cache=str(folders["cache"]), device="cpu")
+    assert drawn == [10, 40]  # the curve at the first epoch, then not within a minute but at the end
     events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
     metrics = [e for e in events if e["event"] == "metric"]
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3, 4]
@@ -250,6 +263,35 @@ def test_stop_then_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(fol
     assert load_file(str(output)).keys()  # the best checkpoint so far is whole
     _resume(folders, output)
     _assert_same_run(output, uninterrupted)
+
+
+class _StopsAtStep(io.StringIO):
+    """A progress stream that sends this process SIGTERM (Slicer's Stop) once the run reports fine-tuning step
+    ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def write(self, text: str) -> int:
+        event = parse_event(text)
+        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().write(text)
+
+
+def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet(folders, tmp_path, monkeypatch):
+    """Stopped in its second epoch, the first not drawn (no drawing due on the way), the curve shows it."""
+    from hybridmim.curves import RedrawClock
+
+    monkeypatch.setattr(RedrawClock, "due", lambda self, final: final)
+    drawn = _record_drawings(monkeypatch)
+    output = tmp_path / "run.safetensors"
+    outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", _StopsAtStep(8)),
+                           val_paths=[str(folders["val"])], recipe_file=str(folders["short"]),
+                           cache=str(folders["cache"]), device="cpu")
+    assert outputs["stopped"] and outputs["step"] == 8 and outputs["curve"] == str(curve_path(output))
+    assert drawn == [6]
 
 
 def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_path):

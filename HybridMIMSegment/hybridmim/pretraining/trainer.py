@@ -33,6 +33,7 @@ import torch
 
 from ..atomic import atomic_output
 from ..checkpoint import ModelMeta, save_checkpoint
+from ..curves import RedrawClock
 from ..errors import UserError
 from ..networks import build_network
 from ..preprocessing import Preprocessing
@@ -49,8 +50,6 @@ from .mim import MiM
 
 METHODS = {method.name: method for method in (HybridMIM, MiM, HPM)}
 PACE_STEPS = 10  # steps timed for --max-minutes, after the first (cuDNN autotuning, allocator warm-up)
-# Drawing the curve takes about a second: at checkpoints at most this often, and always at the run's end or stop
-CURVE_EVERY_S = 60.0
 
 
 @dataclass
@@ -219,15 +218,12 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     model = dist.wrap(method)
     model.train()
 
-    plotted = float("-inf")
+    redraw = RedrawClock()
 
     def save(step: int, last: bool) -> None:
-        nonlocal plotted
         if dist.main:
-            plot = last or time.time() - plotted >= CURVE_EVERY_S
             _save(output, recipe, method, optimiser, scheduler, scaler, step, history, elapsed + time.time() - started,
-                  data, dist, schedule, plot)
-            plotted = time.time() if plot else plotted
+                  data, dist, schedule, redraw.due(last))
 
     reporter.stage("pre-train")
     started, window, stopped = time.time(), [], False

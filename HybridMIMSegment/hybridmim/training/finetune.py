@@ -28,6 +28,7 @@ import torch
 from ..atomic import atomic_output
 from ..catalog import resources_dir
 from ..checkpoint import ModelMeta, save_checkpoint
+from ..curves import RedrawClock
 from ..download import cache_dir
 from ..errors import UserError
 from ..progress import Reporter
@@ -295,7 +296,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                              "network": network.state_dict(), "optimizer": optimiser.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
 
-    stopped, early = False, False
+    stopped, early, redraw = False, False, RedrawClock()
     with StopRequest() as stop:
         if state is None and val_data is not None:
             reporter.stage("validate")
@@ -326,14 +327,16 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                 if run["step"] == schedule.steps_per_epoch and schedule.max_minutes:
                     total_steps = _fit_epochs_in_time(run, schedule, elapsed(), reporter)
                 early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
-                                   output, recipe, train_data, reporter)
+                                   output, recipe, train_data, reporter, redraw)
                 save_state()
             stopped = stop.requested
     if stopped and (run["step"] % schedule.steps_per_epoch or run["step"] == 0):
         save_state()  # mid-epoch (the epoch's losses so far travel in the state), or before the first step
     # a model is written at a validation that improves on the best (without validation cases, at the last epoch),
-    # the curve at each epoch's end: a run stopped before either has written neither
+    # the curve after an epoch's end: a run stopped before either has written neither
     saved, plotted = run["best_epoch"] > 0, run["step"] >= schedule.steps_per_epoch
+    if stopped and plotted:
+        _draw_curve(run, output, recipe)
     outputs = {"checkpoint": str(output) if saved else None, "resume_state": str(state_path(output)),
                "curve": str(curve_path(output)) if plotted else None, "step": run["step"], "steps": total_steps,
                "best_dice": run["best"] if val_data is not None and saved else None, "best_epoch": run["best_epoch"],
@@ -363,10 +366,8 @@ def _fit_epochs_in_time(run: dict, schedule: FinetuneSchedule, first_epoch_secon
 
 def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
                scheduler, seconds: float, output: Path, recipe: dict, train_data: PreparedData,
-               reporter: Reporter) -> bool:
-    """Validate, log, keep the best model; True when early stopping says stop."""
-    from ..curves import plot_curves
-
+               reporter: Reporter, redraw: RedrawClock) -> bool:
+    """Validate, log, keep the best model, draw the curve when due; True when early stopping says stop."""
     epoch = run["step"] // schedule.steps_per_epoch
     entry = {"step": run["step"], "epoch": epoch, "loss": float(np.mean(run["losses"])),
              "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
@@ -388,9 +389,17 @@ def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val
     elif val_data is None and last:
         run["best_epoch"] = epoch
         _save_model(output, network, start, schedule, recipe, train_data, val_data, run, seconds)
+    early = bool(schedule.patience and scores is not None and epoch - run["best_epoch"] >= schedule.patience)
+    if redraw.due(last or early):
+        _draw_curve(run, output, recipe)
+    return early
+
+
+def _draw_curve(run: dict, output: Path, recipe: dict) -> None:
+    from ..curves import plot_curves
+
     plot_curves([h for h in run["history"] if h["step"] > 0] or run["history"], curve_path(output),
                 recipe.get("title", ""))
-    return bool(schedule.patience and scores is not None and epoch - run["best_epoch"] >= schedule.patience)
 
 
 def _save_model(output: Path, network, start: Start, schedule: FinetuneSchedule, recipe: dict,
