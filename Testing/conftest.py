@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -98,17 +100,17 @@ def run_cli(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
     return _checked(result, check_rc)
 
 
-def run_cli_here(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
+def run_cli_here(*args, check_rc: int | None = None, stdout: io.StringIO | None = None) -> subprocess.CompletedProcess:
     """``hybridmim ARGS`` run by the CLI's ``main`` in this process, with ``run_cli``'s result: the same parsing,
     files, output and exit code, without a new interpreter's ~8 s of torch and MONAI imports. For what a command
-    does; ``run_cli`` where the process itself is tested (signals, what it imports)."""
+    does; ``run_cli`` where the process itself is tested (a kill, what it imports). ``stdout``: where its output
+    goes (a ``StopsAt``)."""
     import contextlib
-    import io
 
     import torch
     from hybridmim.cli import main
 
-    stdout, stderr = io.StringIO(), io.StringIO()
+    stdout, stderr = stdout or io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()  # a recipe's num_threads must not outlive its run
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -121,6 +123,23 @@ def run_cli_here(*args, check_rc: int | None = None) -> subprocess.CompletedProc
     result = subprocess.CompletedProcess(["hybridmim", *map(str, args)], returncode, stdout.getvalue(),
                                          stderr.getvalue())
     return _checked(result, check_rc)
+
+
+class StopsAt(io.StringIO):
+    """An output stream that sends this process SIGTERM (Slicer's Stop) once the run on it reports step ``done`` of
+    ``stage``: the stop request as the engine's own process gets it, for a run in this process."""
+
+    def __init__(self, stage: str, done: int):
+        super().__init__()
+        self.stage, self.done = stage, done
+
+    def write(self, text: str) -> int:
+        from hybridmim.progress import parse_event
+
+        event = parse_event(text)
+        if event and event["event"] == "progress" and (event["stage"], event["done"]) == (self.stage, self.done):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().write(text)
 
 
 def warnings_of(result: subprocess.CompletedProcess) -> list[str]:

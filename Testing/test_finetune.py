@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,7 +17,8 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEFAULT_MODEL, MODELS, REPO, around_the_tumour, data_file, run_cli_here, stop_while_preparing
+from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, run_cli_here,
+                      stop_while_preparing)
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -209,15 +209,15 @@ def _start(folders, output, *extra) -> subprocess.Popen:
                             errors="replace", cwd=REPO)
 
 
-def _start_and_signal_at(folders, output, step: int, signal_number, *extra) -> tuple[subprocess.Popen, list[dict]]:
-    """A run sent ``signal_number`` once it reports fine-tuning step ``step``: the process, its stdout read to the
-    end, and the events it reported up to the signal."""
+def _start_and_kill_at(folders, output, step: int, *extra) -> tuple[subprocess.Popen, list[dict]]:
+    """A run killed without warning (SIGKILL) once it reports fine-tuning step ``step``: the process, its stdout read
+    to the end, and the events it reported up to the kill."""
     process, events = _start(folders, output, *extra), []
     for line in process.stdout:
         event = parse_event(line)
         events += [event] if event else []
         if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == step:
-            process.send_signal(signal_number)
+            process.send_signal(signal.SIGKILL)
             break
     process.stdout.read()
     return process, events
@@ -251,33 +251,17 @@ def test_stop_then_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(fol
     save), falls back to its last epoch's state with no file half-written; resumed again, the run ends with exactly
     the weights and history of an uninterrupted one."""
     output = tmp_path / "run.safetensors"
-    process, _ = _start_and_signal_at(folders, output, 8, signal.SIGTERM)
-    assert process.wait(timeout=120) == 0, process.stderr.read()
+    run_cli_here(*_short_run(folders, output), stdout=StopsAt("fine-tune", 8), check_rc=0)
     stopped = runstate.load_resume_state(output, "finetune")
-    assert 8 <= stopped["step"] < 12  # stopped inside epoch 2 (of 6 steps each)
+    assert stopped["step"] == 8  # inside epoch 2 (of 6 steps each)
 
-    process, events = _start_and_signal_at(folders, output, 15, signal.SIGKILL, "--resume")
+    process, events = _start_and_kill_at(folders, output, 15, "--resume")
     process.wait(timeout=60)
     assert any(e["event"] == "message" and f"resuming at step {stopped['step']}" in e["text"] for e in events)
     assert runstate.load_resume_state(output, "finetune")["step"] == 12  # the end of epoch 2
     assert load_file(str(output)).keys()  # the best checkpoint so far is whole
     _resume(folders, output)
     _assert_same_run(output, uninterrupted)
-
-
-class _StopsAtStep(io.StringIO):
-    """A progress stream that sends this process SIGTERM (Slicer's Stop) once the run reports fine-tuning step
-    ``step``."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    def write(self, text: str) -> int:
-        event = parse_event(text)
-        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().write(text)
 
 
 def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet(folders, tmp_path, monkeypatch):
@@ -287,7 +271,7 @@ def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet(folders, tmp_path, m
     monkeypatch.setattr(RedrawClock, "due", lambda self, final: final)
     drawn = _record_drawings(monkeypatch)
     output = tmp_path / "run.safetensors"
-    outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", _StopsAtStep(8)),
+    outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", StopsAt("fine-tune", 8)),
                            val_paths=[str(folders["val"])], recipe_file=str(folders["short"]),
                            cache=str(folders["cache"]), device="cpu")
     assert outputs["stopped"] and outputs["step"] == 8 and outputs["curve"] == str(curve_path(output))
@@ -607,23 +591,16 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     recipe.write_text(json.dumps({**{k: v for k, v in TINY.items() if k != "labels"},
                                   "train": {**TINY["train"], "epochs": 2, "steps_per_epoch": 3}}), encoding="utf-8")
     output = tmp_path / "run.safetensors"
-    command = [sys.executable, "-m", "hybridmim", "finetune", "--init", "scratch", "--data", str(tmp_path / "data"),
-               "--val-fraction", "0", "--recipe", str(recipe), "--cache", str(tmp_path / "cache"), "-o", str(output),
-               "--device", "cpu", "--progress", "json"]
-    process, events = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO), []
-    for line in process.stdout:
-        events += [event] if (event := parse_event(line)) else []
-        if events and events[-1]["event"] == "progress" and events[-1]["stage"] == "fine-tune" and \
-                events[-1]["done"] == 2:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.stdout.read()
-    assert process.wait(timeout=120) == 0
+    command = ["finetune", "--init", "scratch", "--data", tmp_path / "data", "--val-fraction", "0", "--recipe", recipe,
+               "--cache", tmp_path / "cache", "-o", output, "--device", "cpu", "--progress", "json"]
+    stopped = run_cli_here(*command, stdout=StopsAt("fine-tune", 2), check_rc=0)
+    events = [e for e in map(parse_event, stopped.stdout.splitlines()) if e]
+    assert events[-1]["event"] == "done" and events[-1]["outputs"]["stopped"]
     assert {"event": "message", "level": "info", "text": "labels from the cases' segmentations: Tumour, Oedema"} in [
         {k: e.get(k) for k in ("event", "level", "text")} for e in events]
 
     write_cases("Swelling")
-    resumed = run_cli_here(*command[3:], "--resume", check_rc=0)
+    resumed = run_cli_here(*command, "--resume", check_rc=0)
     assert "STS_001: label.seg.nrrd: segment 'Swelling' is none of the labels ('Tumour', 'Oedema') by terminology " \
            "or name; read as background" in warnings_of(resumed)
     labels = read_metadata(output).labels

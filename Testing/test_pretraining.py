@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli_here, stop_while_preparing
+from conftest import REPO, StopsAt, run_cli_here, stop_while_preparing
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
@@ -157,17 +157,11 @@ def test_sigterm_then_kill_9_then_resume_continues_with_the_same_batches(prepare
     without warning, falls back to its last checkpoint; resumed again, it runs exactly the missing steps and ends
     with exactly the uninterrupted run's weights."""
     output = tmp_path / "run.safetensors"
-    process = _start(recipe_file, prepared, output)
-    for line in process.stdout:
-        event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "pre-train":
-            process.send_signal(signal.SIGTERM)
-            break
-    remaining = process.stdout.read()
-    assert process.wait(timeout=60) == 0, process.stderr.read()
-    done = [e for e in map(parse_event, remaining.splitlines()) if e and e["event"] == "done"][0]
+    stopped = run_cli_here("pretrain", "--recipe", recipe_file, "--data", prepared, "-o", output, "--device", "cpu",
+                           "--progress", "json", stdout=StopsAt("pre-train", 1), check_rc=0)
+    done = [e for e in map(parse_event, stopped.stdout.splitlines()) if e and e["event"] == "done"][0]
     stopped_at = done["outputs"]["step"]
-    assert done["outputs"]["stopped"] is True and stopped_at < 4
+    assert done["outputs"]["stopped"] is True and stopped_at == 1
     assert load_resume_state(output)["step"] == stopped_at
 
     process = _start(recipe_file, prepared, output, "--resume")

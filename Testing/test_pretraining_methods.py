@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, data_file, run_cli_here
+from conftest import REPO, StopsAt, data_file, run_cli_here
 from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
 from hybridmim.networks import build_network
 from hybridmim.preprocessing import Preprocessing
@@ -288,15 +287,8 @@ def test_stop_then_resume_ends_exactly_like_an_uninterrupted_run(prepared, metho
     whole = tmp_path / "whole.safetensors"
     pretrain(recipe, data, whole, Reporter("quiet"), device="cpu")
 
-    class StopAtStep3(io.StringIO):  # a stop request (SIGTERM) as step 3's progress is reported
-        def write(self, text):
-            event = parse_event(text.strip())
-            if event and event["event"] == "progress" and event.get("done") == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return super().write(text)
-
     parts = tmp_path / "parts.safetensors"
-    outputs = pretrain(recipe, data, parts, Reporter("json", StopAtStep3()), device="cpu")
+    outputs = pretrain(recipe, data, parts, Reporter("json", StopsAt("pre-train", 3)), device="cpu")
     assert outputs["step"] == 3
     state = runstate.load_resume_state(parts, "pretrain")
     pretrain(state["recipe"], data, parts, Reporter("quiet"), state=state, device="cpu")
