@@ -14,9 +14,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   # No wheel cache: a CI machine may be short of disk, and the stamp avoids reinstalls anyway.
   export PIP_NO_CACHE_DIR=1
   # torch first and alone, pinned, so nothing else can pull a CUDA build.
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$(grep '^torch==' "$REPO_ROOT/requirements-dev.txt")"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REPO_ROOT/requirements-dev.txt"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$REPO_ROOT"
+  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+  "${pip[@]}" "$(grep '^torch==' "$REPO_ROOT/requirements-dev.txt")"
+  "${pip[@]}" -r "$REPO_ROOT/requirements-dev.txt"
+  "${pip[@]}" --no-deps --no-build-isolation -e "$REPO_ROOT"
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
