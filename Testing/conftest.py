@@ -168,17 +168,12 @@ def stop_while_preparing(*args) -> tuple[int, dict | None, str]:
 
 
 @pytest.fixture
-def refused(capsys):
-    """``refused(*args, message=...)``: the CLI, run in this process (no torch import to wait for), exits
-    with code 2 and one line on stderr that holds ``message``; returns that line."""
-    from hybridmim.cli import main
-
+def refused():
+    """``refused(*args, message=...)``: the CLI, run in this process, exits with code 2 and one line on stderr that
+    holds ``message``; returns that line."""
     def check(*args, message: str) -> str:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            main([str(a) for a in args])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+        lines = run_cli_here(*args, check_rc=2).stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
         return lines[0]
     return check
 
