@@ -142,6 +142,16 @@ class StopsAt(io.StringIO):
         return super().write(text)
 
 
+def record_curve_drawings(monkeypatch) -> list[int]:
+    """From now on, the last step of the history that each drawing of a training curve shows."""
+    import hybridmim.curves
+
+    drawn, draw = [], hybridmim.curves.plot_curves
+    monkeypatch.setattr(hybridmim.curves, "plot_curves", lambda history, *args: (drawn.append(history[-1]["step"]),
+                                                                                 draw(history, *args)))
+    return drawn
+
+
 def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
     """The warning messages of a ``--progress json`` run."""
     from hybridmim.progress import parse_event

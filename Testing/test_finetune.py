@@ -17,8 +17,8 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
-from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, run_cli_here,
-                      stop_while_preparing)
+from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, record_curve_drawings,
+                      run_cli_here, stop_while_preparing)
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -65,20 +65,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train", "val": root / "val", "recipe": recipe, "short": short, "cache": root / "cache"}
 
 
-def _record_drawings(monkeypatch) -> list[int]:
-    """The last step of the history that each drawing of a curve shows, from now on."""
-    import hybridmim.curves
-
-    drawn, draw = [], hybridmim.curves.plot_curves
-    monkeypatch.setattr(hybridmim.curves, "plot_curves", lambda history, *args: (drawn.append(history[-1]["step"]),
-                                                                                 draw(history, *args)))
-    return drawn
-
-
 def test_a_short_finetune_raises_validation_dice(folders, tmp_path, monkeypatch):
     stream = io.StringIO()
     output = tmp_path / "sarcoma.safetensors"
-    drawn = _record_drawings(monkeypatch)
+    drawn = record_curve_drawings(monkeypatch)
     outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream),
                            val_paths=[str(folders["val"])], recipe_file=str(folders["recipe"]),
                            cache=str(folders["cache"]), device="cpu")
@@ -269,7 +259,7 @@ def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet(folders, tmp_path, m
     from hybridmim.curves import RedrawClock
 
     monkeypatch.setattr(RedrawClock, "due", lambda self, final: final)
-    drawn = _record_drawings(monkeypatch)
+    drawn = record_curve_drawings(monkeypatch)
     output = tmp_path / "run.safetensors"
     outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", StopsAt("fine-tune", 8)),
                            val_paths=[str(folders["val"])], recipe_file=str(folders["short"]),

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, StopsAt, run_cli_here, stop_while_preparing
+from conftest import REPO, StopsAt, record_curve_drawings, run_cli_here, stop_while_preparing
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
@@ -89,11 +89,7 @@ def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_
     data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
     stream = io.StringIO()
     output = tmp_path / "tiny.safetensors"
-    import hybridmim.curves
-
-    drawn, draw = [], hybridmim.curves.plot_curves
-    monkeypatch.setattr(hybridmim.curves, "plot_curves", lambda history, *args: (drawn.append(history[-1]["step"]),
-                                                                                 draw(history, *args)))
+    drawn = record_curve_drawings(monkeypatch)
     pretrain(recipe, data, output, Reporter("json", stream), device="cpu")
     assert drawn == [10, 40]  # the curve at the first checkpoint, then not within a minute but at the end
 
