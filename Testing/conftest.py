@@ -160,21 +160,32 @@ def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
     return [e["text"] for e in events if e and e["event"] == "message" and e["level"] == "warning"]
 
 
+def signalled_run(args, at, signal_number) -> tuple[subprocess.Popen, list[dict], list[dict]]:
+    """``python -m hybridmim ARGS`` (which asks for JSON progress) sent ``signal_number`` at the first event that
+    ``at`` accepts: the process, ended, with the events it reported up to the signal and after it."""
+    from hybridmim.progress import parse_event
+
+    process = subprocess.Popen([sys.executable, "-m", "hybridmim", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", cwd=REPO)
+    before = []
+    for line in process.stdout:
+        if event := parse_event(line):
+            before.append(event)
+            if at(event):
+                process.send_signal(signal_number)
+                break
+    after = [e for e in map(parse_event, process.stdout.read().splitlines()) if e]
+    process.wait(timeout=120)
+    return process, before, after
+
+
 def stop_while_preparing(*args) -> tuple[int, dict | None, str]:
     """``python -m hybridmim ARGS --progress json`` sent SIGTERM (Slicer's Stop) once it has prepared its first
     case: (exit code, the outputs of its done event, stderr)."""
-    from hybridmim.progress import parse_event
-
-    process = subprocess.Popen([sys.executable, "-m", "hybridmim", *map(str, args), "--progress", "json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                               errors="replace", cwd=REPO)
-    for line in process.stdout:
-        event = parse_event(line)
-        if event and event["event"] == "progress" and event["stage"] == "prepare data":
-            process.send_signal(signal.SIGTERM)
-            break
-    done = [e for e in map(parse_event, process.stdout.read().splitlines()) if e and e["event"] == "done"]
-    return process.wait(timeout=60), done[0]["outputs"] if done else None, process.stderr.read()
+    process, _, after = signalled_run([*args, "--progress", "json"], lambda e: e["event"] == "progress" and
+                                      e["stage"] == "prepare data", signal.SIGTERM)
+    done = [e for e in after if e["event"] == "done"]
+    return process.returncode, done[0]["outputs"] if done else None, process.stderr.read()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, record_curve_drawings,
-                      run_cli_here, stop_while_preparing)
+                      run_cli_here, signalled_run, stop_while_preparing)
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -193,24 +192,12 @@ def _short_run(folders, output, *extra) -> list[str]:
             "--progress", "json", *extra]
 
 
-def _start(folders, output, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hybridmim", *_short_run(folders, output, *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                            errors="replace", cwd=REPO)
-
-
-def _start_and_kill_at(folders, output, step: int, *extra) -> tuple[subprocess.Popen, list[dict]]:
-    """A run killed without warning (SIGKILL) once it reports fine-tuning step ``step``: the process, its stdout read
-    to the end, and the events it reported up to the kill."""
-    process, events = _start(folders, output, *extra), []
-    for line in process.stdout:
-        event = parse_event(line)
-        events += [event] if event else []
-        if event and event["event"] == "progress" and event["stage"] == "fine-tune" and event["done"] == step:
-            process.send_signal(signal.SIGKILL)
-            break
-    process.stdout.read()
-    return process, events
+def _killed_at(folders, output, step: int, *extra) -> tuple[subprocess.Popen, list[dict]]:
+    """A run killed without warning (SIGKILL) once it reports fine-tuning step ``step``: the process and the events
+    it reported up to the kill."""
+    process, before, _ = signalled_run(_short_run(folders, output, *extra), lambda e: e["event"] == "progress" and
+                                       e["stage"] == "fine-tune" and e["done"] == step, signal.SIGKILL)
+    return process, before
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +232,7 @@ def test_stop_then_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(fol
     stopped = runstate.load_resume_state(output, "finetune")
     assert stopped["step"] == 8  # inside epoch 2 (of 6 steps each)
 
-    process, events = _start_and_kill_at(folders, output, 15, "--resume")
-    process.wait(timeout=60)
+    process, events = _killed_at(folders, output, 15, "--resume")
     assert any(e["event"] == "message" and f"resuming at step {stopped['step']}" in e["text"] for e in events)
     assert runstate.load_resume_state(output, "finetune")["step"] == 12  # the end of epoch 2
     assert load_file(str(output)).keys()  # the best checkpoint so far is whole
@@ -271,13 +257,9 @@ def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet(folders, tmp_path, m
 def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_path):
     """The state is saved; no model and no curve are written yet, and the done event does not name them."""
     output = tmp_path / "run.safetensors"
-    process = _start(folders, output)
-    for line in process.stdout:
-        if parse_event(line) == {"event": "stage", "name": "validate"}:
-            process.send_signal(signal.SIGTERM)
-            break
-    events = [e for e in map(parse_event, process.stdout.read().splitlines()) if e]
-    assert process.wait(timeout=60) == 0, process.stderr.read()
+    validating = {"event": "stage", "name": "validate"}
+    process, _, events = signalled_run(_short_run(folders, output), lambda e: e == validating, signal.SIGTERM)
+    assert process.returncode == 0, process.stderr.read()
     state = runstate.load_resume_state(output, "finetune")
     assert state["step"] == 0 and [h["epoch"] for h in state["history"]] == [0]  # its validation finished
     outputs = events[-1]["outputs"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, StopsAt, record_curve_drawings, run_cli_here, stop_while_preparing
+from conftest import REPO, StopsAt, record_curve_drawings, run_cli_here, signalled_run, stop_while_preparing
 from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
@@ -121,13 +121,6 @@ def test_a_few_steps_on_real_ct_crops_lower_the_loss(prepared, recipe_file, tmp_
     assert output.with_name("tiny.curve.png").stat().st_size > 10_000
 
 
-def _start(recipe_file, prepared, output, *extra) -> subprocess.Popen:
-    command = [sys.executable, "-m", "hybridmim", "pretrain", "--recipe", str(recipe_file), "--data", str(prepared),
-               "-o", str(output), "--device", "cpu", "--progress", "json", *map(str, extra)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                            errors="replace", cwd=REPO)
-
-
 def _weights(path: Path) -> dict:
     return load_file(str(path))
 
@@ -160,18 +153,15 @@ def test_sigterm_then_kill_9_then_resume_continues_with_the_same_batches(prepare
     assert done["outputs"]["stopped"] is True and stopped_at == 1
     assert load_resume_state(output)["step"] == stopped_at
 
-    process = _start(recipe_file, prepared, output, "--resume")
-    killed_after = None
-    for line in process.stdout:  # wait for a checkpoint at step 4 or later, then kill without warning
-        event = parse_event(line)
-        if event and event["event"] == "metric" and event["step"] >= 4:
-            deadline = time.time() + 30
-            while killed_after is None and time.time() < deadline:
-                if load_resume_state(output)["step"] >= 4:
-                    process.send_signal(signal.SIGKILL)
-                    killed_after = load_resume_state(output)["step"]
-            break
-    process.wait(timeout=60)
+    def checkpointed(event) -> bool:  # a checkpoint at step 4 or later is on disk: then kill without warning
+        deadline = time.time() + 30
+        while event["event"] == "metric" and event["step"] >= 4 and time.time() < deadline:
+            if load_resume_state(output)["step"] >= 4:
+                return True
+        return False
+
+    process, _, _ = signalled_run(["pretrain", "--recipe", recipe_file, "--data", prepared, "-o", output, "--device",
+                                   "cpu", "--progress", "json", "--resume"], checkpointed, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     state = load_resume_state(output)
     assert 4 <= state["step"] < 10, "the run finished before it could be killed"
