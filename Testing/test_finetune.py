@@ -240,17 +240,21 @@ def test_stop_then_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(fol
     _assert_same_run(output, uninterrupted)
 
 
-def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet(folders, tmp_path, monkeypatch):
-    """Stopped in its second epoch, the first not drawn (no drawing due on the way), the curve shows it."""
+@pytest.mark.parametrize("stop_at, drawing_due_on_the_way", [(8, False), (6, True)])
+def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet_and_only_those(folders, tmp_path, monkeypatch, stop_at,
+                                                                           drawing_due_on_the_way):
+    """Stopped in its second epoch, the first not drawn (no drawing due on the way), the curve shows it; stopped
+    at the end of the first, drawn there (the first drawing is always due), it is not drawn again."""
     from hybridmim.curves import RedrawClock
 
-    monkeypatch.setattr(RedrawClock, "due", lambda self, final: final)
+    if not drawing_due_on_the_way:
+        monkeypatch.setattr(RedrawClock, "due", lambda self, final: final)
     drawn = record_curve_drawings(monkeypatch)
     output = tmp_path / "run.safetensors"
-    outputs = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", StopsAt("fine-tune", 8)),
-                           val_paths=[str(folders["val"])], recipe_file=str(folders["short"]),
-                           cache=str(folders["cache"]), device="cpu")
-    assert outputs["stopped"] and outputs["step"] == 8 and outputs["curve"] == str(curve_path(output))
+    reporter = Reporter("json", StopsAt("fine-tune", stop_at))
+    outputs = run_finetune("scratch", [str(folders["train"])], str(output), reporter, val_paths=[str(folders["val"])],
+                           recipe_file=str(folders["short"]), cache=str(folders["cache"]), device="cpu")
+    assert outputs["stopped"] and outputs["step"] == stop_at and outputs["curve"] == str(curve_path(output))
     assert drawn == [6]
 
 

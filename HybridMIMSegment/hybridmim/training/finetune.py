@@ -296,7 +296,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                              "network": network.state_dict(), "optimizer": optimiser.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
 
-    stopped, early, redraw = False, False, RedrawClock()
+    stopped, early, redraw, drawn_at = False, False, RedrawClock(), None  # drawn_at: the epoch end the curve shows
     with StopRequest() as stop:
         if state is None and val_data is not None:
             reporter.stage("validate")
@@ -327,7 +327,10 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                 if run["step"] == schedule.steps_per_epoch and schedule.max_minutes:
                     total_steps = _fit_epochs_in_time(run, schedule, elapsed(), reporter)
                 early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
-                                   output, recipe, train_data, reporter, redraw)
+                                   output, recipe, train_data, reporter)
+                if redraw.due(run["step"] == total_steps or early):
+                    _draw_curve(run, output, recipe)
+                    drawn_at = run["step"]
                 save_state()
             stopped = stop.requested
     if stopped and (run["step"] % schedule.steps_per_epoch or run["step"] == 0):
@@ -335,8 +338,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     # a model is written at a validation that improves on the best (without validation cases, at the last epoch),
     # the curve after an epoch's end: a run stopped before either has written neither
     saved, plotted = run["best_epoch"] > 0, run["step"] >= schedule.steps_per_epoch
-    if stopped and plotted:
-        _draw_curve(run, output, recipe)
+    if stopped and plotted and drawn_at != run["step"] - run["step"] % schedule.steps_per_epoch:
+        _draw_curve(run, output, recipe)  # the epochs ended since the last drawing
     outputs = {"checkpoint": str(output) if saved else None, "resume_state": str(state_path(output)),
                "curve": str(curve_path(output)) if plotted else None, "step": run["step"], "steps": total_steps,
                "best_dice": run["best"] if val_data is not None and saved else None, "best_epoch": run["best_epoch"],
@@ -366,8 +369,8 @@ def _fit_epochs_in_time(run: dict, schedule: FinetuneSchedule, first_epoch_secon
 
 def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
                scheduler, seconds: float, output: Path, recipe: dict, train_data: PreparedData,
-               reporter: Reporter, redraw: RedrawClock) -> bool:
-    """Validate, log, keep the best model, draw the curve when due; True when early stopping says stop."""
+               reporter: Reporter) -> bool:
+    """Validate, log, keep the best model; True when early stopping says stop."""
     epoch = run["step"] // schedule.steps_per_epoch
     entry = {"step": run["step"], "epoch": epoch, "loss": float(np.mean(run["losses"])),
              "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
@@ -389,10 +392,7 @@ def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val
     elif val_data is None and last:
         run["best_epoch"] = epoch
         _save_model(output, network, start, schedule, recipe, train_data, val_data, run, seconds)
-    early = bool(schedule.patience and scores is not None and epoch - run["best_epoch"] >= schedule.patience)
-    if redraw.due(last or early):
-        _draw_curve(run, output, recipe)
-    return early
+    return bool(schedule.patience and scores is not None and epoch - run["best_epoch"] >= schedule.patience)
 
 
 def _draw_curve(run: dict, output: Path, recipe: dict) -> None:
