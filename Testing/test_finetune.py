@@ -25,7 +25,7 @@ from hybridmim.labels import parse_labels
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.runfiles import curve_path
-from hybridmim.training import runstate
+from hybridmim.training import finetune, runstate
 from hybridmim.training.finetune import FinetuneSchedule, load_recipe, run_finetune, split_cases
 from hybridmim.training.start import head_summary, resolve_start, transfer_weights
 
@@ -322,15 +322,60 @@ def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too
                         "cases added: STS_001; validation cases gone: STS_036, STS_037): it goes on with these, so it "
                         "will not end as the uninterrupted run would have"]
 
-    # A limit shorter than the first epoch: the run ends with that epoch, and says so.
-    stream = io.StringIO()
-    short = run_finetune("scratch", [str(folders["train"])], str(tmp_path / "short.safetensors"),
-                         Reporter("json", stream), val_paths=[str(folders["val"])], recipe_file=str(recipe),
-                         cache=str(folders["cache"]), device="cpu", max_minutes=0.001)
+
+
+@pytest.mark.parametrize("minutes", [0.15, 0.001])
+def test_a_time_limit_shorter_than_the_first_epoch_ends_that_epoch_at_the_steps_that_fit(folders, tmp_path, minutes):
+    """200 steps an epoch: timed over the steps after the first, the epoch is cut to the steps that fit with its
+    validation, the run's only epoch, validated and written, within the limit; one too short for a second step
+    ends the epoch at the first."""
+    recipe = tmp_path / "long.json"
+    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 30, "steps_per_epoch": 200}}))
+    output, stream = tmp_path / "short.safetensors", io.StringIO()
+    short = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream),
+                         val_paths=[str(folders["val"])], recipe_file=str(recipe), cache=str(folders["cache"]),
+                         device="cpu", max_minutes=minutes)
     messages = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
-    assert any(re.fullmatch(r"the first epoch took [0-9.]+ s, more than the 0.001 minutes: the run ends with it \(an "
-                            r"epoch, validated, is the least it trains\)", m) for m in messages), messages
-    assert short["step"] == short["steps"] == 3 and short["checkpoint"]
+    cut = [re.fullmatch(rf"([0-9.]+) s a step: the first epoch's 200 steps and its validation would pass the "
+                        rf"{minutes:g} minutes; it ends at step ([0-9]+), the run's only epoch", m) for m in messages]
+    assert sum(map(bool, cut)) == 1, messages
+    steps = int(next(m for m in cut if m)[2])
+    assert short["step"] == short["steps"] == steps and short["checkpoint"] and short["best_epoch"] == 1
+    assert (steps > 1 + finetune.PACE_STEPS) if minutes == 0.15 else steps == 1
+    final = runstate.load_resume_state(output, "finetune")
+    assert [h["epoch"] for h in final["history"]] == [0, 1]
+    assert final["recipe"]["train"] | {"epochs": 1, "steps_per_epoch": steps, "max_minutes": None} == final[
+        "recipe"]["train"] and final["recipe"]["train"]["warmup_steps"] == 1  # 5 of 6000 steps, in proportion
+    if minutes == 0.15:  # (cut at its first step, the run has no step after the cut to set an lr for)
+        assert final["history"][-1]["lr"] == 0.0  # the cosine ended on the new last step
+        assert final["elapsed"] < 9 * 1.5  # the limit, give or take a step's or a validation's wobble
+
+
+def test_a_time_limit_is_judged_from_the_steps_after_the_first():
+    """Hand-timed steps: the first (warm-up) is not the pace; the epoch is cut once PACE_STEPS are timed, or at
+    once where the next step would pass the limit; an epoch that fits is timed whole and the epochs fitted."""
+    def fit(limit_minutes, step_ends, steps_per_epoch=50):
+        schedule = FinetuneSchedule(epochs=10, steps_per_epoch=steps_per_epoch, warmup_steps=100,
+                                    max_minutes=limit_minutes)
+        recipe, run = {"train": {}}, {"epochs": 10, "validation_seconds": 30.0}
+        for step in range(1, len(step_ends)):
+            run["step"] = step
+            fitted = finetune._fit_to_time_limit(recipe, schedule, run, step_ends[:step + 1], Reporter("quiet"))
+            if fitted is not recipe:
+                return step, fitted["train"], (schedule.epochs, schedule.steps_per_epoch, schedule.max_minutes)
+        return None
+
+    # Training began at 30 s (the validation before it); a first step of 90 s, then 78 s each, 10 minutes in all:
+    # at step 4, 216 s are left once the epoch's validation is kept aside: two steps more.
+    assert fit(10, [30, 120, 198, 276, 354, 432]) == (4, {"epochs": 1, "steps_per_epoch": 6, "warmup_steps": 1,
+                                                          "max_minutes": None}, (1, 6, None))
+    # 3 minutes: after the first step 30 s are left, less than one more: the epoch ends there.
+    assert fit(3, [30, 120, 198])[:2] == (1, {"epochs": 1, "steps_per_epoch": 1, "warmup_steps": 1,
+                                              "max_minutes": None})
+    # A slow first step (a GPU's autotuning), then fast ones: the epoch fits; at its end (33 s spent) the epochs that
+    # fit in 2 minutes: 3 of 10, the warm-up 100 of 50 steps scaled to 30.
+    assert fit(2, [30, 32, 32.25, 32.5, 32.75, 33.0], steps_per_epoch=5) == (
+        5, {"epochs": 3, "steps_per_epoch": 5, "warmup_steps": 30, "max_minutes": None}, (3, 5, None))
 
 
 def test_a_resume_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "segment names of the cases' label.seg.nrrd files)")
     fin.add_argument("--epochs", type=int, help="maximum epochs (overrides the recipe)")
     fin.add_argument("--max-minutes", type=float, metavar="M",
-                     help="time limit for training: the first epoch is timed and the run keeps the epochs that fit")
+                     help="time limit for training: the run keeps the epochs that fit at the first epoch's pace, "
+                          "or that epoch's steps that fit where not even it does")
     fin.add_argument("--recipe", metavar="FILE", help="JSON recipe merged over Resources/Recipes/finetune.json")
     _add_training_run_options(fin, "prepare --data into --cache for this init model and labels, and stop; that "
                                    "folder can then be given as --data or --val")

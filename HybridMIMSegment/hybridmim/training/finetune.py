@@ -7,7 +7,8 @@ intensity-augmented (MONAI), DiceCE loss. Per epoch: sliding-window Dice on
 every validation case on the model grid; the best epoch is the model (``-o``),
 written atomically; no improvement for ``patience`` epochs stops the run. With
 ``max_minutes`` the first epoch is timed and the run shortened to the epochs
-that fit (the learning-rate schedule then ends on the new last step). The
+that fit, or, where not even that epoch fits, the epoch to the steps that fit (the
+learning-rate schedule then ends on the new last step). The
 resume state (``*.resume.pt``) is written every epoch and on SIGTERM/Ctrl-C,
 and ``--resume`` continues with the batches the uninterrupted run would have
 drawn (training.runstate).
@@ -41,6 +42,7 @@ from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocas
 from .start import Start, head_summary, resolve_start, transfer_weights
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
+PACE_STEPS = 3  # steps timed after the first (its warm-up: cuDNN autotuning, allocator) for a time limit's pace
 
 
 @dataclass
@@ -68,7 +70,7 @@ class FinetuneSchedule:
     half_precision: bool = True
     window: list | None = None  # training crop [z, y, x] (default: the model's inference window); smaller is
     #                             cheaper per step, and the fully convolutional network still infers on its own
-    max_minutes: float | None = None  # time limit: after the first epoch, keep only the epochs (≤ epochs) that fit
+    max_minutes: float | None = None  # time limit: keep the epochs (≤ epochs), or the first epoch's steps, that fit
 
 
     POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume", "validate_every")
@@ -272,7 +274,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     crop = int(np.ceil(max(window) * CROP_MARGIN))
     classes = len(start.labels)
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
-           "epochs": schedule.epochs}
+           "epochs": schedule.epochs, "validation_seconds": 0.0}
     if state is not None:
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimizer"])
@@ -301,10 +303,12 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
         if state is None and val_data is not None:
             reporter.stage("validate")
             before = validate(network, val_data, start, device, classes)
+            run["validation_seconds"] = elapsed()  # what the first epoch's own validation will take
             run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
             reporter.metric(epoch=0, dice=before["dice"])
             stopped = stop.requested
         reporter.stage("fine-tune")
+        step_ends = [elapsed()]  # under a time limit: when this process began training, then each step's end
         while run["step"] < total_steps and not (stopped or early):
             step = run["step"]
             rng, _ = step_generators(schedule.seed, 0, step, 0)
@@ -323,9 +327,11 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             run["step"] = step + 1
             run["losses"].append(float(loss.detach()))
             reporter.progress(run["step"], total_steps)
+            if schedule.max_minutes and run["step"] <= schedule.steps_per_epoch:  # judged in the first epoch
+                step_ends.append(elapsed())
+                recipe = _fit_to_time_limit(recipe, schedule, run, step_ends, reporter)
+                total_steps = schedule.epochs * schedule.steps_per_epoch
             if run["step"] % schedule.steps_per_epoch == 0:
-                if run["step"] == schedule.steps_per_epoch and schedule.max_minutes:
-                    total_steps = _fit_epochs_in_time(run, schedule, elapsed(), reporter)
                 early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
                                    output, recipe, train_data, reporter)
                 if redraw.due(run["step"] == total_steps or early):
@@ -353,18 +359,46 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     return outputs
 
 
-def _fit_epochs_in_time(run: dict, schedule: FinetuneSchedule, first_epoch_seconds: float, reporter: Reporter) -> int:
-    """Lower the run's epochs to those that fit in ``max_minutes`` at the first epoch's pace (its
-    validation not yet counted: the first validation, before training, stands in for it); the new total steps."""
-    fit = max(1, int(schedule.max_minutes * 60 // first_epoch_seconds))
+def _fit_to_time_limit(recipe: dict, schedule: FinetuneSchedule, run: dict, step_ends: list[float],
+                       reporter: Reporter) -> dict:
+    """In the first epoch of a run with a time limit, after its ``run["step"]``: the recipe, fitted to the limit
+    once that can be judged (the schedule then changed to it, with no limit left: a resumed run does not refit).
+    At the first epoch's end: the epochs that fit at its pace, the validation before it standing in for each
+    epoch's. Before it, as soon as the epoch and its validation would pass the limit at the pace of the steps
+    after the first (judged once ``PACE_STEPS`` are timed, or at once where the next step would pass it): that
+    epoch cut to the steps that fit, the run's only one. ``step_ends``: seconds spent when this process began
+    training, then at each of its steps' ends."""
+    step, spent, limit, epoch_steps = run["step"], step_ends[-1], schedule.max_minutes * 60, schedule.steps_per_epoch
+    timed = len(step_ends) - 2  # the first step is warm-up
+    pace = (spent - step_ends[1]) / timed if timed else step_ends[1] - step_ends[0]
+    left = limit - spent - run["validation_seconds"]
+    if step < epoch_steps:
+        if (timed < PACE_STEPS and left >= pace) or left >= pace * (epoch_steps - step):
+            return recipe
+        fit = step + max(0, int(left // pace))
+        reporter.info(f"{pace:.1f} s a step: the first epoch's {epoch_steps} steps and its validation would pass "
+                      f"the {schedule.max_minutes:g} minutes; it ends at step {fit}, the run's only epoch")
+        run["epochs"] = 1
+        return _fitted(recipe, schedule, 1, fit)
+    fit = min(schedule.epochs, max(1, int(limit // spent)))
     if fit < schedule.epochs:
-        took = f"the first epoch took {first_epoch_seconds:.1f} s"
+        took = f"the first epoch took {spent:.1f} s"
         reporter.info(f"{took}: {fit} of {schedule.epochs} epochs fit in {schedule.max_minutes:g} minutes"
-                      if first_epoch_seconds <= schedule.max_minutes * 60 else
-                      f"{took}, more than the {schedule.max_minutes:g} minutes: the run ends with it (an epoch, "
-                      "validated, is the least it trains)")
-        schedule.epochs = run["epochs"] = fit
-    return schedule.epochs * schedule.steps_per_epoch
+                      if spent <= limit else
+                      f"{took}, more than the {schedule.max_minutes:g} minutes: the run ends with it")
+    run["epochs"] = fit
+    return _fitted(recipe, schedule, fit, epoch_steps)
+
+
+def _fitted(recipe: dict, schedule: FinetuneSchedule, epochs: int, steps_per_epoch: int) -> dict:
+    """``recipe`` and ``schedule`` with ``epochs`` of ``steps_per_epoch`` steps, the warm-up in proportion (100
+    warm-up steps of a 20-step run would be all of it), and no time limit."""
+    total, fit = schedule.epochs * schedule.steps_per_epoch, epochs * steps_per_epoch
+    warmup = max(1, schedule.warmup_steps * fit // total) if fit < total else schedule.warmup_steps
+    schedule.epochs, schedule.steps_per_epoch, schedule.warmup_steps, schedule.max_minutes = (
+        epochs, steps_per_epoch, warmup, None)
+    return {**recipe, "train": {**recipe.get("train", {}), "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+                                "warmup_steps": warmup, "max_minutes": None}}
 
 
 def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
