@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, record_curve_drawings,
-                      run_cli_here, signalled_run, stop_while_preparing)
+                      run_cli_here, signalled_run, stop_while_preparing, warnings_of)
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
 from hybridmim.labels import parse_labels
+from hybridmim.memory import GIB
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.runfiles import curve_path
@@ -395,6 +396,37 @@ def test_validation_split_is_seeded_and_disjoint():
     assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(cases)
     assert split_cases(cases, 0.2, seed=0) == (train, val)
     assert split_cases(["only"], 0.5, seed=0) == (["only"], [])
+
+
+def test_with_memory_for_one_crop_the_cpu_takes_the_crops_one_at_a_time_and_with_none_refuses(folders, tmp_path,
+                                                                                             monkeypatch, refused):
+    """The memory free is set (the machine's own would fit all): room for 1.5 of the step's 2 crops, then for none."""
+    import hybridmim.memory
+    from hybridmim.training import cropgroups
+
+    per_crop = cropgroups.crop_bytes(TINY["scratch"]["network"], TINY["scratch"]["roi_size"])
+    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: cropgroups.RESERVE_BYTES + int(1.5 * per_crop))
+    groups, passes = [], cropgroups.forward_backward
+    monkeypatch.setattr(cropgroups, "forward_backward", lambda *args, **kwargs: (groups.append(args[4]),
+                                                                                 passes(*args, **kwargs))[1])
+    recipe = tmp_path / "one-epoch.json"
+    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 1, "steps_per_epoch": 4}}))
+    output = tmp_path / "m.safetensors"
+    result = run_cli_here("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
+                          "--recipe", recipe, "--cache", folders["cache"], "-o", output, "--device", "cpu",
+                          "--progress", "json", check_rc=0)
+    needed, free = 2 * per_crop + cropgroups.RESERVE_BYTES, cropgroups.RESERVE_BYTES + int(1.5 * per_crop)
+    assert warnings_of(result) == [f"the 2 crops of a step would need about {needed / GIB:.1f} GiB of memory and "
+                                   f"{free / GIB:.1f} GiB is available: they go through the network 1 at a time (the "
+                                   "Dice part of the loss taken over those)"]
+    assert groups == [1] * 4 and output.exists()
+    assert all(np.isfinite(h["loss"]) for h in runstate.load_resume_state(output, "finetune")["history"][1:])
+
+    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: cropgroups.RESERVE_BYTES + per_crop // 2)
+    refused("finetune", "--init", "scratch", "--data", folders["train"], "--recipe", recipe, "--cache",
+            folders["cache"], "-o", tmp_path / "none.safetensors", "--device", "cpu", "--progress", "json",
+            message="a training crop of 48×48×48 voxels needs about")
+    assert not list(tmp_path.glob("none*"))  # neither model nor resume state
 
 
 def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):

@@ -16,6 +16,7 @@ drawn (training.runstate).
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -260,7 +261,9 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     import monai
     from monai.losses import DiceCELoss
 
+    from ..memory import available_bytes
     from .augment import crop_augmentations
+    from .cropgroups import cpu_group, forward_backward, step_halving_on_gpu_memory
     from .schedule import warmup_cosine
 
     monai.data.set_track_meta(False)
@@ -273,6 +276,11 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     augment = crop_augmentations(window, schedule.organ_contrast, schedule.axial_slabs, schedule.flips, device)
     crop = int(np.ceil(max(window) * CROP_MARGIN))
     classes = len(start.labels)
+    group = schedule.volumes_per_step * schedule.crops_per_volume  # crops through the network at once
+    if device.type == "cpu":
+        group = cpu_group(group, start.network, window, available_bytes(), reporter)
+    amp = functools.partial(autocast, device, schedule.amp)
+    clear_gradients = functools.partial(optimiser.zero_grad, set_to_none=True)
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
            "epochs": schedule.epochs, "validation_seconds": 0.0}
     if state is not None:
@@ -320,12 +328,11 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             samples = [augment({"image": images[i], "label": labels[i]}) for i in range(len(images))]
             x = torch.stack([s["image"] for s in samples]).float()
             y = torch.stack([s["label"] for s in samples]).long()
-            with autocast(device, schedule.amp):
-                loss = loss_fn(network(x).float(), y)
-            scaler.scale(loss).backward()
+            passes = functools.partial(forward_backward, network, loss_fn, x, y, amp=amp, scaler=scaler)
+            loss, group = step_halving_on_gpu_memory(passes, group, window, clear_gradients, reporter)
             optimiser_step(optimiser, scheduler, scaler, network.parameters(), schedule.grad_clip)
             run["step"] = step + 1
-            run["losses"].append(float(loss.detach()))
+            run["losses"].append(loss)
             reporter.progress(run["step"], total_steps)
             if schedule.max_minutes and run["step"] <= schedule.steps_per_epoch:  # judged in the first epoch
                 step_ends.append(elapsed())
