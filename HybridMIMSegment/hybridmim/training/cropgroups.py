@@ -20,11 +20,11 @@ RESERVE_BYTES = GIB // 2  # the optimiser's state and gradients, made at the fir
 def crop_bytes(network: dict, window) -> int:
     """Host memory one training crop adds to a CPU step (float32 forward and backward). Measured (2026-12-07, torch
     2.13, peak resident memory over a step minus that before it): U-Net 32 channels wide at 96³ 2.06 GiB a crop
-    (4 crops 8.25), at 64³ 0.62; 16 wide at 64³ 0.38; the hybrid network (16 wide) at 64³ 0.36-0.42, at 96³ 1.2;
-    SwinUNETR (48 wide) at 64³ 1.89, at 96³ 5.49. That is 80-110 bytes per voxel and full-resolution channel for
-    the convolutional networks, 140-160 for SwinUNETR; rounded up here."""
+    (4 crops 8.25), at 64³ 0.62-0.65; 16 wide at 64³ 0.38; the hybrid network (16 wide) at 64³ 0.36-0.46, at 96³
+    1.2; SwinUNETR (48 wide) at 64³ 1.89, at 96³ 5.49. That is 80-118 bytes per voxel and full-resolution channel
+    for the convolutional networks, 140-160 for SwinUNETR; rounded up here."""
     width = int(network.get("features", [network.get("feature_size", 48)])[0])
-    per_voxel_and_channel = 170 if network.get("name") == "swinunetr" else 115
+    per_voxel_and_channel = 170 if network.get("name") == "swinunetr" else 120
     return per_voxel_and_channel * math.prod(window) * width
 
 
