@@ -4,6 +4,7 @@ never a crash, a wrong geometry or a lost file. Every scan is derived from ../sh
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, warnings_of
+from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, run_cli_here, warnings_of
 from hybridmim.atomic import output_lock
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -274,6 +275,31 @@ def test_a_second_run_on_the_same_output_refuses_and_a_killed_holder_does_not_bl
 def _tiny_network() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_network({"name": "unet", "features": [4, 8], "in_channels": 1, "out_channels": 3}).eval()
+
+
+def _cuda_out_of_memory():
+    """Fault injection (no GPU here): the error torch raises, with its message, when a GPU's memory runs out."""
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                      "7.79 GiB of which 1.02 GiB is free.")
+
+
+@pytest.mark.parametrize("allocate, line", [
+    (lambda: torch.empty(10**13), "out of memory (it asked for 37252.9 GiB more): close other programs, or give "
+                                  "smaller inputs"),
+    (lambda: np.empty(10**13), "out of memory (it asked for 72.8 TiB more): close other programs, or give smaller "
+                               "inputs"),
+    (_cuda_out_of_memory, "out of GPU memory (it asked for 2.00 GiB more): run it on the CPU (--device cpu), or on "
+                          "smaller inputs or fewer crops at a time (a recipe's train settings)")],
+    ids=["torch-cpu", "numpy", "cuda"])
+def test_running_out_of_memory_where_nothing_caught_it_is_one_line_not_a_traceback(monkeypatch, allocate, line):
+    """A command that runs out of memory (torch's and numpy's real errors on this machine's CPU; a GPU's injected)
+    ends with exit code 1, one line on stderr and an error event, not an internal error's traceback."""
+    import hybridmim.cli
+
+    monkeypatch.setattr(hybridmim.cli, "_cmd_info", lambda args, reporter: allocate())
+    result = run_cli_here("info", DEFAULT_MODEL, "--progress", "json", check_rc=1)
+    assert result.stderr.splitlines() == [f"error: {line}"]
+    assert result.stdout.splitlines()[-1] == json.dumps({"event": "error", "message": line})
 
 
 class _RunsOutOfMemoryOnBatches(torch.nn.Module):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 from contextlib import nullcontext
+from typing import NoReturn
 
 from . import __version__
 from .atomic import output_lock
@@ -320,6 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(exc: Exception) -> str | None:
+    """One line for running out of host or GPU memory where no estimate or fallback caught it; None otherwise.
+    torch says so with its own error on a GPU and a RuntimeError on the CPU, numpy with a MemoryError."""
+    torch = sys.modules.get("torch")  # a GPU's error comes from torch, so it is imported then
+    on_gpu = torch is not None and isinstance(exc, torch.OutOfMemoryError)
+    if not (on_gpu or isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)):
+        return None
+    asked, amount = re.search(r"(?:[Tt]ried to|Unable to) allocate ([0-9.]+) ([KMGTP]i?B|bytes)", str(exc)), ""
+    if asked:
+        size = f"{int(asked[1]) / 2**30:.1f} GiB" if asked[2] == "bytes" else f"{asked[1]} {asked[2]}"
+        amount = f" (it asked for {size} more)"
+    if on_gpu:
+        return (f"out of GPU memory{amount}: run it on the CPU (--device cpu), or on smaller inputs or fewer crops at "
+                "a time (a recipe's train settings)")
+    return f"out of memory{amount}: close other programs, or give smaller inputs"
+
+
+def _fail(reporter: Reporter, text: str, code: int) -> NoReturn:
+    reporter.error(text)
+    print(f"error: {text}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     reporter = Reporter("tqdm")
@@ -334,14 +359,13 @@ def main(argv: list[str] | None = None) -> None:
         with output_lock(output) if output and writer else nullcontext():
             args.handler(args, reporter)
     except UserError as exc:
-        reporter.error(str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(reporter, str(exc), 2)
     except KeyboardInterrupt:
-        reporter.error("interrupted")
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except Exception as exc:  # a bug: keep the traceback for the report
-        reporter.error(f"internal error: {exc}")
-        traceback.print_exc()
-        raise SystemExit(1) from None
+        _fail(reporter, "interrupted", 130)
+    except Exception as exc:
+        explained = _out_of_memory(exc)
+        if explained is None:  # a bug: keep the traceback for the report
+            reporter.error(f"internal error: {exc}")
+            traceback.print_exc()
+            raise SystemExit(1) from None
+        _fail(reporter, explained, 1)  # the machine's limit, not a bug: no traceback
