@@ -405,7 +405,10 @@ def test_with_memory_for_one_crop_the_cpu_takes_the_crops_one_at_a_time_and_with
     from hybridmim.training import cropgroups
 
     per_crop = cropgroups.crop_bytes(TINY["scratch"]["network"], TINY["scratch"]["roi_size"])
-    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: cropgroups.RESERVE_BYTES + int(1.5 * per_crop))
+    weights = sum(p.numel() for p in build_network({**TINY["scratch"]["network"], "in_channels": 1,
+                                                    "out_channels": 2}).parameters())
+    fixed = cropgroups.RESERVE_BYTES + cropgroups.BYTES_PER_PARAMETER * weights
+    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: fixed + int(1.5 * per_crop))
     groups, passes = [], cropgroups.forward_backward
     monkeypatch.setattr(cropgroups, "forward_backward", lambda *args, **kwargs: (groups.append(args[4]),
                                                                                  passes(*args, **kwargs))[1])
@@ -415,14 +418,14 @@ def test_with_memory_for_one_crop_the_cpu_takes_the_crops_one_at_a_time_and_with
     result = run_cli_here("finetune", "--init", "scratch", "--data", folders["train"], "--val", folders["val"],
                           "--recipe", recipe, "--cache", folders["cache"], "-o", output, "--device", "cpu",
                           "--progress", "json", check_rc=0)
-    needed, free = 2 * per_crop + cropgroups.RESERVE_BYTES, cropgroups.RESERVE_BYTES + int(1.5 * per_crop)
+    needed, free = fixed + 2 * per_crop, fixed + int(1.5 * per_crop)
     assert warnings_of(result) == [f"the 2 crops of a step would need about {needed / GIB:.1f} GiB of memory and "
                                    f"{free / GIB:.1f} GiB is available: they go through the network 1 at a time (the "
                                    "Dice part of the loss taken over those)"]
     assert groups == [1] * 4 and output.exists()
     assert all(np.isfinite(h["loss"]) for h in runstate.load_resume_state(output, "finetune")["history"][1:])
 
-    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: cropgroups.RESERVE_BYTES + per_crop // 2)
+    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: fixed + per_crop // 2)
     refused("finetune", "--init", "scratch", "--data", folders["train"], "--recipe", recipe, "--cache",
             folders["cache"], "-o", tmp_path / "none.safetensors", "--device", "cpu", "--progress", "json",
             message="a training crop of 48×48×48 voxels needs about")

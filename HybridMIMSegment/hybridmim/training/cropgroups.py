@@ -13,34 +13,36 @@ from ..errors import UserError
 from ..memory import GIB
 from ..progress import Reporter
 
-RESERVE_BYTES = GIB // 2  # the optimiser's state and gradients, made at the first step; validation takes less
-#                           than a crop's training
+RESERVE_BYTES = GIB // 2  # the data's crops and augmentations, libraries' buffers; validation takes less than a crop
+BYTES_PER_PARAMETER = 16  # the weights' gradients and the optimiser's two moments (AdamW), and its step's temporary
 
 
 def crop_bytes(network: dict, window) -> int:
-    """Host memory one training crop adds to a CPU step (float32 forward and backward). Measured (2026-12-07, torch
-    2.13, peak resident memory over a step minus that before it): U-Net 32 channels wide at 96³ 2.06 GiB a crop
-    (4 crops 8.25), at 64³ 0.62-0.65; 16 wide at 64³ 0.38; the hybrid network (16 wide) at 64³ 0.36-0.46, at 96³
-    1.2; SwinUNETR (48 wide) at 64³ 1.89, at 96³ 5.49. That is 80-118 bytes per voxel and full-resolution channel
-    for the convolutional networks, 140-160 for SwinUNETR; rounded up here."""
+    """Host memory one training crop's activations add to a CPU step (float32 forward and backward). Measured
+    (2026-12-07, torch 2.13, peak resident memory over two or three steps minus that before them, less
+    ``BYTES_PER_PARAMETER`` a weight): U-Net 32 channels wide at 64³ 82-88 bytes per voxel and full-resolution
+    channel, at 96³ (4 crops) 80; the hybrid network (16 wide) at 64³ 99, at 96³ 83; SwinUNETR (48 wide) at 64³
+    138. Rounded up here."""
     width = int(network.get("features", [network.get("feature_size", 48)])[0])
-    per_voxel_and_channel = 170 if network.get("name") == "swinunetr" else 120
+    per_voxel_and_channel = 150 if network.get("name") == "swinunetr" else 100
     return per_voxel_and_channel * math.prod(window) * width
 
 
-def cpu_group(crops: int, network: dict, window, available: int | None, reporter: Reporter) -> int:
+def cpu_group(crops: int, network: dict, parameters: int, window, available: int | None, reporter: Reporter) -> int:
     """How many of a step's ``crops`` the CPU takes at once with ``available`` bytes of memory free (None: not
-    known, all of them); says so when fewer than all, refuses where not even one fits."""
+    known, all of them), for a ``network`` of ``parameters`` weights; says so when fewer than all, refuses where
+    not even one fits."""
     if available is None:
         return crops
     per_crop, size = crop_bytes(network, window), "×".join(map(str, window))
-    fit = (available - RESERVE_BYTES) // per_crop
+    fixed = RESERVE_BYTES + BYTES_PER_PARAMETER * parameters
+    fit = (available - fixed) // per_crop
     if fit < 1:
-        raise UserError(f"a training crop of {size} voxels needs about {(per_crop + RESERVE_BYTES) / GIB:.1f} GiB of "
+        raise UserError(f"a training crop of {size} voxels needs about {(per_crop + fixed) / GIB:.1f} GiB of "
                         f"memory and {available / GIB:.1f} GiB is available; close other programs, or train on "
                         "smaller crops (train.window in a recipe)")
     if fit < crops:
-        reporter.warning(f"the {crops} crops of a step would need about {(crops * per_crop + RESERVE_BYTES) / GIB:.1f} "
+        reporter.warning(f"the {crops} crops of a step would need about {(crops * per_crop + fixed) / GIB:.1f} "
                          f"GiB of memory and {available / GIB:.1f} GiB is available: they go through the network "
                          f"{fit} at a time (the Dice part of the loss taken over those)")
     return min(crops, fit)

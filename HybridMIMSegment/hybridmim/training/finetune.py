@@ -278,7 +278,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     classes = len(start.labels)
     group = schedule.volumes_per_step * schedule.crops_per_volume  # crops through the network at once
     if device.type == "cpu":
-        group = cpu_group(group, start.network, window, available_bytes(), reporter)
+        parameters = sum(p.numel() for p in network.parameters())
+        group = cpu_group(group, start.network, parameters, window, available_bytes(), reporter)
     amp = functools.partial(autocast, device, schedule.amp)
     clear_gradients = functools.partial(optimiser.zero_grad, set_to_none=True)
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
