@@ -284,10 +284,10 @@ def _cuda_out_of_memory():
 
 
 @pytest.mark.parametrize("allocate, line", [
-    (lambda: torch.empty(10**13), "out of memory (it asked for 37252.9 GiB more): close other programs, or give "
-                                  "smaller inputs"),
-    (lambda: np.empty(10**13), "out of memory (it asked for 72.8 TiB more): close other programs, or give smaller "
-                               "inputs"),
+    (lambda: torch.empty(2**50), "out of memory (it asked for 4194304.0 GiB more): close other programs, or give "
+                                 "smaller inputs"),  # 4 PiB: more than any address space, whatever the overcommit
+    (lambda: np.empty(2**50), "out of memory (it asked for 8.00 PiB more): close other programs, or give smaller "
+                              "inputs"),
     (_cuda_out_of_memory, "out of GPU memory (it asked for 2.00 GiB more): run it on the CPU (--device cpu), or on "
                           "smaller inputs or fewer crops at a time (a recipe's train settings)")],
     ids=["torch-cpu", "numpy", "cuda"])
