@@ -324,7 +324,6 @@ def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too
                         "will not end as the uninterrupted run would have"]
 
 
-
 @pytest.mark.parametrize("minutes", [0.15, 0.001])
 def test_a_time_limit_shorter_than_the_first_epoch_ends_that_epoch_at_the_steps_that_fit(folders, tmp_path, minutes):
     """200 steps an epoch: timed over the steps after the first, the epoch is cut to the steps that fit with its
