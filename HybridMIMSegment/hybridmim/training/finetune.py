@@ -337,8 +337,11 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             reporter.progress(run["step"], total_steps)
             if schedule.max_minutes and run["step"] <= schedule.steps_per_epoch:  # judged in the first epoch
                 step_ends.append(elapsed())
-                recipe = _fit_to_time_limit(recipe, schedule, run, step_ends, reporter)
-                total_steps = schedule.epochs * schedule.steps_per_epoch
+                fitted = _fit_to_time_limit(recipe, schedule, run, step_ends, reporter)
+                if fitted is not recipe:
+                    recipe, total_steps = fitted, schedule.epochs * schedule.steps_per_epoch
+                    scheduler.last_epoch -= 1  # the next step's learning rate again, from the fitted schedule
+                    scheduler.step()
             if run["step"] % schedule.steps_per_epoch == 0:
                 early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
                                    output, recipe, train_data, reporter)
