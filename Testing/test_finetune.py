@@ -28,6 +28,7 @@ from hybridmim.progress import Reporter, parse_event
 from hybridmim.runfiles import curve_path
 from hybridmim.training import finetune, runstate
 from hybridmim.training.finetune import FinetuneSchedule, load_recipe, run_finetune, split_cases
+from hybridmim.training.schedule import StepPace
 from hybridmim.training.start import head_summary, resolve_start, transfer_weights
 
 SARCOMA = parse_labels(json.loads((REPO / "scripts/labels/sarcoma.json").read_text(encoding="utf-8")))
@@ -359,10 +360,11 @@ def test_a_time_limit_is_judged_from_the_steps_after_the_first():
     def fit(limit_minutes, step_ends, steps_per_epoch=50):
         schedule = FinetuneSchedule(epochs=10, steps_per_epoch=steps_per_epoch, warmup_steps=100,
                                     max_minutes=limit_minutes)
-        recipe, run = {"train": {}}, {"epochs": 10, "validation_seconds": 30.0}
+        recipe, run, pace = {"train": {}}, {"epochs": 10, "validation_seconds": 30.0}, StepPace(step_ends[0])
         for step in range(1, len(step_ends)):
             run["step"] = step
-            fitted = finetune._fit_to_time_limit(recipe, schedule, run, step_ends[:step + 1], Reporter("quiet"))
+            pace.step_ended(step_ends[step])
+            fitted = finetune._fit_to_time_limit(recipe, schedule, run, step_ends[step], pace, Reporter("quiet"))
             if fitted is not recipe:
                 return step, fitted["train"], (schedule.epochs, schedule.steps_per_epoch, schedule.max_minutes)
         return None

@@ -42,7 +42,7 @@ from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
 from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_record, check_time_limit, optimiser_step,
                                  read_schedule, step_generators, warn_if_cases_changed)
-from ..training.schedule import warmup_cosine
+from ..training.schedule import StepPace, shortened_warmup, warmup_cosine
 from ..volumes import PreparedData
 from .hpm import HPM
 from .hybridmim import HybridMIM
@@ -227,21 +227,20 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
 
     reporter.stage("pre-train")
     started, window, stopped = time.time(), [], False
+    pace = StepPace(started)
     step = start
     with StopRequest() as stop:
         while step < schedule.steps:
             terms = _one_step(model, method, data, schedule, dist, scaler, step)
             optimiser_step(optimiser, scheduler, scaler, learnt, schedule.grad_clip)
             step += 1
-            if step == start + 1:
-                paced_from = first_step = time.time()
             if schedule.max_minutes and step <= start + 1 + PACE_STEPS:
                 # fitted once PACE_STEPS steps are timed, or sooner where the next step would pass the limit
-                timed, now = step - start - 1, time.time()
-                pace = (now - paced_from) / timed if timed else first_step - started
+                now = time.time()
+                pace.step_ended(now)
                 spent = elapsed + now - started
-                if timed == PACE_STEPS or dist.any(spent + pace > schedule.max_minutes * 60):
-                    recipe = _fit_steps_in_time(recipe, schedule, step, pace, spent, dist, reporter)
+                if pace.timed == PACE_STEPS or dist.any(spent + pace.seconds > schedule.max_minutes * 60):
+                    recipe = _fit_steps_in_time(recipe, schedule, step, pace.seconds, spent, dist, reporter)
             if hasattr(method, "after_step"):  # SelfMedHPM's teacher follows the student
                 method.after_step(step, schedule.steps)
             window.append(terms)
@@ -271,7 +270,7 @@ def _fit_steps_in_time(recipe: dict, schedule: Schedule, step: int, pace: float,
     fit = dist.smallest(step + max(0, int((schedule.max_minutes * 60 - spent) / pace)))
     if fit < schedule.steps:
         reporter.info(f"{pace:.2f} s a step: {fit} of {schedule.steps} steps fit in {schedule.max_minutes:g} minutes")
-        schedule.warmup_steps = max(1, schedule.warmup_steps * fit // schedule.steps)
+        schedule.warmup_steps = shortened_warmup(schedule.warmup_steps, fit, schedule.steps)
         schedule.steps = fit
     schedule.max_minutes = None
     return {**recipe, "train": {**recipe["train"], "steps": schedule.steps, "warmup_steps": schedule.warmup_steps,

@@ -40,10 +40,11 @@ from ..volumes import PreparedData, find_cases, is_prepared_folder, is_segmentat
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
                        check_time_limit, load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
+from .schedule import StepPace, shortened_warmup, warmup_cosine
 from .start import Start, head_summary, resolve_start, transfer_weights
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
-PACE_STEPS = 3  # steps timed after the first (its warm-up: cuDNN autotuning, allocator) for a time limit's pace
+PACE_STEPS = 3  # steps timed after the first for a time limit (fewer than pre-training's: a CPU step takes a minute)
 
 
 @dataclass
@@ -264,7 +265,6 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     from ..memory import available_bytes
     from .augment import crop_augmentations
     from .cropgroups import cpu_group, forward_backward, step_halving_on_gpu_memory
-    from .schedule import warmup_cosine
 
     monai.data.set_track_meta(False)
     optimiser = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -317,7 +317,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             reporter.metric(epoch=0, dice=before["dice"])
             stopped = stop.requested
         reporter.stage("fine-tune")
-        step_ends = [elapsed()]  # under a time limit: when this process began training, then each step's end
+        pace = StepPace(elapsed())  # under a time limit, this process's steps
         while run["step"] < total_steps and not (stopped or early):
             step = run["step"]
             rng, _ = step_generators(schedule.seed, 0, step, 0)
@@ -336,8 +336,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             run["losses"].append(loss)
             reporter.progress(run["step"], total_steps)
             if schedule.max_minutes and run["step"] <= schedule.steps_per_epoch:  # judged in the first epoch
-                step_ends.append(elapsed())
-                fitted = _fit_to_time_limit(recipe, schedule, run, step_ends, reporter)
+                pace.step_ended(elapsed())
+                fitted = _fit_to_time_limit(recipe, schedule, run, elapsed(), pace, reporter)
                 if fitted is not recipe:
                     recipe, total_steps = fitted, schedule.epochs * schedule.steps_per_epoch
                     scheduler.last_epoch -= 1  # the next step's learning rate again, from the fitted schedule
@@ -370,24 +370,22 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     return outputs
 
 
-def _fit_to_time_limit(recipe: dict, schedule: FinetuneSchedule, run: dict, step_ends: list[float],
+def _fit_to_time_limit(recipe: dict, schedule: FinetuneSchedule, run: dict, spent: float, pace: StepPace,
                        reporter: Reporter) -> dict:
     """In the first epoch of a run with a time limit, after its ``run["step"]``: the recipe, fitted to the limit
     once that can be judged (the schedule then changed to it, with no limit left: a resumed run does not refit).
     At the first epoch's end: the epochs that fit at its pace, the validation before it standing in for each
     epoch's. Before it, as soon as the epoch and its validation would pass the limit at the pace of the steps
     after the first (judged once ``PACE_STEPS`` are timed, or at once where the next step would pass it): that
-    epoch cut to the steps that fit, the run's only one. ``step_ends``: seconds spent when this process began
-    training, then at each of its steps' ends."""
-    step, spent, limit, epoch_steps = run["step"], step_ends[-1], schedule.max_minutes * 60, schedule.steps_per_epoch
-    timed = len(step_ends) - 2  # the first step is warm-up
-    pace = (spent - step_ends[1]) / timed if timed else step_ends[1] - step_ends[0]
+    epoch cut to the steps that fit, the run's only one. ``spent``: seconds so far; ``pace``: a
+    ``schedule.StepPace`` of this process's steps."""
+    step, limit, epoch_steps, seconds = run["step"], schedule.max_minutes * 60, schedule.steps_per_epoch, pace.seconds
     left = limit - spent - run["validation_seconds"]
     if step < epoch_steps:
-        if (timed < PACE_STEPS and left >= pace) or left >= pace * (epoch_steps - step):
+        if (pace.timed < PACE_STEPS and left >= seconds) or left >= seconds * (epoch_steps - step):
             return recipe
-        fit = step + max(0, int(left // pace))
-        reporter.info(f"{pace:.1f} s a step: the first epoch's {epoch_steps} steps and its validation would pass "
+        fit = step + max(0, int(left // seconds))
+        reporter.info(f"{seconds:.1f} s a step: the first epoch's {epoch_steps} steps and its validation would pass "
                       f"the {schedule.max_minutes:g} minutes; it ends at step {fit}, the run's only epoch")
         run["epochs"] = 1
         return _fitted(recipe, schedule, 1, fit)
@@ -402,10 +400,10 @@ def _fit_to_time_limit(recipe: dict, schedule: FinetuneSchedule, run: dict, step
 
 
 def _fitted(recipe: dict, schedule: FinetuneSchedule, epochs: int, steps_per_epoch: int) -> dict:
-    """``recipe`` and ``schedule`` with ``epochs`` of ``steps_per_epoch`` steps, the warm-up in proportion (100
-    warm-up steps of a 20-step run would be all of it), and no time limit."""
-    total, fit = schedule.epochs * schedule.steps_per_epoch, epochs * steps_per_epoch
-    warmup = max(1, schedule.warmup_steps * fit // total) if fit < total else schedule.warmup_steps
+    """``recipe`` and ``schedule`` with ``epochs`` of ``steps_per_epoch`` steps, the warm-up in proportion, and no
+    time limit."""
+    total = schedule.epochs * schedule.steps_per_epoch
+    warmup = shortened_warmup(schedule.warmup_steps, epochs * steps_per_epoch, total)
     schedule.epochs, schedule.steps_per_epoch, schedule.warmup_steps, schedule.max_minutes = (
         epochs, steps_per_epoch, warmup, None)
     return {**recipe, "train": {**recipe.get("train", {}), "epochs": epochs, "steps_per_epoch": steps_per_epoch,

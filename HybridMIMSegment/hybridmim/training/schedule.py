@@ -1,4 +1,5 @@
-"""Learning-rate schedule shared by fine-tuning and pre-training."""
+"""Learning-rate schedule, and the pace of steps that a time limit is fitted to, shared by fine-tuning and
+pre-training."""
 
 from __future__ import annotations
 
@@ -11,3 +12,30 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def shortened_warmup(warmup: int, steps: int, total: int) -> int:
+    """The warm-up of a run shortened from ``total`` steps to ``steps``, in proportion (100 warm-up steps of a
+    20-step run would be all of it)."""
+    return max(1, warmup * steps // total) if steps < total else warmup
+
+
+class StepPace:
+    """Seconds a step, from the steps' ends in this process: the first step is warm-up (cuDNN autotuning, the
+    allocator), so the mean of those after it, or the first one's while it is the only one."""
+
+    def __init__(self, began: float):
+        self._ends = [began]
+
+    def step_ended(self, at: float) -> None:
+        self._ends.append(at)
+
+    @property
+    def timed(self) -> int:
+        """The steps after the first."""
+        return len(self._ends) - 2
+
+    @property
+    def seconds(self) -> float:
+        ends = self._ends
+        return (ends[-1] - ends[1]) / self.timed if self.timed else ends[1] - ends[0]
