@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +133,24 @@ def test_cancel_ends_the_run_within_two_seconds_and_leaves_no_output(tmp_path):
     assert result.cancelled and not result.succeeded and result.error is None
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in tree)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+@pytest.mark.parametrize("sent, said", [(signal.SIGKILL, "the engine was killed (SIGKILL), most often by the system "
+                                                          "when memory runs out: close other programs"),
+                                        (signal.SIGSEGV, "the engine crashed (SIGSEGV); the log holds")])
+def test_an_engine_ended_by_a_signal_from_outside_says_so_not_its_last_warning(small_ct, tmp_path, sent, said):
+    """The system's out-of-memory killer (SIGKILL) or a crash ends the engine without a word of its own: the panel
+    says what happened, where it said "exit code -9" (or the last line on stderr: a library's earlier warning)."""
+    engine = EngineProcess(segment_command([str(small_ct)], str(tmp_path / "seg.nii.gz"), device="cpu"))
+    engine.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(e["event"] == "stage" for e in engine.drain()):
+        time.sleep(0.02)
+    os.kill(engine._process.pid, sent)
+    result = engine.wait(timeout=30)
+    assert result.returncode == -sent and not result.cancelled and not result.succeeded
+    assert result.error.startswith(said), result.error
 
 
 def test_kill_tree_reaches_grandchildren():

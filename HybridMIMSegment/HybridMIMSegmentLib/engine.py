@@ -117,8 +117,25 @@ class EngineProcess:
             reader.join(timeout=5)
         error = self._last_error
         if returncode != 0 and error is None and not self._cancelled:
-            error = next((line for line in reversed(self._stderr) if line.strip()), f"exit code {returncode}")
+            error = ended_by_signal(returncode) or \
+                next((line for line in reversed(self._stderr) if line.strip()), f"exit code {returncode}")
         return EngineResult(returncode, self._outputs, error, self._cancelled, list(self._stderr))
+
+
+def ended_by_signal(returncode: int) -> str | None:
+    """What to tell of an engine that a signal ended (POSIX: return code -N) and that said nothing itself: its
+    last stderr line would be some earlier warning. Killed from outside (not by Cancel) mostly means the system
+    ran out of memory and its out-of-memory killer chose the engine, the largest process."""
+    if returncode >= 0 or os.name == "nt":
+        return None
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if -returncode == signal.SIGKILL:
+        return (f"the engine was killed ({name}), most often by the system when memory runs out: close other "
+                "programs, or give it smaller scans or fewer crops at a time")
+    return f"the engine crashed ({name}); the log holds what it wrote before"
 
 
 def kill_tree(pid: int) -> None:
