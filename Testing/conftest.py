@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from hybridmim.progress import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -140,6 +141,17 @@ class StopsAt(io.StringIO):
         if event and event["event"] == "progress" and (event["stage"], event["done"]) == (self.stage, self.done):
             os.kill(os.getpid(), signal.SIGTERM)
         return super().write(text)
+
+
+class WarningsKept(Reporter):
+    """A quiet reporter that keeps the warnings it is given, in ``warnings``."""
+
+    def __init__(self):
+        super().__init__("quiet")
+        self.warnings: list[str] = []
+
+    def warning(self, text: str) -> None:
+        self.warnings.append(text)
 
 
 def record_curve_drawings(monkeypatch) -> list[int]:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from conftest import WarningsKept
 from test_reliability import _RunsOutOfMemoryOnBatches
 from hybridmim.errors import UserError
 from hybridmim.memory import GIB
@@ -45,15 +46,6 @@ def _no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-class _Listening(Reporter):
-    def __init__(self):
-        super().__init__("quiet")
-        self.warnings = []
-
-    def warning(self, text):
-        self.warnings.append(text)
-
-
 @pytest.mark.parametrize("network", [UNET, HYBRID], ids=["unet", "hybrid"])
 def test_a_crops_estimated_memory_covers_what_cpu_steps_take_and_not_twice_over(network):
     """Measured in a process of its own: two steps of one 64³ crop (forward, backward, the optimiser)."""
@@ -66,7 +58,7 @@ def test_a_crops_estimated_memory_covers_what_cpu_steps_take_and_not_twice_over(
 
 def test_the_cpu_takes_the_crops_that_fit_and_says_so_and_refuses_where_not_one_does():
     """The shipped U-Net (5,749,410 weights: 0.09 GiB with their gradients and moments) on 96³ crops."""
-    per_crop, reporter, weights = crop_bytes(UNET, (96, 96, 96)), _Listening(), 5_749_410
+    per_crop, reporter, weights = crop_bytes(UNET, (96, 96, 96)), WarningsKept(), 5_749_410
     fixed = RESERVE_BYTES + BYTES_PER_PARAMETER * weights
     assert per_crop == 100 * 96**3 * 32  # 2.64 GiB
     assert cpu_group(4, UNET, weights, (96, 96, 96), None, reporter) == 4  # memory not known: all
@@ -105,7 +97,7 @@ def test_a_gpu_out_of_memory_halves_the_group_and_runs_the_same_step_again_down_
     network = _RunsOutOfMemoryOnBatches(build_network({"name": "unet", "features": [4, 8], "in_channels": 1,
                                                        "out_channels": 2}))
     x, y = torch.rand(4, 1, 16, 16, 16), (torch.rand(4, 1, 16, 16, 16) > 0.8).long()
-    cleared, reporter = [], _Listening()
+    cleared, reporter = [], WarningsKept()
 
     def run_step(group):
         return forward_backward(network, lambda p, t: p.mean(), x, y, group, _no_autocast,

@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DEFAULT_MODEL, REPO, data_file
+from conftest import DEFAULT_MODEL, REPO, WarningsKept, data_file
 from hybridmim.checkpoint import load_model, read_metadata
 from hybridmim.inference import sliding_window
 from hybridmim.modelgrid import prepare
@@ -208,21 +208,18 @@ def test_an_unreadable_onnx_export_is_said_and_rebuilt(tmp_path, monkeypatch, de
     path = onnx_path(DEFAULT_MODEL)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not an onnx model")
-    warnings = []
-
-    class Collect(Reporter):
-        def warning(self, message):
-            warnings.append(message)
-
-    rebuilt = load_network(DEFAULT_MODEL, meta, "cpu", Collect("quiet"))
-    assert isinstance(rebuilt, OnnxNetwork) and len(warnings) == 1 and "cached ONNX model" in warnings[0]
-    loaded = load_network(DEFAULT_MODEL, meta, "cpu", Collect("quiet"))
-    assert isinstance(loaded, OnnxNetwork) and loaded.out_channels == network.out_channels and len(warnings) == 1
+    reporter = WarningsKept()
+    rebuilt = load_network(DEFAULT_MODEL, meta, "cpu", reporter)
+    assert isinstance(rebuilt, OnnxNetwork) and len(reporter.warnings) == 1 and "cached ONNX model" in \
+        reporter.warnings[0]
+    loaded = load_network(DEFAULT_MODEL, meta, "cpu", reporter)
+    assert isinstance(loaded, OnnxNetwork) and loaded.out_channels == network.out_channels and \
+        len(reporter.warnings) == 1
     probe = torch.rand(2, 1, *meta.roi_size)
     with torch.inference_mode():
         expected = network(probe).numpy()
     assert float(np.abs(loaded(probe.numpy()) - expected).max()) <= 1e-3 * float(np.abs(expected).max())
-    assert not isinstance(load_network(DEFAULT_MODEL, meta, "cpu", Collect("quiet"), onnx=False), OnnxNetwork)
+    assert not isinstance(load_network(DEFAULT_MODEL, meta, "cpu", reporter, onnx=False), OnnxNetwork)
 
 
 def test_the_least_recently_used_exports_go_once_the_cache_passes_its_bound(tmp_path, monkeypatch, default_model):

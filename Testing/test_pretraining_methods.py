@@ -17,15 +17,19 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, StopsAt, data_file, run_cli_here
+from conftest import REPO, StopsAt, WarningsKept, data_file, run_cli_here
 from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
 from hybridmim.networks import build_network
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.pretraining.hpm import ranking_loss
 from hybridmim.pretraining.mae import denormalise, hidden_pass, token_losses
+from hybridmim.errors import UserError
+from hybridmim.pretraining import trainer as trainer_module
+from hybridmim.pretraining.cpumemory import KEPT_BYTES, volumes_per_crop
 from hybridmim.pretraining.run import load_recipe, merge_recipes
 from hybridmim.pretraining.trainer import build_method, pretrain
 from hybridmim.progress import Reporter, parse_event
+from hybridmim.training.cropgroups import BYTES_PER_PARAMETER, RESERVE_BYTES, crop_bytes
 from hybridmim.training import runstate
 from hybridmim.training.start import resolve_start, transfer_weights
 from hybridmim.volumes import load_prepared
@@ -235,6 +239,43 @@ def test_mim_recompute_gives_the_same_loss_and_gradients(ct_crop):
     assert torch.allclose(plain, recomputed, atol=1e-6) and plain_grads.keys() == recomputed_grads.keys()
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, recomputed_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def _tiny_step_memory(method: str) -> tuple[int, int]:
+    """(bytes a tiny recipe's step holds whatever it does, bytes a volume's activations add), as cpumemory judges:
+    the MiM step's 13 volumes (1 coarse, 4 octants, 2 patches of each) keep their inputs, outputs and features."""
+    model, recipe = tiny_method(method), tiny_recipe(method)
+    per_volume = crop_bytes(recipe["network"], (32, 32, 32))
+    learnt = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    held = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    fixed = RESERVE_BYTES + BYTES_PER_PARAMETER * learnt + 4 * held
+    if method == "mim":
+        assert volumes_per_crop(model) == 13
+        fixed += 13 * KEPT_BYTES * (4 + 2) * 32 ** 3
+    return fixed, per_volume
+
+
+@pytest.mark.parametrize("method, warned, refused", [
+    ("mim", "MiM's 13 volumes of 32×32×32 a step would need about", "MiM's 13 volumes of 32×32×32 a step need about"),
+    ("hpm", "the 4 crops of 32×32×32 of a step may need up to about", "a pre-training crop of 32×32×32 voxels needs")])
+def test_a_cpu_short_of_memory_for_a_step_is_met_before_the_first(prepared, tmp_path, monkeypatch, method, warned,
+                                                                   refused):
+    """With room for 2.5 volumes, MiM keeps 2 at a time and recomputes them (the same loss and gradients: the
+    recompute test above; its packaged step, 42 volumes of 96³, would need about 56 GiB), SelfMedHPM (whose step
+    cannot be split) is warned of; with room for half of one, both are refused, nothing written."""
+    recipe = tiny_recipe(method, steps=1)
+    data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
+    fixed, per_volume = _tiny_step_memory(method)
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda: fixed + int(2.5 * per_volume))
+    reporter = WarningsKept()
+    assert pretrain(recipe, data, tmp_path / "short.safetensors", reporter, device="cpu")["step"] == 1
+    assert [w for w in reporter.warnings if w.startswith(warned)], reporter.warnings
+    if method == "mim":
+        assert "kept 2 at a time and recomputed" in reporter.warnings[-1]
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda: fixed + per_volume // 2)
+    with pytest.raises(UserError, match=refused):
+        pretrain(recipe, data, tmp_path / "none.safetensors", Reporter("quiet"), device="cpu")
+    assert not (tmp_path / "none.safetensors").exists()
 
 
 # --- training on real crops -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DEFAULT_MODEL, REPO, data_file, run_cli, run_cli_here, warnings_of
+from conftest import DEFAULT_MODEL, REPO, WarningsKept, data_file, run_cli, run_cli_here, warnings_of
 from hybridmim.atomic import output_lock
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -331,12 +331,7 @@ def test_out_of_memory_retries_with_the_next_plan_and_says_so():
     network = _tiny_network()
     volume = np.random.default_rng(0).normal(size=(1, 40, 40, 40)).astype(np.float32)
     expected = sliding_window(network, volume, (32, 32, 32), 0.5, torch.device("cpu"), Reporter("quiet"), 4)
-    said = []
-
-    class Listening(Reporter):
-        def warning(self, text):
-            said.append(text)
-
+    listening = WarningsKept()
     faulty = _RunsOutOfMemoryOnBatches(network)
     plans = [WindowPlan("cpu", "cpu", 4), WindowPlan("cpu", "cpu", 1)]
     from hybridmim.inference import _sliding_window
@@ -344,8 +339,9 @@ def test_out_of_memory_retries_with_the_next_plan_and_says_so():
     def attempt(plan):
         return _sliding_window(faulty, volume, (32, 32, 32), 0.5, plan, Reporter("quiet"))
 
-    result = run_with_fallbacks(plans, attempt, Listening("quiet"))
+    result = run_with_fallbacks(plans, attempt, listening)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    said = listening.warnings
     assert len(said) == 1 and "out of GPU memory with 4 window(s)" in said[0] and "retrying with 1 window(s)" in said[0]
     with pytest.raises(torch.cuda.OutOfMemoryError):
         run_with_fallbacks(plans[:1], lambda p: _sliding_window(faulty, volume, (32, 32, 32), 0.5, p,

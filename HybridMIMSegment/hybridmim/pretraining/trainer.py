@@ -35,6 +35,7 @@ from ..atomic import atomic_output
 from ..checkpoint import ModelMeta, save_checkpoint
 from ..curves import RedrawClock
 from ..errors import UserError
+from ..memory import available_bytes
 from ..networks import build_network
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
@@ -44,6 +45,7 @@ from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_reco
                                  read_schedule, step_generators, warn_if_cases_changed)
 from ..training.schedule import StepPace, shortened_warmup, warmup_cosine
 from ..volumes import PreparedData
+from .cpumemory import fit_cpu_memory
 from .hpm import HPM
 from .hybridmim import HybridMIM
 from .mim import MiM
@@ -201,6 +203,11 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
            reporter: Reporter) -> dict:
     torch.manual_seed(schedule.seed)  # the same initial weights on every rank and every run
     method = build_method(recipe, data.channels).to(dist.device)
+    if dist.device.type == "cpu":  # the ranks on this machine share its memory
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+        available = available_bytes()
+        fit_cpu_memory(method, recipe["network"], data.channels, schedule.volumes_per_step * schedule.crops_per_volume,
+                       None if available is None else available // ranks_here, reporter)
     learnt = [p for p in method.parameters() if p.requires_grad]  # not an EMA teacher's
     optimiser = torch.optim.AdamW(learnt, lr=schedule.lr, weight_decay=schedule.weight_decay)
     lr_lambda = lambda s: warmup_cosine(s, schedule.warmup_steps, schedule.steps)  # noqa: E731
