@@ -11,9 +11,14 @@ from ..masking import masked_count
 from ..memory import GIB
 from ..progress import Reporter
 from ..training.cropgroups import BYTES_PER_PARAMETER, RESERVE_BYTES, crop_bytes
+from .hybridmim import REGIONS_PER_AXIS, HybridMIM
 from .mim import MiM
 
 KEPT_BYTES = 4  # a float32 voxel of what each volume's pass keeps for the loss: its input, output, decoder feature
+# HybridMIM's U-Net decodes a block of (decoder_regions / 3)³ of its crop. Measured (pretrain-step-cpu-batch2.json in
+# docs/benchmarks: 2 crops of 96³, U-Net 32 wide): a peak of 4.0 GiB decoding the 64³ block, 5.7 GiB decoding the
+# whole crop, so decoding takes about 47 of a voxel and channel's 100 bytes (training.cropgroups.crop_bytes).
+UNET_DECODER_SHARE = 0.47
 
 
 def volumes_per_crop(method) -> int:
@@ -24,6 +29,15 @@ def volumes_per_crop(method) -> int:
     return 1 + middle + middle * method.fine_per_volume
 
 
+def _decoded_share(method, network: dict) -> float:
+    """The share of a whole crop's forward and backward that a step's pass takes: less for HybridMIM's U-Net,
+    which decodes only a block (measured on the U-Net alone)."""
+    if not isinstance(method, HybridMIM) or network.get("name") != "unet":
+        return 1.0
+    decoded = (method.decoder_regions / REGIONS_PER_AXIS) ** 3
+    return 1 - UNET_DECODER_SHARE + UNET_DECODER_SHARE * decoded
+
+
 def fit_cpu_memory(method, network: dict, channels: int, crops: int, available: int | None,
                    reporter: Reporter) -> None:
     """Check that a step of ``crops`` crops of ``channels`` channels through ``method`` (built from the ``network``
@@ -32,7 +46,7 @@ def fit_cpu_memory(method, network: dict, channels: int, crops: int, available: 
     if available is None:
         return
     window = (method.window_size,) * 3
-    per_volume = crop_bytes(network, window)
+    per_volume = int(crop_bytes(network, window) * _decoded_share(method, network))
     learnt = sum(p.numel() for p in method.parameters() if p.requires_grad)
     held = sum(p.numel() for p in method.parameters() if not p.requires_grad)  # SelfMedHPM's teacher
     fixed = RESERVE_BYTES + BYTES_PER_PARAMETER * learnt + 4 * held
