@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+import torch
 from hybridmim.progress import Reporter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +22,18 @@ DEFAULT_MODEL = MODELS / "abdomen-ct-scratch.safetensors"
 
 # Index box (x, y, z) of ct_a holding all its labelled upper-abdominal organs.
 ABDOMEN_BOX = ((8, 104), (18, 90), (56, 112))
+
+
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_at_start():
+    """A recipe's ``num_threads`` (the tiny ones set 1) must not outlive its run: a later test in this process would
+    round differently from its reference run in another (the exact-resume tests compare weights bit for bit)."""
+    torch.set_num_threads(THREADS)  # also after a module-scoped fixture's run
+    yield
+    torch.set_num_threads(THREADS)
 
 
 def data_file(relative: str) -> Path:
@@ -108,11 +121,9 @@ def run_cli_here(*args, check_rc: int | None = None, stdout: io.StringIO | None 
     goes (a ``StopsAt``)."""
     import contextlib
 
-    import torch
     from hybridmim.cli import main
 
     stdout, stderr = stdout or io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()  # a recipe's num_threads must not outlive its run
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main([str(a) for a in args])
@@ -120,7 +131,7 @@ def run_cli_here(*args, check_rc: int | None = None, stdout: io.StringIO | None 
     except SystemExit as exit_:
         returncode = exit_.code
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(THREADS)  # a recipe's num_threads must not outlive its run
     result = subprocess.CompletedProcess(["hybridmim", *map(str, args)], returncode, stdout.getvalue(),
                                          stderr.getvalue())
     return _checked(result, check_rc)
