@@ -26,7 +26,7 @@ from hybridmim.pretraining.mae import denormalise, hidden_pass, token_losses
 from hybridmim.errors import UserError
 from hybridmim.pretraining import trainer as trainer_module
 from hybridmim.memory import GIB
-from hybridmim.pretraining.cpumemory import KEPT_BYTES, fit_cpu_memory, volumes_per_crop
+from hybridmim.pretraining.stepmemory import KEPT_BYTES, fit_cpu_memory, volumes_per_crop
 from hybridmim.pretraining.run import load_recipe, merge_recipes
 from hybridmim.pretraining.trainer import build_method, pretrain
 from hybridmim.progress import Reporter, parse_event
@@ -243,7 +243,7 @@ def test_mim_recompute_gives_the_same_loss_and_gradients(ct_crop):
 
 
 def _tiny_step_memory(method: str) -> tuple[int, int]:
-    """(bytes a tiny recipe's step holds whatever it does, bytes a volume's activations add), as cpumemory judges:
+    """(bytes a tiny recipe's step holds whatever it does, bytes a volume's activations add), as stepmemory judges:
     the MiM step's 13 volumes (1 coarse, 4 octants, 2 patches of each) keep their inputs, outputs and features."""
     model, recipe = tiny_method(method), tiny_recipe(method)
     per_volume = crop_bytes(recipe["network"], (32, 32, 32))
@@ -275,6 +275,51 @@ def test_a_cpu_short_of_memory_for_a_step_is_met_before_the_first(prepared, tmp_
         assert "kept 2 at a time and recomputed" in reporter.warnings[-1]
     monkeypatch.setattr(trainer_module, "available_bytes", lambda: fixed + per_volume // 2)
     with pytest.raises(UserError, match=refused):
+        pretrain(recipe, data, tmp_path / "none.safetensors", Reporter("quiet"), device="cpu")
+    assert not (tmp_path / "none.safetensors").exists()
+
+
+def _out_of_gpu_memory_beyond(volumes: int):
+    """``build_method``, with the real network raising the error CUDA raises when its memory runs out on more than
+    ``volumes`` volumes at once (fault injection: no GPU here)."""
+    def build(recipe: dict, channels: int) -> torch.nn.Module:
+        method = build_method(recipe, channels)
+        encode = method.network.encode
+
+        def limited(image, **kwargs):
+            if image.shape[0] > volumes:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return encode(image, **kwargs)
+
+        method.network.encode = limited
+        return method
+    return build
+
+
+def test_a_mim_step_out_of_gpu_memory_runs_again_keeping_fewer_volumes(prepared, tmp_path, monkeypatch):
+    """A MiM step (13 volumes a crop) that runs out of GPU memory on more than 2 volumes at once runs again keeping
+    6, 3, then 1 volume's activations at a time, with the loss of a run that never ran out, and the next steps
+    keep 1; where even one volume runs out, a one-line refusal and nothing written."""
+    recipe = tiny_recipe("mim", steps=2, log_every=1)
+    data = load_prepared(prepared, Preprocessing.from_dict(recipe["preprocessing"]), Reporter("quiet"))
+    runs = {}
+    for name, limit in (("plain", 13), ("short", 2)):
+        monkeypatch.setattr(trainer_module, "build_method", _out_of_gpu_memory_beyond(limit))
+        stream = io.StringIO()
+        pretrain(recipe, data, tmp_path / f"{name}.safetensors", Reporter("json", stream), device="cpu")
+        runs[name] = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
+    assert not [e for e in runs["plain"] if e.get("level") == "warning"]
+    assert [e["text"] for e in runs["short"] if e.get("level") == "warning"] == [
+        f"out of GPU memory with {kept} volumes' activations kept at a time: the steps go on with {kept // 2}"
+        for kept in (13, 6, 3)]
+    plain, short = ([e for e in run if e["event"] == "metric"] for run in (runs["plain"], runs["short"]))
+    assert [m["step"] for m in short] == [1, 2]
+    for expected, measured in zip(plain, short):
+        for term in ("loss", "coarse", "middle", "fine", "align_coarse_middle", "align_middle_fine"):
+            assert measured[term] == pytest.approx(expected[term], rel=1e-4, abs=1e-6), (measured["step"], term)
+    monkeypatch.setattr(trainer_module, "build_method", _out_of_gpu_memory_beyond(0))
+    with pytest.raises(UserError, match=r"^out of GPU memory with one MiM volume of 32×32×32 at a time: pre-train "
+                                        r"on fewer crops a step"):
         pretrain(recipe, data, tmp_path / "none.safetensors", Reporter("quiet"), device="cpu")
     assert not (tmp_path / "none.safetensors").exists()
 

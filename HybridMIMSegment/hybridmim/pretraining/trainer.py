@@ -18,6 +18,7 @@ write both, and stop cleanly; ``--resume`` continues.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import platform
@@ -45,10 +46,10 @@ from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_reco
                                  read_schedule, step_generators, warn_if_cases_changed)
 from ..training.schedule import StepPace, shortened_warmup, warmup_cosine
 from ..volumes import PreparedData
-from .cpumemory import fit_cpu_memory
 from .hpm import HPM
 from .hybridmim import HybridMIM
 from .mim import MiM
+from .stepmemory import fit_cpu_memory, mim_step_within_gpu_memory
 
 METHODS = {method.name: method for method in (HybridMIM, MiM, HPM)}
 PACE_STEPS = 10  # steps timed for --max-minutes, after the first (cuDNN autotuning, allocator warm-up)
@@ -203,10 +204,11 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
            reporter: Reporter) -> dict:
     torch.manual_seed(schedule.seed)  # the same initial weights on every rank and every run
     method = build_method(recipe, data.channels).to(dist.device)
+    crops = schedule.volumes_per_step * schedule.crops_per_volume  # of a micro-batch
     if dist.device.type == "cpu":  # the ranks on this machine share its memory
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
         available = available_bytes()
-        fit_cpu_memory(method, recipe["network"], data.channels, schedule.volumes_per_step * schedule.crops_per_volume,
+        fit_cpu_memory(method, recipe["network"], data.channels, crops,
                        None if available is None else available // ranks_here, reporter)
     learnt = [p for p in method.parameters() if p.requires_grad]  # not an EMA teacher's
     optimiser = torch.optim.AdamW(learnt, lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -226,6 +228,13 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     model.train()
 
     redraw = RedrawClock()
+    clear_gradients = functools.partial(optimiser.zero_grad, set_to_none=True)
+
+    def one_step(step: int) -> dict:
+        run = functools.partial(_one_step, model, method, data, schedule, dist, scaler, step)
+        if isinstance(method, MiM) and dist.world == 1:  # several processes would have to retry together
+            return mim_step_within_gpu_memory(run, method, crops, clear_gradients, reporter)
+        return run()
 
     def save(step: int, last: bool) -> None:
         if dist.main:
@@ -238,7 +247,7 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     step = start
     with StopRequest() as stop:
         while step < schedule.steps:
-            terms = _one_step(model, method, data, schedule, dist, scaler, step)
+            terms = one_step(step)
             optimiser_step(optimiser, scheduler, scaler, learnt, schedule.grad_clip)
             step += 1
             if schedule.max_minutes and step <= start + 1 + PACE_STEPS:

@@ -61,9 +61,11 @@ def forward_backward(network, loss_fn, x: torch.Tensor, y: torch.Tensor, group: 
     return total
 
 
-def step_halving_on_gpu_memory(run_step, group: int, window, clear_gradients, reporter: Reporter) -> tuple[float, int]:
+def step_halving_on_gpu_memory(run_step, group: int, clear_gradients, reporter: Reporter, what: str,
+                               refusal: str) -> tuple:
     """``run_step(group)`` and the group it ran with: each time a GPU runs out of memory the gradients are
-    cleared and the step runs again with half the crops at a time (the same crops); with one, a refusal."""
+    cleared and the step runs again with half as many of its ``what`` at a time (the same step); with one, the
+    one-line ``refusal``."""
     while True:
         try:
             return run_step(group), group
@@ -72,8 +74,6 @@ def step_halving_on_gpu_memory(run_step, group: int, window, clear_gradients, re
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if group == 1:
-                raise UserError(f"out of GPU memory with one training crop of {'×'.join(map(str, window))} voxels: "
-                                "train on the CPU (--device cpu) or on smaller crops (train.window in a recipe)"
-                                ) from None
-            reporter.warning(f"out of GPU memory with {group} crops at a time: the steps go on with {group // 2}")
+                raise UserError(refusal) from None
+            reporter.warning(f"out of GPU memory with {group} {what} at a time: the steps go on with {group // 2}")
             group //= 2

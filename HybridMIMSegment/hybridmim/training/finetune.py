@@ -282,6 +282,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
         group = cpu_group(group, start.network, parameters, window, available_bytes(), reporter)
     amp = functools.partial(autocast, device, schedule.amp)
     clear_gradients = functools.partial(optimiser.zero_grad, set_to_none=True)
+    gpu_refusal = (f"out of GPU memory with one training crop of {'×'.join(map(str, window))} voxels: train on "
+                   "the CPU (--device cpu) or on smaller crops (train.window in a recipe)")
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
            "epochs": schedule.epochs, "validation_seconds": 0.0}
     if state is not None:
@@ -330,7 +332,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
             x = torch.stack([s["image"] for s in samples]).float()
             y = torch.stack([s["label"] for s in samples]).long()
             passes = functools.partial(forward_backward, network, loss_fn, x, y, amp=amp, scaler=scaler)
-            loss, group = step_halving_on_gpu_memory(passes, group, window, clear_gradients, reporter)
+            loss, group = step_halving_on_gpu_memory(passes, group, clear_gradients, reporter, "crops",
+                                                     gpu_refusal)
             optimiser_step(optimiser, scheduler, scaler, network.parameters(), schedule.grad_clip)
             run["step"] = step + 1
             run["losses"].append(loss)
