@@ -403,7 +403,8 @@ def test_validation_split_is_seeded_and_disjoint():
 
 def test_with_memory_for_one_crop_the_cpu_takes_the_crops_one_at_a_time_and_with_none_refuses(folders, tmp_path,
                                                                                              monkeypatch, refused):
-    """The memory free is set (the machine's own would fit all): room for 1.5 of the step's 2 crops, then for none."""
+    """The memory free is set (the machine's own would fit all): room for 1.5 of the step's 2 crops, then for none;
+    then a GPU's out-of-memory error on every group (injected) halves it to one crop, then refuses."""
     import hybridmim.memory
     from hybridmim.training import cropgroups
 
@@ -433,6 +434,17 @@ def test_with_memory_for_one_crop_the_cpu_takes_the_crops_one_at_a_time_and_with
             folders["cache"], "-o", tmp_path / "none.safetensors", "--device", "cpu", "--progress", "json",
             message="a training crop of 48×48×48 voxels needs about")
     assert not list(tmp_path.glob("none*"))  # neither model nor resume state
+
+    def out_of_gpu_memory(*args, **kwargs):  # fault injection: no GPU here; halved down to one crop, then refused
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(hybridmim.memory, "available_bytes", lambda: None)
+    monkeypatch.setattr(cropgroups, "forward_backward", out_of_gpu_memory)
+    refused("finetune", "--init", "scratch", "--data", folders["train"], "--recipe", recipe, "--cache",
+            folders["cache"], "-o", tmp_path / "none.safetensors", "--device", "cpu", "--progress", "json",
+            message="out of GPU memory with one training crop of 48×48×48 voxels: train on the CPU (--device cpu) "
+                    "or on smaller crops (train.window in a recipe)")
+    assert not list(tmp_path.glob("none*"))
 
 
 def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
