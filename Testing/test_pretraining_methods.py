@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from conftest import REPO, StopsAt, WarningsKept, data_file, run_cli_here
 from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
+from hybridmim.memory import GIB
 from hybridmim.networks import build_network
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.pretraining.hpm import ranking_loss
 from hybridmim.pretraining.mae import denormalise, hidden_pass, token_losses
 from hybridmim.errors import UserError
 from hybridmim.pretraining import trainer as trainer_module
-from hybridmim.memory import GIB
 from hybridmim.pretraining.stepmemory import KEPT_BYTES, fit_cpu_memory, volumes_per_crop
 from hybridmim.pretraining.run import load_recipe, merge_recipes
 from hybridmim.pretraining.trainer import build_method, pretrain
