@@ -165,6 +165,40 @@ def test_a_second_run_starts_from_the_cached_onnx_export_without_torch(small_ct,
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
 
 
+def test_a_run_that_may_use_a_gpu_imports_torch_while_the_scan_is_read(small_ct, tmp_path, monkeypatch):
+    """Where a GPU driver is present (pretended: this machine has none) the imports a torch network needs start
+    before the scan's read is waited for, and the run (which finds no GPU and runs on the CPU) writes the labels of
+    a plain run; asked for the CPU, or with no driver, the CPU's run imports nothing of torch (the test above)."""
+    from hybridmim import devices, imageio, predict
+    from hybridmim.segment import segment
+
+    segment([str(small_ct)], str(tmp_path / "plain.nii.gz"))
+    order, start, result = [], predict.start_torch_imports, imageio.BackgroundRead.result
+    monkeypatch.setattr(devices, "gpu_driver_present", lambda: True)
+    monkeypatch.setattr(predict, "start_torch_imports", lambda: (order.append("imports"), start())[1])
+    monkeypatch.setattr(imageio.BackgroundRead, "result",
+                        lambda read, warn: (order.append("read"), result(read, warn))[1])
+    segment([str(small_ct)], str(tmp_path / "gpu.nii.gz"))
+    assert order == ["imports", "read"]
+    plain, gpu = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{run}.nii.gz"))) for run in ("plain", "gpu"))
+    assert np.array_equal(plain, gpu) and plain.any()
+    order.clear()
+    segment([str(small_ct)], str(tmp_path / "cpu.nii.gz"), device="cpu")
+    assert order == ["read"]
+    assert not devices.gpu_may_run("cpu") and devices.gpu_may_run("cuda")
+
+
+def test_the_torch_imports_of_a_fresh_process_are_made_on_their_thread():
+    code = ("import sys\n"
+            "from hybridmim.devices import start_torch_imports\n"
+            "assert 'torch' not in sys.modules\n"
+            "start_torch_imports().join()\n"
+            "print(*(name in sys.modules for name in ('torch', 'monai', 'hybridmim.networks')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                          cwd=REPO / "HybridMIMSegment", timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["True"] * 3 and not done.stderr, done.stderr
+
+
 def test_a_stop_signal_after_networks_come_and_go_is_handled(tmp_path):
     """OpenVINO's CPU plugin swaps the thread's alternate signal stack per Core; networks freed in the
     order they were made once left a freed stack in place, and the next signal (a Stop's SIGTERM, Ctrl-C)

@@ -198,8 +198,7 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
 
 class BackgroundRead:
     """Input channels read on a thread; SimpleITK releases the GIL, so the read overlaps what the
-    caller does meanwhile (importing torch and loading the network: 0.7 s less before the first
-    window of a 512 x 512 x 400 CT on 2 cores)."""
+    caller does meanwhile (the engine's imports, ``devices.start_torch_imports``)."""
 
     def __init__(self, paths):
         self.paths = list(paths)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .devices import resolve_device
+from .devices import gpu_may_run, resolve_device, start_torch_imports
 from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, openvino_runs_here
 from .progress import Reporter
 from .uncertainty import unsure_voxels
@@ -68,6 +68,8 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
     """
     from .modelgrid import prepare
 
+    if not onnx or gpu_may_run(device):  # a torch network: its imports overlap the read
+        start_torch_imports()
     channels = checked_inputs(reading.result(reporter.warning), reading.paths, meta, reporter.warning)
     device = resolve_device(device, reporter)  # after the scan's checks: a bad scan gets one line and no more
     network = load_network(checkpoint, meta, device, reporter, onnx)
