@@ -168,7 +168,8 @@ def test_a_second_run_starts_from_the_cached_onnx_export_without_torch(small_ct,
 def test_a_run_that_may_use_a_gpu_imports_torch_while_the_scan_is_read(small_ct, tmp_path, monkeypatch):
     """Where a GPU driver is present (pretended: this machine has none) the imports a torch network needs start
     before the scan's read is waited for, and the run (which finds no GPU and runs on the CPU) writes the labels of
-    a plain run; asked for the CPU, or with no driver, the CPU's run imports nothing of torch (the test above)."""
+    a plain run; asked for the CPU, with the export cached, nothing of torch is imported (the test above for no
+    driver); a model's first CPU run, which exports it, imports torch during the read too."""
     from hybridmim import devices, imageio, predict
     from hybridmim.segment import segment
 
@@ -184,8 +185,12 @@ def test_a_run_that_may_use_a_gpu_imports_torch_while_the_scan_is_read(small_ct,
     assert np.array_equal(plain, gpu) and plain.any()
     order.clear()
     segment([str(small_ct)], str(tmp_path / "cpu.nii.gz"), device="cpu")
-    assert order == ["read"]
+    assert order == ["read"]  # with the export cached by the first run
     assert not devices.gpu_may_run("cpu") and devices.gpu_may_run("cuda")
+    order.clear()
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "empty-cache"))  # a model's first CPU run: torch exports it
+    segment([str(small_ct)], str(tmp_path / "first.nii.gz"), device="cpu")
+    assert order == ["imports", "read"]
 
 
 def test_the_torch_imports_of_a_fresh_process_are_made_on_their_thread():

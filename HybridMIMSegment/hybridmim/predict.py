@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .devices import gpu_may_run, resolve_device, start_torch_imports
-from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, openvino_runs_here
+from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, onnx_path, openvino_runs_here
 from .progress import Reporter
 from .uncertainty import unsure_voxels
 
@@ -59,6 +59,12 @@ def read_inputs(paths, meta, warn, series: str | None = None) -> list:
     return checked_inputs(read_channels(paths, warn, series), paths, meta, warn)
 
 
+def _builds_torch_network(checkpoint, device: str, onnx: bool) -> bool:
+    """Whether ``load_network`` will build the torch network: without the export, on a GPU, or on a model's first
+    CPU run, which makes the export from it."""
+    return not onnx or gpu_may_run(device) or not onnx_path(Path(checkpoint)).is_file()
+
+
 def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter, windows=None, onnx: bool = True):
     """The run-time start of ``segment`` and ``reconstruct``: the input images from ``reading``
     (``imageio.start_reading``), the device and the network (``onnx``: see
@@ -68,7 +74,7 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
     """
     from .modelgrid import prepare
 
-    if not onnx or gpu_may_run(device):  # a torch network: its imports overlap the read
+    if _builds_torch_network(checkpoint, device, onnx):  # its imports overlap the read
         start_torch_imports()
     channels = checked_inputs(reading.result(reporter.warning), reading.paths, meta, reporter.warning)
     device = resolve_device(device, reporter)  # after the scan's checks: a bad scan gets one line and no more
