@@ -26,7 +26,7 @@ from hybridmim.pretraining.hpm import ranking_loss
 from hybridmim.pretraining.mae import denormalise, hidden_pass, token_losses
 from hybridmim.errors import UserError
 from hybridmim.pretraining import trainer as trainer_module
-from hybridmim.pretraining.stepmemory import KEPT_BYTES, fit_cpu_memory, volumes_per_crop
+from hybridmim.pretraining.stepmemory import KEPT_BYTES, fit_cpu_memory, mim_step_within_gpu_memory, volumes_per_crop
 from hybridmim.pretraining.run import load_recipe, merge_recipes
 from hybridmim.pretraining.trainer import build_method, pretrain
 from hybridmim.progress import Reporter, parse_event
@@ -322,6 +322,16 @@ def test_a_mim_step_out_of_gpu_memory_runs_again_keeping_fewer_volumes(prepared,
                                         r"on fewer crops a step"):
         pretrain(recipe, data, tmp_path / "none.safetensors", Reporter("quiet"), device="cpu")
     assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_a_mim_step_that_fits_the_gpu_keeps_the_recipes_recompute():
+    """Not 0 (all activations kept) for a recompute larger than the step's 13 volumes: each level then is one chunk
+    recomputed, the least memory."""
+    seen = []
+    for recompute in (0, 3, 50):
+        method = build_method(merge_recipes(tiny_recipe("mim"), {"mim": {"recompute": recompute}}), 1)
+        mim_step_within_gpu_memory(lambda: seen.append(method.recompute), method, 1, lambda: None, Reporter("quiet"))
+    assert seen == [0, 3, 50]
 
 
 def test_hybridmim_s_unet_is_judged_by_the_block_it_decodes():

@@ -83,14 +83,15 @@ def mim_step_within_gpu_memory(run_step, method: MiM, crops: int, clear_gradient
     """``run_step()``'s result; each time the GPU runs out of memory the same step runs again with the activations
     of half as many volumes kept at a time (recomputed in the backward pass: the same loss). ``method.recompute``
     keeps the number for the steps after."""
-    volumes = crops * volumes_per_crop(method)
+    first = method.recompute or crops * volumes_per_crop(method)
 
     def keeping(kept: int):
-        method.recompute = 0 if kept >= volumes else kept
+        if kept != first:  # the first try as set: a recipe's recompute of more than the volumes is not 0 (all kept)
+            method.recompute = kept
         return run_step()
 
     size = "×".join(map(str, (method.window_size,) * 3))
     refusal = (f"out of GPU memory with one MiM volume of {size} at a time: pre-train on fewer crops a step "
                "(train.volumes_per_step, train.crops_per_volume in a recipe) or on the CPU (--device cpu)")
-    return step_halving_on_gpu_memory(keeping, method.recompute or volumes, clear_gradients, reporter,
-                                      "volumes' activations kept", refusal)[0]
+    return step_halving_on_gpu_memory(keeping, first, clear_gradients, reporter, "volumes' activations kept",
+                                      refusal)[0]
