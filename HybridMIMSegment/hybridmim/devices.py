@@ -61,7 +61,7 @@ def resolve_device(requested: str, reporter: Reporter) -> str:
         raise UserError(f"unknown device {requested!r} (use auto, cpu or cuda)")
     if requested == "cpu":
         return "cpu"
-    if gpu_driver_present():
+    if gpu_may_run(requested):
         import torch
 
         if torch.cuda.is_available():
