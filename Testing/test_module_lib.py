@@ -22,8 +22,9 @@ import psutil
 import pytest
 import SimpleITK as sitk
 from hybridmim.errors import UserError
+from hybridmim.progress import parse_event
 
-from conftest import MODELS, REPO, data_file
+from conftest import MODELS, REPO, data_file, run_cli_here
 
 sys.path.insert(0, str(REPO / "HybridMIMSegment"))
 from hybridmim.runfiles import state_path  # noqa: E402
@@ -533,8 +534,11 @@ def test_the_panels_pretraining_runs_stops_resumes_and_its_model_reconstructs(sc
     assert last_stopped_run(models_folder(tmp_path / "user"), "pretrain") is None
     choice = UserModels(tmp_path / "user-models.json").add(output)
     assert choice.task == "reconstruction" and choice.channels == ("CT",)
-    shown = run_to_end(reconstruct_command([str(small_ct)], str(tmp_path / "recon"), choice.spec, device="cpu"))
-    assert shown.succeeded and os.path.isfile(shown.outputs["reconstruction"]), shown.log
+    # in this process: the engine's own process runs a reconstruction in test_a_reconstruct_command_runs_for_real
+    shown = run_cli_here(*reconstruct_command([str(small_ct)], str(tmp_path / "recon"), choice.spec, device="cpu"),
+                         "--progress", "json", check_rc=0)
+    done = [e for e in map(parse_event, shown.stdout.splitlines()) if e and e["event"] == "done"]
+    assert os.path.isfile(done[0]["outputs"]["reconstruction"]), shown.stdout
 
 
 def _stopped_run(user, prefix, kind="pretrain", state=True, exports=True):
