@@ -42,7 +42,7 @@ TINY = {
     "labels": [{"value": 1, "name": "soft-tissue sarcoma", "color": [230, 60, 60]}],
     "train": {"epochs": 4, "steps_per_epoch": 10, "volumes_per_step": 2, "crops_per_volume": 1, "lr": 3e-3,
               "warmup_steps": 5, "patience": 0, "amp": "none", "half_precision": False,
-              "window": [32, 32, 32]},  # 32³ training crops: the short fine-tune takes 20 s, not 30 s, Dice rising alike
+              "window": [32, 32, 32]},  # 32³ crops: the short fine-tune takes 20 s, not 30 s, Dice rising alike
 }
 
 
