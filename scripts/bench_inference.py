@@ -182,6 +182,7 @@ def main() -> None:
     model = args.model or load_catalog().default_model
     meta = read_metadata(resolve_model(model, Reporter("quiet")))
     results = {"model": model, "device": args.device, "cases": {}}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         cache = folder / "cache"  # a fresh cache: the first CPU run with the model exports it (hybridmim/onnxnet.py)
@@ -204,8 +205,8 @@ def main() -> None:
             print(f"{name}: ours {runs['ours']['wall_s']} s / {runs['ours']['peak_rss_bytes'] / 2**30:.2f} GiB, "
                   f"MONAI {runs['monai']['wall_s']} s / {runs['monai']['peak_rss_bytes'] / 2**30:.2f} GiB, "
                   f"Dice min {case['agreement'].get('dice_min')}", flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+            # after every case: a run cut short by a time limit (a lent GPU's call) keeps the cases it measured
+            args.output.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
