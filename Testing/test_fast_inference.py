@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 
@@ -191,6 +192,44 @@ def test_a_run_that_may_use_a_gpu_imports_torch_while_the_scan_is_read(small_ct,
     monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "empty-cache"))  # a model's first CPU run: torch exports it
     segment([str(small_ct)], str(tmp_path / "first.nii.gz"), device="cpu")
     assert order == ["imports", "read"]
+
+
+def test_a_cpu_run_compiles_the_cached_export_on_its_thread_while_the_scan_is_read(small_ct, tmp_path, monkeypatch):
+    """With the export cached, a CPU run starts compiling it before it waits for the scan's read, on a thread of
+    its own, and segments with that network: the labels of a run that compiled it after the read."""
+    import threading
+
+    from hybridmim import imageio, predict
+    from hybridmim.segment import segment
+
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    segment([str(small_ct)], str(tmp_path / "exported.nii.gz"), device="cpu")  # the model's first run exports it
+    order, compile_export, result = [], onnxnet._session, imageio.BackgroundRead.result
+    monkeypatch.setattr(onnxnet, "_session", lambda path, meta: (order.append(threading.current_thread().name),
+                                                                 compile_export(path, meta))[1])
+    monkeypatch.setattr(imageio.BackgroundRead, "result",
+                        lambda read, warn: (order.append("read"), result(read, warn))[1])
+    segment([str(small_ct)], str(tmp_path / "compiled.nii.gz"), device="cpu")
+    assert order == ["openvino-compile", "read"] and not onnxnet._compiling
+    first, then = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{run}.nii.gz")))
+                   for run in ("exported", "compiled"))
+    assert np.array_equal(first, then) and first.any()
+
+
+def test_a_segment_run_whose_export_its_thread_compiled_is_interrupted_cleanly(tmp_path, monkeypatch):
+    """OpenVINO's CPU plugin swaps the alternate signal stack of the thread that makes its Core (see the test
+    below), here the compiling thread: Ctrl-C during the windows still ends the run with its one line and code 130,
+    and writes nothing."""
+    from conftest import run_cli_here, signalled_run
+
+    monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
+    ct = data_file("abdomen_ct/ct_b.nii.gz")
+    run_cli_here("segment", ct, "-o", tmp_path / "exported.nii.gz", "--device", "cpu", check_rc=0)
+    output = tmp_path / "interrupted.nii.gz"
+    process, before, after = signalled_run(["segment", ct, "-o", output, "--device", "cpu", "--progress", "json"],
+                                           lambda e: e["event"] == "progress", signal.SIGINT)
+    assert process.returncode == 130, process.stderr.read()[-2000:]
+    assert [e["message"] for e in after if e["event"] == "error"] == ["interrupted"] and not output.exists()
 
 
 def test_the_torch_imports_of_a_fresh_process_are_made_on_their_thread():

@@ -10,7 +10,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .devices import gpu_may_run, resolve_device, start_torch_imports
-from .onnxnet import OnnxNetwork, cached_onnx_network, export_onnx_network, onnx_path, openvino_runs_here
+from .onnxnet import (OnnxNetwork, cached_onnx_network, export_onnx_network, onnx_path, openvino_runs_here,
+                      start_compiling_cached_export)
 from .progress import Reporter
 from .uncertainty import unsure_voxels
 
@@ -76,6 +77,8 @@ def load_and_prepare(reading, checkpoint, meta, device: str, reporter: Reporter,
 
     if _builds_torch_network(checkpoint, device, onnx):  # its imports overlap the read
         start_torch_imports()
+    else:  # the CPU with the export cached: compiled while the scan is read
+        start_compiling_cached_export(Path(checkpoint), meta)
     channels = checked_inputs(reading.result(reporter.warning), reading.paths, meta, reporter.warning)
     device = resolve_device(device, reporter)  # after the scan's checks: a bad scan gets one line and no more
     network = load_network(checkpoint, meta, device, reporter, onnx)
