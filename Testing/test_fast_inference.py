@@ -199,7 +199,7 @@ def test_a_cpu_run_compiles_the_cached_export_on_its_thread_while_the_scan_is_re
     its own, and segments with that network: the labels of a run that compiled it after the read."""
     import threading
 
-    from hybridmim import imageio, predict
+    from hybridmim import imageio
     from hybridmim.segment import segment
 
     monkeypatch.setenv("HYBRIDMIM_CACHE", str(tmp_path / "cache"))
