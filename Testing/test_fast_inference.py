@@ -226,8 +226,8 @@ def test_a_segment_run_whose_export_its_thread_compiled_is_interrupted_cleanly(t
     ct = data_file("abdomen_ct/ct_b.nii.gz")
     run_cli_here("segment", ct, "-o", tmp_path / "exported.nii.gz", "--device", "cpu", check_rc=0)
     output = tmp_path / "interrupted.nii.gz"
-    process, before, after = signalled_run(["segment", ct, "-o", output, "--device", "cpu", "--progress", "json"],
-                                           lambda e: e["event"] == "progress", signal.SIGINT)
+    process, _, after = signalled_run(["segment", ct, "-o", output, "--device", "cpu", "--progress", "json"],
+                                      lambda e: e["event"] == "progress", signal.SIGINT)
     assert process.returncode == 130, process.stderr.read()[-2000:]
     assert [e["message"] for e in after if e["event"] == "error"] == ["interrupted"] and not output.exists()
 

@@ -139,8 +139,9 @@ def start_compiling_cached_export(checkpoint: Path, meta) -> None:
 
 
 def cached_onnx_network(checkpoint: Path, meta, reporter: Reporter) -> OnnxNetwork | None:
-    """The cached export of ``checkpoint`` (metadata ``meta``) compiled by OpenVINO, or None
-    where there is none (an unreadable one is said and left to be replaced)."""
+    """The cached export of ``checkpoint`` (metadata ``meta``) compiled by OpenVINO (by the thread that
+    ``start_compiling_cached_export`` started, where it did), or None where there is none (an unreadable one is
+    said and left to be replaced)."""
     path = onnx_path(Path(checkpoint))
     started = _compiling.pop(path, None)
     if started is None and not path.is_file():
