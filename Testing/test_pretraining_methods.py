@@ -333,6 +333,18 @@ def test_a_mim_step_that_fits_the_gpu_keeps_the_recipes_recompute():
         mim_step_within_gpu_memory(lambda: seen.append(method.recompute), method, 1, lambda: None, Reporter("quiet"))
     assert seen == [0, 3, 50]
 
+    # where that runs out, the halving starts from the step's 13 volumes, not from 50 (25 would be one chunk again)
+    def out_of_memory_once():
+        if not seen:
+            seen.append(method.recompute)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seen.append(method.recompute)
+
+    seen, reporter = [], WarningsKept()
+    mim_step_within_gpu_memory(out_of_memory_once, method, 1, lambda: None, reporter)
+    assert seen == [50, 6] and reporter.warnings == [
+        "out of GPU memory with 13 volumes' activations kept at a time: the steps go on with 6"]
+
 
 def test_hybridmim_s_unet_is_judged_by_the_block_it_decodes():
     """The packaged HybridMIM U-Net step (2 crops of 96³, decoding a 64³ block) measured 3.5 GiB on top of what the

@@ -83,7 +83,9 @@ def mim_step_within_gpu_memory(run_step, method: MiM, crops: int, clear_gradient
     """``run_step()``'s result; each time the GPU runs out of memory the same step runs again with the activations
     of half as many volumes kept at a time (recomputed in the backward pass: the same loss). ``method.recompute``
     keeps the number for the steps after."""
-    first = method.recompute or crops * volumes_per_crop(method)
+    volumes = crops * volumes_per_crop(method)
+    # halved from the step's volumes at most: a recompute above them holds them all in one chunk, as their number does
+    first = min(method.recompute, volumes) if method.recompute else volumes
 
     def keeping(kept: int):
         if kept != first:  # the first try as set: a recipe's recompute of more than the volumes is not 0 (all kept)
