@@ -4,5 +4,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$REPO_ROOT"
 # Two worker processes, a test file each at a time (its module fixtures made once), one thread each
 # (Testing/conftest.py): much of the suite is one-threaded (engine processes' imports, tiny recipes), so
-# this takes less than half the time of one process. Pass -n 0 to run in this process (a debugger).
+# this takes 70 % of one process's time (295 s against 417 s on 2 cores). -n 0 runs in this process.
 exec python -m pytest -n 2 --dist loadfile "$@"
