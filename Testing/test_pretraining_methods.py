@@ -335,10 +335,9 @@ def test_a_mim_step_that_fits_the_gpu_keeps_the_recipes_recompute():
 
     # where that runs out, the halving starts from the step's 13 volumes, not from 50 (25 would be one chunk again)
     def out_of_memory_once():
-        if not seen:
-            seen.append(method.recompute)
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         seen.append(method.recompute)
+        if len(seen) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     seen, reporter = [], WarningsKept()
     mim_step_within_gpu_memory(out_of_memory_once, method, 1, lambda: None, reporter)

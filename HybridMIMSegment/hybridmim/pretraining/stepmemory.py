@@ -85,7 +85,7 @@ def mim_step_within_gpu_memory(run_step, method: MiM, crops: int, clear_gradient
     keeps the number for the steps after."""
     volumes = crops * volumes_per_crop(method)
     # halved from the step's volumes at most: a recompute above them holds them all in one chunk, as their number does
-    first = min(method.recompute, volumes) if method.recompute else volumes
+    first = min(method.recompute or volumes, volumes)
 
     def keeping(kept: int):
         if kept != first:  # the first try as set: a recipe's recompute of more than the volumes is not 0 (all kept)
