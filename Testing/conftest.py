@@ -185,7 +185,11 @@ def warnings_of(result: subprocess.CompletedProcess) -> list[str]:
     """The warning messages of a ``--progress json`` run."""
     from hybridmim.progress import parse_event
 
-    events = [parse_event(line) for line in result.stdout.splitlines()]
+    return warning_texts(parse_event(line) for line in result.stdout.splitlines())
+
+
+def warning_texts(events) -> list[str]:
+    """The warning messages among progress ``events`` (parsed lines; None for a line that is no event)."""
     return [e["text"] for e in events if e and e["event"] == "message" and e["level"] == "warning"]
 
 

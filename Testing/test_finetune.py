@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, record_curve_drawings,
-                      run_cli_here, signalled_run, stop_while_preparing, warnings_of)
+                      run_cli_here, signalled_run, stop_while_preparing, warning_texts, warnings_of)
 from test_convert import _RunsCode
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
@@ -90,17 +90,25 @@ def test_a_short_finetune_raises_validation_dice(folders, tmp_path, monkeypatch)
     assert meta.provenance["epoch"] == outputs["best_epoch"] and meta.method == "supervised from scratch"
     assert sorted(d["name"] for d in meta.provenance["train_data"]) == ["STS_001", "STS_002", "STS_003", "STS_004"]
     assert output.with_name("sarcoma.curve.png").stat().st_size > 10_000
+    assert warning_texts(events) == []
 
-    # Refined on the same labels, it starts where it ended: its output layer is kept, not drawn anew.
+    # Refined on the same labels, it starts where it ended: its output layer is kept, not drawn anew. At a learning
+    # rate far too high, its one epoch scores below that start, and the run says the model it started from is better.
     stream = io.StringIO()
+    reckless = tmp_path / "reckless.json"
+    reckless.write_text(json.dumps({**TINY, "train": {**TINY["train"], "lr": 1.0, "warmup_steps": 0}}), "utf-8")
     run_finetune(str(output), [str(folders["train"])], str(tmp_path / "refined.safetensors"), Reporter("json", stream),
-                 val_paths=[str(folders["val"])], recipe_file=str(folders["recipe"]), cache=str(folders["cache"]),
+                 val_paths=[str(folders["val"])], recipe_file=str(reckless), cache=str(folders["cache"]),
                  device="cpu", epochs=1)
     events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
     assert any(e["event"] == "message" and e["text"].endswith("tensors transferred, the output layer kept too: the "
                                                               "same labels") for e in events)
-    first = next(e for e in events if e["event"] == "metric")
+    first, refined = [e for e in events if e["event"] == "metric"]
     assert first["epoch"] == 0 and first["dice"] == pytest.approx(best, abs=0.01)
+    assert refined["dice"] < first["dice"] - 0.1
+    assert warning_texts(events) == [
+        f"the model the run started from scored a higher validation Dice ({first['dice']:.3f}) than any epoch of the "
+        f"run (best {refined['dice']:.3f}, epoch 1): on these cases it is the better model"]
 
     # The model it wrote is a working segmentation model.
     seg = tmp_path / "sts036.nii.gz"

@@ -369,8 +369,20 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     elif early:
         reporter.info(f"no better validation Dice for {schedule.patience} epochs: stopped at epoch "
                       f"{run['step'] // schedule.steps_per_epoch}, best epoch {run['best_epoch']}")
+    if saved and not stopped:
+        _warn_if_the_start_was_better(run, reporter)
     reporter.done(outputs)
     return outputs
+
+
+def _warn_if_the_start_was_better(run: dict, reporter: Reporter) -> None:
+    """A finished run whose best epoch scored below the model it started from, on the same validation cases (the
+    validation before the first step), says so: its model is the worse of the two there."""
+    start = next((h["dice"] for h in run["history"] if h["epoch"] == 0), None)
+    if start is not None and run["best"] < start:
+        reporter.warning(f"the model the run started from scored a higher validation Dice ({start:.3f}) than any "
+                         f"epoch of the run (best {run['best']:.3f}, epoch {run['best_epoch']}): on these cases it "
+                         "is the better model")
 
 
 def _fit_to_time_limit(recipe: dict, schedule: FinetuneSchedule, run: dict, spent: float, pace: StepPace,
