@@ -28,8 +28,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Workers (scripts/test.sh) share the cores: as many threads each as leave none oversubscribed, for the engine
     # processes they start too. With two threads each on two cores the suite took 444-522 s instead of 295 s (one
     # process: 417 s), and a timed tiny step once took so long that one step of 1000 fitted in a 15-s limit.
-    os.environ["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    _worker_threads = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_worker_threads)
+    torch.set_num_threads(_worker_threads)
 THREADS = torch.get_num_threads()
 
 
