@@ -262,6 +262,8 @@ def test_extra_channel_on_another_grid_is_resampled_with_warning(tmp_path):
     (lambda p: p, "no such file"),
     (lambda p: (p.write_bytes(b""), p)[1], "empty file"),
     (lambda p: (p.write_text("not an image", encoding="utf-8"), p)[1], "not a readable image"),
+    (lambda p: (p.write_text("hi\n", encoding="utf-8"), p)[1], "not a readable image"),
+    (lambda p: (p.write_bytes(gzip.compress(b"hi")), p)[1], "not a readable image"),
 ])
 def test_unreadable_inputs_raise_user_errors(tmp_path, make, message):
     path = make(tmp_path / "input.nii.gz")

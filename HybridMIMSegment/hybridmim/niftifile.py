@@ -42,6 +42,8 @@ class _Header:
 
 def _header(raw: bytes) -> _Header | None:
     """A NIfTI-1 or NIfTI-2 header's layout of the voxels, or None if ``raw`` does not start one."""
+    if len(raw) < 4:  # a file of a few bytes: ITK's read then says it is no image
+        return None
     for order in "<>":
         size = struct.unpack(order + "i", raw[:4])[0]
         if size == 348 and len(raw) >= 348:
