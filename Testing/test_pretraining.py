@@ -25,7 +25,7 @@ from hybridmim.errors import UserError
 from hybridmim.preprocessing import Preprocessing
 from hybridmim.progress import Reporter, parse_event
 from hybridmim.volumes import find_cases, load_prepared, prepare_cases
-from hybridmim.pretraining.run import load_recipe, run_pretrain
+from hybridmim.pretraining.run import load_recipe, merge_recipes, run_pretrain
 from hybridmim.pretraining.trainer import _Distributed, build_method, pretrain
 from hybridmim.training import runstate
 from hybridmim.runfiles import state_path
@@ -524,6 +524,19 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
             message="recipe 'hybridmim': unknown settings ['mask_ration']")
     refused("--data", prepared, "--recipe", recipe_file, "--max-minutes", "0", "-o", tmp_path / "m.safetensors",
             message="the time limit must be a positive number of minutes, got 0.0")
+    refused("--data", prepared, "--recipe", recipe_file, "--steps", "0", "-o", tmp_path / "m.safetensors",
+            message="recipe 'train.steps' must be ≥ 1, got 0")
+    for changes, message in [({"train": {"steps": 2.5}}, "recipe 'train.steps' must be a whole number, got 2.5"),
+                             ({"train": {"lr": "fast"}}, "recipe 'train.lr' must be a finite number, got \"fast\""),
+                             ({"train": {"grad_clip": True}}, "recipe 'train.grad_clip' must be a finite number or "
+                                                              "null, got true"),
+                             ({"hybridmim": {"mask_ratio": "0.4"}},
+                              "recipe 'hybridmim.mask_ratio' must be a finite number, got \"0.4\""),
+                             ({"hybridmim": {"mask_ratio": 1.5}},  # else refused at the first step, a traceback
+                              "recipe 'hybridmim': mask_ratio must be in [0, 1), got 1.5")]:
+        (tmp_path / "hand.json").write_text(json.dumps(merge_recipes(TINY_RECIPE, changes)))
+        refused("--data", prepared, "--recipe", tmp_path / "hand.json", "-o", tmp_path / "m.safetensors",
+                message=message)
     for content in (b"not a torch file", b""):  # an empty one: a disk that filled up while it was written
         state_path(tmp_path / "broken.safetensors").write_bytes(content)
         refused("--data", prepared, "-o", tmp_path / "broken.safetensors", "--resume",

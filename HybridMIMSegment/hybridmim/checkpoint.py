@@ -98,9 +98,7 @@ class ModelMeta:
         try:
             network = dict(d["network"])
             channels = list(d["channels"])
-            inference = d["inference"]
-            roi_size = tuple(int(v) for v in inference["roi_size"])
-            overlap = float(inference.get("overlap", 0.5))
+            inference = dict(d["inference"])
             labels = parse_labels(d["labels"], f"{source} labels") if task == "segmentation" else []
             regions = parse_regions(d.get("regions", []), labels, f"{source} regions")
             preprocessing = Preprocessing.from_dict(d["preprocessing"])
@@ -117,11 +115,26 @@ class ModelMeta:
             what = (f"{len(labels)} labels + background" if task == "segmentation"
                     else f"{len(channels)} reconstructed channel(s)")
             raise UserError(f"{source}: network has {network.get('out_channels')} outputs for {what}")
-        if len(roi_size) != 3 or min(roi_size) < 1 or not 0 <= overlap < 1:
-            raise UserError(f"{source}: bad inference settings {inference}")
+        roi_size, overlap = inference_settings(inference, source)
         return cls(network, channels, preprocessing, roi_size, overlap, labels, str(d.get("method", "unknown")),
                    task, pretraining, str(d.get("title", "")), str(d.get("description", "")),
                    dict(d.get("provenance") or {}), dict(d.get("metrics") or {}), regions)
+
+
+def inference_settings(settings: dict, source: str) -> tuple[tuple[int, int, int], float]:
+    """(window size, overlap) of ``settings``' ``roi_size`` and ``overlap`` (default 0.5), refused where the sliding
+    window cannot use them (an overlap of 1 or more would step by a voxel: millions of windows)."""
+    def number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    roi_size, overlap = settings.get("roi_size"), settings.get("overlap", 0.5)
+    sizes = roi_size if isinstance(roi_size, list | tuple) else []
+    if not (len(sizes) == 3 and all(number(v) and float(v).is_integer() and v >= 1 for v in sizes)
+            and number(overlap) and 0 <= overlap < 1):
+        raise UserError(f"{source}: bad inference settings (roi_size {json.dumps(roi_size, default=str)}, overlap "
+                        f"{json.dumps(overlap, default=str)}): give a window of three whole numbers ≥ 1 and an "
+                        "overlap in [0, 1)")
+    return tuple(int(v) for v in sizes), float(overlap)
 
 
 def _open_header(path: Path) -> dict[str, str]:

@@ -18,10 +18,14 @@ import torch
 import torch.nn.functional as F
 
 
+def check_mask_ratio(ratio: float, name: str = "mask ratio") -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+
+
 def masked_count(patches: int, ratio: float) -> int:
     """How many of ``patches`` a ``ratio`` masks (rounded up: 40% of 216 is 87, as in HybridMIM)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    check_mask_ratio(ratio)
     return min(patches, math.ceil(round(ratio * patches, 6)))
 
 

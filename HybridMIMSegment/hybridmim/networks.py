@@ -13,6 +13,7 @@ SelfMedHPM hide whole tokens from it, as MAE does.
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 
 import torch
@@ -239,6 +240,12 @@ class HybridUNet(UNet):
 ARCHITECTURES = {"unet": UNet, "swinunetr": SwinUNETRBackbone, "hybrid": HybridUNet}
 
 
+def check_network_spec(spec: dict) -> None:
+    """Refuse a bad network description before anything slow is done: it is built without memory (meta device)."""
+    with torch.device("meta"):
+        build_network(spec)
+
+
 def build_network(spec: dict) -> nn.Module:
     """A network from its checkpoint description ``{"name", "in_channels", "out_channels", ...}``."""
     spec = dict(spec)
@@ -251,4 +258,7 @@ def build_network(spec: dict) -> nn.Module:
     missing = {"in_channels", "out_channels"} - set(spec)
     if unknown or missing:
         raise UserError(f"network {name!r}: unknown parameters {sorted(unknown)}, missing {sorted(missing)}")
-    return cls(**spec)
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind: features "big", or ["32", "a"]
+        raise UserError(f"network {name!r}: bad settings {json.dumps(spec, default=str)} ({exc})") from None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..masking import hard_patch_mask, masked_count, patch_means
+from ..masking import check_mask_ratio, hard_patch_mask, masked_count, patch_means
 from .mae import check_token_network, complete_tokens, hidden_pass, masked_token_mean, mlp, token_losses
 
 
@@ -51,6 +51,7 @@ class HPM(nn.Module):
         check_token_network(network, patch_size, "SelfMedHPM")
         if crop_size % patch_size:
             raise UserError(f"SelfMedHPM: crop_size {crop_size} must be a whole number of {patch_size}-voxel patches")
+        check_mask_ratio(mask_ratio, "mask_ratio")
         if not 0.0 <= hard_share <= 1.0 or not 0.0 < ema_ramp <= 1.0:
             raise UserError(f"SelfMedHPM: hard_share must be in [0, 1] and ema_ramp in (0, 1], "
                             f"got {hard_share} and {ema_ramp}")

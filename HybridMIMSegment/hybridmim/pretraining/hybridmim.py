@@ -30,7 +30,8 @@ from monai.losses import ContrastiveLoss
 from torch import nn
 
 from ..errors import UserError
-from ..masking import complete_regions, expand_patch_mask, patch_means, random_patch_mask, region_labels
+from ..masking import (check_mask_ratio, complete_regions, expand_patch_mask, patch_means, random_patch_mask,
+                       region_labels)
 from ..networks import crop_to_box
 
 REGIONS_PER_AXIS = 3  # 27 region tokens per crop
@@ -55,6 +56,7 @@ class HybridMIM(nn.Module):
         if region_size % network.bottleneck_stride:
             raise UserError(f"patch size {patch_size}: a region ({region_size} voxels) must be a whole number of "
                             f"bottleneck cells ({network.bottleneck_stride} voxels)")
+        check_mask_ratio(mask_ratio, "mask_ratio")
         if decoder_regions not in (2, 3):
             raise UserError(f"decoder_regions must be 2 (partial) or 3 (full volume), got {decoder_regions}")
         unknown = set(loss_weights or {}) - set(LOSS_TERMS)

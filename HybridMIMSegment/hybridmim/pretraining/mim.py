@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..masking import masked_count, octant_token_mask, patch_cubes, patch_means, patchify, random_patch_mask
+from ..masking import (check_mask_ratio, masked_count, octant_token_mask, patch_cubes, patch_means, patchify,
+                       random_patch_mask)
 from .mae import check_token_network, complete_tokens, hidden_pass, masked_token_mean, mlp, token_losses
 
 LEVELS = ("coarse", "middle", "fine")
@@ -69,6 +70,8 @@ class MiM(nn.Module):
         unknown = set(loss_weights or {}) - set(OFFICIAL_LOSS_WEIGHTS)
         if unknown:
             raise UserError(f"unknown MiM loss terms {sorted(unknown)} (known: {', '.join(OFFICIAL_LOSS_WEIGHTS)})")
+        for name, ratio in (("octant_ratio", octant_ratio), ("middle_ratio", middle_ratio), ("fine_ratio", fine_ratio)):
+            check_mask_ratio(ratio, name)
         self.grid = volume_size // patch_size
         if not 1 <= fine_per_volume <= masked_count(self.grid ** 3, middle_ratio):
             raise UserError(f"MiM: fine_per_volume must be between 1 and the middle level's hidden tokens "

@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 import torch
@@ -42,8 +43,9 @@ from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
-from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_record, check_time_limit, optimiser_step,
-                                 read_schedule, step_generators, warn_if_cases_changed)
+from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_record, check_setting_type,
+                                 check_time_limit, optimiser_step, read_schedule, step_generators,
+                                 warn_if_cases_changed)
 from ..training.schedule import StepPace, shortened_warmup, warmup_cosine
 from ..volumes import PreparedData
 from .hpm import HPM
@@ -86,8 +88,15 @@ def build_method(recipe: dict, channels: int) -> torch.nn.Module:
     unknown = set(settings) - set(inspect.signature(METHODS[name].__init__).parameters) - {"self", "network"}
     if unknown:
         raise UserError(f"recipe {name!r}: unknown settings {sorted(unknown)}")
+    hints = get_type_hints(METHODS[name].__init__)
+    for key, value in settings.items():
+        if key in hints:
+            check_setting_type(f"{name}.{key}", value, hints[key])
     network = build_network({**recipe["network"], "in_channels": channels, "out_channels": channels})
-    return METHODS[name](network, **settings)
+    try:
+        return METHODS[name](network, **settings)
+    except ValueError as exc:  # a value out of its range (a mask ratio of 1.5)
+        raise UserError(f"recipe {name!r}: {exc}") from None
 
 
 class _Distributed:

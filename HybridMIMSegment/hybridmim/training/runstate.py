@@ -10,11 +10,14 @@ would have drawn.
 
 from __future__ import annotations
 
+import json
+import math
 import signal
 import threading
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -153,9 +156,33 @@ def read_schedule(cls, recipe: dict):
     if unknown:
         raise UserError(f"recipe 'train': unknown settings {sorted(unknown)}")
     schedule = cls(**block)
+    hints = get_type_hints(cls)
+    for field in fields(cls):
+        check_setting_type(f"train.{field.name}", getattr(schedule, field.name), hints[field.name])
     if schedule.amp not in ("bf16", "fp16", "none"):
         raise UserError(f"recipe 'train.amp' must be bf16, fp16 or none, got {schedule.amp!r}")
-    counts = {f.name: getattr(schedule, f.name) for f in fields(cls) if f.name in cls.POSITIVE}
-    if min(counts.values()) < 1:
-        raise UserError(f"recipe 'train': {', '.join(counts)} must be ≥ 1")
+    for name in cls.POSITIVE:
+        if getattr(schedule, name) < 1:
+            raise UserError(f"recipe 'train.{name}' must be ≥ 1, got {getattr(schedule, name)}")
     return schedule
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text", list: "a list",
+          dict: "an object"}
+
+
+def check_setting_type(where: str, value, hint) -> None:
+    """A hand-written recipe's value of the wrong kind ("10" for 10, 2.5 steps) refused before it is used;
+    ``where`` names it in the recipe ("train.steps"), ``hint`` is its annotation."""
+    allowed = get_args(hint) or (hint,)  # `float | None` gives (float, NoneType)
+    if value is None and type(None) in allowed:
+        return
+    for kind in allowed:
+        if isinstance(value, bool) != (kind is bool):  # JSON's true is an int to Python: not a count
+            continue
+        if kind is float and isinstance(value, (int, float)) and math.isfinite(value):
+            return
+        if kind is not float and isinstance(value, kind):
+            return
+    wanted = " or ".join(_KINDS[kind] if kind in _KINDS else "null" for kind in allowed)
+    raise UserError(f"recipe '{where}' must be {wanted}, got {json.dumps(value)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..catalog import resolve_model
-from ..checkpoint import read_metadata
+from ..checkpoint import inference_settings, read_metadata
 from ..download import file_sha256
 from ..errors import UserError
 from ..labels import Label, label_of_codes, parse_label_file, plain_name
@@ -97,9 +97,10 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
     themselves), else the recipe's, else the init model's, else the distinct segments of ``data_paths``' cases."""
     if init == "scratch":
         scratch = recipe["scratch"]
+        roi_size, overlap = inference_settings(scratch, "recipe 'scratch'")
         base = {"network": scratch["network"], "channels": scratch["channels"],
                 "preprocessing": Preprocessing.from_dict(scratch["preprocessing"]),
-                "roi_size": tuple(scratch["roi_size"]), "overlap": float(scratch.get("overlap", 0.5))}
+                "roi_size": roi_size, "overlap": overlap}
         init_meta, weights, provenance = None, None, {}
     else:
         from safetensors.torch import load_file
