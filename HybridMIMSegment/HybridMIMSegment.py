@@ -41,7 +41,7 @@ from HybridMIMSegmentLib.workfolders import (new_work_folder, remove_stale_work_
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 RESOURCES = os.path.join(MODULE_DIR, "Resources")
 SAMPLE_NAME = "HybridMIMAbdomenCT"
-# Slicer closing during a training run waits this long for it to save its state (a step, or an epoch's validation)
+# Slicer closing during a training run waits this long for it to save its state (a step, or a validation case)
 STOP_SECONDS = 60
 COMPARE_LAYOUT_ID = 47301  # three linked axial views: masked input, reconstruction, error
 COMPARE_LAYOUT = """<layout type="horizontal">{}</layout>""".format("".join(

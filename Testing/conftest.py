@@ -146,11 +146,12 @@ def run_cli_here(*args, check_rc: int | None = None, stdout: io.StringIO | None 
 
 class StopsAt(io.StringIO):
     """An output stream that sends this process SIGTERM (Slicer's Stop) once the run on it reports step ``done`` of
-    ``stage``: the stop request as the engine's own process gets it, for a run in this process."""
+    ``stage`` (``done`` None: once it starts ``stage`` for the ``nth`` time): the stop request as the engine's own
+    process gets it, for a run in this process."""
 
-    def __init__(self, stage: str, done: int):
+    def __init__(self, stage: str, done: int | None, nth: int = 1):
         super().__init__()
-        self.stage, self.done = stage, done
+        self.stage, self.done, self.starts_left = stage, done, nth
 
     def write(self, text: str) -> int:
         from hybridmim.progress import parse_event
@@ -158,6 +159,10 @@ class StopsAt(io.StringIO):
         event = parse_event(text)
         if event and event["event"] == "progress" and (event["stage"], event["done"]) == (self.stage, self.done):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.done is None and event == {"event": "stage", "name": self.stage}:
+            self.starts_left -= 1
+            if self.starts_left == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
         return super().write(text)
 
 

@@ -269,19 +269,32 @@ def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet_and_only_those(folde
     assert drawn == [6]
 
 
-def test_stop_during_the_first_validation_leaves_a_state_at_step_0(folders, tmp_path):
-    """The state is saved; no model and no curve are written yet, and the done event does not name them."""
+@pytest.mark.parametrize("validation, step, history, pending", [(1, 0, [], None), (2, 12, [0, 1], 2)])
+def test_a_stop_during_a_validation_ends_it_and_the_resume_validates_first(folders, uninterrupted, tmp_path,
+                                                                            validation, step, history, pending):
+    """A stop ends a validation before its next case (on a CPU it takes minutes, and Slicer closing waits one):
+    the first, of the model the run starts from, leaves a state at step 0 with no history; a later one, at its
+    epoch's end (here epoch 2 of 6-step epochs, epoch 1 not validated), that epoch's entry pending and no model yet.
+    No model or curve is written then. The resumed run validates first and ends exactly like an uninterrupted one."""
     output = tmp_path / "run.safetensors"
-    validating = {"event": "stage", "name": "validate"}
-    process, _, events = signalled_run(_short_run(folders, output), lambda e: e == validating, signal.SIGTERM)
-    assert process.returncode == 0, process.stderr.read()
-    state = runstate.load_resume_state(output, "finetune")
-    assert state["step"] == 0 and [h["epoch"] for h in state["history"]] == [0]  # its validation finished
+    stopped = run_cli_here(*_short_run(folders, output), stdout=StopsAt("validate", None, validation), check_rc=0)
+    events = [e for e in map(parse_event, stopped.stdout.splitlines()) if e]
     outputs = events[-1]["outputs"]
-    assert events[-1]["event"] == "done" and outputs["stopped"] and outputs["resume_state"] == str(
-        runstate.state_path(output))
-    assert outputs["checkpoint"] is None and outputs["curve"] is None and outputs["best_dice"] is None
-    assert not output.exists() and not curve_path(output).exists()
+    assert events[-1]["event"] == "done" and outputs["stopped"] and outputs["step"] == step
+    assert outputs["checkpoint"] is None and outputs["best_dice"] is None and not output.exists()
+    assert len([e for e in events if "dice" in e]) == validation - 1  # the stopped validation reports nothing
+    state = runstate.load_resume_state(output, "finetune")
+    assert state["step"] == step and [h["epoch"] for h in state["history"]] == history
+    assert (state["pending"] or {}).get("epoch") == pending
+    if pending:
+        assert "stopped during the validation of epoch 2 (step 12 of 18)" in json.dumps(events)
+        assert outputs["curve"] == str(curve_path(output))  # epoch 1, which has a loss
+    else:
+        assert outputs["curve"] is None and not curve_path(output).exists()
+    resumed = [e for e in map(parse_event, _resume(folders, output).stdout.splitlines()) if e]
+    stages = [e["name"] for e in resumed if e["event"] == "stage"]
+    assert stages[stages.index("validate"):stages.index("fine-tune") + 1] == ["validate", "fine-tune"], stages
+    _assert_same_run(output, uninterrupted)
 
 
 def test_stop_while_preparing_the_data_ends_at_once_with_nothing_to_resume(folders, tmp_path):
@@ -480,6 +493,24 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
             message="'train.window' must be three multiples of 16")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
             "--max-minutes", "0", message="the time limit must be a positive number of minutes, got 0.0")
+    refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
+            "--epochs", "0", message="recipe 'train.epochs' must be ≥ 1, got 0")
+    hand_written = {  # a recipe's values of the wrong kind, or out of range: refused before any case is prepared
+        "text for a number": ({"train": {**TINY["train"], "steps_per_epoch": "10"}},
+                              "recipe 'train.steps_per_epoch' must be a whole number, got \"10\""),
+        "an overlap of 1.5 (a window a voxel apart)": (
+            {"scratch": {**TINY["scratch"], "overlap": 1.5}},
+            "recipe 'scratch': bad inference settings (roi_size [48, 48, 48], overlap 1.5): give a window of three "
+            "whole numbers ≥ 1 and an overlap in [0, 1)"),
+        "features as text": ({"scratch": {**TINY["scratch"], "network": {"name": "unet", "features": "big"}}},
+                             "network 'unet': bad settings {\"features\": \"big\", \"dropout\": 0.1, "
+                             "\"in_channels\": 1, \"out_channels\": 2} (invalid literal for int() with base 10: "
+                             "'b')"),
+    }
+    for name, (changes, message) in hand_written.items():
+        (tmp_path / "hand.json").write_text(json.dumps({**TINY, **changes}))
+        refused("--init", "scratch", "--data", folders["train"], "--recipe", tmp_path / "hand.json", "--cache",
+                tmp_path / "c", "-o", out, message=message)
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "--prepare-only",
             message="--prepare-only needs --cache")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "--exclude", "STS_099",

@@ -145,15 +145,19 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
             reporter.warning(f"labels in no training case ({outcome}): {'; '.join(named)}")
 
 
-def validate(network, data: PreparedData, start: Start, device, classes: int) -> dict:
+def validate(network, data: PreparedData, start: Start, device, classes: int, stop=None) -> dict | None:
     """Mean Dice per class over the validation cases (cases without the class in either map skipped),
-    and their mean."""
+    and their mean; None where ``stop`` (a StopRequest) was requested before a case: on a CPU a validation
+    takes minutes, and Slicer ends a run that has not stopped within a minute of closing."""
     from ..inference import sliding_window
     from ..metrics import dice_per_label
 
     network.eval()
     per_class: dict[int, list[float]] = {c: [] for c in range(1, classes + 1)}
     for volume in data.volumes:
+        if stop is not None and stop.requested:
+            network.train()
+            return None
         # Two windows at a time on the CPU too: a training process holds more than that for its steps, and for a
         # network of few channels torch runs one window on its slow convolution path (the tests' 8-channel U-Net:
         # 2.5 s for their two validation cases, 0.5 s two at a time)
@@ -205,6 +209,9 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
     check_time_limit(schedule.max_minutes)
     start = resolve_start(init, recipe, labels_file, reporter, [*data_paths, *(val_paths or [])])
+    from ..networks import check_network_spec  # MONAI's import: after the quick refusals
+
+    check_network_spec(start.network)
     try:
         with StopRequest(at_once=True):  # until the first step, a stop ends the run at once: nothing to save yet
             train_data, val_data, network, torch_device = _prepare_run(start, schedule, data_paths, val_paths, cache,
@@ -284,8 +291,9 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     clear_gradients = functools.partial(optimiser.zero_grad, set_to_none=True)
     gpu_refusal = (f"out of GPU memory with one training crop of {'×'.join(map(str, window))} voxels: train on "
                    "the CPU (--device cpu) or on smaller crops (train.window in a recipe)")
+    # pending: the history entry of an epoch whose validation a stop cut short (its resume validates it first)
     run = {"step": 0, "history": [], "losses": [], "best": -1.0, "best_epoch": 0, "elapsed": 0.0, "best_scores": {},
-           "epochs": schedule.epochs, "validation_seconds": 0.0}
+           "epochs": schedule.epochs, "validation_seconds": 0.0, "pending": None}
     if state is not None:
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimizer"])
@@ -311,13 +319,21 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
 
     stopped, early, redraw, drawn_at = False, False, RedrawClock(), None  # drawn_at: the epoch end the curve shows
     with StopRequest() as stop:
-        if state is None and val_data is not None:
+        if val_data is not None and run["step"] == 0 and not run["history"]:  # also where a stop cut it short
             reporter.stage("validate")
-            before = validate(network, val_data, start, device, classes)
-            run["validation_seconds"] = elapsed()  # what the first epoch's own validation will take
-            run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
-            reporter.metric(epoch=0, dice=before["dice"])
-            stopped = stop.requested
+            before = validate(network, val_data, start, device, classes, stop)
+            if before is not None:
+                run["validation_seconds"] = elapsed()  # what the first epoch's own validation will take
+                run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
+                reporter.metric(epoch=0, dice=before["dice"])
+        elif run["pending"] is not None:  # the network is still at the end of that epoch
+            early = _validate_epoch(run, network, start, schedule, val_data, device, classes, output, recipe,
+                                    train_data, reporter, stop)
+            if run["pending"] is None:
+                _draw_curve(run, output, recipe)
+                drawn_at = run["step"]
+                save_state()
+        stopped = stop.requested
         reporter.stage("fine-tune")
         pace = StepPace(elapsed())  # under a time limit, this process's steps
         while run["step"] < total_steps and not (stopped or early):
@@ -346,9 +362,10 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                     scheduler.last_epoch -= 1  # the next step's learning rate again, from the fitted schedule
                     scheduler.step()
             if run["step"] % schedule.steps_per_epoch == 0:
-                early = _end_epoch(run, network, start, schedule, val_data, device, classes, scheduler, elapsed(),
-                                   output, recipe, train_data, reporter)
-                if redraw.due(run["step"] == total_steps or early):
+                run["pending"] = _epoch_entry(run, schedule, scheduler, elapsed())
+                early = _validate_epoch(run, network, start, schedule, val_data, device, classes, output, recipe,
+                                        train_data, reporter, stop)
+                if run["pending"] is None and redraw.due(run["step"] == total_steps or early):
                     _draw_curve(run, output, recipe)
                     drawn_at = run["step"]
                 save_state()
@@ -357,14 +374,17 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
         save_state()  # mid-epoch (the epoch's losses so far travel in the state), or before the first step
     # a model is written at a validation that improves on the best (without validation cases, at the last epoch),
     # the curve after an epoch's end: a run stopped before either has written neither
-    saved, plotted = run["best_epoch"] > 0, run["step"] >= schedule.steps_per_epoch
+    saved, plotted = run["best_epoch"] > 0, any(h["step"] > 0 for h in run["history"])
     if stopped and plotted and drawn_at != run["step"] - run["step"] % schedule.steps_per_epoch:
         _draw_curve(run, output, recipe)  # the epochs ended since the last drawing
     outputs = {"checkpoint": str(output) if saved else None, "resume_state": str(state_path(output)),
                "curve": str(curve_path(output)) if plotted else None, "step": run["step"], "steps": total_steps,
                "best_dice": run["best"] if val_data is not None and saved else None, "best_epoch": run["best_epoch"],
                "stopped": stopped, "stopped_early": early}
-    if stopped:
+    if stopped and run["pending"] is not None:
+        reporter.info(f"stopped during the validation of epoch {run['pending']['epoch']} (step {run['step']} of "
+                      f"{total_steps}); `--resume` validates it, then continues")
+    elif stopped:
         reporter.info(f"stopped at step {run['step']} of {total_steps}; `--resume` continues from there")
     elif early:
         reporter.info(f"no better validation Dice for {schedule.patience} epochs: stopped at epoch "
@@ -425,21 +445,30 @@ def _fitted(recipe: dict, schedule: FinetuneSchedule, epochs: int, steps_per_epo
                                 "warmup_steps": warmup, "max_minutes": None}}
 
 
-def _end_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
-               scheduler, seconds: float, output: Path, recipe: dict, train_data: PreparedData,
-               reporter: Reporter) -> bool:
-    """Validate, log, keep the best model; True when early stopping says stop."""
-    epoch = run["step"] // schedule.steps_per_epoch
-    entry = {"step": run["step"], "epoch": epoch, "loss": float(np.mean(run["losses"])),
-             "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
+def _epoch_entry(run: dict, schedule: FinetuneSchedule, scheduler, seconds: float) -> dict:
+    """The history entry of the epoch that has just ended (its mean loss; the run's losses start again)."""
+    entry = {"step": run["step"], "epoch": run["step"] // schedule.steps_per_epoch,
+             "loss": float(np.mean(run["losses"])), "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1)}
     run["losses"] = []
+    return entry
+
+
+def _validate_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule, val_data, device, classes: int,
+                    output: Path, recipe: dict, train_data: PreparedData, reporter: Reporter, stop) -> bool:
+    """Validate the epoch ``run["pending"]`` (where due), log it, keep the best model; True when early stopping
+    says stop. A stop during the validation leaves the epoch pending."""
+    entry = run["pending"]
+    epoch, seconds = entry["epoch"], entry["seconds"]
     scores = None
     last = epoch == schedule.epochs
     if val_data is not None and (epoch % schedule.validate_every == 0 or last):
         reporter.stage("validate")
-        scores = validate(network, val_data, start, device, classes)
-        entry["dice"] = scores["dice"]
+        scores = validate(network, val_data, start, device, classes, stop)
+        if scores is None:
+            return False
+        entry = {**entry, "dice": scores["dice"]}
         reporter.stage("fine-tune")
+    run["pending"] = None
     run["history"].append(entry)
     per_label = {start.labels[c - 1].name: v for c, v in scores["per_class"].items()} if scores else None
     reporter.metric(**entry, **({"dice_per_label": per_label} if scores else {}))
