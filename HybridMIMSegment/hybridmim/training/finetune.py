@@ -321,9 +321,10 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
     with StopRequest() as stop:
         if val_data is not None and run["step"] == 0 and not run["history"]:  # also where a stop cut it short
             reporter.stage("validate")
+            began = elapsed()
             before = validate(network, val_data, start, device, classes, stop)
             if before is not None:
-                run["validation_seconds"] = elapsed()  # what the first epoch's own validation will take
+                run["validation_seconds"] = elapsed() - began  # what the first epoch's own validation will take
                 run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
                 reporter.metric(epoch=0, dice=before["dice"])
         elif run["pending"] is not None:  # the network is still at the end of that epoch
