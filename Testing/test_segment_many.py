@@ -190,6 +190,23 @@ def test_an_interrupted_run_is_continued_with_skip_existing(segmented_many, case
     assert float(_rows(out / "statistics.csv")[("abdomen", "liver")]["unsure_ml"]) > 0
 
 
+def test_a_kept_nifti_map_has_how_unsure_the_model_was_from_the_earlier_table(abdomen_crop, small_ct, tmp_path):
+    """A NIfTI header has no room for it: a run extended with --skip-existing takes it from the statistics.csv
+    of the run that made the map (that run's figure, not blank)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    shutil.copy(abdomen_crop["image"], data / "abdomen.nii.gz")
+    segment_cases([str(data)], str(out), device="cpu", suffix=".nii.gz")
+    earlier = _rows(out / "statistics.csv")
+    assert float(earlier[("abdomen", "liver")]["unsure_ml"]) > 0
+    shutil.copy(small_ct, data / "added.nii.gz")
+    summary = segment_cases([str(data)], str(out), device="cpu", suffix=".nii.gz", skip_existing=True)
+    assert (summary["segmented"], summary["kept"]) == (1, 1)
+    rows = _rows(out / "statistics.csv")
+    assert {key: row for key, row in rows.items() if key[0] == "abdomen"} == earlier
+    assert rows[("added", "liver")]["unsure_ml"] != ""
+
+
 def test_skip_existing_keeps_only_the_label_maps_of_the_model_that_goes_on(segmented_many, cases, tmp_path, refused):
     """Kept maps of another model would be counted with this one's labels: refused before any work; a map whose
     header names no model (made elsewhere) is kept with a warning."""

@@ -69,6 +69,21 @@ def _statistics_csv(statistics: dict[str, list[dict]], channel_names: list[str])
     return out.getvalue()
 
 
+def _earlier_unsure_ml(path: Path) -> dict[str, dict[int, float]]:
+    """{case: {label value: unsure ml}} from an earlier run's statistics.csv (empty where there is none or it
+    cannot be read): a NIfTI map's header has no room for them."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        earlier: dict[str, dict[int, float]] = {}
+        for row in rows:
+            if row.get("unsure_ml"):
+                earlier.setdefault(row["case"], {})[int(row["value"])] = float(row["unsure_ml"])
+        return earlier
+    except (OSError, ValueError, KeyError, TypeError, csv.Error):
+        return {}
+
+
 def _check_kept_maps_model(paths: list[Path], origin: LabelmapOrigin, reporter: Reporter) -> None:
     """Label maps kept by --skip-existing must be the model's that segments the rest: another model's would be
     counted and drawn with this one's labels (a tumour model's 1 as the abdominal model's spleen)."""
@@ -99,7 +114,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     is drawn from that label map).
     """
     from .devices import resolve_device
-    from .imageio import labelmap_unsure_ml, read_volume, write_labelmap
+    from .imageio import labelmap_model, labelmap_unsure_ml, read_volume, write_labelmap
     from .predict import load_network, read_inputs, segment_channels
     from .segment import labelmap_origin, segment_statistics, segmentation_model
     from .volumes import find_cases
@@ -119,6 +134,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
                         "to continue an earlier run, or --overwrite to replace them")
     statistics_path = check_new_output(folder / STATISTICS_NAME, overwrite or skip_existing)
     kept = set() if overwrite else {c.name for c in cases if planned[c.name]["segmentation"].exists()}
+    earlier_unsure = _earlier_unsure_ml(statistics_path) if kept else {}
 
     reporter.stage("load model")
     checkpoint, meta = segmentation_model(model, reporter)
@@ -144,8 +160,10 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         try:
             warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
             channels = read_inputs(case.channels, meta, warn, case.series)
-            if keep:  # how unsure the model was, the earlier run kept in the map's header (not in NIfTI)
+            if keep:  # how unsure the model was, the earlier run kept in the map's header, else (NIfTI) its table
                 labels, unsure_ml = read_volume(paths["segmentation"]), labelmap_unsure_ml(paths["segmentation"])
+                if unsure_ml is None and labelmap_model(paths["segmentation"]) is not None:
+                    unsure_ml = earlier_unsure.get(case.name)
             else:
                 labels, unsure_ml = segment_channels(channels, network, meta, device)
                 write_labelmap(labels, paths["segmentation"], meta.labels, origin, unsure_ml)
