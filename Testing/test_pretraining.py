@@ -533,7 +533,8 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
                              ({"hybridmim": {"mask_ratio": "0.4"}},
                               "recipe 'hybridmim.mask_ratio' must be a finite number, got \"0.4\""),
                              ({"hybridmim": {"mask_ratio": 1.5}},  # else refused at the first step, a traceback
-                              "recipe 'hybridmim': mask_ratio must be in [0, 1), got 1.5")]:
+                              "recipe 'hybridmim': mask_ratio must be in [0, 1), got 1.5"),
+                             ({"hybridmim": {"network": 3}}, "recipe 'hybridmim': unknown settings ['network']")]:
         (tmp_path / "hand.json").write_text(json.dumps(merge_recipes(TINY_RECIPE, changes)))
         refused("--data", prepared, "--recipe", tmp_path / "hand.json", "-o", tmp_path / "m.safetensors",
                 message=message)

@@ -85,7 +85,7 @@ def build_method(recipe: dict, channels: int) -> torch.nn.Module:
     if name not in METHODS:
         raise UserError(f"unknown pre-training method {name!r} (known: {', '.join(METHODS)})")
     settings = dict(recipe.get(name) or {})
-    unknown = set(settings) - set(inspect.signature(METHODS[name].__init__).parameters) - {"self", "network"}
+    unknown = set(settings) - (set(inspect.signature(METHODS[name].__init__).parameters) - {"self", "network"})
     if unknown:
         raise UserError(f"recipe {name!r}: unknown settings {sorted(unknown)}")
     hints = get_type_hints(METHODS[name].__init__)

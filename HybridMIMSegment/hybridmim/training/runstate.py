@@ -174,8 +174,8 @@ _KINDS = {bool: "true or false", int: "a whole number", float: "a finite number"
 def check_setting_type(where: str, value, hint) -> None:
     """A hand-written recipe's value of the wrong kind ("10" for 10, 2.5 steps) refused before it is used;
     ``where`` names it in the recipe ("train.steps"), ``hint`` is its annotation."""
-    allowed = get_args(hint) or (hint,)  # `float | None` gives (float, NoneType)
-    if value is None and type(None) in allowed:
+    allowed = get_args(hint) or (hint,)  # `float | None` gives (float, NoneType); kinds not in _KINDS: unjudged
+    if (value is None and type(None) in allowed) or not set(allowed) <= {*_KINDS, type(None)}:
         return
     for kind in allowed:
         if isinstance(value, bool) != (kind is bool):  # JSON's true is an int to Python: not a count
