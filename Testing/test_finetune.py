@@ -78,6 +78,8 @@ def test_a_short_finetune_raises_validation_dice(folders, tmp_path, monkeypatch)
     events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
     metrics = [e for e in events if e["event"] == "metric"]
     assert [m["epoch"] for m in metrics] == [0, 1, 2, 3, 4]
+    validating = [(e["done"], e["total"]) for e in events if e["event"] == "progress" and e["stage"] == "validate"]
+    assert validating == [(1, 2), (2, 2)] * 5  # each validation's progress, case by case
     start, best = metrics[0]["dice"], max(m["dice"] for m in metrics)
     assert best > start + 0.15, [m["dice"] for m in metrics]
     assert set(metrics[1]["dice_per_label"]) == {"soft-tissue sarcoma"}

@@ -192,8 +192,9 @@ def test_states_follow_the_run_and_drive_one_button():
 
 
 def test_a_stage_shows_its_time_left_at_its_pace_over_the_whole_run():
-    """Fine-tuning alternates its steps with each epoch's validation: the steps' pace includes the validations;
-    a resumed run starts at its saved step; the first seconds give no estimate."""
+    """Fine-tuning alternates its steps with each epoch's validation: the steps' pace includes the validations, whose
+    own pace is that of their cases, counted again at each; a resumed run starts at its saved step; the first
+    seconds give no estimate."""
     now = [100.0]
     processing = Processing("Start", clock=lambda: now[0])
     processing.go(State.STARTING)
@@ -208,10 +209,27 @@ def test_a_stage_shows_its_time_left_at_its_pace_over_the_whole_run():
         "Fine-tune: 51% (about 20 min left)"  # 3 s a step, 390 steps
     now[0] += 30
     assert processing.on_event({"event": "stage", "name": "validate"}).status == "Validate…"
-    now[0] += 60  # a validation of a minute, then the next step: 120 s for 11 steps since step 400
+
+    def validate(done: int) -> str:
+        return processing.on_event({"event": "progress", "stage": "validate", "done": done, "total": 4}).status
+
+    now[0] += 15  # a validation of a minute: four cases of 15 s
+    assert validate(1) == "Validate: 25%"
+    now[0] += 15
+    assert validate(2) == "Validate: 50% (about 30 s left)"
+    now[0] += 30
+    assert validate(4) == "Validate: 100%"
+    # the next step: 120 s for 11 steps since step 400
     processing.on_event({"event": "stage", "name": "fine-tune"})
     assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 411, "total": 800}).status == \
         "Fine-tune: 51% (about 1 h 11 min left)"
+    now[0] += 600  # the next epoch's validation counts its cases again, at its own pace
+    assert processing.on_event({"event": "stage", "name": "validate"}).status == "Validate…"
+    now[0] += 20
+    assert validate(1) == "Validate: 25%"
+    now[0] += 20
+    assert validate(2) == "Validate: 50% (about 40 s left)"
+    processing.on_event({"event": "stage", "name": "fine-tune"})
     assert processing.on_event({"event": "progress", "stage": "fine-tune", "done": 800, "total": 800}).status == \
         "Fine-tune: 100%"
     processing.go(State.CANCELLING)

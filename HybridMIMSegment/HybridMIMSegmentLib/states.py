@@ -60,7 +60,8 @@ def time_left_text(seconds: float) -> str:
 class Processing:
     """The current state, its stage, percent and time left, and the view they make. ``clock``: seconds, for the
     time left (a run's stages may alternate, fine-tuning's steps with each epoch's validation: a stage's pace is
-    measured from its first progress in the run, the other stages' time included)."""
+    measured from its first progress in the run, the other stages' time included; a stage whose count starts
+    again, each epoch's validation of its cases, from the first progress of its new pass)."""
 
     def __init__(self, action: str = "Apply", clock=time.monotonic):
         self.action = action
@@ -95,6 +96,10 @@ class Processing:
         if event["event"] == "stage":
             self.stage = event["name"]
             done, total = self._progress.get(self.stage, (0, 0))
+            if total and done >= total:  # a stage that ended and starts again: each epoch's validation
+                del self._progress[self.stage]
+                self._first.pop(self.stage, None)
+                done = total = 0
             self.percent = int(100 * done / total) if total else 0
         elif event["event"] == "progress" and event["total"]:
             self._progress[event["stage"]] = (event["done"], event["total"])

@@ -145,16 +145,18 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
             reporter.warning(f"labels in no training case ({outcome}): {'; '.join(named)}")
 
 
-def validate(network, data: PreparedData, start: Start, device, classes: int, stop=None) -> dict | None:
+def validate(network, data: PreparedData, start: Start, device, classes: int, stop=None,
+             reporter: Reporter | None = None) -> dict | None:
     """Mean Dice per class over the validation cases (cases without the class in either map skipped),
-    and their mean; None where ``stop`` (a StopRequest) was requested before a case: on a CPU a validation
-    takes minutes, and Slicer ends a run that has not stopped within a minute of closing."""
+    and their mean, with ``reporter``'s progress per case; None where ``stop`` (a StopRequest) was requested
+    before a case: on a CPU a validation takes minutes, and Slicer ends a run that has not stopped within a minute
+    of closing."""
     from ..inference import sliding_window
     from ..metrics import dice_per_label
 
     network.eval()
     per_class: dict[int, list[float]] = {c: [] for c in range(1, classes + 1)}
-    for volume in data.volumes:
+    for index, volume in enumerate(data.volumes):
         if stop is not None and stop.requested:
             network.train()
             return None
@@ -167,6 +169,8 @@ def validate(network, data: PreparedData, start: Start, device, classes: int, st
         for c, score in dice_per_label(prediction, volume.label, per_class).items():
             if score is not None:
                 per_class[c].append(score)
+        if reporter is not None:
+            reporter.progress(index + 1, len(data.volumes))
     network.train()
     means = {c: float(np.mean(v)) for c, v in per_class.items() if v}
     return {"dice": float(np.mean(list(means.values()))) if means else 0.0, "per_class": means}
@@ -322,7 +326,7 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
         if val_data is not None and run["step"] == 0 and not run["history"]:  # also where a stop cut it short
             reporter.stage("validate")
             began = elapsed()
-            before = validate(network, val_data, start, device, classes, stop)
+            before = validate(network, val_data, start, device, classes, stop, reporter)
             if before is not None:
                 run["validation_seconds"] = elapsed() - began  # what the first epoch's own validation will take
                 run["history"].append({"step": 0, "epoch": 0, "dice": before["dice"]})
@@ -464,7 +468,7 @@ def _validate_epoch(run: dict, network, start: Start, schedule: FinetuneSchedule
     last = epoch == schedule.epochs
     if val_data is not None and (epoch % schedule.validate_every == 0 or last):
         reporter.stage("validate")
-        scores = validate(network, val_data, start, device, classes, stop)
+        scores = validate(network, val_data, start, device, classes, stop, reporter)
         if scores is None:
             return False
         entry = {**entry, "dice": scores["dice"]}
