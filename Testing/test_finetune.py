@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import (DEFAULT_MODEL, MODELS, REPO, StopsAt, around_the_tumour, data_file, record_curve_drawings,
                       run_cli_here, signalled_run, stop_while_preparing, warning_texts, warnings_of)
-from test_convert import _RunsCode
+from test_convert import _RunsCode, official_state
 from hybridmim.checkpoint import read_metadata
 from hybridmim.errors import UserError
 from hybridmim.labels import parse_labels
@@ -113,6 +113,31 @@ def test_a_short_finetune_raises_validation_dice(folders, tmp_path, monkeypatch)
         f"run (best {refined['dice']:.3f}, epoch 1): on these cases it is the better model"]
 
     # The model it wrote is a working segmentation model.
+    seg = tmp_path / "sts036.nii.gz"
+    run_cli_here("segment", folders["val"] / "STS_036" / "image.nii.gz", "-o", seg, "--model", output, check_rc=0)
+    assert seg.is_file()
+
+
+def test_an_official_swinunetr_checkpoint_converted_fine_tunes_into_a_working_model(folders, tmp_path):
+    """The path of a user with the official HybridMIM code's checkpoint: convert, fine-tune, segment."""
+    official, converted = tmp_path / "model_final_epoch.pt", tmp_path / "official.safetensors"
+    torch.save({"epoch": 100, "state_dict": official_state()}, official)
+    run_cli_here("convert", official, "-o", converted, check_rc=0)
+    (tmp_path / "one_epoch.json").write_text(json.dumps({
+        "labels": TINY["labels"], "train": {**TINY["train"], "epochs": 1, "steps_per_epoch": 2}}))
+    refused = run_cli_here("finetune", "--init", converted, "--data", folders["train"], "--recipe",
+                           tmp_path / "one_epoch.json", "-o", tmp_path / "small.safetensors", check_rc=2)
+    assert refused.stderr.strip() == ("error: training crops of 32×32×32 voxels: the swinunetr network takes at "
+                                      "least 64 a side, in multiples of 32 (train.window in a recipe)")
+    (tmp_path / "one_epoch.json").write_text(json.dumps({
+        "labels": TINY["labels"], "train": {**TINY["train"], "epochs": 1, "steps_per_epoch": 2,
+                                            "window": [64, 64, 64]}}))
+    output = tmp_path / "swin.safetensors"
+    run_cli_here("finetune", "--init", converted, "--data", folders["train"], "--val", folders["val"], "--recipe",
+                 tmp_path / "one_epoch.json", "--cache", tmp_path / "cache", "-o", output, "--device", "cpu",
+                 check_rc=0)
+    meta = read_metadata(output)
+    assert meta.network["name"] == "swinunetr" and meta.method.startswith("fine-tuned from official.safetensors")
     seg = tmp_path / "sts036.nii.gz"
     run_cli_here("segment", folders["val"] / "STS_036" / "image.nii.gz", "-o", seg, "--model", output, check_rc=0)
     assert seg.is_file()

@@ -240,12 +240,6 @@ class HybridUNet(UNet):
 ARCHITECTURES = {"unet": UNet, "swinunetr": SwinUNETRBackbone, "hybrid": HybridUNet}
 
 
-def check_network_spec(spec: dict) -> None:
-    """Refuse a bad network description before anything slow is done: it is built without memory (meta device)."""
-    with torch.device("meta"):
-        build_network(spec)
-
-
 def build_network(spec: dict) -> nn.Module:
     """A network from its checkpoint description ``{"name", "in_channels", "out_channels", ...}``."""
     spec = dict(spec)

@@ -213,13 +213,11 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
         raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
     check_time_limit(schedule.max_minutes)
     start = resolve_start(init, recipe, labels_file, reporter, [*data_paths, *(val_paths or [])])
-    from ..networks import check_network_spec  # MONAI's import: after the quick refusals
-
-    check_network_spec(start.network)
+    network = _build_network(start, schedule)
     try:
         with StopRequest(at_once=True):  # until the first step, a stop ends the run at once: nothing to save yet
-            train_data, val_data, network, torch_device = _prepare_run(start, schedule, data_paths, val_paths, cache,
-                                                                       exclude, device, state, reporter)
+            train_data, val_data, torch_device = _prepare_run(start, schedule, network, data_paths, val_paths, cache,
+                                                              exclude, device, state, reporter)
     except StoppedBeforeTraining:
         return report_stopped_before_training(output_path, state is not None, reporter)
     cases = cases_record(training=train_data, validation=val_data)
@@ -234,11 +232,25 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
                   reporter, {"init_spec": init, "labels_file": labels_file or start.labels_of_data, "cases": cases})
 
 
-def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths, cache, exclude, device,
+def _build_network(start: Start, schedule: FinetuneSchedule):
+    """The run's network, seeded, before the data are prepared: bad settings of a hand-written network, or
+    training crops it cannot take, are refused first."""
+    from ..networks import build_network  # MONAI's import: after the quick refusals
+
+    torch.manual_seed(schedule.seed)
+    network = build_network(start.network)
+    crop, stride = schedule.window or list(start.roi_size), network.bottleneck_stride
+    if any(side % stride or side < 2 * stride for side in crop):  # its bottleneck's instance norm needs 2 voxels
+        raise UserError(f"training crops of {'×'.join(map(str, crop))} voxels: the {start.network['name']} network "
+                        f"takes at least {2 * stride} a side, in multiples of {stride} (train.window in a recipe)")
+    return network
+
+
+def _prepare_run(start: Start, schedule: FinetuneSchedule, network, data_paths, val_paths, cache, exclude, device,
                  state: dict | None, reporter: Reporter):
-    """The training and validation data, loaded or prepared, and the network on its device (init weights in)."""
+    """The training and validation data, loaded or prepared, and the device, with ``network`` on it (init weights
+    in)."""
     from ..inference import select_device
-    from ..networks import build_network
 
     folder = Path(cache) if cache else cache_dir() / "prepared"
     if val_paths:
@@ -258,13 +270,12 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, data_paths, val_paths
     torch_device = select_device(device, reporter)
     if schedule.num_threads and torch_device.type == "cpu":
         torch.set_num_threads(schedule.num_threads)
-    torch.manual_seed(schedule.seed)
-    network = build_network(start.network).to(torch_device)
+    network.to(torch_device)
     if start.weights is not None and state is None:
         summary = transfer_weights(network, start.weights, start.head_channels)
         reporter.info(f"from {start.init['file']}: {summary['transferred']} tensors transferred, "
                       f"{head_summary(start, summary['new'])}")
-    return train_data, val_data, network, torch_device
+    return train_data, val_data, torch_device
 
 
 def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, train_data: PreparedData,
