@@ -534,7 +534,7 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
                              "\"in_channels\": 1, \"out_channels\": 2} (invalid literal for int() with base 10: "
                              "'b')"),
     }
-    for name, (changes, message) in hand_written.items():
+    for changes, message in hand_written.values():
         (tmp_path / "hand.json").write_text(json.dumps({**TINY, **changes}))
         refused("--init", "scratch", "--data", folders["train"], "--recipe", tmp_path / "hand.json", "--cache",
                 tmp_path / "c", "-o", out, message=message)
