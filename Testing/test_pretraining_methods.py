@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, StopsAt, WarningsKept, data_file, run_cli_here
+from conftest import REPO, StopsAt, WarningsKept, around_the_tumour, data_file, run_cli_here
 from hybridmim.masking import hard_patch_mask, octant_token_mask, patchify, unpatchify
 from hybridmim.memory import GIB
 from hybridmim.networks import build_network
@@ -436,6 +436,21 @@ def test_finetune_starts_from_the_checkpoint_with_encoder_and_decoder(trained, m
             assert torch.equal(loaded[name], pretrained[name].float()), name
     transferred = {"blocks.0.attn.qkv.weight", "embed.weight", "ups.0.up.deconv.weight", "stem.0.conv.weight"}
     assert transferred <= set(pretrained)
+
+
+def test_a_selfmedhpm_model_fine_tunes_and_segments_end_to_end(trained, tmp_path):
+    """The hybrid network's path through the commands: fine-tuned from the pre-trained checkpoint, then segmenting."""
+    around_the_tumour(data_file("sarcoma_ct/STS_036"), tmp_path / "cases" / "STS_036")
+    (tmp_path / "short.json").write_text(json.dumps({"train": {
+        "epochs": 1, "steps_per_epoch": 2, "volumes_per_step": 1, "crops_per_volume": 1, "amp": "none"}}))
+    output = tmp_path / "tumour.safetensors"
+    run_cli_here("finetune", "--init", trained["hpm"]["output"], "--data", tmp_path / "cases", "--val-fraction", "0",
+                 "--labels", REPO / "scripts/labels/sarcoma.json", "--recipe", tmp_path / "short.json", "--cache",
+                 tmp_path / "cache", "-o", output, "--device", "cpu", check_rc=0)
+    seg = tmp_path / "sts036.nii.gz"
+    run_cli_here("segment", tmp_path / "cases" / "STS_036" / "image.nii.gz", "-o", seg, "--model", output,
+                 "--device", "cpu", check_rc=0)
+    assert sitk.ReadImage(str(seg)).GetSize() == sitk.ReadImage(str(tmp_path / "cases/STS_036/image.nii.gz")).GetSize()
 
 
 def test_reconstruct_shows_a_token_masked_model(trained, scans, tmp_path):
