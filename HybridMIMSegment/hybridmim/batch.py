@@ -84,16 +84,17 @@ def _earlier_unsure_ml(path: Path) -> dict[str, dict[int, float]]:
         return {}
 
 
-def _check_kept_maps_model(paths: list[Path], origin: LabelmapOrigin, reporter: Reporter) -> None:
+def _check_kept_maps_model(paths: list[Path], origin: LabelmapOrigin, reporter: Reporter) -> set[Path]:
     """Label maps kept by --skip-existing must be the model's that segments the rest: another model's would be
-    counted and drawn with this one's labels (a tumour model's 1 as the abdominal model's spleen)."""
+    counted and drawn with this one's labels (a tumour model's 1 as the abdominal model's spleen). Returns those
+    whose headers name no model (made elsewhere: kept with a warning)."""
     from .imageio import labelmap_model
 
     unnamed = []
     for path in paths:
         made_by = labelmap_model(path)
         if made_by is None:
-            unnamed.append(path.name)
+            unnamed.append(path)
         elif not origin.model_sha256.startswith(made_by.model_sha256):
             name, renamed = made_by.model, made_by.model != origin.model
             raise UserError(f"{path}: made by the model {name}{'' if renamed else ' (another file of that name)'}, "
@@ -102,7 +103,8 @@ def _check_kept_maps_model(paths: list[Path], origin: LabelmapOrigin, reporter: 
                             "--overwrite to replace them")
     if unnamed:
         reporter.warning(f"label maps kept whose headers name no model (made elsewhere?), counted with the labels of "
-                         f"{origin.model}: {', '.join(unnamed[:3])}{' …' * (len(unnamed) > 3)}")
+                         f"{origin.model}: {', '.join(p.name for p in unnamed[:3])}{' …' * (len(unnamed) > 3)}")
+    return set(unnamed)
 
 
 def segment_cases(data: list[str], output: str, model: str | None = None, device: str = "auto",
@@ -114,7 +116,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     is drawn from that label map).
     """
     from .devices import resolve_device
-    from .imageio import labelmap_model, labelmap_unsure_ml, read_volume, write_labelmap
+    from .imageio import labelmap_unsure_ml, read_volume, write_labelmap
     from .predict import load_network, read_inputs, segment_channels
     from .segment import labelmap_origin, segment_statistics, segmentation_model
     from .volumes import find_cases
@@ -144,7 +146,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         except UserError as exc:
             raise UserError(f"case {case.name}: {exc}") from None
     origin = labelmap_origin(checkpoint)
-    _check_kept_maps_model([planned[name]["segmentation"] for name in sorted(kept)], origin, reporter)
+    made_elsewhere = _check_kept_maps_model([planned[name]["segmentation"] for name in sorted(kept)], origin, reporter)
     make_folder(folder, "the output folder")
     network = None
     if len(kept) < len(cases):
@@ -162,7 +164,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
             channels = read_inputs(case.channels, meta, warn, case.series)
             if keep:  # how unsure the model was, the earlier run kept in the map's header, else (NIfTI) its table
                 labels, unsure_ml = read_volume(paths["segmentation"]), labelmap_unsure_ml(paths["segmentation"])
-                if unsure_ml is None and labelmap_model(paths["segmentation"]) is not None:
+                if unsure_ml is None and paths["segmentation"] not in made_elsewhere:
                     unsure_ml = earlier_unsure.get(case.name)
             else:
                 labels, unsure_ml = segment_channels(channels, network, meta, device)
