@@ -26,8 +26,8 @@ ABDOMEN_BOX = ((8, 104), (18, 90), (56, 112))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Workers (scripts/test.sh) share the cores: as many threads each as leave none oversubscribed, for the engine
-    # processes they start too. With two threads each on two cores the suite took 444-522 s instead of 295 s (one
-    # process: 417 s), and a timed tiny step once took so long that one step of 1000 fitted in a 15-s limit.
+    # processes they start too. With two threads each on two cores the suite (375 tests) took 444-522 s instead of
+    # 295 s (one process: 417 s), and a timed tiny step once took so long that one step of 1000 fitted in a 15-s limit.
     _worker_threads = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_worker_threads)
     torch.set_num_threads(_worker_threads)
