@@ -234,7 +234,8 @@ def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop
     """A label.seg.nrrd reference (cut to its segments' box, segments numbered in their own order, named as the
     model's labels but for case) scores exactly as the label map it was made from, also when Slicer kept it on a
     finer grid of its own (oversampled: resampled onto the scan's, said once); one beside a label.nii.gz (which is
-    the case's?) is refused in one line, before any report."""
+    the case's?), and one whose segments keep Slicer's default names (no label of the model: read as background, it
+    would score Dice 0), are refused in one line, before any report."""
     from conftest import write_slicer_segmentation
 
     label = sitk.ReadImage(str(abdomen_crop["label"]))
@@ -254,19 +255,27 @@ def test_a_slicer_segmentation_as_reference_scores_as_its_label_map(abdomen_crop
     twice = [{**s, "mask": s["mask"].repeat(2, 0).repeat(2, 1).repeat(2, 2)} for s in segments]
     # One run over the three forms of the same reference: a label map, the segmentation, the oversampled one.
     data = tmp_path / "cases"
-    for name in ("map", "segmentation", "oversampled", "both"):
-        case = (tmp_path / "both" if name == "both" else data) / name
+    for name in ("map", "segmentation", "oversampled", "both", "unnamed"):
+        case = (tmp_path / name if name in ("both", "unnamed") else data) / name
         case.mkdir(parents=True)
         (case / "image.nii.gz").symlink_to(abdomen_crop["image"])
         if name in ("map", "both"):
             (case / "label.nii.gz").symlink_to(abdomen_crop["label"])
         if name != "map":
             write_slicer_segmentation(case / "label.seg.nrrd", fine if name == "oversampled" else box,
-                                      twice if name == "oversampled" else segments)
+                                      twice if name == "oversampled" else
+                                      [{**s, "name": f"Segment_{s['value']}"} for s in segments] if name == "unnamed"
+                                      else segments)
     refused("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "both", "-o", tmp_path / "both.json",
             message=f"{tmp_path / 'both' / 'both'}: holds label.nii.gz and label.seg.nrrd; keep the one label file "
                     "that is the case's, and move the other out of the folder")
     assert not (tmp_path / "both.json").exists()
+    refused("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "unnamed", "-o", tmp_path / "unnamed.json",
+            message="unnamed: label.seg.nrrd: no segment ('Segment_1', 'Segment_2', 'Segment_3', 'Segment_4', "
+                    "'Segment_5' …) is one of the labels ('spleen', 'right kidney', 'left kidney', 'gallbladder', "
+                    "'esophagus' …) by name or terminology: name its segments as the labels (in Slicer: double-click "
+                    "a segment's name)")
+    assert not (tmp_path / "unnamed.json").exists()
     result = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", data, "-o", tmp_path / "report.json",
                           "--device", "cpu", check_rc=0)
     # every segment is a label, all inside the scan; the oversampled file is said to be resampled

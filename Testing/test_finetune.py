@@ -652,7 +652,8 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
     """label.seg.nrrd as Slicer saves a corrected case (cut to the box its segments fill, an overlapping segment in
     a layer of its own, label values that only number a layer's segments) prepares exactly like the label map:
     the tumour segment is found by its terminology, another segment is named as no label; with labels that name
-    the tumour otherwise (no codes, another name), the case is prepared anew and the tumour is not read."""
+    the tumour otherwise (no codes, another name), no segment is a label and the case is refused before any is
+    prepared."""
     from conftest import warnings_of, write_slicer_segmentation
     from hybridmim.preprocessing import Preprocessing
     from hybridmim.volumes import load_prepared
@@ -690,12 +691,14 @@ def test_a_slicer_segmentation_in_a_case_folder_is_read_by_its_segments_names_an
     np.testing.assert_array_equal(prepared["segmentation"].volumes[0].label, prepared["label map"].volumes[0].label)
     assert prepared["segmentation"].sources[0]["files"] == ["image.nii.gz", "label.seg.nrrd"]
 
+    index = (tmp_path / "prepared" / "prepared.json").read_bytes()
     renamed = run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "segmentation", "--recipe",
                            folders["recipe"], "--cache", tmp_path / "prepared", "--prepare-only", "--progress", "json",
-                           check_rc=0)  # the recipe's label: 'soft-tissue sarcoma', no codes
-    assert "STS_001: label.seg.nrrd: segments 'Segment_1', 'Tumour' are none of the labels ('soft-tissue sarcoma') " \
-           "by terminology or name; read as background" in warnings_of(renamed)
-    assert load_prepared(tmp_path / "prepared", preprocessing, Reporter("quiet"), SARCOMA).volumes[0].label.max() == 0
+                           check_rc=2)  # the recipe's label: 'soft-tissue sarcoma', no codes
+    assert renamed.stderr.splitlines()[-1] == (
+        "error: STS_001: label.seg.nrrd: no segment ('Segment_1', 'Tumour') is one of the labels ('soft-tissue "
+        "sarcoma') by name or terminology: name its segments as the labels (in Slicer: double-click a segment's name)")
+    assert (tmp_path / "prepared" / "prepared.json").read_bytes() == index
 
 
 def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(folders, tmp_path):
@@ -759,28 +762,49 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
                                         r"Swelling\); prepare the data again with these"):
         load_prepared(tmp_path / "prepared", start.preprocessing, Reporter("quiet"), others)
 
-    # Labels that no segment is: the refusal says to name the segments so, not to change label-map values.
+    # Labels that no segment of a case is: refused before anything is prepared, naming the case and its segments.
     necrosis = tmp_path / "necrosis.json"
     necrosis.write_text(json.dumps([{"value": 1, "name": "necrosis", "color": [90, 90, 90]}]), encoding="utf-8")
     none = run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe, "--labels",
-                        necrosis, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress",
-                        "json")
-    assert none.returncode == 2 and none.stderr.splitlines()[-1] == (
-        "error: no label of the labels file occurs in the training cases' label maps (1 → necrosis): name the "
-        "segments of the cases' Slicer segmentations as the labels, or name the labels with --labels FILE")
-    said = warnings_of(none)
-    assert len(said) == 2 and said[0] == ("STS_001: label.seg.nrrd: segments 'Tumour', 'Swelling' are none of the "
-                                          "labels ('necrosis') by terminology or name; read as background")
-    # Read back from the cases it prepared, the same warnings are said again.
+                        necrosis, "--cache", tmp_path / "necrosis cache", "-o", tmp_path / "none.safetensors",
+                        "--progress", "json", check_rc=2)
+    assert none.stderr.splitlines()[-1] == (
+        "error: STS_001: label.seg.nrrd: no segment ('Tumour', 'Swelling') is one of the labels ('necrosis') by name "
+        "or terminology: name its segments as the labels (in Slicer: double-click a segment's name)")
+    assert not (tmp_path / "necrosis cache").exists() and not (tmp_path / "none.safetensors").exists()
+
+    # Labels that some segments are: the others are background, said when the case is prepared and again each time
+    # it is read back prepared.
+    tumour = tmp_path / "tumour.json"
+    tumour.write_text(json.dumps([{"value": 1, "name": "Tumour", "color": [90, 90, 90]}]), encoding="utf-8")
+    said = warnings_of(run_cli_here("finetune", "--init", "scratch", "--data", tmp_path / "data", "--recipe", recipe,
+                                    "--labels", tumour, "--cache", tmp_path / "cache", "--prepare-only", "--progress",
+                                    "json", check_rc=0))
+    assert said == ["STS_001: label.seg.nrrd: segment 'Swelling' is none of the labels ('Tumour') by terminology or "
+                    "name; read as background"]
     from hybridmim.volumes import find_cases, prepare_cases
 
-    start = resolve_start("scratch", load_recipe(str(recipe)), str(necrosis), Reporter("quiet"))
+    start = resolve_start("scratch", load_recipe(str(recipe)), str(tumour), Reporter("quiet"))
     stream, prepared = io.StringIO(), {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
     prepare_cases(find_cases([tmp_path / "data"], labelled=True), start.preprocessing, tmp_path / "cache",
                   Reporter("json", stream), start.labels, start.channels)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")} == prepared  # nothing prepared anew
     events = [e for e in map(parse_event, stream.getvalue().splitlines()) if e]
     assert [e["text"] for e in events if e.get("level") == "warning"] == said
+
+    # Segments of the labels that are all empty: the model would learn background alone; refused, saying so.
+    empty = tmp_path / "empty" / "STS_001"
+    empty.mkdir(parents=True)
+    (empty / "image.nii.gz").symlink_to(folders["train"] / "STS_001" / "image.nii.gz")
+    label = sitk.ReadImage(str(folders["train"] / "STS_001" / "label.nii.gz"))
+    write_slicer_segmentation(empty / "label.seg.nrrd", label, [
+        {"name": "tumour", "mask": np.zeros(label.GetSize()[::-1], bool), "layer": 0, "value": 1}])
+    nothing = run_cli_here("finetune", "--init", "scratch", "--data", empty.parent, "--recipe", recipe, "--labels",
+                           tumour, "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress",
+                           "json", check_rc=2)
+    assert nothing.stderr.splitlines()[-1] == (
+        "error: no label of the labels file occurs in the training cases' label maps (1 → Tumour): their segments in "
+        "the cases' Slicer segmentations are empty")
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):

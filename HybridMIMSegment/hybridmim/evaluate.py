@@ -125,7 +125,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
              device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
     """Segment every labelled case in ``data`` with ``model`` and score it; returns the report."""
     from .segment import segmentation_model
-    from .volumes import check_label_grid, find_cases
+    from .volumes import check_case_label, find_cases
 
     reporter = reporter or Reporter("quiet")
     report_path = check_new_output(output, overwrite) if output else None
@@ -141,7 +141,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     checkpoint, meta = segmentation_model(model, reporter)
     for case in cases:
         meta.check_input_count(len(case.channels), checkpoint.name)
-        check_label_grid(case)
+        check_case_label(case, meta.labels)
     if overlay_dir is not None:
         for case in cases:
             check_new_output(overlay_dir / f"{case.name}.png", overwrite)

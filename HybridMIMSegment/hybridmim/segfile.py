@@ -51,6 +51,18 @@ def _read(path: Path, where: str) -> tuple[list[dict], sitk.Image]:
         raise _unreadable(exc, where) from None
 
 
+def check_some_segment_is_a_label(path: Path, labels: list[Label], where: str) -> None:
+    """Refuse, from the header alone, a segmentation with segments of which none is a label (by name, else codes):
+    Slicer names a new segment "Segment_1", and read as background such a file would teach a model, or score it
+    against, the absence of every structure it outlines. One that holds no segment at all is left to the reader."""
+    segments = _segments(path, where)
+    if segments and not any(label_of_segment(segment, labels) for segment in segments):
+        names = [str(segment.get("name", f"segment {index + 1}")) for index, segment in enumerate(segments)]
+        raise UserError(f"{where}: no segment ({_listed(names)}) is one of the labels "
+                        f"({_listed([label.name for label in labels])}) by name or terminology: name its segments as "
+                        "the labels (in Slicer: double-click a segment's name)")
+
+
 def labels_of_segmentations(paths: list[Path]) -> list[dict]:
     """Label entries (parse_labels' form) for the segments of Slicer segmentation files, one per distinct name (case
     and spacing aside) in the order they first appear, valued 1, 2, …, with the segment's colour and terminology:

@@ -327,11 +327,13 @@ def _sample(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return points[np.sort(keep)].astype(np.int32)
 
 
-def check_label_grid(case: Case) -> None:
+def check_case_label(case: Case, labels: list[Label]) -> None:
     """Refuse, from the file headers alone, a label map that does not lie on its image's grid (a Slicer
-    segmentation is resampled onto it when read: Slicer may keep it on a finer grid of its own)."""
+    segmentation is resampled onto it when read: Slicer may keep it on a finer grid of its own), and a Slicer
+    segmentation none of whose segments is one of ``labels``."""
     from .geometry import Grid
     from .imageio import read_header
+    from .segfile import check_some_segment_is_a_label
 
     headers = []
     for path in (case.channels[0], case.label):
@@ -340,7 +342,9 @@ def check_label_grid(case: Case) -> None:
             raise UserError(f"case {case.name}: {path.name} is not a readable image")
         headers.append(header)
     image, label = (Grid.of(header) for header in headers)
-    if not is_segmentation_file(case.label) and not label.matches(image):  # as preparing tests the voxels
+    if is_segmentation_file(case.label):
+        check_some_segment_is_a_label(case.label, labels, f"{case.name}: {case.label.name}")
+    elif not label.matches(image):  # as preparing tests the voxels
         raise UserError(f"case {case.name}: the label map's grid (size, spacing, origin or direction) differs "
                         "from the image's; resample it onto the image first")
 
@@ -421,7 +425,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     if not cases:
         raise UserError("no volumes to train on")
     for case in cases if labels else ():
-        check_label_grid(case)  # headers only: refuse before an hour of preparing
+        check_case_label(case, labels)  # headers only: refuse before an hour of preparing
     make_folder(cache, "the folder for prepared cases (--cache)")
     reporter.stage("prepare data")
     volumes, sources, entries = [], [], []

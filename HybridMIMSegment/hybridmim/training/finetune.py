@@ -133,8 +133,9 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
                for label, found in zip(start.labels, occurs[1:]) if not found]
     if len(missing) == len(start.labels):
         files = [name for source in data.sources_of(data.volumes) for name in source["files"]]
-        hint = ("name the segments of the cases' Slicer segmentations as the labels, or name the labels with "
-                "--labels FILE" if any(map(is_segmentation_file, files)) else "give the values the label maps use")
+        # a segmentation none of whose segments is a label was refused before preparing (check_case_label)
+        hint = ("their segments in the cases' Slicer segmentations are empty" if any(map(is_segmentation_file, files))
+                else "give the values the label maps use")
         raise UserError(f"no label of the labels file occurs in the training cases' label maps "
                         f"({'; '.join(text for _, text in missing)}): {hint}")
     kept = {label.name for label in start.kept_labels()}
