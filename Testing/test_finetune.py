@@ -515,9 +515,18 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
     refused("--init", "no-such-model", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
             message="no-such-model")
     refused("--init", "scratch", "--data", folders["train"], "-o", out, "--resume", message="nothing to resume")
-    (tmp_path / "window.json").write_text(json.dumps({**TINY, "train": {**TINY["train"], "window": [30, 32, 32]}}))
-    refused("--init", "scratch", "--data", folders["train"], "--recipe", tmp_path / "window.json", "-o", out,
-            message="'train.window' must be three multiples of 16")
+    for window, message in (([32, 32], "recipe 'train.window' must be three whole numbers of voxels, got [32, 32]"),
+                            ([30, 32, 32], "training crops of 30×32×32 voxels: the unet network takes at least 16 a "
+                                           "side, in multiples of 8 (train.window in a recipe)"),
+                            ([8, 32, 32], "training crops of 8×32×32 voxels: the unet network takes at least 16")):
+        (tmp_path / "window.json").write_text(json.dumps({**TINY, "train": {**TINY["train"], "window": window}}))
+        refused("--init", "scratch", "--data", folders["train"], "--recipe", tmp_path / "window.json", "-o", out,
+                message=message)
+    # what the network takes, not a fixed multiple: 24 and 40 for a U-Net whose bottleneck is 8 voxels a cell (the
+    # run goes on to read the cases, where these have no label map)
+    (tmp_path / "window.json").write_text(json.dumps({**TINY, "train": {**TINY["train"], "window": [24, 40, 16]}}))
+    refused("--init", "scratch", "--data", unlabelled, "--recipe", tmp_path / "window.json", "-o", out,
+            message="no label map for case")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,
             "--max-minutes", "0", message="the time limit must be a positive number of minutes, got 0.0")
     refused("--init", "scratch", "--data", folders["train"], "--recipe", folders["recipe"], "-o", out,

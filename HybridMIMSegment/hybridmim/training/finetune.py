@@ -210,8 +210,10 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
             recipe["train"] = {**recipe.get("train", {}), "val_fraction": float(val_fraction)}
     schedule = read_schedule(FinetuneSchedule, recipe)
     if schedule.window is not None and not (isinstance(schedule.window, list) and len(schedule.window) == 3 and all(
-            isinstance(v, int) and v >= 16 and v % 16 == 0 for v in schedule.window)):
-        raise UserError(f"recipe 'train.window' must be three multiples of 16, got {schedule.window}")
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in schedule.window)):
+        # what sizes the network takes is checked once it is built (_build_network)
+        raise UserError(f"recipe 'train.window' must be three whole numbers of voxels, got "
+                        f"{json.dumps(schedule.window)}")
     check_time_limit(schedule.max_minutes)
     start = resolve_start(init, recipe, labels_file, reporter, [*data_paths, *(val_paths or [])])
     network = _build_network(start, schedule)
