@@ -278,15 +278,30 @@ def test_stop_then_kill_9_then_resume_ends_exactly_like_an_uninterrupted_run(fol
     _assert_same_run(output, uninterrupted)
 
 
+def test_a_run_killed_unwarned_mid_epoch_resumes_from_its_last_periodic_save(folders, uninterrupted, tmp_path):
+    """Between epoch ends the state is saved every train.save_minutes (here, after every step): a run killed
+    without warning in its second epoch (Slicer closing kills a run that has not stopped within a minute) resumes
+    within that epoch, not from its start, and ends exactly like an uninterrupted run."""
+    frequent = tmp_path / "frequent saves.json"
+    short = json.loads(folders["short"].read_text(encoding="utf-8"))
+    frequent.write_text(json.dumps({**short, "train": {**short["train"], "save_minutes": 1e-6}}), encoding="utf-8")
+    output = tmp_path / "run.safetensors"
+    process, _ = _killed_at(folders, output, 9, "--recipe", frequent)
+    assert process.returncode == -signal.SIGKILL
+    assert runstate.load_resume_state(output, "finetune")["step"] >= 8  # epoch 2 is steps 7-12
+    _resume(folders, output)
+    _assert_same_run(output, uninterrupted)
+
+
 @pytest.mark.parametrize("stop_at, drawing_due_on_the_way", [(8, False), (6, True)])
 def test_a_stop_draws_the_curve_of_the_epochs_not_drawn_yet_and_only_those(folders, tmp_path, monkeypatch, stop_at,
                                                                            drawing_due_on_the_way):
     """Stopped in its second epoch, the first not drawn (no drawing due on the way), the curve shows it; stopped
     at the end of the first, drawn there (the first drawing is always due), it is not drawn again."""
-    from hybridmim.curves import RedrawClock
+    from hybridmim.training.schedule import Interval
 
     if not drawing_due_on_the_way:
-        monkeypatch.setattr(RedrawClock, "due", lambda self, final: final)
+        monkeypatch.setattr(Interval, "due", lambda self, final: final)  # the state too: saved at epoch ends
     drawn = record_curve_drawings(monkeypatch)
     output = tmp_path / "run.safetensors"
     reporter = Reporter("json", StopsAt("fine-tune", stop_at))

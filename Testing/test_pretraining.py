@@ -179,6 +179,26 @@ def test_sigterm_then_kill_9_then_resume_continues_with_the_same_batches(prepare
     assert [h["step"] for h in load_resume_state(output)["history"]] == [2, 4, 6, 8, 10]
 
 
+def test_a_run_killed_unwarned_between_checkpoints_resumes_from_its_last_periodic_save(prepared, recipe_file,
+                                                                                         uninterrupted, tmp_path):
+    """With no checkpoint due for 1000 steps, the state is still saved every train.save_minutes (here, after
+    every step): a run killed without warning (a MiM step on a CPU outlasts the minute Slicer closing waits)
+    resumes where it was, and ends with exactly the uninterrupted run's weights."""
+    recipe = recipe_for(recipe_file)
+    recipe["train"].update(checkpoint_every=1000, save_minutes=1e-6)
+    (tmp_path / "rare checkpoints.json").write_text(json.dumps(recipe), encoding="utf-8")
+    output = tmp_path / "run.safetensors"
+    process, _, _ = signalled_run(["pretrain", "--recipe", tmp_path / "rare checkpoints.json", "--data", prepared, "-o",
+                                   output, "--device", "cpu", "--progress", "json"],
+                                  lambda e: e["event"] == "progress" and e.get("stage") == "pre-train" and e["done"] == 5,
+                                  signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    assert 4 <= load_resume_state(output)["step"] < 10
+    run_cli_here("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress", "quiet",
+                 check_rc=0)
+    _assert_same_weights(output, uninterrupted)
+
+
 def test_stop_while_preparing_the_scans_ends_at_once(scans, recipe_file, tmp_path):
     output, cache = tmp_path / "run.safetensors", tmp_path / "cache"
     returncode, outputs, stderr = stop_while_preparing("pretrain", "--recipe", recipe_file, "--data", scans,
@@ -535,7 +555,11 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
                               "recipe 'hybridmim.mask_ratio' must be a finite number, got \"0.4\""),
                              ({"hybridmim": {"mask_ratio": 1.5}},  # else refused at the first step, a traceback
                               "recipe 'hybridmim': mask_ratio must be in [0, 1), got 1.5"),
-                             ({"hybridmim": {"network": 3}}, "recipe 'hybridmim': unknown settings ['network']")]:
+                             ({"hybridmim": {"network": 3}}, "recipe 'hybridmim': unknown settings ['network']"),
+                             ({"train": {"checkpoint_every": 0}},  # else a ZeroDivisionError at the first step
+                              "recipe 'train.checkpoint_every' must be ≥ 1, got 0"),
+                             ({"train": {"save_minutes": 0}},
+                              "recipe 'train.save_minutes' must be a positive number of minutes, got 0")]:
         (tmp_path / "hand.json").write_text(json.dumps(merge_recipes(TINY_RECIPE, changes)))
         refused("--data", prepared, "--recipe", tmp_path / "hand.json", "-o", tmp_path / "m.safetensors",
                 message=message)

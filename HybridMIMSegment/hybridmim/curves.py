@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from .atomic import atomic_output
@@ -10,22 +9,7 @@ from .atomic import atomic_output
 _NOT_PLOTTED = {"step", "epoch", "lr", "seconds", "seconds_per_step"}
 
 
-class RedrawClock:
-    """When a training run draws its curve again: a drawing takes about a second, so on the way at most once a
-    minute, and always at the run's end or stop."""
-
-    EVERY_S = 60.0
-
-    def __init__(self) -> None:
-        self._drawn = float("-inf")
-
-    def due(self, final: bool) -> bool:
-        """Whether to draw now (``final``: the run ends or stops); a True answer counts as a drawing."""
-        now = time.monotonic()
-        if final or now - self._drawn >= self.EVERY_S:
-            self._drawn = now
-            return True
-        return False
+REDRAW_SECONDS = 60.0  # a drawing takes about a second: on the way, a run draws its curve at most once a minute
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:

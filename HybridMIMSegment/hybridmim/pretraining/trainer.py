@@ -35,7 +35,7 @@ import torch
 
 from ..atomic import atomic_output
 from ..checkpoint import ModelMeta, save_checkpoint
-from ..curves import RedrawClock
+from ..curves import REDRAW_SECONDS
 from ..errors import UserError
 from ..memory import available_bytes
 from ..networks import build_network
@@ -46,7 +46,7 @@ from ..torchfiles import save_torch_file
 from ..training.runstate import (STATE_FORMAT, StopRequest, autocast, cases_record, check_setting_type,
                                  check_time_limit, optimiser_step, read_schedule, step_generators,
                                  warn_if_cases_changed)
-from ..training.schedule import StepPace, shortened_warmup, warmup_cosine
+from ..training.schedule import Interval, StepPace, shortened_warmup, warmup_cosine
 from ..volumes import PreparedData
 from .hpm import HPM
 from .hybridmim import HybridMIM
@@ -76,8 +76,9 @@ class Schedule:
     num_threads: int | None = None
     half_precision: bool = True
     max_minutes: float | None = None  # time limit: once the pace is timed, keep only the steps (≤ steps) that fit
+    save_minutes: float = 10.0  # the resume state and model are saved every checkpoint_every steps and this often
 
-    POSITIVE = ("steps", "volumes_per_step", "crops_per_volume", "accumulate")
+    POSITIVE = ("steps", "volumes_per_step", "crops_per_volume", "accumulate", "checkpoint_every", "log_every")
 
 
 def build_method(recipe: dict, channels: int) -> torch.nn.Module:
@@ -236,7 +237,7 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
     model = dist.wrap(method)
     model.train()
 
-    redraw = RedrawClock()
+    redraw, saving = Interval(REDRAW_SECONDS), Interval(schedule.save_minutes * 60, at_once=False)
     clear_gradients = functools.partial(optimiser.zero_grad, set_to_none=True)
 
     def one_step(step: int) -> dict:
@@ -275,7 +276,9 @@ def _train(recipe, schedule: Schedule, data: PreparedData, output: Path, state, 
                 reporter.metric(**history[-1])
                 window = []
             stopped = dist.any(stop.requested)
-            if stopped or step % schedule.checkpoint_every == 0 or step == schedule.steps:
+            # between checkpoints too, every save_minutes: a run killed unwarned (Slicer closing waits a minute, a
+            # MiM step on a CPU takes three) loses no more
+            if saving.due(stopped or step % schedule.checkpoint_every == 0 or step == schedule.steps):
                 save(step, last=stopped or step == schedule.steps)
             if stopped:
                 break

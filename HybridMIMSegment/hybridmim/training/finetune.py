@@ -30,7 +30,7 @@ import torch
 from ..atomic import atomic_output
 from ..catalog import resources_dir
 from ..checkpoint import ModelMeta, save_checkpoint
-from ..curves import RedrawClock
+from ..curves import REDRAW_SECONDS
 from ..download import cache_dir
 from ..errors import UserError
 from ..progress import Reporter
@@ -40,7 +40,7 @@ from ..volumes import PreparedData, find_cases, is_prepared_folder, is_segmentat
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
                        check_time_limit, load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
-from .schedule import StepPace, shortened_warmup, warmup_cosine
+from .schedule import Interval, StepPace, shortened_warmup, warmup_cosine
 from .start import Start, head_summary, resolve_start, transfer_weights
 
 CROP_MARGIN = 1.25  # crops this much larger than the window, so rotations bring in no empty corners
@@ -73,6 +73,7 @@ class FinetuneSchedule:
     window: list | None = None  # training crop [z, y, x] (default: the model's inference window); smaller is
     #                             cheaper per step, and the fully convolutional network still infers on its own
     max_minutes: float | None = None  # time limit: keep the epochs (≤ epochs), or the first epoch's steps, that fit
+    save_minutes: float = 10.0  # the resume state is saved at each epoch's end and, within an epoch, this often
 
 
     POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume", "validate_every")
@@ -335,7 +336,8 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                              "network": network.state_dict(), "optimizer": optimiser.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp)
 
-    stopped, early, redraw, drawn_at = False, False, RedrawClock(), None  # drawn_at: the epoch end the curve shows
+    stopped, early, redraw, drawn_at = False, False, Interval(REDRAW_SECONDS), None  # drawn_at: the epoch end drawn
+    saving = Interval(schedule.save_minutes * 60, at_once=False)
     with StopRequest() as stop:
         if val_data is not None and run["step"] == 0 and not run["history"]:  # also where a stop cut it short
             reporter.stage("validate")
@@ -380,13 +382,15 @@ def _train(network, start: Start, schedule: FinetuneSchedule, recipe: dict, trai
                     recipe, total_steps = fitted, schedule.epochs * schedule.steps_per_epoch
                     scheduler.last_epoch -= 1  # the next step's learning rate again, from the fitted schedule
                     scheduler.step()
-            if run["step"] % schedule.steps_per_epoch == 0:
+            epoch_ended = run["step"] % schedule.steps_per_epoch == 0
+            if epoch_ended:
                 run["pending"] = _epoch_entry(run, schedule, scheduler, elapsed())
                 early = _validate_epoch(run, network, start, schedule, val_data, device, classes, output, recipe,
                                         train_data, reporter, stop)
                 if run["pending"] is None and redraw.due(run["step"] == total_steps or early):
                     _draw_curve(run, output, recipe)
                     drawn_at = run["step"]
+            if saving.due(epoch_ended):  # within an epoch too: a run killed unwarned loses save_minutes at most
                 save_state()
             stopped = stop.requested
     if stopped and (run["step"] % schedule.steps_per_epoch or run["step"] == 0):

@@ -164,6 +164,9 @@ def read_schedule(cls, recipe: dict):
     for name in cls.POSITIVE:
         if getattr(schedule, name) < 1:
             raise UserError(f"recipe 'train.{name}' must be ≥ 1, got {getattr(schedule, name)}")
+    if not schedule.save_minutes > 0:
+        raise UserError(f"recipe 'train.save_minutes' must be a positive number of minutes, got "
+                        f"{schedule.save_minutes}")
     return schedule
 
 

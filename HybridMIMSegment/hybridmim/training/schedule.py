@@ -4,6 +4,7 @@ pre-training."""
 from __future__ import annotations
 
 import math
+import time
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -39,3 +40,22 @@ class StepPace:
     def seconds(self) -> float:
         ends = self._ends
         return (ends[-1] - ends[1]) / self.timed if self.timed else ends[1] - ends[0]
+
+
+class Interval:
+    """When a run does what it also does at fixed points (draw its curve; save its state, at epoch ends and
+    checkpoints): on the way at most once every ``seconds``, and always when told to (``due(True)``: the run's
+    end, a stop, the fixed point). ``at_once``: whether the first ``due`` on the way is True (a curve is drawn at
+    once; a state is first saved ``seconds`` after the start)."""
+
+    def __init__(self, seconds: float, at_once: bool = True) -> None:
+        self.seconds = seconds
+        self._last = float("-inf") if at_once else time.monotonic()
+
+    def due(self, final: bool) -> bool:
+        """Whether to do it now; a True answer counts as done."""
+        now = time.monotonic()
+        if final or now - self._last >= self.seconds:
+            self._last = now
+            return True
+        return False
