@@ -401,16 +401,16 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
     def follow(self, run, show):
         """Apply the run's new events; True once it has ended and been handled (its work folder removed)."""
         engine, processing, onSuccess, folder = run
-        for event in engine.drain():
+        events, result = engine.poll()
+        for event in events:
             if event["event"] == "message":
                 self.log(("warning: " if event["level"] == "warning" else "") + event["text"])
             elif event["event"] == "metric" and processing in self.resumeButtons:
                 self.logic.addChartPoint(self.chart, event)
             if processing.state in (State.STARTING, State.RUNNING):
                 show(processing.on_event(event))
-        if engine.running:
+        if result is None:
             return False
-        result = engine.wait()
         try:
             self.finishRun(result, processing, show, onSuccess)
         finally:

@@ -283,6 +283,28 @@ def test_a_reconstruct_command_runs_for_real(small_ct, tmp_path):
     assert {"mask", "masked", "reconstruction", "error"} <= set(result.outputs)
 
 
+def test_a_run_polled_as_the_panel_does_gives_its_last_events_with_its_result(monkeypatch):
+    """The panel's timer takes a run's new events and, once it has ended, its result, then stops following it:
+    the lines the run wrote last (here its only one, read slowly, after the process has gone) come with that
+    result, not after it, when nothing would take them."""
+    import HybridMIMSegmentLib.engine as engine_module
+
+    def read_slowly(line):
+        time.sleep(1.0)  # longer than the process lives after writing it
+        return parse_event(line)
+
+    monkeypatch.setattr(engine_module, "parse_event", read_slowly)
+    engine = EngineProcess(devices_command())
+    engine.start()
+    events, result = [], None
+    while result is None:
+        new, result = engine.poll()
+        events += new
+        time.sleep(0.1)  # the panel's timer interval
+    assert result.succeeded and [e["event"] for e in events] == ["done"]
+    assert events[-1]["outputs"] == result.outputs
+
+
 def test_devices_are_reported_for_the_panel():
     from hybridmim.modelinfo import describe_devices
 

@@ -76,8 +76,18 @@ class EngineProcess:
         for line in self._process.stderr:
             self._stderr.append(line.rstrip("\n"))
 
+    def poll(self, timeout: float = 0.0) -> tuple[list[dict], EngineResult | None]:
+        """The events that arrived since the last call and, once the run has ended (within ``timeout`` seconds),
+        its result. Its output is read to the end before the events are taken: the lines it wrote last (a final
+        warning, the stop's note) come with the result, not after it, when nothing takes them any more."""
+        try:
+            result = self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            result = None
+        return self.drain(), result
+
     def drain(self) -> list[dict]:
-        """The events that arrived since the last call (for a GUI timer)."""
+        """The events that arrived since the last call."""
         drained = []
         while True:
             try:
@@ -187,11 +197,8 @@ def run_to_end(arguments: list[str], python: str | None = None, on_event=None) -
     engine.start()
     result = None
     while result is None:
-        try:
-            result = engine.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
-        for event in engine.drain():
+        events, result = engine.poll(timeout=0.2)
+        for event in events:
             if on_event is not None:
                 on_event(event)
     return result
