@@ -15,7 +15,7 @@ import slicerio
 
 from conftest import REPO, crop, data_file
 from hybridmim import imageio
-from hybridmim.errors import UserError
+from hybridmim.errors import NotAScan, UserError
 from hybridmim.geometry import Grid
 from hybridmim.imageio import (LabelmapOrigin, dicom_series, labelmap_model, labelmap_unsure_ml, read_channels,
                                read_volume, write_labelmap)
@@ -287,7 +287,7 @@ def test_a_sheared_nifti_is_refused_in_one_line_saying_so(tmp_path, capfd):
 
 
 def test_dicom_folder_without_series(tmp_path):
-    with pytest.raises(UserError, match="no DICOM series"):
+    with pytest.raises(NotAScan, match="no DICOM image series in it"):
         read_volume(tmp_path)
 
 

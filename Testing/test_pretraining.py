@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
@@ -197,6 +198,35 @@ def test_a_run_killed_unwarned_between_checkpoints_resumes_from_its_last_periodi
     run_cli_here("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress", "quiet",
                  check_rc=0)
     _assert_same_weights(output, uninterrupted)
+
+
+def test_a_pool_leaves_out_images_that_are_no_3d_scan_with_a_warning(scans, recipe_file, tmp_path):
+    """A PACS export holds a study's scout (one slice) and a screenshot (colour) beside its scans: a pre-training
+    pool leaves them out, each named in a warning, and prepares the rest; a pool of nothing else is refused."""
+    from conftest import warnings_of
+
+    abdomen = sitk.ReadImage(str(scans / "abdomen.nii.gz"))
+    pool = tmp_path / "export"
+    pool.mkdir()
+    (pool / "abdomen.nii.gz").symlink_to(scans / "abdomen.nii.gz")
+    sitk.WriteImage(abdomen[:, :, 20:21], str(pool / "scout.nii.gz"))
+    grey = sitk.Cast(sitk.RescaleIntensity(abdomen[:, :, 20:23]), sitk.sitkUInt8)
+    sitk.WriteImage(sitk.Compose(grey, grey, grey), str(pool / "screenshot.nii.gz"))
+    result = run_cli_here("pretrain", "--recipe", recipe_file, "--data", pool, "--cache", tmp_path / "cache",
+                          "--prepare-only", "--progress", "json", check_rc=0)
+    assert warnings_of(result) == [
+        f"scout: left out, no 3-D scan: {pool / 'scout.nii.gz'}: a single slice (size (96, 72, 1)), not a 3-D "
+        "volume",
+        f"screenshot: left out, no 3-D scan: {pool / 'screenshot.nii.gz'}: has 3 values per voxel (colour or vector "
+        "image); give one scalar volume per input channel"]
+    prepared = json.loads((tmp_path / "cache" / "prepared.json").read_text(encoding="utf-8"))
+    assert [v["name"] for v in prepared["volumes"]] == ["abdomen"]
+
+    (pool / "abdomen.nii.gz").unlink()
+    refused = run_cli_here("pretrain", "--recipe", recipe_file, "--data", pool, "--cache", tmp_path / "cache",
+                           "--prepare-only", check_rc=2)
+    assert refused.stderr.splitlines()[-1] == ("error: no 3-D scans to train on: the 2 images given were each left "
+                                               "out (the warnings above say why)")
 
 
 def test_stop_while_preparing_the_scans_ends_at_once(scans, recipe_file, tmp_path):

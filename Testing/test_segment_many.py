@@ -151,6 +151,28 @@ def test_a_failed_case_is_skipped_named_and_the_others_written(small_ct, tmp_pat
     assert {case for case, _ in _statistics(tmp_path / "out" / "statistics.csv")} == {"good"}
 
 
+def test_images_that_are_no_3d_scan_are_left_out_not_failed(small_ct, tmp_path):
+    """A PACS export holds a study's scout (one slice, here as a file and as a DICOM series of its own) beside its
+    scans: each is left out with a warning, and the run succeeds with the scans segmented."""
+    from conftest import run_cli_here
+
+    data, out = tmp_path / "export", tmp_path / "out"
+    data.mkdir()
+    shutil.copy(small_ct, data / "good.nii.gz")
+    scout = sitk.ReadImage(str(small_ct))[:, :, 10:11]
+    sitk.WriteImage(scout, str(data / "scout.nii.gz"))
+    _write_dicom_series(scout, data / "scout_series")
+    result = run_cli_here("segment", "--data", data, "-o", out, "--progress", "json", check_rc=0)
+    events = [e for e in map(parse_event, result.stdout.splitlines()) if e]
+    assert sorted(events[-1]["outputs"]["left_out"]) == ["scout", "scout_series"]
+    assert events[-1]["outputs"]["segmented"] == 1
+    said = [e["text"] for e in events if e["event"] == "message" and e["level"] == "warning"]
+    assert sorted(text.split(":")[0] for text in said if "left out, no 3-D scan: " in text) == ["scout",
+                                                                                                 "scout_series"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.seg.nrrd", "statistics.csv"]
+    assert {case for case, _ in _statistics(out / "statistics.csv")} == {"good"}
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file every write to fails")
 def test_a_full_disk_stops_the_run_at_that_case_and_skip_existing_continues_it(small_ct, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"

@@ -5,7 +5,8 @@ Decathlon folders; label maps are ignored), and DICOM series folders. Everything
 refused for the whole run is refused before the first case (model, channel counts, clashing or
 existing outputs); a case that fails on its own (unreadable, too large for the memory, …) is
 reported and skipped, and the run ends with an error naming the failed cases once the others are
-written; a full disk stops the run at its case (every next write would fail too). ``statistics.csv``
+written; an image that is no 3-D scan (a PACS export's scout or dose report) is left out with a warning, not
+failed; a full disk stops the run at its case (every next write would fail too). ``statistics.csv``
 beside the label maps lists every segment's volume and mean intensity per case. Outputs are written
 atomically, so an interrupted or stopped run can be continued with ``--skip-existing``.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .atomic import atomic_output, check_inputs_kept, check_new_output, make_folder
-from .errors import DiskFull, UserError
+from .errors import DiskFull, NotAScan, UserError
 from .progress import MEAN_PREFIX, Reporter
 
 if TYPE_CHECKING:  # imageio loads SimpleITK: imported where it is used
@@ -153,7 +154,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         device = resolve_device(device, reporter)
         network = load_network(checkpoint, meta, device, reporter)
 
-    statistics, failed, channel_names = {}, {}, [c["name"] for c in meta.channels]
+    statistics, failed, left_out, channel_names = {}, {}, [], [c["name"] for c in meta.channels]
     full = None  # the case at which the disk was found full: the run stops there
     reporter.stage("segment")
     for index, case in enumerate(cases):
@@ -174,6 +175,9 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
 
                 render_preview(channels[0], labels, meta.labels, paths["preview"],
                                meta.preprocessing.intensity.window, f"{case.name}: {meta.title or checkpoint.stem}")
+        except NotAScan as exc:
+            left_out.append(case.name)
+            reporter.warning(f"{case.name}: left out, no 3-D scan: {exc}")
         except UserError as exc:
             failed[case.name] = str(exc)
             reporter.warning(f"{case.name}: skipped: {exc}")
@@ -200,9 +204,13 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     if failed:
         names = ", ".join(list(failed)[:5]) + (" …" if len(failed) > 5 else "")
         raise UserError(f"{len(failed)} of {len(cases)} cases failed ({names}; the warnings above say why); "
-                        f"the other {len(cases) - len(failed)} are in {folder}")
+                        f"the other {len(statistics)} are in {folder}")
+    if not statistics:
+        raise UserError(f"no 3-D scans to segment: the {len(cases)} images given were each left out (the warnings "
+                        "above say why)")
     summary = {"folder": str(folder), "statistics": str(statistics_path), "model": checkpoint.stem,
-               "cases": len(cases), "segmented": len(cases) - len(kept), "kept": len(kept),
+               "cases": len(cases), "segmented": len(cases) - len(kept) - len(left_out), "kept": len(kept),
+               "left_out": left_out,
                "seconds": round(time.time() - started, 2)}
     if network is not None:
         summary["device"] = device

@@ -81,6 +81,8 @@ def _segment_many(args, reporter: Reporter) -> None:
                             args.skip_existing, reporter)
     if reporter.mode == "tqdm":
         kept = f", {summary['kept']} kept from an earlier run" if summary["kept"] else ""
+        left_out = summary["left_out"]
+        kept += f", {len(left_out)} left out as no 3-D scan ({', '.join(left_out)})" if left_out else ""
         print(f"segmented {summary['segmented']} of {summary['cases']} cases into {summary['folder']}{kept} "
               f"({summary['seconds']:.0f} s); volumes and mean intensities in {summary['statistics']}", file=sys.stderr)
 

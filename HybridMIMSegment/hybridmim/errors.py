@@ -9,6 +9,11 @@ class DiskFull(UserError):
     """A write found no room left: a run of many cases stops at the first (the next writes would fail alike)."""
 
 
+class NotAScan(UserError):
+    """An image that is no 3-D scan: a single slice, a 2-D, 4-D or colour image (a PACS export's scout, or its
+    screenshot of the dose report). A pool of unlabelled scans leaves it out; anywhere else it is refused."""
+
+
 def message_line(exc: Exception, last: bool = False) -> str:
     """The first (``last``: the last) non-empty line of an exception's message, else its type's name (a library's
     error can be empty or span lines; ITK's start with a file:line prefix and end with the useful part)."""

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from . import niftifile
 from .atomic import atomic_output, full_suffix
-from .errors import UserError, message_line
+from .errors import NotAScan, UserError, message_line
 from .geometry import Grid, resample_onto
 from .labels import Label
 from .slicepositions import files_of_main_geometry, one_orientation, place_slices, slice_positions
@@ -84,7 +84,7 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | 
     """The DICOM series ``series`` (a UID) of ``folder``; None: its only series, or its largest (with a warning)."""
     files = dicom_series(folder)
     if not files:
-        raise UserError(f"{folder}: a folder with no DICOM series in it")
+        raise NotAScan(f"{folder}: no DICOM image series in it (a report or a dose summary?)")
     if series is not None:
         if series not in files:
             raise UserError(f"{folder}: no DICOM series {series} in it (any more)")
@@ -184,15 +184,15 @@ def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
             raise UserError(f"{path}: empty file")
         image = _read_nifti(path) if niftifile.is_nifti(path) else _itk_read(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel "
-                        "(colour or vector image); give one scalar volume per input channel")
+        raise NotAScan(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel "
+                       "(colour or vector image); give one scalar volume per input channel")
     size = image.GetSize()
     if image.GetDimension() == 4:
-        raise UserError(f"{path}: a 4-D image {size}; give one 3-D volume per input channel")
+        raise NotAScan(f"{path}: a 4-D image {size}; give one 3-D volume per input channel")
     if image.GetDimension() != 3:
-        raise UserError(f"{path}: a {image.GetDimension()}-D image of size {size}, not a 3-D volume")
+        raise NotAScan(f"{path}: a {image.GetDimension()}-D image of size {size}, not a 3-D volume")
     if min(size) < 2:
-        raise UserError(f"{path}: a single slice (size {size}), not a 3-D volume")
+        raise NotAScan(f"{path}: a single slice (size {size}), not a 3-D volume")
     return image
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, make_folder
-from .errors import UserError
+from .errors import NotAScan, UserError
 from .labels import Label, class_indices
 from .preprocessing import Preprocessing
 from .progress import Reporter
@@ -420,7 +420,8 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
 
     ``labels``: to prepare the label maps too, as class indices (labels.class_indices; other values become 0).
     ``channels``: the model's input channels ({name, modality}); a scan unlike its channel's modality (an MR
-    given to a CT recipe) is prepared with a warning.
+    given to a CT recipe) is prepared with a warning. Without ``labels`` (a pre-training pool, often a PACS
+    export), an image that is no 3-D scan (a scout, a dose report's screenshot) is left out with a warning.
     """
     if not cases:
         raise UserError("no volumes to train on")
@@ -438,8 +439,15 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
             _say_warnings_again(arrays, reporter)
         else:
             said = []
-            arrays = _prepare_volume(case, preprocessing, key, labels, channels,
-                                     lambda text: (said.append(text), reporter.warning(text)))
+            try:
+                arrays = _prepare_volume(case, preprocessing, key, labels, channels,
+                                         lambda text: (said.append(text), reporter.warning(text)))
+            except NotAScan as exc:
+                if labels:  # a labelled case was chosen as one: its image is refused
+                    raise
+                reporter.warning(f"{case.name}: left out, no 3-D scan: {exc}")
+                reporter.progress(done + 1, len(cases))
+                continue
             arrays[PREPARE_WARNINGS] = np.array(said, dtype=str)
             # the sources' digests travel with the volume: its key already stands for their sizes and times, and
             # hashing them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
@@ -458,6 +466,9 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         sources.append(source)
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
+    if not volumes:
+        raise UserError(f"no 3-D scans to train on: the {len(cases)} images given were each left out (the warnings "
+                        "above say why)")
     index = {"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
              "classes": {str(k): v for k, v in class_indices(labels or []).items()},
              "labels": [label.to_dict() for label in labels or []], "volumes": entries}
