@@ -209,9 +209,14 @@ def test_a_localiser_filed_under_the_series_uid_is_left_out_with_a_warning(tmp_p
 def test_a_series_with_two_slices_in_one_place_is_refused(tmp_path):
     ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
     origin, spacing = np.array(ct.GetOrigin()), ct.GetSpacing()
-    _write_dicom_series(ct, tmp_path / "twice", position=lambda k: origin + min(k, 3) * spacing[2] * np.eye(3)[2])
+    _write_dicom_series(ct, tmp_path / "twice", position=lambda k: origin + (k - (k > 3)) * spacing[2] * np.eye(3)[2])
     with pytest.raises(UserError, match="slices 4 and 5 of the series lie at the same place"):
         read_volume(tmp_path / "twice")
+    # Slices imaged at two places again and again (a contrast bolus tracked): no 3-D scan, which a pool leaves out.
+    _write_dicom_series(ct, tmp_path / "tracking", position=lambda k: origin + (k % 2) * spacing[2] * np.eye(3)[2])
+    with pytest.raises(NotAScan, match=f"its {ct.GetDepth()} slices lie at 2 places: a time series of the same "
+                                       r"slices \(bolus tracking\?\), not a 3-D scan"):
+        read_volume(tmp_path / "tracking")
 
 
 SERIES_UIDS = {"abdomen": "1.2.826.0.1.3680043.2.1125.1.501", "chest": "1.2.826.0.1.3680043.2.1125.1.502",

@@ -10,8 +10,10 @@ class DiskFull(UserError):
 
 
 class NotAScan(UserError):
-    """An image that is no 3-D scan: a single slice, a 2-D, 4-D or colour image (a PACS export's scout, or its
-    screenshot of the dose report). A pool of unlabelled scans leaves it out; anywhere else it is refused."""
+    """An image that is no 3-D scan: a single slice, a 2-D, 4-D or colour image, a series of the same slices
+    imaged again and again, a DICOM folder with no image series (a PACS export's scout, its screenshot or report of
+    the dose, its bolus tracking). A pool of scans leaves it out (pre-training, ``segment --data``); anywhere else
+    it is refused."""
 
 
 def message_line(exc: Exception, last: bool = False) -> str:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import UserError
+from .errors import NotAScan, UserError
 
 UNEVEN = 0.1  # a slice further than this share of the mean spacing from its even place makes the gaps uneven
 SAME_PLACE_MM = 0.01
@@ -74,6 +74,10 @@ def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Cal
     axes = np.array(image.GetDirection()).reshape(3, 3)
     offsets = positions - positions[0]
     along = offsets @ axes[:, 2]
+    places = len(np.unique(np.round(along / SAME_PLACE_MM)))
+    if 2 * places <= count:  # each place imaged again and again, in any order: bolus tracking, a perfusion series
+        raise NotAScan(f"{where}: its {count} slices lie at {places} place{'s' * (places > 1)}: a time series of "
+                       "the same slices (bolus tracking?), not a 3-D scan")
     steps = np.diff(along)
     if np.any(np.abs(steps) < SAME_PLACE_MM):
         first = int(np.argmin(np.abs(steps)))
