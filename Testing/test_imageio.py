@@ -214,8 +214,9 @@ def test_a_series_with_two_slices_in_one_place_is_refused(tmp_path):
         read_volume(tmp_path / "twice")
     # Slices imaged at two places again and again (a contrast bolus tracked): no 3-D scan, which a pool leaves out.
     _write_dicom_series(ct, tmp_path / "tracking", position=lambda k: origin + (k % 2) * spacing[2] * np.eye(3)[2])
-    with pytest.raises(NotAScan, match=f"its {ct.GetDepth()} slices lie at 2 places: a time series of the same "
-                                       r"slices \(bolus tracking\?\), not a 3-D scan"):
+    with pytest.raises(NotAScan, match=f"its {ct.GetDepth()} slices lie at 2 places, each about "
+                                       f"{ct.GetDepth() // 2} times: the same slices imaged again and again "
+                                       r"\(bolus tracking\?\) or its files present more than once, not one 3-D scan"):
         read_volume(tmp_path / "tracking")
 
 

@@ -76,8 +76,9 @@ def place_slices(image: sitk.Image, positions: np.ndarray, where: str, warn: Cal
     along = offsets @ axes[:, 2]
     places = len(np.unique(np.round(along / SAME_PLACE_MM)))
     if 2 * places <= count:  # each place imaged again and again, in any order: bolus tracking, a perfusion series
-        raise NotAScan(f"{where}: its {count} slices lie at {places} place{'s' * (places > 1)}: a time series of "
-                       "the same slices (bolus tracking?), not a 3-D scan")
+        raise NotAScan(f"{where}: its {count} slices lie at {places} place{'s' * (places > 1)}, each about "
+                       f"{count / places:.0f} times: the same slices imaged again and again (bolus tracking?) or "
+                       "its files present more than once, not one 3-D scan")
     steps = np.diff(along)
     if np.any(np.abs(steps) < SAME_PLACE_MM):
         first = int(np.argmin(np.abs(steps)))
