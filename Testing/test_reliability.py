@@ -24,7 +24,8 @@ from hybridmim.errors import UserError
 from hybridmim import niftifile
 from hybridmim.imageio import read_volume
 from hybridmim.inference import WindowPlan, run_with_fallbacks, sliding_window, window_plans
-from hybridmim.memory import BASE_BYTES, GIB, ScanHeader, segment_bytes, window_bytes
+from hybridmim.memory import (BASE_BYTES, GIB, GPU_BUILD_BYTES, ScanHeader, is_gpu_build, segment_bytes,
+                              torch_build_bytes, window_bytes)
 from hybridmim.networks import build_network
 from hybridmim.progress import Reporter
 from hybridmim.scancheck import finite_volume, warn_if_thinner_than_window, warn_if_unlike_modality
@@ -215,7 +216,7 @@ def test_the_memory_estimate_grows_with_the_voxels_the_classes_and_the_window():
     def estimate(size=(100, 100, 100), spacing=(3.0, 3.0, 3.0), voxel_bytes=2, **changes):
         return segment_bytes(ScanHeader(size, spacing, voxel_bytes), 1, dataclasses.replace(meta, **changes))
 
-    fixed = BASE_BYTES + window_bytes(meta.network, meta.roi_size)
+    fixed = BASE_BYTES + torch_build_bytes() + window_bytes(meta.network, meta.roi_size)
     small = estimate() - fixed
     assert estimate(size=(200, 200, 200)) - fixed == 8 * small
     assert estimate(spacing=(6.0, 6.0, 6.0)) - fixed > 4 * small  # the model grid counts: finer than the scan
@@ -225,6 +226,23 @@ def test_the_memory_estimate_grows_with_the_voxels_the_classes_and_the_window():
     # a 512 x 512 x 300 CT at 0.8 mm onto a 1.5 mm grid, 14 classes: a few GiB, not tens
     assert 1 * GIB < estimate((512, 512, 300), (0.8, 0.8, 1.0), preprocessing=dataclasses.replace(
         meta.preprocessing, spacing=(1.5, 1.5, 2.0))) < 6 * GIB
+
+
+def test_a_gpu_build_of_torch_counts_the_memory_its_import_takes(tmp_path):
+    """torch's CUDA build maps its GPU libraries on a CPU run too (0.28 GiB more than the CPU build): told from
+    its version.py as torch writes it, without importing it."""
+    import torch
+
+    builds = {"cpu": ("None", "None"), "cuda": ("'13.0'", "None"), "rocm": ("None", "'6.2.41133'")}
+    for build, (cuda, hip) in builds.items():
+        version = tmp_path / build / "version.py"
+        version.parent.mkdir()
+        version.write_text(f"from typing import Optional\n__version__ = '2.13.0'\ncuda: Optional[str] = {cuda}\n"
+                           f"hip: Optional[str] = {hip}\n", encoding="utf-8")
+        assert is_gpu_build(version) == (build != "cpu"), build
+    assert not is_gpu_build(tmp_path / "missing.py")
+    installed = torch.version.cuda is not None or torch.version.hip is not None
+    assert torch_build_bytes() == (GPU_BUILD_BYTES if installed else 0)
 
 
 def test_the_memory_estimate_bounds_a_real_run_on_a_large_ct_closely(tmp_path):
