@@ -10,8 +10,7 @@ probe window; later runs load it without importing torch. The file's name carrie
 everything it depends on (the checkpoint's bytes, torch, MONAI, OpenVINO and this
 package's network code), so a changed ingredient never reuses a stale export; the
 exports least recently used go once the folder passes _CACHE_BYTES. Only
-OpenVINO's runtime is used (read, compile, infer); its model converter, the part that
-has telemetry, is not.
+OpenVINO's runtime is used (read, compile, infer), and without its telemetry (``_core_once``).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import threading
 import time
 import warnings
@@ -91,6 +91,10 @@ def _openvino_core():
 
 @functools.cache
 def _core_once():
+    # `import openvino` imports its model converter, which sends a usage event to Google Analytics (from a forked
+    # process) and keeps a client id under ~/intel, unless the user opted out; where its telemetry package cannot
+    # be imported it takes its own stub: nothing about a run leaves the machine
+    sys.modules.setdefault("openvino_telemetry", None)
     import openvino
 
     return openvino.Core()
