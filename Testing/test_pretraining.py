@@ -189,10 +189,11 @@ def test_a_run_killed_unwarned_between_checkpoints_resumes_from_its_last_periodi
     recipe["train"].update(checkpoint_every=1000, save_minutes=1e-6)
     (tmp_path / "rare checkpoints.json").write_text(json.dumps(recipe), encoding="utf-8")
     output = tmp_path / "run.safetensors"
+    def fifth_step(event) -> bool:
+        return event["event"] == "progress" and event.get("stage") == "pre-train" and event["done"] == 5
+
     process, _, _ = signalled_run(["pretrain", "--recipe", tmp_path / "rare checkpoints.json", "--data", prepared, "-o",
-                                   output, "--device", "cpu", "--progress", "json"],
-                                  lambda e: e["event"] == "progress" and e.get("stage") == "pre-train" and e["done"] == 5,
-                                  signal.SIGKILL)
+                                   output, "--device", "cpu", "--progress", "json"], fifth_step, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert 4 <= load_resume_state(output)["step"] < 10
     run_cli_here("pretrain", "--data", prepared, "-o", output, "--resume", "--device", "cpu", "--progress", "quiet",
