@@ -189,6 +189,7 @@ def test_a_run_killed_unwarned_between_checkpoints_resumes_from_its_last_periodi
     recipe["train"].update(checkpoint_every=1000, save_minutes=1e-6)
     (tmp_path / "rare checkpoints.json").write_text(json.dumps(recipe), encoding="utf-8")
     output = tmp_path / "run.safetensors"
+
     def fifth_step(event) -> bool:
         return event["event"] == "progress" and event.get("stage") == "pre-train" and event["done"] == 5
 
