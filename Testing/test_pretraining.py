@@ -204,7 +204,8 @@ def test_a_run_killed_unwarned_between_checkpoints_resumes_from_its_last_periodi
 
 def test_a_pool_leaves_out_images_that_are_no_3d_scan_with_a_warning(scans, recipe_file, tmp_path):
     """A PACS export holds a study's scout (one slice) and a screenshot (colour) beside its scans: a pre-training
-    pool leaves them out, each named in a warning, and prepares the rest; a pool of nothing else is refused."""
+    pool leaves them out, each named in a warning, and prepares the rest (a localiser's short series too); a pool
+    of nothing else is refused."""
     from conftest import warnings_of
 
     abdomen = sitk.ReadImage(str(scans / "abdomen.nii.gz"))
@@ -223,6 +224,15 @@ def test_a_pool_leaves_out_images_that_are_no_3d_scan_with_a_warning(scans, reci
         "image); give one scalar volume per input channel"]
     prepared = json.loads((tmp_path / "cache" / "prepared.json").read_text(encoding="utf-8"))
     assert [v["name"] for v in prepared["volumes"]] == ["abdomen"]
+
+    # a study's series in one folder: each a scan, but for the localiser, left out too and said
+    from test_imageio import write_study_in_one_folder
+
+    write_study_in_one_folder(tmp_path / "study")
+    said = warnings_of(run_cli_here("pretrain", "--recipe", recipe_file, "--data", tmp_path / "study", "--cache",
+                                    tmp_path / "cache", "--prepare-only", "--progress", "json", check_rc=0))
+    assert said == [f"{tmp_path / 'study'}: 1 of its 3 DICOM series left out, of fewer than 10 images each "
+                    "(localisers?)"]
 
     (pool / "abdomen.nii.gz").unlink()
     refused = run_cli_here("pretrain", "--recipe", recipe_file, "--data", pool, "--cache", tmp_path / "cache",

@@ -75,7 +75,10 @@ def test_each_series_of_a_study_in_one_folder_is_segmented_as_a_case(tmp_path):
     from test_imageio import write_study_in_one_folder
 
     images = write_study_in_one_folder(tmp_path / "study")
-    run_cli("segment", "--data", tmp_path / "study", "-o", tmp_path / "out", "--progress", "quiet", check_rc=0)
+    result = run_cli("segment", "--data", tmp_path / "study", "-o", tmp_path / "out", "--progress", "quiet",
+                     check_rc=0)
+    assert result.stderr.splitlines()[0] == (f"warning: {tmp_path / 'study'}: 1 of its 3 DICOM series left out, of "
+                                             "fewer than 10 images each (localisers?)")  # the localiser
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["statistics.csv", "study_1.seg.nrrd",
                                                                      "study_2.seg.nrrd"]
     for number, name in ((1, "abdomen"), (2, "chest")):

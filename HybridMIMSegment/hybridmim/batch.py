@@ -129,7 +129,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     folder = Path(output)
     if folder.is_file():
         raise UserError(f"{folder}: is a file; with --data, -o names a folder for the label maps")
-    cases = find_cases(data, dicom=True)
+    cases = find_cases(data, dicom=True, warn=reporter.warning)
     planned = _planned_outputs(cases, folder, suffix, previews)
     existing = [p for paths in planned.values() for p in paths.values() if p.exists()]
     if existing and not (overwrite or skip_existing):

@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -78,27 +79,30 @@ def _holds_dicom(folder: Path) -> bool:
     return False
 
 
-def _dicom_cases(name: str, folder: Path) -> list[Case]:
+def _dicom_cases(name: str, folder: Path, warn: Callable[[str], None]) -> list[Case]:
     """A folder of DICOM files as the case ``name``; one holding several series (an export that puts a study's
     files in one folder) as a case per series of MIN_SERIES_FILES files or more, ``name_1``, ``name_2``, … in the
-    order of their UIDs."""
+    order of their UIDs (the shorter ones, localisers mostly, left out with a warning)."""
     from .imageio import dicom_series, sampled_series_uids
 
     if len(sampled_series_uids(folder)) <= 1:
         return [Case(name, (folder,))]
     series = dicom_series(folder)
     scans = sorted(uid for uid, files in series.items() if len(files) >= MIN_SERIES_FILES)
+    if len(scans) < len(series):
+        warn(f"{folder}: {len(series) - len(scans)} of its {len(series)} DICOM series left out, of fewer than "
+             f"{MIN_SERIES_FILES} images each (localisers?)")
     return [Case(f"{name}_{number}", (folder,), series=uid) for number, uid in enumerate(scans, start=1)]
 
 
-def _dicom_cases_below(root: Path, folder: Path) -> list[Case]:
+def _dicom_cases_below(root: Path, folder: Path, warn: Callable[[str], None]) -> list[Case]:
     """The DICOM cases of each folder at or below ``folder`` that holds DICOM files, named by its path under
     ``root`` (PACS and disc exports nest series as PATIENT/STUDY/SERIES folders)."""
     cases = []
     for current, subfolders, _ in os.walk(folder):
         subfolders.sort()
         if _holds_dicom(Path(current)):
-            cases += _dicom_cases("_".join(Path(current).relative_to(root).parts), Path(current))
+            cases += _dicom_cases("_".join(Path(current).relative_to(root).parts), Path(current), warn)
     return cases
 
 
@@ -138,11 +142,13 @@ def _check_excluded(names, exclude) -> None:
         raise UserError(f"--exclude names no case in the data: {', '.join(sorted(unknown))}")
 
 
-def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -> list[Case]:
+def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False,
+               warn: Callable[[str], None] = lambda _: None) -> list[Case]:
     """Volumes from image files, case folders, folders of case folders, Decathlon folders
     (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
     ``labelled``: every case must have its label map; ``dicom``: a folder of DICOM files (given, or at any
-    depth below a given folder) is a one-channel case named after the folder (its path under the given one)."""
+    depth below a given folder) is a one-channel case named after the folder (its path under the given one);
+    ``warn``: told of the series left out of a folder of several."""
     cases: list[Case] = []
     for path in map(Path, paths):
         if not path.exists():
@@ -159,7 +165,7 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
         elif (case := _case_in_folder(path, labelled)) is not None:
             cases.append(case)
         elif dicom and _holds_dicom(path):
-            cases += _dicom_cases(path.name, path)
+            cases += _dicom_cases(path.name, path, warn)
         else:
             subfolders = sorted(p for p in path.iterdir() if p.is_dir())
             found = []
@@ -167,7 +173,7 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False) -
                 if (case := _case_in_folder(folder, labelled)) is not None:
                     found.append(case)
                 elif dicom:
-                    found += _dicom_cases_below(path, folder)
+                    found += _dicom_cases_below(path, folder, warn)
             found += [Case(_image_stem(p), (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
             if not found:
                 kinds = "case folders with image.nii.gz, image files" + (" or DICOM series folders" if dicom else "")

@@ -94,8 +94,8 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
                 data = load_prepared(Path(data_paths[0]), preprocessing, reporter, exclude=exclude)
             else:
                 folder = Path(cache) if cache else cache_dir() / "prepared"
-                data = prepare_cases(find_cases(data_paths, exclude, dicom=True), preprocessing, folder, reporter,
-                                     channels=recipe["channels"])
+                cases = find_cases(data_paths, exclude, dicom=True, warn=reporter.warning)
+                data = prepare_cases(cases, preprocessing, folder, reporter, channels=recipe["channels"])
     except StoppedBeforeTraining:
         return report_stopped_before_training(output and Path(output), state is not None, reporter)
     if prepare_only:
