@@ -177,7 +177,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
                                meta.preprocessing.intensity.window, f"{case.name}: {meta.title or checkpoint.stem}")
         except NotAScan as exc:
             left_out.append(case.name)
-            reporter.warning(f"{case.name}: left out, no 3-D scan: {exc}")
+            reporter.warning(exc.left_out(case.name))
         except UserError as exc:
             failed[case.name] = str(exc)
             reporter.warning(f"{case.name}: skipped: {exc}")
@@ -206,8 +206,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         raise UserError(f"{len(failed)} of {len(cases)} cases failed ({names}; the warnings above say why); "
                         f"the other {len(statistics)} are in {folder}")
     if not statistics:
-        raise UserError(f"no 3-D scans to segment: the {len(cases)} images given were each left out (the warnings "
-                        "above say why)")
+        raise NotAScan.none_left(len(cases), "segment")
     summary = {"folder": str(folder), "statistics": str(statistics_path), "model": checkpoint.stem,
                "cases": len(cases), "segmented": len(cases) - len(kept) - len(left_out), "kept": len(kept),
                "left_out": left_out,

@@ -15,6 +15,16 @@ class NotAScan(UserError):
     the dose, its bolus tracking). A pool of scans leaves it out (pre-training, ``segment --data``); anywhere else
     it is refused."""
 
+    def left_out(self, case: str) -> str:
+        """The warning of a pool that leaves this image, its case ``case``, out."""
+        return f"{case}: left out, no 3-D scan: {self}"
+
+    @staticmethod
+    def none_left(images: int, task: str) -> UserError:
+        """The refusal of a pool whose ``images`` were each left out, with nothing left to ``task``."""
+        return UserError(f"no 3-D scans to {task}: the {images} images given were each left out (the warnings above "
+                         "say why)")
+
 
 def message_line(exc: Exception, last: bool = False) -> str:
     """The first (``last``: the last) non-empty line of an exception's message, else its type's name (a library's

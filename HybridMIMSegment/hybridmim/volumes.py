@@ -451,7 +451,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
             except NotAScan as exc:
                 if labels:  # a labelled case was chosen as one: its image is refused
                     raise
-                reporter.warning(f"{case.name}: left out, no 3-D scan: {exc}")
+                reporter.warning(exc.left_out(case.name))
                 reporter.progress(done + 1, len(cases))
                 continue
             arrays[PREPARE_WARNINGS] = np.array(said, dtype=str)
@@ -473,8 +473,7 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         entries.append({**source, "file": path.name})
         reporter.progress(done + 1, len(cases))
     if not volumes:
-        raise UserError(f"no 3-D scans to train on: the {len(cases)} images given were each left out (the warnings "
-                        "above say why)")
+        raise NotAScan.none_left(len(cases), "train on")
     index = {"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
              "classes": {str(k): v for k, v in class_indices(labels or []).items()},
              "labels": [label.to_dict() for label in labels or []], "volumes": entries}

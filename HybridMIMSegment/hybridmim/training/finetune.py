@@ -38,7 +38,7 @@ from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
 from ..volumes import PreparedData, find_cases, is_prepared_folder, is_segmentation_file, load_prepared, prepare_cases
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
-                       check_time_limit, load_resume_state, optimiser_step, read_schedule,
+                       load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
 from .schedule import Interval, StepPace, shortened_warmup, warmup_cosine
 from .start import Start, head_summary, resolve_start, transfer_weights
@@ -215,7 +215,6 @@ def run_finetune(init: str, data_paths: list[str], output: str, reporter: Report
         # what sizes the network takes is checked once it is built (_build_network)
         raise UserError(f"recipe 'train.window' must be three whole numbers of voxels, got "
                         f"{json.dumps(schedule.window)}")
-    check_time_limit(schedule.max_minutes)
     start = resolve_start(init, recipe, labels_file, reporter, [*data_paths, *(val_paths or [])])
     network = _build_network(start, schedule)
     try:

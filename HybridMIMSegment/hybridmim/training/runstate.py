@@ -143,10 +143,10 @@ def optimiser_step(optimiser, scheduler, scaler, parameters, grad_clip: float | 
     scheduler.step()
 
 
-def check_time_limit(minutes) -> None:
-    """Refuse a ``max_minutes`` that is not a positive number (None: no limit)."""
+def check_minutes(minutes, what: str = "the time limit") -> None:
+    """Refuse minutes that are not a positive number (None: none given, as for no time limit)."""
     if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise UserError(f"the time limit must be a positive number of minutes, got {minutes!r}")
+        raise UserError(f"{what} must be a positive number of minutes, got {minutes!r}")
 
 
 def read_schedule(cls, recipe: dict):
@@ -164,9 +164,8 @@ def read_schedule(cls, recipe: dict):
     for name in cls.POSITIVE:
         if getattr(schedule, name) < 1:
             raise UserError(f"recipe 'train.{name}' must be ≥ 1, got {getattr(schedule, name)}")
-    if not schedule.save_minutes > 0:
-        raise UserError(f"recipe 'train.save_minutes' must be a positive number of minutes, got "
-                        f"{schedule.save_minutes}")
+    check_minutes(schedule.max_minutes)
+    check_minutes(schedule.save_minutes, "recipe 'train.save_minutes'")
     return schedule
 
 
