@@ -116,6 +116,26 @@ def test_dicom_series_folder_reads_with_geometry(tmp_path):
     assert warnings == []
 
 
+def test_a_folder_holding_one_multi_frame_dicom_reads_as_its_volume(tmp_path):
+    """Scanners export Enhanced CT and MR as one file of many frames: its folder (a PACS export) reads as the file
+    does, not as a 4-D stack of one volume."""
+    ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
+    # unsigned as CTs often are (GDCM writes no signed multi-frame): ITK writes an Enhanced CT object
+    stored = sitk.Cast(sitk.Clamp(ct + 1024, lowerBound=0, upperBound=4095), sitk.sitkUInt16)
+    stored.SetMetaData("0008|0060", "CT")
+    folder = tmp_path / "export" / "series"
+    folder.mkdir(parents=True)
+    sitk.WriteImage(stored, str(folder / "IM0001"), imageIO="GDCMImageIO")
+    header = imageio.read_header(folder / "IM0001")
+    assert (header.GetMetaData("0008|0016"), header.GetMetaData("0028|0008").strip()) == (
+        "1.2.840.10008.5.1.4.1.1.2.1", str(ct.GetDepth()))  # Enhanced CT Image Storage, one frame a slice
+    warnings = []
+    back = read_volume(folder, warnings.append)
+    assert_same_grid(back, ct, 1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(stored))
+    assert warnings == []
+
+
 @pytest.mark.parametrize("oblique", [False, True])
 def test_a_series_missing_a_slice_is_put_back_on_an_even_grid_with_the_gap_interpolated(tmp_path, capfd, oblique):
     ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))

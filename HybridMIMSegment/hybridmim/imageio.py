@@ -95,6 +95,10 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | 
             warn(f"{folder} holds {len(files)} DICOM series; using the largest ({len(files[chosen])} files, {chosen}); "
                  "`segment --data` takes each series as a case")
     names = files[chosen]
+    if len(names) == 1:
+        # one file: an enhanced (multi-frame) CT or MR holds the whole volume, which the series reader would stack
+        # into a 4-D image of one; one single-frame file is a single slice either way
+        return _itk_read(Path(names[0]))
     try:
         reader, image = _read_series_files(names, folder)
         if one_orientation(reader, len(names)):
