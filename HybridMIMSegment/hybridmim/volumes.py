@@ -437,30 +437,12 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     reporter.stage("prepare data")
     volumes, sources, entries = [], [], []
     for done, case in enumerate(cases):
-        key = _cache_key(case, preprocessing, labels)
-        path = cache / f"{key}.npz"
+        path = cache / f"{_cache_key(case, preprocessing, labels)}.npz"
         files = case.channels + ((case.label,) if labels else ())
-        if path.is_file():
-            arrays = _load_npz(path)
-            _say_warnings_again(arrays, reporter)
-        else:
-            said = []
-            try:
-                arrays = _prepare_volume(case, preprocessing, key, labels, channels,
-                                         lambda text: (said.append(text), reporter.warning(text)))
-            except NotAScan as exc:
-                if labels:  # a labelled case was chosen as one: its image is refused
-                    raise
-                reporter.warning(exc.left_out(case.name))
-                reporter.progress(done + 1, len(cases))
-                continue
-            arrays[PREPARE_WARNINGS] = np.array(said, dtype=str)
-            # the sources' digests travel with the volume: its key already stands for their sizes and times, and
-            # hashing them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
-            arrays[SOURCE_DIGESTS] = np.array([_source_sha256(p, case.series) for p in files])
-            with atomic_output(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, **arrays)
+        arrays = _load_or_prepare(case, files, path, preprocessing, labels, channels, reporter)
+        reporter.progress(done + 1, len(cases))
+        if arrays is None:
+            continue
         count = arrays["image"].shape[0]
         if count != len(cases[0].channels):
             raise UserError(f"{case.name}: {count} channels where the first case has {len(cases[0].channels)}")
@@ -471,7 +453,6 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
                   "shape": list(arrays["image"].shape[1:]), **({"series": case.series} if case.series else {})}
         sources.append(source)
         entries.append({**source, "file": path.name})
-        reporter.progress(done + 1, len(cases))
     if not volumes:
         raise NotAScan.none_left(len(cases), "train on")
     index = {"format": CACHE_FORMAT, "preprocessing": preprocessing.to_dict(),
@@ -480,6 +461,33 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     with atomic_output(cache / INDEX_NAME) as tmp:
         tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     return PreparedData(volumes, preprocessing, sources)
+
+
+def _load_or_prepare(case: Case, files: tuple, path: Path, preprocessing: Preprocessing, labels, channels,
+                     reporter: Reporter) -> dict | None:
+    """The case's prepared arrays, from the cache at ``path`` or prepared into it; None where an unlabelled case's
+    image is no 3-D scan (left out with a warning)."""
+    if path.is_file():
+        arrays = _load_npz(path)
+        _say_warnings_again(arrays, reporter)
+        return arrays
+    said = []
+    try:
+        arrays = _prepare_volume(case, preprocessing, path.stem, labels, channels,
+                                 lambda text: (said.append(text), reporter.warning(text)))
+    except NotAScan as exc:
+        if labels:  # a labelled case was chosen as one: its image is refused
+            raise
+        reporter.warning(exc.left_out(case.name))
+        return None
+    arrays[PREPARE_WARNINGS] = np.array(said, dtype=str)
+    # the sources' digests travel with the volume: its key already stands for their sizes and times, and hashing
+    # them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
+    arrays[SOURCE_DIGESTS] = np.array([_source_sha256(p, case.series) for p in files])
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return arrays
 
 
 def is_prepared_folder(path) -> bool:
