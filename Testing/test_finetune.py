@@ -829,6 +829,17 @@ def test_labels_come_from_the_cases_segmentations_when_nothing_else_names_them(f
     assert nothing.stderr.splitlines()[-1] == (
         "error: no label of the labels file occurs in the training cases' label maps (1 → Tumour): their segments in "
         "the cases' Slicer segmentations are empty")
+    # Beside a label map whose values are others, either may be the cause: both are said.
+    other = empty.parent / "STS_002"
+    other.mkdir()
+    (other / "image.nii.gz").symlink_to(folders["train"] / "STS_002" / "image.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(folders["train"] / "STS_002" / "label.nii.gz")) * 2, str(other / "label.nii.gz"))
+    both = run_cli_here("finetune", "--init", "scratch", "--data", empty.parent, "--recipe", recipe, "--labels", tumour,
+                        "--cache", tmp_path / "cache", "-o", tmp_path / "none.safetensors", "--progress", "json",
+                        check_rc=2)
+    assert both.stderr.splitlines()[-1] == (
+        "error: no label of the labels file occurs in the training cases' label maps (1 → Tumour): give the values "
+        "the label maps use or their segments in the cases' Slicer segmentations are empty")
 
 
 def test_labels_that_occur_in_no_training_case_are_refused_or_named(folders, tmp_path, refused):

@@ -133,10 +133,12 @@ def _check_labels_occur(data: PreparedData, start: Start, reporter: Reporter) ->
     missing = [(label, f"{', '.join(map(str, label.sources))} → {label.name}")
                for label, found in zip(start.labels, occurs[1:]) if not found]
     if len(missing) == len(start.labels):
-        files = [name for source in data.sources_of(data.volumes) for name in source["files"]]
-        # a segmentation none of whose segments is a label was refused before preparing (check_case_label)
-        hint = ("their segments in the cases' Slicer segmentations are empty" if any(map(is_segmentation_file, files))
-                else "give the values the label maps use")
+        # a case's label file is its last; a segmentation none of whose segments is a label was refused before
+        # preparing (check_case_label), so its labels' segments are empty
+        segmentations = [is_segmentation_file(source["files"][-1]) for source in data.sources_of(data.volumes)]
+        hint = " or ".join(text for text, where in (("give the values the label maps use", not all(segmentations)),
+                                                    ("their segments in the cases' Slicer segmentations are empty",
+                                                     any(segmentations))) if where)
         raise UserError(f"no label of the labels file occurs in the training cases' label maps "
                         f"({'; '.join(text for _, text in missing)}): {hint}")
     kept = {label.name for label in start.kept_labels()}
