@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import time
 
 import pytest
 from hypothesis import given
@@ -47,6 +49,24 @@ def test_tqdm_mode_writes_nothing_protocol_like_to_stdout(capsys):
     reporter.info("hello")
     captured = capsys.readouterr()
     assert captured.out == "" and "hello" in captured.err
+
+
+def test_a_bar_counts_its_rate_from_where_it_starts():
+    """A resumed run's bar starts at its step, and one whose total a time limit changed at the step reached: the
+    steps done before took none of its time (counted, they made a rate of thousands of steps a second)."""
+    stream = io.StringIO()
+    reporter = Reporter("tqdm", stream)
+    reporter.stage("pre-train")
+    reporter.progress(500, 1000)  # resumed at step 500
+    time.sleep(0.3)
+    reporter.progress(501, 1000)
+    time.sleep(0.3)
+    reporter.progress(502, 1000)
+    reporter.progress(502, 502)  # a time limit fitted the run to the steps done
+    lines = stream.getvalue().split("\r")
+    rates = [float(rate) for rate in re.findall(r"([0-9.]+)it/s", stream.getvalue())]
+    assert rates and all(rate < 10 for rate in rates), lines  # about 3 steps a second
+    assert lines[-1].strip() == "pre-train: 100%|##########| 502/502 [00:00<?, ?it/s]"
 
 
 _json_values = st.recursive(

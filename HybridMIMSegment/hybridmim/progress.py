@@ -106,7 +106,10 @@ class Reporter:
                 from tqdm import tqdm
 
                 self._close_bar()
-                self._bar = tqdm(total=total, desc=self._stage, file=self.stream, leave=False, dynamic_ncols=True)
+                # started at ``done``: what was done before the bar (a resumed run, a total changed by a time
+                # limit) took no time of the bar's, and counting it would make its rate and time left nonsense
+                self._bar = tqdm(total=total, initial=done, desc=self._stage, file=self.stream, leave=False,
+                                 dynamic_ncols=True)
             self._bar.update(done - self._bar.n)
 
     def metric(self, **values: Any) -> None:
