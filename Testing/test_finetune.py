@@ -630,6 +630,39 @@ def test_cases_unlike_the_models_modality_are_prepared_with_a_warning(folders, t
     assert len(unlike) == 1 and unlike[0].startswith("pat0003: image.nii.gz:"), warnings_of(result)
 
 
+def test_cases_of_another_channel_count_than_the_models_are_refused_before_they_are_read(folders, tmp_path, refused):
+    """A case of two images given to a model of one channel: refused before anything is prepared, as training or as
+    validation data (a validation case of two channels had ended the run with torch's traceback at its first
+    validation); a prepared folder of such cases, given as data, is refused too."""
+    two = tmp_path / "two channels" / "STS_036"
+    two.mkdir(parents=True)
+    for index in (0, 1):
+        (two / f"image_000{index}.nii.gz").symlink_to(folders["val"] / "STS_036" / "image.nii.gz")
+    (two / "label.nii.gz").symlink_to(folders["val"] / "STS_036" / "label.nii.gz")
+    message = ("STS_036: 2 image(s) (image_0000.nii.gz, image_0001.nii.gz) where the model takes 1 channel(s) (CT); a "
+               "recipe's channels make a new model's (as in scripts/recipes/finetune-brain-tumor-mr.json)")
+    output = tmp_path / "m.safetensors"
+    refused("finetune", "--init", "scratch", "--data", two.parent, "--recipe", folders["recipe"], "--cache",
+            tmp_path / "never", "-o", output, "--progress", "quiet", message=message)
+    assert not (tmp_path / "never").exists()
+    one = tmp_path / "one case"
+    one.mkdir()
+    (one / "STS_036").symlink_to(folders["val"] / "STS_036")
+    refused("finetune", "--init", "scratch", "--data", one, "--val", two.parent, "--recipe", folders["recipe"],
+            "--cache", tmp_path / "cache", "-o", output, "--progress", "quiet", message=message)
+    assert not output.exists()
+
+    recipe = tmp_path / "two.json"
+    recipe.write_text(json.dumps({**TINY, "scratch": {**TINY["scratch"], "channels": [
+        {"name": "CT", "modality": "CT"}, {"name": "CT again", "modality": "CT"}]}}), encoding="utf-8")
+    run_cli_here("finetune", "--init", "scratch", "--data", two.parent, "--recipe", recipe, "--cache",
+                 tmp_path / "prepared", "--prepare-only", "--progress", "quiet", check_rc=0)
+    refused("finetune", "--init", "scratch", "--data", one, "--val", tmp_path / "prepared", "--recipe",
+            folders["recipe"], "--cache", tmp_path / "cache", "-o", output, "--progress", "quiet",
+            message="the model takes 1 channel(s); the validation data have 2")
+    assert not output.exists()
+
+
 def test_a_float_label_map_with_nan_background_trains_like_its_whole_number_twin(folders, tmp_path, refused):
     """NaN in a float label map is "no label": background, with a warning (ITK had made it 0 in NIfTI files without
     a word); a label map with fractions (resampled with linear interpolation) is refused with one line."""

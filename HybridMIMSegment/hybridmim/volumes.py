@@ -420,6 +420,17 @@ def _volume(name: str, arrays: dict) -> Volume:
     return Volume(name, arrays["image"], arrays["centres"], arrays.get("label"), arrays.get("label_centres"))
 
 
+def check_channel_count(cases: list[Case], channels) -> None:
+    """Refuse, before any case is read, one with another number of images than the model's input ``channels``
+    ({name, modality})."""
+    for case in cases:
+        if len(case.channels) != len(channels):
+            raise UserError(f"{case.name}: {len(case.channels)} image(s) "
+                            f"({', '.join(path.name for path in case.channels)}) where the model takes "
+                            f"{len(channels)} channel(s) ({', '.join(c['name'] for c in channels)}); a recipe's "
+                            "channels make a new model's (as in scripts/recipes/finetune-brain-tumor-mr.json)")
+
+
 def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, reporter: Reporter,
                   labels: list[Label] | None = None, channels=()) -> PreparedData:
     """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
@@ -431,6 +442,8 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     """
     if not cases:
         raise UserError("no volumes to train on")
+    if channels:
+        check_channel_count(cases, channels)
     for case in cases if labels else ():
         check_case_label(case, labels)  # headers only: refuse before an hour of preparing
     make_folder(cache, "the folder for prepared cases (--cache)")

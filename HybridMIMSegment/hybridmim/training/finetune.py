@@ -266,8 +266,10 @@ def _prepare_run(start: Start, schedule: FinetuneSchedule, network, data_paths, 
         train_volumes, val_volumes = split_cases(all_data.volumes, schedule.val_fraction, schedule.seed)
         train_data = PreparedData(train_volumes, start.preprocessing, all_data.sources)
         val_data = PreparedData(val_volumes, start.preprocessing, all_data.sources) if val_volumes else None
-    if train_data.channels != len(start.channels):
-        raise UserError(f"the model takes {len(start.channels)} channel(s); the data have {train_data.channels}")
+    for data in (train_data, val_data):  # prepared folders given as data (cases are checked before preparing)
+        if data is not None and data.channels != len(start.channels):
+            raise UserError(f"the model takes {len(start.channels)} channel(s); the "
+                            f"{'training' if data is train_data else 'validation'} data have {data.channels}")
     _check_labels_occur(train_data, start, reporter)
     if val_data is None:
         reporter.warning("no validation cases: the last epoch is kept and early stopping is off")
