@@ -412,6 +412,33 @@ def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path, monk
         load_prepared(cache, other, Reporter("quiet"))
 
 
+def test_a_damaged_prepared_case_is_prepared_again_or_refused_in_a_prepared_folder(scans, recipe_file, tmp_path):
+    """A prepared case cut short (a full disk, a partial copy) or with changed bytes is prepared again from its scan
+    with a warning; in a folder given as data, where there is no scan, it is refused in one line (both had been
+    zipfile's traceback)."""
+    preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
+    cache = tmp_path / "cache"
+    prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+    index = {entry["name"]: cache / entry["file"] for entry in json.loads((cache / "prepared.json").read_text())[
+        "volumes"]}
+    whole = index["abdomen"].read_bytes()
+    for damage in (whole[:1000], whole[:3000] + bytes(4) + whole[3004:]):
+        index["abdomen"].write_bytes(damage)
+        stream = io.StringIO()
+        prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("json", stream))
+        said = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
+        assert said == [f"abdomen: its prepared copy ({index['abdomen']}) is damaged; preparing it again"]
+        assert index["abdomen"].read_bytes() == whole
+    index["lung"].write_bytes(index["lung"].read_bytes()[:1000])
+    with pytest.raises(UserError) as refused:
+        load_prepared(cache, preprocessing, Reporter("quiet"))
+    assert str(refused.value) == (f"{cache}: the prepared copy of lung ({index['lung'].name}) is missing or damaged; "
+                                  "prepare the data again")
+    index["lung"].unlink()
+    with pytest.raises(UserError, match="the prepared copy of lung .* is missing or damaged"):
+        load_prepared(cache, preprocessing, Reporter("quiet"))
+
+
 def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_path):
     """A disc or PACS export (a DICOMDIR index, the series nested as PATIENT/STUDY/SERIES folders) pre-trains like
     the same CTs as NIfTI files; the series' files are the prepared cache's key and the checkpoint's provenance."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -404,9 +406,15 @@ def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, labels: 
     return prepared
 
 
-def _load_npz(path: Path) -> dict:
-    with np.load(path) as f:
-        return {key: f[key] for key in f.files}
+def _load_npz(path: Path) -> dict | None:
+    """A prepared case's arrays; None where its file is missing or damaged (cut short by a full disk or a partial
+    copy, or its bytes changed: the zip's checksums say so)."""
+    try:
+        with np.load(path) as f:
+            arrays = {key: f[key] for key in f.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error):
+        return None
+    return arrays if {"image", "centres"} <= arrays.keys() else None
 
 
 def _say_warnings_again(arrays: dict, reporter: Reporter) -> None:
@@ -480,10 +488,12 @@ def _load_or_prepare(case: Case, files: tuple, path: Path, preprocessing: Prepro
                      reporter: Reporter) -> dict | None:
     """The case's prepared arrays, from the cache at ``path`` or prepared into it; None where an unlabelled case's
     image is no 3-D scan (left out with a warning)."""
-    if path.is_file():
-        arrays = _load_npz(path)
+    arrays = _load_npz(path) if path.is_file() else None
+    if arrays is not None:
         _say_warnings_again(arrays, reporter)
         return arrays
+    if path.is_file():
+        reporter.warning(f"{case.name}: its prepared copy ({path}) is damaged; preparing it again")
     said = []
     try:
         arrays = _prepare_volume(case, preprocessing, path.stem, labels, channels,
@@ -540,6 +550,9 @@ def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter
     volumes, sources = [], []
     for done, entry in enumerate(entries):
         arrays = _load_npz(folder / entry["file"])
+        if arrays is None:
+            raise UserError(f"{folder}: the prepared copy of {entry['name']} ({entry['file']}) is missing or damaged; "
+                            "prepare the data again")
         _say_warnings_again(arrays, reporter)
         volumes.append(_volume(entry["name"], arrays))
         sources.append({k: v for k, v in entry.items() if k != "file"})
