@@ -378,6 +378,18 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
     (case_folder / "image.nrrd").symlink_to(abdomen)  # which image would be read is the file system's choice
     with pytest.raises(UserError, match=f"^{case_folder}: holds image.nii.gz and image.nrrd; keep the one image file"):
         find_cases([tmp_path / "cases"])
+    # a Decathlon index that is damaged or names no image: one line (they had been json's or a KeyError's traceback)
+    index = decathlon / "dataset.json"
+    for written, message in (('{"training": [', "unreadable Decathlon dataset index (Expecting value"),
+                             ('[{"image": "ct_7.nii.gz"}]', 'a Decathlon dataset index is a JSON object ({…}), not '
+                                                            '[{"image": "ct_7.nii.gz"}]'),
+                             ('{"training": {"image": "ct_7.nii.gz"}}', "its 'training' and 'test' are lists of cases"),
+                             ('{"training": [{"label": "labelsTr/ct_7.nii.gz"}]}',
+                              'a case without an image file name: {"label": "labelsTr/ct_7.nii.gz"}')):
+        index.write_text(written)
+        with pytest.raises(UserError) as refused:
+            find_cases([decathlon])
+        assert str(refused.value).startswith(f"{index}: {message}")
 
 
 def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path, monkeypatch):
@@ -437,6 +449,11 @@ def test_a_damaged_prepared_case_is_prepared_again_or_refused_in_a_prepared_fold
     index["lung"].unlink()
     with pytest.raises(UserError, match="the prepared copy of lung .* is missing or damaged"):
         load_prepared(cache, preprocessing, Reporter("quiet"))
+    (cache / "prepared.json").write_text('{"format": ')
+    with pytest.raises(UserError) as refused:
+        load_prepared(cache, preprocessing, Reporter("quiet"))
+    assert str(refused.value) == (f"{cache / 'prepared.json'}: unreadable index of prepared cases (Expecting value: "
+                                  "line 1 column 12 (char 11)); prepare the data again")
 
 
 def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_path):
@@ -606,6 +623,9 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
     (tmp_path / "bad.json").write_text("{not json")
     refused("--data", prepared, "--recipe", tmp_path / "bad.json", "-o", tmp_path / "m.safetensors",
             message="unreadable recipe")
+    (tmp_path / "list.json").write_text("[]")
+    refused("--data", prepared, "--recipe", tmp_path / "list.json", "-o", tmp_path / "m.safetensors",
+            message="list.json: a recipe is a JSON object ({…}), not []")
     (tmp_path / "typo.json").write_text(json.dumps({**TINY_RECIPE, "train": {"stpes": 3}}))
     refused("--data", prepared, "--recipe", tmp_path / "typo.json", "-o", tmp_path / "m.safetensors",
             message="unknown settings ['stpes']")

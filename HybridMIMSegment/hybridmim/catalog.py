@@ -3,13 +3,13 @@ models, sample data, and turning ``--model NAME|PATH`` into a verified file."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .download import cache_dir, fetch_verified, file_sha256
 from .errors import UserError
+from .jsonfile import read_json
 from .progress import Reporter
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -85,10 +85,7 @@ def _entries(items, source: Path) -> tuple[Entry, ...]:
 def load_catalog(folder: Path | None = None) -> Catalog:
     folder = folder or models_dir()
     path = folder / "catalog.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable model catalog ({exc})") from None
+    data = read_json(path, "model catalog", an_object=True)
     return Catalog(_entries(data.get("models", []), path), _entries(data.get("samples", []), path),
                    data.get("default_model", ""), folder, data.get("default_pretrained_model", ""))
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_output, make_folder
 from .errors import NotAScan, UserError
+from .jsonfile import read_json
 from .labels import Label, class_indices
 from .preprocessing import Preprocessing
 from .progress import Reporter
@@ -129,11 +130,17 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
 
 
 def _decathlon_cases(folder: Path) -> list[Case]:
-    index = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    path = folder / "dataset.json"
+    index = read_json(path, "Decathlon dataset index", an_object=True)
+    lists = [index.get(part, []) for part in ("training", "test")]
+    if not all(isinstance(entries, list) for entries in lists):
+        raise UserError(f"{path}: its 'training' and 'test' are lists of cases")
     cases = []
-    for entry in index.get("training", []) + index.get("test", []):
-        image = entry["image"] if isinstance(entry, dict) else entry
+    for entry in lists[0] + lists[1]:
+        image = entry.get("image") if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
+        if not isinstance(image, str) or not isinstance(label, (str, type(None))):
+            raise UserError(f"{path}: a case without an image file name: {json.dumps(entry)[:80]}")
         cases.append(Case(_image_stem(Path(image)), (folder / image,), folder / label if label else None))
     return cases
 
@@ -520,7 +527,11 @@ def is_prepared_folder(path) -> bool:
 def prepared_labels(folder: Path) -> list[dict]:
     """The labels (parse_labels' entries) a prepared folder's label maps were made with; [] for none, or for a
     folder prepared before they were recorded."""
-    return json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("labels", [])
+    return _prepared_index(folder).get("labels", [])
+
+
+def _prepared_index(folder: Path) -> dict:
+    return read_json(folder / INDEX_NAME, "index of prepared cases", an_object=True, hint="prepare the data again")
 
 
 def _named_alike(entries: list[dict], labels: list[Label]) -> bool:
@@ -532,7 +543,7 @@ def load_prepared(folder: Path, preprocessing: Preprocessing, reporter: Reporter
     """A cache folder given as data, less the ``exclude``d case names; its pre-processing (and label
     classes) must be the run's, and where Slicer segmentations were read, its labels' names too (they chose
     each segment's label)."""
-    index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+    index = _prepared_index(folder)
     if index.get("format") != CACHE_FORMAT:
         raise UserError(f"{folder}: prepared with another version of the engine; prepare the data again")
     if Preprocessing.from_dict(index["preprocessing"]) != preprocessing:

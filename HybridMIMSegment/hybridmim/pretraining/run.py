@@ -8,6 +8,7 @@ from pathlib import Path
 from ..catalog import resources_dir
 from ..download import cache_dir
 from ..errors import UserError
+from ..jsonfile import read_json
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 
@@ -35,10 +36,7 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
     """
     override = {}
     if recipe_file:
-        try:
-            override = json.loads(Path(recipe_file).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{recipe_file}: unreadable recipe ({exc})") from None
+        override = read_json(recipe_file, "recipe", an_object=True)
     method = method or override.get("method", "hybridmim")
     if method not in DEFAULT_BACKBONES:
         raise UserError(f"unknown pre-training method {method!r} (known: {', '.join(DEFAULT_BACKBONES)})")

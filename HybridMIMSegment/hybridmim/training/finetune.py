@@ -33,6 +33,7 @@ from ..checkpoint import ModelMeta, save_checkpoint
 from ..curves import REDRAW_SECONDS
 from ..download import cache_dir
 from ..errors import UserError
+from ..jsonfile import read_json
 from ..progress import Reporter
 from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
@@ -86,10 +87,7 @@ def load_recipe(recipe_file: str | None) -> dict:
     default = json.loads((resources_dir() / "Recipes" / "finetune.json").read_text(encoding="utf-8"))
     if not recipe_file:
         return default
-    try:
-        override = json.loads(Path(recipe_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{recipe_file}: unreadable recipe ({exc})") from None
+    override = read_json(recipe_file, "recipe", an_object=True)
     if isinstance(override.get("labels"), str):  # a labels file named relative to its recipe
         override["labels"] = str(Path(recipe_file).parent / override["labels"])
     return merge_recipes(default, override)

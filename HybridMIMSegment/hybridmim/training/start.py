@@ -9,7 +9,6 @@ are new.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..catalog import resolve_model
 from ..checkpoint import inference_settings, read_metadata
 from ..download import file_sha256
 from ..errors import UserError
+from ..jsonfile import read_json
 from ..labels import Label, label_of_codes, parse_label_file, plain_name
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
@@ -29,12 +29,7 @@ def read_labels(source) -> tuple[list[Label], list[dict]]:
     """(labels, regions) from a labels file path or an inline document (see labels.py)."""
     if not isinstance(source, str):
         return parse_label_file(source, "recipe labels")
-    path = Path(source)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable labels file ({exc})") from None
-    return parse_label_file(document, str(path))
+    return parse_label_file(read_json(source, "labels file"), source)
 
 
 @dataclass
