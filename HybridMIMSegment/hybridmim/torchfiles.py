@@ -45,4 +45,5 @@ def load_torch_file(path: Path, what: str):
                             f"({unsafe[:160]})") from None
         raise UserError(f"{path}: not a readable {what} (a damaged pickle)") from None
     except Exception as exc:  # noqa: BLE001 - truncated or damaged: torch raises many types
-        raise UserError(f"{path}: not a readable {what} ({message_line(exc)[:160]})") from None
+        # the first sentence: torch goes on to advise a reader of its own code ("If you are seeing this error, …")
+        raise UserError(f"{path}: not a readable {what} ({message_line(exc).split('. ')[0][:160]})") from None
