@@ -557,6 +557,29 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
                              "network 'unet': bad settings {\"features\": \"big\", \"dropout\": 0.1, "
                              "\"in_channels\": 1, \"out_channels\": 2} (invalid literal for int() with base 10: "
                              "'b')"),
+        # each of these had been a traceback, or was taken without a word (a list for the train block dropped the
+        # defaults'; a misspelt block was ignored; a share of 2 or a negative warm-up went into training)
+        "a list for an object": ({"train": []}, "recipe 'train' must be an object, got []"),
+        "a misspelt block": ({"trian": TINY["train"]}, "recipe: unknown settings ['trian']"),
+        "channels as text": ({"scratch": {**TINY["scratch"], "channels": "CT"}},
+                             "recipe 'scratch.channels' must be a list, got \"CT\""),
+        "no channels": ({"scratch": {**TINY["scratch"], "channels": []}},
+                        "recipe 'scratch': 'channels' must list the input channels with their names"),
+        "a word for the spacing": ({"scratch": {**TINY["scratch"], "preprocessing": {"spacing": "fine"}}},
+                                   "pre-processing 'spacing' must be 3 numbers, got \"fine\""),
+        "a word for the body crop": ({"scratch": {**TINY["scratch"], "preprocessing": {"foreground": "yes"}}},
+                                     "pre-processing 'foreground' must be an object, got \"yes\""),
+        "a share of 2": ({"train": {**TINY["train"], "labelled_fraction": 2}},
+                         "recipe 'train.labelled_fraction' must be in [0, 1], got 2"),
+        "every case validating": ({"train": {**TINY["train"], "val_fraction": 1.0}},
+                                  "recipe 'train.val_fraction' must be in [0, 1), got 1.0"),
+        "a negative weight decay": ({"train": {**TINY["train"], "weight_decay": -1}},
+                                    "recipe 'train.weight_decay' must be ≥ 0, got -1"),
+        "a negative warm-up": ({"train": {**TINY["train"], "warmup_steps": -5}},
+                               "recipe 'train.warmup_steps' must be ≥ 0, got -5"),
+        "no threads": ({"train": {**TINY["train"], "num_threads": 0}},
+                       "recipe 'train.num_threads' must be ≥ 1 or null, got 0"),
+        "a learning rate of 0": ({"train": {**TINY["train"], "lr": 0}}, "recipe 'train.lr' must be above 0, got 0"),
     }
     for changes, message in hand_written.values():
         (tmp_path / "hand.json").write_text(json.dumps({**TINY, **changes}))

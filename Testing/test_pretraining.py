@@ -648,7 +648,17 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
                              ({"train": {"checkpoint_every": 0}},  # else a ZeroDivisionError at the first step
                               "recipe 'train.checkpoint_every' must be ≥ 1, got 0"),
                              ({"train": {"save_minutes": 0}},
-                              "recipe 'train.save_minutes' must be a positive number of minutes, got 0")]:
+                              "recipe 'train.save_minutes' must be a positive number of minutes, got 0"),
+                             # tracebacks before, each of these
+                             ({"train": {"seed": -1}}, "recipe 'train.seed' must be ≥ 0, got -1"),
+                             ({"train": {"lr": -1e-4}}, "recipe 'train.lr' must be above 0, got -0.0001"),
+                             ({"network": "unet"}, "recipe 'network' must be an object, got \"unet\""),
+                             ({"channels": "CT"}, "recipe 'channels' must be a list, got \"CT\""),
+                             ({"preprocessing": {"intensity": {"type": "window", "window": [-1000, "max"]}}},
+                              "pre-processing 'intensity.window' must be 2 numbers, got [-1000, \"max\"]"),
+                             # a block of the wrong kind or name: taken in the defaults' stead, or ignored
+                             ({"hybridmim": []}, "recipe 'hybridmim' must be an object, got []"),
+                             ({"crop_size": 64}, "recipe: unknown settings ['crop_size']")]:
         (tmp_path / "hand.json").write_text(json.dumps(merge_recipes(TINY_RECIPE, changes)))
         refused("--data", prepared, "--recipe", tmp_path / "hand.json", "-o", tmp_path / "m.safetensors",
                 message=message)

@@ -105,8 +105,7 @@ class ModelMeta:
             pretraining = dict(d.get("pretraining") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{source}: incomplete checkpoint metadata ({exc})") from None
-        if not channels or not all(isinstance(c, dict) and c.get("name") for c in channels):
-            raise UserError(f"{source}: 'channels' must list the input channels with their names")
+        check_channels(channels, source)
         if network.get("in_channels") != len(channels):
             raise UserError(f"{source}: network has {network.get('in_channels')} input channels, "
                             f"metadata lists {len(channels)}")
@@ -119,6 +118,13 @@ class ModelMeta:
         return cls(network, channels, preprocessing, roi_size, overlap, labels, str(d.get("method", "unknown")),
                    task, pretraining, str(d.get("title", "")), str(d.get("description", "")),
                    dict(d.get("provenance") or {}), dict(d.get("metrics") or {}), regions)
+
+
+def check_channels(channels, source: str) -> None:
+    """Refuse input channels that are not a list of objects, each with a name (a recipe's, or a checkpoint's)."""
+    if not isinstance(channels, list) or not channels or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in channels):
+        raise UserError(f"{source}: 'channels' must list the input channels with their names")
 
 
 def inference_settings(settings: dict, source: str) -> tuple[tuple[int, int, int], float]:

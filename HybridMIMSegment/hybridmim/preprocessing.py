@@ -7,6 +7,8 @@ Moving images onto the model grid and back is modelgrid.py's job.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,25 @@ import numpy as np
 from .errors import UserError
 
 _ORIENTATION_LETTERS = ("LR", "PA", "IS")
+
+
+def _object(value, where: str) -> dict:
+    """A block of the settings (None: empty); a hand-written recipe's word or list there is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"pre-processing '{where}' must be an object, got {json.dumps(value)}")
+    return value
+
+
+def _numbers(value, count: int, where: str) -> tuple[float, ...]:
+    """``count`` finite numbers (a one-number setting: count 1, given without a list)."""
+    values = [value] if count == 1 else value
+    if not (isinstance(values, list | tuple) and len(values) == count and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        wanted = "a number" if count == 1 else f"{count} numbers"
+        raise UserError(f"pre-processing '{where}' must be {wanted}, got {json.dumps(value)}")
+    return tuple(float(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -36,10 +57,10 @@ class Intensity:
     def from_dict(cls, d: dict) -> "Intensity":
         kind = d.get("type")
         if kind == "window":
-            lower, upper = (float(v) for v in d["window"])
+            lower, upper = _numbers(d.get("window"), 2, "intensity.window")
             if not upper > lower:
                 raise UserError(f"intensity window {d['window']} must have upper > lower")
-            out = tuple(float(v) for v in d.get("output_range", (0.0, 1.0)))
+            out = _numbers(d.get("output_range", (0.0, 1.0)), 2, "intensity.output_range")
             return cls("window", (lower, upper), out)
         if kind == "zscore":
             return cls("zscore", nonzero=bool(d.get("nonzero", False)))
@@ -101,21 +122,24 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        """The settings of a checkpoint or recipe; a hand-written block's malformed value is refused in one line."""
+        d = _object(d, "preprocessing")
         orientation = str(d.get("orientation", "RAS")).upper()
         if len(orientation) != 3 or sorted(_axis_of(c) for c in orientation) != [0, 1, 2]:
             raise UserError(f"orientation {orientation!r} must be three letters, one of each pair L/R, P/A, I/S")
         spacing = d.get("spacing")
         if spacing is not None:
-            spacing = tuple(float(s) for s in spacing)
-            if len(spacing) != 3 or min(spacing) <= 0:
+            spacing = _numbers(spacing, 3, "spacing")
+            if min(spacing) <= 0:
                 raise UserError(f"target spacing {d.get('spacing')} must be three positive numbers")
-        foreground = d.get("foreground") or {}
+        foreground = _object(d.get("foreground"), "foreground")
+        threshold = foreground.get("threshold")
         return cls(
             orientation=orientation,
             spacing=spacing,
-            intensity=Intensity.from_dict(d.get("intensity", {"type": "zscore"})),
-            foreground_threshold=None if foreground.get("threshold") is None else float(foreground["threshold"]),
-            foreground_margin_mm=float(foreground.get("margin_mm", 10.0)),
+            intensity=Intensity.from_dict(_object(d.get("intensity", {"type": "zscore"}), "intensity")),
+            foreground_threshold=None if threshold is None else _numbers(threshold, 1, "foreground.threshold")[0],
+            foreground_margin_mm=_numbers(foreground.get("margin_mm", 10.0), 1, "foreground.margin_mm")[0],
         )
 
 

@@ -6,16 +6,21 @@ import json
 from pathlib import Path
 
 from ..catalog import resources_dir
+from ..checkpoint import check_channels
 from ..download import cache_dir
 from ..errors import UserError
 from ..jsonfile import read_json
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
+from ..training.runstate import check_recipe_keys
 
 BACKBONES = ("cnn", "swin", "hybrid")
 DEFAULT_BACKBONES = {"hybridmim": "cnn", "mim": "hybrid", "hpm": "hybrid"}  # MiM and HPM hide tokens: hybrid only
 # --modality → the packaged channels and pre-processing that replace the method recipe's (CT: its own)
 MODALITIES = {None: None, "CT": None, "MR": "modality-mr.json"}
+# what a pre-training recipe holds (Resources/Recipes/pretrain-*.json): each method's settings in a block of its name
+RECIPE_KINDS = {"title": str, "description": str, "method": str, "backbone": str, "network": dict, "channels": list,
+                "preprocessing": dict, "train": dict, **{method: dict for method in DEFAULT_BACKBONES}}
 
 
 def merge_recipes(base: dict, override: dict) -> dict:
@@ -37,6 +42,7 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
     override = {}
     if recipe_file:
         override = read_json(recipe_file, "recipe", an_object=True)
+        check_recipe_keys(override, RECIPE_KINDS)
     method = method or override.get("method", "hybridmim")
     if method not in DEFAULT_BACKBONES:
         raise UserError(f"unknown pre-training method {method!r} (known: {', '.join(DEFAULT_BACKBONES)})")
@@ -53,6 +59,7 @@ def load_recipe(method: str | None, backbone: str | None, recipe_file: str | Non
     if MODALITIES[modality]:  # replaced whole: an MR recipe keeps nothing of the CT window or body crop
         recipe.update(json.loads((resources_dir() / "Recipes" / MODALITIES[modality]).read_text(encoding="utf-8")))
     recipe = merge_recipes(recipe, override)
+    check_channels(recipe["channels"], "recipe")
     named = "+".join(dict.fromkeys(c.get("modality") or c["name"] for c in recipe["channels"]))
     for key in ("title", "description"):
         if isinstance(recipe.get(key), str):

@@ -39,7 +39,7 @@ from ..runfiles import curve_path, state_path
 from ..torchfiles import save_torch_file
 from ..volumes import PreparedData, find_cases, is_prepared_folder, is_segmentation_file, load_prepared, prepare_cases
 from .runstate import (STATE_FORMAT, StoppedBeforeTraining, StopRequest, autocast, cases_record, check_new_run,
-                       load_resume_state, optimiser_step, read_schedule,
+                       check_recipe_keys, load_resume_state, optimiser_step, read_schedule,
                        report_stopped_before_training, step_generators, warn_if_cases_changed)
 from .schedule import Interval, StepPace, shortened_warmup, warmup_cosine
 from .start import Start, head_summary, resolve_start, transfer_weights
@@ -78,6 +78,12 @@ class FinetuneSchedule:
 
 
     POSITIVE = ("epochs", "steps_per_epoch", "volumes_per_step", "crops_per_volume", "validate_every")
+    FRACTIONS = {"labelled_fraction": True, "val_fraction": False}  # in [0, 1], where 1 is allowed, else [0, 1)
+
+
+# what a fine-tuning recipe holds, and the network a run from scratch builds (Resources/Recipes/finetune.json)
+RECIPE_KINDS = {"title": str, "description": str, "labels": str | list | dict, "scratch": dict, "train": dict}
+SCRATCH_KINDS = {"network": dict, "channels": list, "preprocessing": dict, "roi_size": list, "overlap": float}
 
 
 def load_recipe(recipe_file: str | None) -> dict:
@@ -88,6 +94,8 @@ def load_recipe(recipe_file: str | None) -> dict:
     if not recipe_file:
         return default
     override = read_json(recipe_file, "recipe", an_object=True)
+    check_recipe_keys(override, RECIPE_KINDS)
+    check_recipe_keys(override.get("scratch", {}), SCRATCH_KINDS, "scratch")
     if isinstance(override.get("labels"), str):  # a labels file named relative to its recipe
         override["labels"] = str(Path(recipe_file).parent / override["labels"])
     return merge_recipes(default, override)

@@ -149,6 +149,17 @@ def check_minutes(minutes, what: str = "the time limit") -> None:
         raise UserError(f"{what} must be a positive number of minutes, got {minutes!r}")
 
 
+def check_recipe_keys(block: dict, kinds: dict, where: str = "") -> None:
+    """A hand-written recipe's names and their values' kinds (``kinds``: name → annotation), in its block ``where``
+    ("scratch"; "": the recipe itself): a misspelt name is refused, not ignored, and a list where an object belongs
+    is refused, not merged over the defaults in their stead."""
+    unknown = set(block) - set(kinds)
+    if unknown:
+        raise UserError(f"recipe{f' {where!r}' if where else ''}: unknown settings {sorted(unknown)}")
+    for name, value in block.items():
+        check_setting_type(f"{where}.{name}" if where else name, value, kinds[name])
+
+
 def read_schedule(cls, recipe: dict):
     """The recipe's ``train`` block as the dataclass ``cls``: unknown names and bad values refused."""
     block = dict(recipe.get("train") or {})
@@ -164,6 +175,17 @@ def read_schedule(cls, recipe: dict):
     for name in cls.POSITIVE:
         if getattr(schedule, name) < 1:
             raise UserError(f"recipe 'train.{name}' must be ≥ 1, got {getattr(schedule, name)}")
+    if schedule.num_threads is not None and schedule.num_threads < 1:
+        raise UserError(f"recipe 'train.num_threads' must be ≥ 1 or null, got {schedule.num_threads}")
+    if not schedule.lr > 0:
+        raise UserError(f"recipe 'train.lr' must be above 0, got {schedule.lr}")
+    for name in ("weight_decay", "warmup_steps", "seed"):
+        if getattr(schedule, name) < 0:
+            raise UserError(f"recipe 'train.{name}' must be ≥ 0, got {getattr(schedule, name)}")
+    for name, one_allowed in getattr(cls, "FRACTIONS", {}).items():
+        value = getattr(schedule, name)
+        if not (0 <= value <= 1 if one_allowed else 0 <= value < 1):
+            raise UserError(f"recipe 'train.{name}' must be in [0, 1{']' if one_allowed else ')'}, got {value}")
     check_minutes(schedule.max_minutes)
     check_minutes(schedule.save_minutes, "recipe 'train.save_minutes'")
     return schedule

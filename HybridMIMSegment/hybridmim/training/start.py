@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..catalog import resolve_model
-from ..checkpoint import inference_settings, read_metadata
+from ..checkpoint import check_channels, inference_settings, read_metadata
 from ..download import file_sha256
 from ..errors import UserError
 from ..jsonfile import read_json
@@ -92,6 +92,7 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
     themselves), else the recipe's, else the init model's, else the distinct segments of ``data_paths``' cases."""
     if init == "scratch":
         scratch = recipe["scratch"]
+        check_channels(scratch["channels"], "recipe 'scratch'")
         roi_size, overlap = inference_settings(scratch, "recipe 'scratch'")
         base = {"network": scratch["network"], "channels": scratch["channels"],
                 "preprocessing": Preprocessing.from_dict(scratch["preprocessing"]),
