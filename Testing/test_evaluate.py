@@ -93,6 +93,12 @@ def test_bad_label_files_are_refused():
                           {"value": 2, "name": "b", "color": [1, 2, 3]}])
     with pytest.raises(UserError, match="'values' must list"):
         parse_label_file({"labels": BRATS_LABELS["labels"], "regions": [{"name": "x", "values": [9]}]})
+    # segments are matched to labels by name: two of one name (case and spacing aside) would be one structure
+    with pytest.raises(UserError) as refused:
+        parse_label_file([{"value": 1, "name": "Liver", "color": [1, 2, 3]},
+                          {"value": 2, "name": " liver", "color": [1, 2, 3]}], "labels.json")
+    assert str(refused.value) == ("labels.json: two labels are named 'Liver' (case and spacing aside); name each "
+                                  "structure once")
 
 
 def test_summary_means_skip_absent_structures_and_count_undefined_distances():

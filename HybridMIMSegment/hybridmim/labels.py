@@ -185,11 +185,19 @@ def parse_regions(entries, labels: list[Label], source: str = "label table") -> 
 
 
 def parse_label_file(document, source: str = "labels file") -> tuple[list[Label], list[dict]]:
-    """(labels, regions) from a labels document: a list of labels, or {"labels": [...], "regions": [...]}."""
+    """(labels, regions) from a labels document: a list of labels, or {"labels": [...], "regions": [...]}. Two
+    labels of one name are refused: segments are matched to labels by name (checkpoints made before this check are
+    read as they are)."""
     if isinstance(document, dict):
         unknown = set(document) - {"labels", "regions"}
         if unknown:
             raise UserError(f"{source}: unknown keys {sorted(unknown)} (expected 'labels' and 'regions')")
         labels = parse_labels(document.get("labels"), source)
-        return labels, parse_regions(document.get("regions", []), labels, source)
-    return parse_labels(document, source), []
+        regions = parse_regions(document.get("regions", []), labels, source)
+    else:
+        labels, regions = parse_labels(document, source), []
+    names = [plain_name(label.name) for label in labels]
+    twice = next((label.name for label, name in zip(labels, names) if names.count(name) > 1), None)
+    if twice is not None:
+        raise UserError(f"{source}: two labels are named {twice!r} (case and spacing aside); name each structure once")
+    return labels, regions
