@@ -650,7 +650,10 @@ def test_cli_refuses_bad_requests_with_one_line(prepared, recipe_file, uninterru
                              ({"train": {"save_minutes": 0}},
                               "recipe 'train.save_minutes' must be a positive number of minutes, got 0"),
                              # tracebacks before, each of these
-                             ({"train": {"seed": -1}}, "recipe 'train.seed' must be ≥ 0, got -1"),
+                             ({"train": {"seed": -1}},
+                              "recipe 'train.seed' must be a whole number from 0 to 2^63 - 1, got -1"),
+                             ({"train": {"seed": 2 ** 64}},
+                              f"recipe 'train.seed' must be a whole number from 0 to 2^63 - 1, got {2 ** 64}"),
                              ({"train": {"lr": -1e-4}}, "recipe 'train.lr' must be above 0, got -0.0001"),
                              ({"network": "unet"}, "recipe 'network' must be an object, got \"unet\""),
                              ({"channels": "CT"}, "recipe 'channels' must be a list, got \"CT\""),

@@ -101,6 +101,8 @@ def test_bad_requests_are_refused_with_one_line(unseen_slab, reconstructed, tmp_
 
     refused(unseen_slab, "-o", tmp_path / "a", "--model", DEFAULT_MODEL, message="is a segmentation model")
     refused(unseen_slab, "-o", tmp_path / "b", "--mask-ratio", "1.5", message="--mask-ratio must be between 0 and 1")
+    refused(unseen_slab, "-o", tmp_path / "b", "--seed", str(2 ** 64),  # torch's overflow traceback before
+            message=f"--seed must be a whole number from 0 to 2^63 - 1, got {2 ** 64}")
     refused(unseen_slab, "-o", out, message="already exists; pass --overwrite")
     refused(unseen_slab, unseen_slab, "-o", tmp_path / "c", message="expects 1 input channel")
     assert not any(tmp_path.iterdir())

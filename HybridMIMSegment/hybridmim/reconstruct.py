@@ -140,6 +140,8 @@ def reconstruct(inputs: list[str], output_dir: str, model: str | None = None, ma
     ratio = meta.pretraining.get("mask_ratio", 0.4) if mask_ratio is None else mask_ratio
     if not 0.0 < ratio < 1.0:
         raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {ratio}")
+    if not 0 <= seed < 2 ** 63:  # what torch's generator takes
+        raise UserError(f"--seed must be a whole number from 0 to 2^63 - 1, got {seed}")
     meta.check_input_count(len(inputs), checkpoint.name)
     channel_names = [c["name"] for c in meta.channels]
     paths = {kind: check_new_output(folder / name, overwrite) for kind, name in output_names(channel_names).items()}

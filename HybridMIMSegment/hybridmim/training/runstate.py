@@ -179,9 +179,11 @@ def read_schedule(cls, recipe: dict):
         raise UserError(f"recipe 'train.num_threads' must be ≥ 1 or null, got {schedule.num_threads}")
     if not schedule.lr > 0:
         raise UserError(f"recipe 'train.lr' must be above 0, got {schedule.lr}")
-    for name in ("weight_decay", "warmup_steps", "seed"):
+    for name in ("weight_decay", "warmup_steps"):
         if getattr(schedule, name) < 0:
             raise UserError(f"recipe 'train.{name}' must be ≥ 0, got {getattr(schedule, name)}")
+    if not 0 <= schedule.seed < 2 ** 63:  # what torch's generators take
+        raise UserError(f"recipe 'train.seed' must be a whole number from 0 to 2^63 - 1, got {schedule.seed}")
     for name, one_allowed in getattr(cls, "FRACTIONS", {}).items():
         value = getattr(schedule, name)
         if not (0 <= value <= 1 if one_allowed else 0 <= value < 1):
