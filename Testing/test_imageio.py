@@ -116,16 +116,22 @@ def test_dicom_series_folder_reads_with_geometry(tmp_path):
     assert warnings == []
 
 
+def write_enhanced_ct(ct: sitk.Image, path) -> sitk.Image:
+    """``ct`` as one Enhanced CT file, a frame a slice, as scanners export it; returns what the file holds (unsigned,
+    as CTs often are stored: GDCM writes no signed multi-frame)."""
+    stored = sitk.Cast(sitk.Clamp(ct + 1024, lowerBound=0, upperBound=4095), sitk.sitkUInt16)
+    stored.SetMetaData("0008|0060", "CT")  # else ITK writes a secondary capture
+    sitk.WriteImage(stored, str(path), imageIO="GDCMImageIO")
+    return stored
+
+
 def test_a_folder_holding_one_multi_frame_dicom_reads_as_its_volume(tmp_path):
     """Scanners export Enhanced CT and MR as one file of many frames: its folder (a PACS export) reads as the file
     does, not as a 4-D stack of one volume."""
     ct = crop(sitk.ReadImage(str(data_file("abdomen_ct/ct_a.nii.gz"))))
-    # unsigned as CTs often are (GDCM writes no signed multi-frame): ITK writes an Enhanced CT object
-    stored = sitk.Cast(sitk.Clamp(ct + 1024, lowerBound=0, upperBound=4095), sitk.sitkUInt16)
-    stored.SetMetaData("0008|0060", "CT")
     folder = tmp_path / "export" / "series"
     folder.mkdir(parents=True)
-    sitk.WriteImage(stored, str(folder / "IM0001"), imageIO="GDCMImageIO")
+    stored = write_enhanced_ct(ct, folder / "IM0001")
     header = imageio.read_header(folder / "IM0001")
     assert (header.GetMetaData("0008|0016"), header.GetMetaData("0028|0008").strip()) == (
         "1.2.840.10008.5.1.4.1.1.2.1", str(ct.GetDepth()))  # Enhanced CT Image Storage, one frame a slice
@@ -268,10 +274,32 @@ def test_a_folder_of_several_series_reads_the_one_asked_for_or_the_largest_with_
     largest = read_volume(tmp_path / "study", warnings.append)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(largest), sitk.GetArrayFromImage(images["abdomen"]))
     assert warnings == [f"{tmp_path / 'study'} holds 3 DICOM series; using the largest "
-                        f"({images['abdomen'].GetDepth()} files, {SERIES_UIDS['abdomen']}); `segment --data` takes "
+                        f"({images['abdomen'].GetDepth()} images, {SERIES_UIDS['abdomen']}); `segment --data` takes "
                         "each series as a case"]
     with pytest.raises(UserError, match="no DICOM series 1.2.3 in it"):
         read_volume(tmp_path / "study", series="1.2.3")
+
+
+def test_a_multi_frame_series_counts_its_frames_as_images(tmp_path):
+    """An Enhanced CT (one file) beside a chest series of 20 files and a two-image localiser: it is the largest
+    series, and a scan, not a localiser, for `segment --data` and pre-training (counted by files, it had been read
+    as neither: left out as a series of one image)."""
+    from hybridmim.volumes import find_cases
+
+    images = write_study_in_one_folder(tmp_path / "study")
+    for path in (tmp_path / "study").glob("abdomen*.dcm"):  # the abdomen, as an Enhanced CT instead
+        path.unlink()
+    enhanced = write_enhanced_ct(images["abdomen"], tmp_path / "study" / "enhanced.dcm")
+    warnings = []
+    largest = read_volume(tmp_path / "study", warnings.append)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(largest), sitk.GetArrayFromImage(enhanced))
+    assert f"using the largest ({images['abdomen'].GetDepth()} images, " in warnings[0]
+    warnings = []
+    cases = find_cases([tmp_path / "study"], dicom=True, warn=warnings.append)
+    read = sorted(sitk.GetArrayFromImage(read_volume(c.channels[0], series=c.series)).shape for c in cases)
+    assert read == sorted(sitk.GetArrayFromImage(images[name]).shape for name in ("abdomen", "chest"))
+    assert warnings == [f"{tmp_path / 'study'}: 1 of its 3 DICOM series left out, of fewer than 10 images each "
+                        "(localisers?)"]
 
 
 def test_extra_channel_on_another_grid_is_resampled_with_warning(tmp_path):

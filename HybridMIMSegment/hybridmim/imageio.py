@@ -80,6 +80,15 @@ def _dicom_series(folder: str, mtime_ns: int, inode: int) -> dict[str, tuple[str
     return {uid: tuple(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in reader.GetGDCMSeriesIDs(folder)}
 
 
+def dicom_image_count(files: tuple[str, ...]) -> int:
+    """The images (slices) of a series of ``files``: one a file, or the frames of a multi-frame file (an Enhanced CT
+    or MR holds its volume in one file), from the first file's header."""
+    header = read_header(files[0])
+    frames = header.GetMetaData("0028|0008").strip() if header is not None and header.HasMetaDataKey(
+        "0028|0008") else ""
+    return len(files) * (int(frames) if frames.isdigit() and int(frames) > 0 else 1)
+
+
 def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | None) -> sitk.Image:
     """The DICOM series ``series`` (a UID) of ``folder``; None: its only series, or its largest (with a warning)."""
     files = dicom_series(folder)
@@ -90,9 +99,10 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | 
             raise UserError(f"{folder}: no DICOM series {series} in it (any more)")
         chosen = series
     else:
-        chosen = max(files, key=lambda uid: len(files[uid]))
+        images = {uid: dicom_image_count(names) for uid, names in files.items()}
+        chosen = max(files, key=images.get)
         if len(files) > 1:
-            warn(f"{folder} holds {len(files)} DICOM series; using the largest ({len(files[chosen])} files, {chosen}); "
+            warn(f"{folder} holds {len(files)} DICOM series; using the largest ({images[chosen]} images, {chosen}); "
                  "`segment --data` takes each series as a case")
     names = files[chosen]
     if len(names) == 1:

@@ -40,7 +40,7 @@ SOURCE_DIGESTS = "source_sha256"  # a prepared volume's entry holding its source
 PREPARE_WARNINGS = "warnings"  # and the warnings preparing it gave, said again whenever it is read back
 # In a folder holding several DICOM series, those with fewer files are not scans to learn from or segment:
 # localisers (1-3 images), dose reports, secondary captures
-MIN_SERIES_FILES = 10
+MIN_SERIES_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,17 @@ def _holds_dicom(folder: Path) -> bool:
 
 def _dicom_cases(name: str, folder: Path, warn: Callable[[str], None]) -> list[Case]:
     """A folder of DICOM files as the case ``name``; one holding several series (an export that puts a study's
-    files in one folder) as a case per series of MIN_SERIES_FILES files or more, ``name_1``, ``name_2``, … in the
+    files in one folder) as a case per series of MIN_SERIES_IMAGES images or more, ``name_1``, ``name_2``, … in the
     order of their UIDs (the shorter ones, localisers mostly, left out with a warning)."""
-    from .imageio import dicom_series, sampled_series_uids
+    from .imageio import dicom_image_count, dicom_series, sampled_series_uids
 
     if len(sampled_series_uids(folder)) <= 1:
         return [Case(name, (folder,))]
     series = dicom_series(folder)
-    scans = sorted(uid for uid, files in series.items() if len(files) >= MIN_SERIES_FILES)
+    scans = sorted(uid for uid, files in series.items() if dicom_image_count(files) >= MIN_SERIES_IMAGES)
     if len(scans) < len(series):
         warn(f"{folder}: {len(series) - len(scans)} of its {len(series)} DICOM series left out, of fewer than "
-             f"{MIN_SERIES_FILES} images each (localisers?)")
+             f"{MIN_SERIES_IMAGES} images each (localisers?)")
     return [Case(f"{name}_{number}", (folder,), series=uid) for number, uid in enumerate(scans, start=1)]
 
 
