@@ -564,7 +564,10 @@ def test_bad_requests_are_refused_with_one_line(folders, tmp_path, refused):
         "channels as text": ({"scratch": {**TINY["scratch"], "channels": "CT"}},
                              "recipe 'scratch.channels' must be a list, got \"CT\""),
         "no channels": ({"scratch": {**TINY["scratch"], "channels": []}},
-                        "recipe 'scratch': 'channels' must list the input channels with their names"),
+                        "recipe 'scratch': 'channels' must list the input channels with their names (and modalities, "
+                        "such as CT or MR)"),
+        "a number for a modality": ({"scratch": {**TINY["scratch"], "channels": [{"name": "CT", "modality": 5}]}},
+                                    "recipe 'scratch': 'channels' must list the input channels with their names"),
         "a word for the spacing": ({"scratch": {**TINY["scratch"], "preprocessing": {"spacing": "fine"}}},
                                    "pre-processing 'spacing' must be 3 numbers, got \"fine\""),
         "a word for the body crop": ({"scratch": {**TINY["scratch"], "preprocessing": {"foreground": "yes"}}},
@@ -939,6 +942,23 @@ def test_a_refined_models_labels_in_no_training_case_are_said_to_be_unlearnt():
     assert [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e] == [
         "labels in no training case (the model, which segments them, learns that they are absent: it will unlearn "
         "them): 5 → esophagus"]
+
+
+def test_a_recipe_naming_another_network_takes_that_networks_defaults(tmp_path):
+    """A network of another name replaces the default U-Net's block whole (merged, the U-Net's features and dropout
+    had been passed to a SwinUNETR and refused as unknown); one of the same name changes only what it names. The
+    study's hybrid recipe names its dropout, which it had taken from the U-Net's block."""
+    recipe = tmp_path / "swin.json"
+    recipe.write_text(json.dumps({"scratch": {"network": {"name": "swinunetr", "feature_size": 12}}}))
+    network = load_recipe(str(recipe))["scratch"]["network"]
+    assert network == {"name": "swinunetr", "feature_size": 12}
+    build_network({**network, "in_channels": 1, "out_channels": 2})
+    recipe.write_text(json.dumps({"scratch": {"network": {"name": "unet", "dropout": 0.0}}}))
+    assert load_recipe(str(recipe))["scratch"]["network"] == {"name": "unet", "features": [32, 32, 64, 128, 256],
+                                                             "dropout": 0.0}
+    hybrid = load_recipe(str(REPO / "scripts/recipes/label-efficiency-sarcoma-hybrid.json"))["scratch"]["network"]
+    assert hybrid == {"name": "hybrid", "features": [16, 48, 96, 192], "embed_dim": 384, "depth": 4, "num_heads": 6,
+                      "dropout": 0.1}
 
 
 def test_every_script_finetune_recipe_reads_and_the_sarcoma_continuation_keeps_its_output_layer():

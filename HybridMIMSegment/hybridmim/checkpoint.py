@@ -121,10 +121,13 @@ class ModelMeta:
 
 
 def check_channels(channels, source: str) -> None:
-    """Refuse input channels that are not a list of objects, each with a name (a recipe's, or a checkpoint's)."""
+    """Refuse input channels that are not a list of objects, each with a name and, where given, a modality as text
+    (a recipe's, or a checkpoint's)."""
     if not isinstance(channels, list) or not channels or not all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in channels):
-        raise UserError(f"{source}: 'channels' must list the input channels with their names")
+            isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] and
+            isinstance(c.get("modality", ""), str) for c in channels):
+        raise UserError(f"{source}: 'channels' must list the input channels with their names (and modalities, "
+                        "such as CT or MR)")
 
 
 def inference_settings(settings: dict, source: str) -> tuple[tuple[int, int, int], float]:

@@ -24,11 +24,14 @@ RECIPE_KINDS = {"title": str, "description": str, "method": str, "backbone": str
 
 
 def merge_recipes(base: dict, override: dict) -> dict:
-    """``override`` on top of ``base``, recursing into objects (a partial recipe changes only what it names)."""
+    """``override`` on top of ``base``, recursing into objects (a partial recipe changes only what it names); an
+    object naming another kind than the base's (a network of another ``name``) replaces it whole, as the base's
+    settings are for its own kind."""
     merged = dict(base)
     for key, value in override.items():
-        both_tables = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = merge_recipes(base[key], value) if both_tables else value
+        alike = isinstance(value, dict) and isinstance(base.get(key), dict) and \
+            value.get("name", base[key].get("name")) == base[key].get("name")
+        merged[key] = merge_recipes(base[key], value) if alike else value
     return merged
 
 
