@@ -89,6 +89,13 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
     (lambda d: d["inference"].update(overlap=1.5), "inference"),
     (lambda d: d.update(task="detection"), "unknown task 'detection'"),
     (lambda d: d.update(task="reconstruction"), "14 outputs for 1 reconstructed channel"),
+    # metadata edited by hand or by another tool: each had been a traceback (info, segment)
+    (lambda d: d.update(metrics=[0.8]), "its 'metrics' metadata must be an object, got \\[0.8\\]"),
+    (lambda d: d.update(provenance="mine"), "its 'provenance' metadata must be an object, got \"mine\""),
+    (lambda d: d.update(format_version="2"), "its 'format_version' must be a whole number, got \"2\""),
+    (lambda d: d["network"].update(features="wide"), "its network's 'features' \\(or 'feature_size'\\) must be whole"),
+    (lambda d: d.update(network="unet"), "its 'network' metadata must be an object"),
+    (lambda d: d["preprocessing"].update(spacing="fine"), "pre-processing 'spacing' must be 3 numbers"),
 ])
 def test_invalid_metadata_is_refused_with_a_reason(tmp_path, change, message):
     document = tiny_meta().to_dict()

@@ -89,7 +89,8 @@ class ModelMeta:
     def from_dict(cls, d: dict, source: str = "checkpoint") -> "ModelMeta":
         if d.get("format") != FORMAT:
             raise UserError(f"{source}: not a HybridMIMSegment checkpoint")
-        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+        _check_metadata_kinds(d, source)
+        if d.get("format_version", 0) > FORMAT_VERSION:
             raise UserError(f"{source}: written by a newer HybridMIMSegment (format {d['format_version']}); "
                             "update the extension")
         task = d.get("task", "segmentation")
@@ -97,7 +98,7 @@ class ModelMeta:
             raise UserError(f"{source}: unknown task {task!r} (expected one of {', '.join(TASKS)})")
         try:
             network = dict(d["network"])
-            channels = list(d["channels"])
+            channels = d["channels"]
             inference = dict(d["inference"])
             labels = parse_labels(d["labels"], f"{source} labels") if task == "segmentation" else []
             regions = parse_regions(d.get("regions", []), labels, f"{source} regions")
@@ -118,6 +119,25 @@ class ModelMeta:
         return cls(network, channels, preprocessing, roi_size, overlap, labels, str(d.get("method", "unknown")),
                    task, pretraining, str(d.get("title", "")), str(d.get("description", "")),
                    dict(d.get("provenance") or {}), dict(d.get("metrics") or {}), regions)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_metadata_kinds(d: dict, source: str) -> None:
+    """Refuse metadata of the wrong kinds (edited by hand, or by another tool) in one line: the blocks read as
+    objects, the format version, and the network widths that memory estimates read before any network is built."""
+    for key in ("network", "inference", "pretraining", "metrics", "provenance"):
+        if not isinstance(d.get(key) or {}, dict):
+            raise UserError(f"{source}: its '{key}' metadata must be an object, got {json.dumps(d[key])[:40]}")
+    if not isinstance(d.get("format_version", 0), int):
+        raise UserError(f"{source}: its 'format_version' must be a whole number, got {json.dumps(d['format_version'])}")
+    network = d.get("network") or {}
+    features = network.get("features", [1])
+    if not (isinstance(features, list) and features and all(map(_whole, features)) and
+            _whole(network.get("feature_size", 1))):
+        raise UserError(f"{source}: its network's 'features' (or 'feature_size') must be whole numbers ≥ 1")
 
 
 def check_channels(channels, source: str) -> None:
