@@ -385,7 +385,7 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
                                                             '[{"image": "ct_7.nii.gz"}]'),
                              ('{"training": {"image": "ct_7.nii.gz"}}', "its 'training' and 'test' are lists of cases"),
                              ('{"training": [{"label": "labelsTr/ct_7.nii.gz"}]}',
-                              'a case without an image file name: {"label": "labelsTr/ct_7.nii.gz"}')):
+                              'a case whose image (or label) is no file name: {"label": "labelsTr/ct_7.nii.gz"}')):
         index.write_text(written)
         with pytest.raises(UserError) as refused:
             find_cases([decathlon])

@@ -38,8 +38,8 @@ CACHE_FORMAT = 2
 FOREGROUND_SAMPLES = 20000  # crop centres kept per volume (body; and labelled voxels)
 SOURCE_DIGESTS = "source_sha256"  # a prepared volume's entry holding its source files' SHA256s
 PREPARE_WARNINGS = "warnings"  # and the warnings preparing it gave, said again whenever it is read back
-# In a folder holding several DICOM series, those with fewer files are not scans to learn from or segment:
-# localisers (1-3 images), dose reports, secondary captures
+# In a folder holding several DICOM series, those with fewer images (a multi-frame file's frames counted) are not
+# scans to learn from or segment: localisers (1-3 images), dose reports, secondary captures
 MIN_SERIES_IMAGES = 10
 
 
@@ -140,7 +140,7 @@ def _decathlon_cases(folder: Path) -> list[Case]:
         image = entry.get("image") if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
         if not isinstance(image, str) or not isinstance(label, (str, type(None))):
-            raise UserError(f"{path}: a case without an image file name: {json.dumps(entry)[:80]}")
+            raise UserError(f"{path}: a case whose image (or label) is no file name: {json.dumps(entry)[:80]}")
         cases.append(Case(_image_stem(Path(image)), (folder / image,), folder / label if label else None))
     return cases
 
