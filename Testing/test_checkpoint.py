@@ -60,8 +60,10 @@ def test_foreign_and_broken_files_are_refused(tmp_path):
 
     pickle = tmp_path / "official.pt"
     torch.save({"w": torch.zeros(1)}, pickle)
-    with pytest.raises(UserError, match="imported first"):
+    with pytest.raises(UserError) as refused:
         read_metadata(pickle)
+    assert str(refused.value) == (f"{pickle}: a PyTorch file, not one of our checkpoints; an official HybridMIM "
+                                  "checkpoint is imported with `hybridmim convert official.pt -o official.safetensors`")
     state = tmp_path / "mine.resume.pt"  # given for its model, beside which training wrote it
     torch.save({"format": 1, "kind": "finetune"}, state)
     with pytest.raises(UserError) as refused:

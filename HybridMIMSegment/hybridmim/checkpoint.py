@@ -179,8 +179,10 @@ def _open_header(path: Path) -> dict[str, str]:
         if model is not None:
             raise UserError(f"{path}: a training run's resume state (what --resume continues), not a model; the run "
                             f"writes its model as {model.name}") from None
-        hint = " (official .pt checkpoints must be imported first)" if path.suffix in (".pt", ".pth", ".ckpt") else ""
-        raise UserError(f"{path}: not a safetensors checkpoint{hint}: {message_line(exc)}") from None
+        if path.suffix in (".pt", ".pth", ".ckpt"):  # torch's pickles, which safetensors cannot read at all
+            raise UserError(f"{path}: a PyTorch file, not one of our checkpoints; an official HybridMIM checkpoint "
+                            f"is imported with `hybridmim convert {path.name} -o {path.stem}.safetensors`") from None
+        raise UserError(f"{path}: not a safetensors checkpoint: {message_line(exc)}") from None
 
 
 def read_metadata(path: str | Path) -> ModelMeta:
