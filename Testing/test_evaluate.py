@@ -99,6 +99,12 @@ def test_bad_label_files_are_refused():
                           {"value": 2, "name": " liver", "color": [1, 2, 3]}], "labels.json")
     assert str(refused.value) == ("labels.json: two labels are named 'Liver' (case and spacing aside); name each "
                                   "structure once")
+    # a misspelt key had been ignored: here the label maps' values 5 and 6 would have been background
+    with pytest.raises(UserError) as refused:
+        parse_label_file({"labels": [{"value": 1, "name": "oedema", "color": [1, 2, 3], "source_value": [5, 6]}]},
+                         "labels.json")
+    assert str(refused.value) == ("labels.json, label 1: unknown keys ['source_value'] (known: value, name, color, "
+                                  "terminology, source_values, largest_component)")
 
 
 def test_summary_means_skip_absent_structures_and_count_undefined_distances():

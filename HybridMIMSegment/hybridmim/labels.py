@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 CODE_FIELDS = ("category", "type", "typeModifier", "anatomicRegion", "anatomicRegionModifier")
+# what a label entry holds (Label.to_dict writes no other)
+LABEL_FIELDS = ("value", "name", "color", "terminology", "source_values", "largest_component")
 DEFAULT_CONTEXT = "Segmentation category and type - DICOM master list"
 # DICOM retired the designator SRT for SNOMED CT's SCT (same codes), which older Slicer versions wrote
 _SCHEME_NAMES = {"SRT": "SCT"}
@@ -184,17 +186,26 @@ def parse_regions(entries, labels: list[Label], source: str = "label table") -> 
     return regions
 
 
+def _check_label_fields(entries, source: str) -> None:
+    for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+        unknown = set(entry) - set(LABEL_FIELDS) if isinstance(entry, dict) else set()
+        if unknown:
+            raise UserError(f"{source}, label {i + 1}: unknown keys {sorted(unknown)} (known: {', '.join(LABEL_FIELDS)})")
+
+
 def parse_label_file(document, source: str = "labels file") -> tuple[list[Label], list[dict]]:
-    """(labels, regions) from a labels document: a list of labels, or {"labels": [...], "regions": [...]}. Two
-    labels of one name are refused: segments are matched to labels by name (checkpoints made before this check are
-    read as they are)."""
+    """(labels, regions) from a labels document: a list of labels, or {"labels": [...], "regions": [...]}. A
+    misspelt key ("source_value") and two labels of one name are refused: unread, the one would be left out without a
+    word, and segments are matched to labels by name (checkpoints made before these checks are read as they are)."""
     if isinstance(document, dict):
         unknown = set(document) - {"labels", "regions"}
         if unknown:
             raise UserError(f"{source}: unknown keys {sorted(unknown)} (expected 'labels' and 'regions')")
+        _check_label_fields(document.get("labels"), source)
         labels = parse_labels(document.get("labels"), source)
         regions = parse_regions(document.get("regions", []), labels, source)
     else:
+        _check_label_fields(document, source)
         labels, regions = parse_labels(document, source), []
     names = [plain_name(label.name) for label in labels]
     twice = next((label.name for label, name in zip(labels, names) if names.count(name) > 1), None)
