@@ -190,7 +190,8 @@ def _check_label_fields(entries, source: str) -> None:
     for i, entry in enumerate(entries if isinstance(entries, list) else ()):
         unknown = set(entry) - set(LABEL_FIELDS) if isinstance(entry, dict) else set()
         if unknown:
-            raise UserError(f"{source}, label {i + 1}: unknown keys {sorted(unknown)} (known: {', '.join(LABEL_FIELDS)})")
+            raise UserError(f"{source}, label {i + 1}: unknown keys {sorted(unknown)} "
+                            f"(known: {', '.join(LABEL_FIELDS)})")
 
 
 def parse_label_file(document, source: str = "labels file") -> tuple[list[Label], list[dict]]:
