@@ -99,9 +99,10 @@ def _read_dicom_series(folder: Path, warn: Callable[[str], None], series: str | 
             raise UserError(f"{folder}: no DICOM series {series} in it (any more)")
         chosen = series
     else:
-        images = {uid: dicom_image_count(names) for uid, names in files.items()}
-        chosen = max(files, key=images.get)
-        if len(files) > 1:
+        chosen = next(iter(files))
+        if len(files) > 1:  # sized by their images only where there is a choice: a header read each
+            images = {uid: dicom_image_count(names) for uid, names in files.items()}
+            chosen = max(files, key=images.get)
             warn(f"{folder} holds {len(files)} DICOM series; using the largest ({images[chosen]} images, {chosen}); "
                  "`segment --data` takes each series as a case")
     names = files[chosen]

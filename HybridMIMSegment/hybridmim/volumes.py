@@ -495,11 +495,11 @@ def _load_or_prepare(case: Case, files: tuple, path: Path, preprocessing: Prepro
                      reporter: Reporter) -> dict | None:
     """The case's prepared arrays, from the cache at ``path`` or prepared into it; None where an unlabelled case's
     image is no 3-D scan (left out with a warning)."""
-    arrays = _load_npz(path) if path.is_file() else None
-    if arrays is not None:
-        _say_warnings_again(arrays, reporter)
-        return arrays
     if path.is_file():
+        arrays = _load_npz(path)
+        if arrays is not None:
+            _say_warnings_again(arrays, reporter)
+            return arrays
         reporter.warning(f"{case.name}: its prepared copy ({path}) is damaged; preparing it again")
     said = []
     try:
