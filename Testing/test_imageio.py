@@ -308,8 +308,34 @@ def test_extra_channel_on_another_grid_is_resampled_with_warning(tmp_path):
     sitk.WriteImage(ct[::2, ::2, :], str(tmp_path / "b.nii.gz"))
     warnings = []
     channels = read_channels([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"], warnings.append)
-    assert len(warnings) == 1 and "different grid" in warnings[0]
+    assert len(warnings) == 1 and "different grid" in warnings[0] and "covers only" not in warnings[0]
     assert Grid.of(channels[1]).matches(Grid.of(channels[0]))
+
+
+def test_extra_channel_covering_part_of_the_grid_is_filled_with_its_lowest_value(tmp_path):
+    """A T1c slab beside a whole-brain FLAIR (sequences of one study cover different fields of view): outside the
+    slab, the z-scored T1c's background (its lowest value), not zero, which is brighter than its mean tissue."""
+    case = "brain_tumor_mr/brats_2013_pat0003_1"
+    flair = sitk.ReadImage(str(data_file(f"{case}/Flair_subtrMeanDivStd.nii.gz")))[60:180, 60:180, 40:120]
+    t1c = sitk.ReadImage(str(data_file(f"{case}/T1c_subtrMeanDivStd.nii.gz")))[60:180, 60:180, 70:100]
+    sitk.WriteImage(flair, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(t1c, str(tmp_path / "t1c.nii.gz"))
+    warnings = []
+    channels = read_channels([tmp_path / "flair.nii.gz", tmp_path / "t1c.nii.gz"], warnings.append)
+    lowest = float(sitk.GetArrayViewFromImage(t1c).min())
+    assert lowest < -1
+    assert warnings == [f"{tmp_path / 't1c.nii.gz'} is on a different grid from {tmp_path / 'flair.nii.gz'}; "
+                        f"resampling it onto that grid, which it covers only 38% of: the rest is filled with its "
+                        f"lowest value ({lowest:g}), where the model sees none of it"]
+    filled = sitk.GetArrayFromImage(channels[1])
+    np.testing.assert_allclose(filled[30:60], sitk.GetArrayViewFromImage(t1c), atol=1e-5)  # the slab's own voxels
+    assert (filled[:30] == np.float32(lowest)).all() and (filled[60:] == np.float32(lowest)).all()
+
+    elsewhere = sitk.Image(t1c)
+    elsewhere.SetOrigin([o + 500.0 for o in t1c.GetOrigin()])
+    sitk.WriteImage(elsewhere, str(tmp_path / "elsewhere.nii.gz"))
+    with pytest.raises(UserError, match="elsewhere.nii.gz and .*flair.nii.gz do not overlap in space"):
+        read_channels([tmp_path / "flair.nii.gz", tmp_path / "elsewhere.nii.gz"])
 
 
 @pytest.mark.parametrize("make, message", [

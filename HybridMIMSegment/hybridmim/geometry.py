@@ -105,3 +105,11 @@ def resample_onto(image: sitk.Image, reference: sitk.Image | Grid, interpolator,
         image, list(grid.size), sitk.Transform(), interpolator, grid.origin, grid.spacing, grid.direction,
         default_value, image.GetPixelID(),
     )
+
+
+def covered_share(image: sitk.Image, reference: sitk.Image | Grid) -> float:
+    """The share of the reference grid's voxel centres that lie within ``image``."""
+    inside = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(image)
+    covered = resample_onto(inside, reference, sitk.sitkNearestNeighbor)  # named: the view below reads its buffer
+    return float(sitk.GetArrayViewFromImage(covered).mean())
