@@ -107,9 +107,7 @@ def resample_onto(image: sitk.Image, reference: sitk.Image | Grid, interpolator,
     )
 
 
-def covered_share(image: sitk.Image, reference: sitk.Image | Grid) -> float:
-    """The share of the reference grid's voxel centres that lie within ``image``."""
-    inside = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
-    inside.CopyInformation(image)
-    covered = resample_onto(inside, reference, sitk.sitkNearestNeighbor)  # named: the view below reads its buffer
-    return float(sitk.GetArrayViewFromImage(covered).mean())
+def covered_mask(covering: Grid, reference: Grid) -> np.ndarray:
+    """(z, y, x) on ``reference``'s grid: 1 where its voxel centre lies within ``covering``'s grid, else 0."""
+    inside = covering.image(np.ones(covering.size[::-1], np.uint8))
+    return sitk.GetArrayFromImage(resample_onto(inside, reference, sitk.sitkNearestNeighbor))

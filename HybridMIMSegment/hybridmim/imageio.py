@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from . import niftifile
 from .atomic import atomic_output, full_suffix
 from .errors import NotAScan, UserError, message_line
-from .geometry import Grid, covered_share, resample_onto
+from .geometry import Grid, covered_mask, resample_onto
 from .labels import Label
 from .slicepositions import files_of_main_geometry, one_orientation, place_slices, slice_positions
 
@@ -279,7 +279,7 @@ def _onto_first_grid(image: sitk.Image, reference: Grid, path, first, warn) -> s
     """A channel resampled onto the first channel's grid. Where it does not reach (another field of view), it is
     filled with its lowest value, as the space outside a scan: a zero there is tissue-bright in a z-scored MR
     (brain-tumor-mr's whole-tumour Dice on pat0003 with a T1c slab: 0.29 filled with zero, 0.70 with the lowest)."""
-    share = covered_share(image, reference)
+    share = float(covered_mask(Grid.of(image), reference).mean())
     if share == 0:
         raise UserError(f"{path} and {first} do not overlap in space: they are not scans of one patient in one "
                         "position, or a header's origin or direction is wrong")

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UserError, message_line
-from .geometry import Grid, resample_onto
+from .geometry import Grid, covered_mask, resample_onto
 from .labels import Label, label_of_segment, plain_name, segment_entry
 from .volumes import is_segmentation_file
 
@@ -134,8 +134,7 @@ def _resampled(values: np.ndarray, own: Grid, image_grid: Grid, where: str, warn
     axes = "" if np.allclose(own.direction, image_grid.direction, atol=1e-6) else ", other axes"
     warn(f"{where}: not on its scan's voxel grid (spacing {_mm(own.spacing)} against the scan's "
          f"{_mm(image_grid.spacing)}{axes}); resampled onto it (nearest neighbour)")
-    inside = resample_onto(image_grid.image(np.ones(image_grid.size[::-1], np.uint8)), own, sitk.sitkNearestNeighbor)
-    _warn_outside(values, int(np.count_nonzero(values * sitk.GetArrayViewFromImage(inside))), where, warn)
+    _warn_outside(values, int(np.count_nonzero(values * covered_mask(image_grid, own))), where, warn)
     return resample_onto(own.image(values), image_grid, sitk.sitkNearestNeighbor)
 
 
