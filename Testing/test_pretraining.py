@@ -380,8 +380,8 @@ def test_find_cases_reads_every_dataset_layout(scans, tmp_path):
         find_cases([tmp_path / "cases"])
     # a Decathlon index that is damaged or names no image: one line (they had been json's or a KeyError's traceback)
     index = decathlon / "dataset.json"
-    for written, message in (('{"training": [', "unreadable Decathlon dataset index (Expecting value"),
-                             ('[{"image": "ct_7.nii.gz"}]', 'a Decathlon dataset index is a JSON object ({…}), not '
+    for written, message in (('{"training": [', "unreadable dataset index (Expecting value"),
+                             ('[{"image": "ct_7.nii.gz"}]', 'a dataset index is a JSON object ({…}), not '
                                                             '[{"image": "ct_7.nii.gz"}]'),
                              ('{"training": {"image": "ct_7.nii.gz"}}', "its 'training' and 'test' are lists of cases"),
                              ('{"training": [{"label": "labelsTr/ct_7.nii.gz"}]}',

@@ -63,7 +63,7 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES) and not is_segmentation_file(path)
 
 
-def _image_stem(path: Path) -> str:
+def image_stem(path: Path) -> str:
     """An image file's name without its image suffix (``CT.1.nii.gz`` → ``CT.1``)."""
     name = path.name
     suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
@@ -129,22 +129,6 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
     return Case(folder.name, tuple(channels), labels[0] if len(labels) == 1 else None)
 
 
-def _decathlon_cases(folder: Path) -> list[Case]:
-    path = folder / "dataset.json"
-    index = read_json(path, "Decathlon dataset index", an_object=True)
-    lists = [index.get(part, []) for part in ("training", "test")]
-    if not all(isinstance(entries, list) for entries in lists):
-        raise UserError(f"{path}: its 'training' and 'test' are lists of cases")
-    cases = []
-    for entry in lists[0] + lists[1]:
-        image = entry.get("image") if isinstance(entry, dict) else entry
-        label = entry.get("label") if isinstance(entry, dict) else None
-        if not isinstance(image, str) or not isinstance(label, (str, type(None))):
-            raise UserError(f"{path}: a case whose image (or label) is no file name: {json.dumps(entry)[:80]}")
-        cases.append(Case(_image_stem(Path(image)), (folder / image,), folder / label if label else None))
-    return cases
-
-
 def _check_excluded(names, exclude) -> None:
     unknown = set(exclude) - set(names)
     if unknown:
@@ -153,11 +137,13 @@ def _check_excluded(names, exclude) -> None:
 
 def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False,
                warn: Callable[[str], None] = lambda _: None) -> list[Case]:
-    """Volumes from image files, case folders, folders of case folders, Decathlon folders
-    (``dataset.json``) or folders of image files; ``exclude``: case names to leave out;
+    """Volumes from image files, case folders, folders of case folders, Decathlon or nnU-Net v2 dataset folders
+    (``dataset.json``, see datasetindex) or folders of image files; ``exclude``: case names to leave out;
     ``labelled``: every case must have its label map; ``dicom``: a folder of DICOM files (given, or at any
     depth below a given folder) is a one-channel case named after the folder (its path under the given one);
     ``warn``: told of the series left out of a folder of several."""
+    from .datasetindex import dataset_cases, is_dataset_folder
+
     cases: list[Case] = []
     for path in map(Path, paths):
         if not path.exists():
@@ -168,9 +154,9 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False,
             refuse_as_scan(path)
             if not _is_image(path):
                 raise UserError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
-            cases.append(Case(_image_stem(path), (path,)))
-        elif (path / "dataset.json").is_file():
-            cases += _decathlon_cases(path)
+            cases.append(Case(image_stem(path), (path,)))
+        elif is_dataset_folder(path):
+            cases += dataset_cases(path, labelled)
         elif (case := _case_in_folder(path, labelled)) is not None:
             cases.append(case)
         elif dicom and _holds_dicom(path):
@@ -183,13 +169,15 @@ def find_cases(paths, exclude=(), labelled: bool = False, dicom: bool = False,
                     found.append(case)
                 elif dicom:
                     found += _dicom_cases_below(path, folder, warn)
-            found += [Case(_image_stem(p), (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
+            found += [Case(image_stem(p), (p,)) for p in sorted(path.iterdir()) if _is_image(p)]
             if not found:
                 kinds = "case folders with image.nii.gz, image files" + (" or DICOM series folders" if dicom else "")
                 raise UserError(f"{path}: no images found (expected {kinds})")
             cases += found
     _check_excluded([c.name for c in cases], exclude)
     cases = [c for c in cases if c.name not in set(exclude)]
+    if not cases:
+        raise UserError("--exclude leaves out every case in the data")
     if labelled:
         unlabelled = [c.name for c in cases if c.label is None]
         if unlabelled:

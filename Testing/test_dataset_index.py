@@ -1,0 +1,108 @@
+"""Dataset folders with a dataset.json: the Decathlon's (with its unlabelled "test" cases) and nnU-Net v2's raw
+layout (cases found by name, a file per channel)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import data_file
+from hybridmim.errors import UserError
+from hybridmim.evaluate import evaluate
+from hybridmim.volumes import find_cases
+
+BRATS = "brain_tumor_mr/brats_2013_pat000{}_1"
+
+
+def _link(path: Path, target: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+def _nnunet_brain(root: Path) -> Path:
+    """Two BRATS cases as nnU-Net v2's raw dataset: FLAIR as channel 0, T1c as 1; one of them in imagesTs."""
+    dataset = root / "Dataset501_Glioma"
+    for number, part in ((5, "imagesTr"), (6, "imagesTr"), (3, "imagesTs")):
+        case = data_file(BRATS.format(number))
+        _link(dataset / part / f"pat{number}_0000.nii.gz", case / "Flair_subtrMeanDivStd.nii.gz")
+        _link(dataset / part / f"pat{number}_0001.nii.gz", case / "T1c_subtrMeanDivStd.nii.gz")
+        if part == "imagesTr":
+            _link(dataset / "labelsTr" / f"pat{number}.nii.gz", case / "OTMultiClass.nii.gz")
+    (dataset / "imagesTr" / "._pat5_0000.nii.gz").write_bytes(b"\0" * 64)  # macOS's resource fork of a copy
+    (dataset / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR", "1": "T1c"}, "labels": {"background": 0, "necrosis": 1, "edema": 2},
+        "numTraining": 2, "file_ending": ".nii.gz"}))
+    return dataset
+
+
+def test_an_nnunet_dataset_reads_its_channels_in_order_and_its_test_images_only_where_unlabelled(tmp_path):
+    dataset = _nnunet_brain(tmp_path)
+    labelled = find_cases([dataset], labelled=True)
+    assert [(c.name, [p.name for p in c.channels], c.label.name) for c in labelled] == [
+        ("pat5", ["pat5_0000.nii.gz", "pat5_0001.nii.gz"], "pat5.nii.gz"),
+        ("pat6", ["pat6_0000.nii.gz", "pat6_0001.nii.gz"], "pat6.nii.gz")]
+    everything = find_cases([dataset], dicom=True)
+    assert [(c.name, c.channels[0].parent.name, c.label and c.label.name) for c in everything] == [
+        ("pat5", "imagesTr", "pat5.nii.gz"), ("pat6", "imagesTr", "pat6.nii.gz"), ("pat3", "imagesTs", None)]
+
+    (dataset / "labelsTr" / "pat6.nii.gz").unlink()
+    with pytest.raises(UserError, match=r"labelsTr/pat6.nii.gz: missing; labelsTr holds the label map of each case in "
+                                        r"imagesTr$"):
+        find_cases([dataset], labelled=True)
+    assert [c.label for c in find_cases([dataset]) if c.name == "pat6"] == [None]  # where labels are not read
+    (dataset / "imagesTs" / "pat3_0001.nii.gz").unlink()
+    with pytest.raises(UserError, match=r"imagesTs/pat3_0001.nii.gz: missing; .*dataset.json names 2 channels "
+                                        r"\(FLAIR, T1c\), a file each$"):
+        find_cases([dataset])
+    index = dataset / "dataset.json"
+    for written, message in (({"file_ending": ".png", "channel_names": {"0": "CT"}}, 'its images are ".png" files'),
+                             ({"file_ending": ".nii.gz"}, "its 'channel_names' name no channel"),
+                             ({"file_ending": ".mha", "channel_names": {"0": "CT"}},
+                              r"no images named CASE_0000.mha in imagesTr \(nnU-Net v2's layout\)$"),
+                             ({"name": "glioma", "labels": {}}, "lists no cases: a Decathlon index has 'training'")):
+        index.write_text(json.dumps(written))
+        with pytest.raises(UserError, match=message):
+            find_cases([dataset], labelled=True)
+
+
+def test_a_decathlon_dataset_leaves_its_test_cases_out_where_labels_are_read(tmp_path):
+    """Every Decathlon task lists unlabelled "test" images: fine-tuning and evaluate had refused the folder for them
+    ("no label map for …")."""
+    dataset = tmp_path / "Task501_Sarcoma"
+    for name in ("STS_036", "STS_037"):
+        for kind in ("image", "label"):
+            _link(dataset / f"{kind}sTr" / f"{name}.nii.gz", data_file(f"sarcoma_ct/{name}/{kind}.nii.gz"))
+    _link(dataset / "imagesTs" / "STS_038.nii.gz", data_file("sarcoma_ct/STS_038/image.nii.gz"))
+    index = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "tumour"},
+             "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
+                          for n in ("STS_036", "STS_037")],
+             "test": ["./imagesTs/STS_038.nii.gz"]}
+    (dataset / "dataset.json").write_text(json.dumps(index))
+    assert [(c.name, c.label.name) for c in find_cases([dataset], labelled=True)] == [
+        ("STS_036", "STS_036.nii.gz"), ("STS_037", "STS_037.nii.gz")]
+    assert [c.name for c in find_cases([dataset])] == ["STS_036", "STS_037", "STS_038"]
+
+    with pytest.raises(UserError, match="--exclude leaves out every case in the data"):
+        find_cases([dataset], labelled=True, exclude=["STS_036", "STS_037"])
+    for changed, message in (({"training": [], "test": index["test"]}, "lists no training cases$"),
+                             ({"training": [{"image": "./imagesTr/STS_036.nii.gz"}]},
+                              "the training case ./imagesTr/STS_036.nii.gz names no 'label'$")):
+        (dataset / "dataset.json").write_text(json.dumps({**index, **changed}))
+        with pytest.raises(UserError, match=message):
+            find_cases([dataset], labelled=True)
+
+
+def test_evaluate_scores_an_nnunet_dataset_as_the_same_case_folders(abdomen_crop, tmp_path):
+    folders = tmp_path / "cases" / "abdomen"
+    _link(folders / "image.nii.gz", abdomen_crop["image"])
+    _link(folders / "label.nii.gz", abdomen_crop["label"])
+    dataset = tmp_path / "Dataset502_Abdomen"
+    _link(dataset / "imagesTr" / "abdomen_0000.nii.gz", abdomen_crop["image"])
+    _link(dataset / "labelsTr" / "abdomen.nii.gz", abdomen_crop["label"])
+    (dataset / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    as_folders = evaluate(None, [str(tmp_path / "cases")], device="cpu")
+    as_dataset = evaluate(None, [str(dataset)], device="cpu")
+    assert as_dataset["cases"] == as_folders["cases"] and as_dataset["summary"] == as_folders["summary"]
+    assert as_dataset["summary"]["liver"]["dice_mean"] > 0.8
