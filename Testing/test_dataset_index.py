@@ -1,5 +1,5 @@
 """Dataset folders with a dataset.json: the Decathlon's (with its unlabelled "test" cases) and nnU-Net v2's raw
-layout (cases found by name, a file per channel)."""
+layout (cases found by name, a file per channel); the labels they name."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_file
+from conftest import data_file, run_cli_here
+from hybridmim.checkpoint import read_metadata
+from hybridmim.datasetindex import dataset_labels
 from hybridmim.errors import UserError
 from hybridmim.evaluate import evaluate
+from hybridmim.progress import Reporter
+from hybridmim.training.finetune import load_recipe
+from hybridmim.training.start import resolve_start
 from hybridmim.volumes import find_cases
 
 BRATS = "brain_tumor_mr/brats_2013_pat000{}_1"
@@ -106,3 +111,49 @@ def test_evaluate_scores_an_nnunet_dataset_as_the_same_case_folders(abdomen_crop
     as_dataset = evaluate(None, [str(dataset)], device="cpu")
     assert as_dataset["cases"] == as_folders["cases"] and as_dataset["summary"] == as_folders["summary"]
     assert as_dataset["summary"]["liver"]["dice_mean"] > 0.8
+
+
+def test_a_dataset_json_names_the_labels_of_a_run_that_nothing_else_names(tmp_path):
+    """Decathlon's {"1": "tumour"} and nnU-Net's {"tumour": 1}: the labels of a fine-tuning run without --labels,
+    valued as in the label maps; a run on the Decathlon folder writes a model segmenting them by those names."""
+    decathlon = tmp_path / "Task501_Sarcoma"
+    for name in ("STS_036", "STS_037"):
+        for kind in ("image", "label"):
+            _link(decathlon / f"{kind}sTr" / f"{name}.nii.gz", data_file(f"sarcoma_ct/{name}/{kind}.nii.gz"))
+    index = {"labels": {"0": "background", "1": "tumour"},
+             "training": [{"image": f"imagesTr/{n}.nii.gz", "label": f"labelsTr/{n}.nii.gz"} for n in ("STS_036",
+                                                                                                       "STS_037")]}
+    (decathlon / "dataset.json").write_text(json.dumps(index))
+    nnunet = tmp_path / "Dataset501_Sarcoma"
+    (nnunet / "imagesTr").mkdir(parents=True)
+    index_of = {"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
+    for labels, expected in (({"background": 0, "tumour": 1}, [(1, "tumour", [31, 119, 180])]),
+                             ({"background": 0, "oedema": 4, "necrosis": 2},
+                              [(2, "necrosis", [31, 119, 180]), (4, "oedema", [255, 127, 14])]),
+                             ({"background": 0}, []), ({}, None)):
+        (nnunet / "dataset.json").write_text(json.dumps({**index_of, "labels": labels}))
+        named = dataset_labels(nnunet)
+        assert named == (None if expected is None else
+                         [{"value": v, "name": n, "color": c} for v, n, c in expected])
+    for labels, message in (({"background": 0, "whole tumour": [1, 2, 3], "enhancing": 3},
+                             "its labels are nnU-Net regions"),
+                            ({"background": 0, "tumour": "1"}, "pair each label-map value with a name")):
+        (nnunet / "dataset.json").write_text(json.dumps({**index_of, "labels": labels}))
+        with pytest.raises(UserError, match=message):
+            dataset_labels(nnunet)
+    (nnunet / "dataset.json").write_text(json.dumps({**index_of, "labels": {"background": 0, "sarcoma": 1}}))
+    with pytest.raises(UserError, match="the data's dataset.json files do not all name the same labels"):
+        resolve_start("scratch", load_recipe(None), None, Reporter("quiet"), [str(decathlon), str(nnunet)])
+
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({
+        "scratch": {"network": {"name": "unet", "features": [8, 8, 16, 16], "dropout": 0.0},
+                    "preprocessing": {"spacing": [3.0, 3.0, 3.0]}, "roi_size": [48, 48, 48]},
+        "train": {"epochs": 1, "steps_per_epoch": 2, "volumes_per_step": 1, "crops_per_volume": 1, "amp": "none",
+                  "window": [32, 32, 32], "warmup_steps": 0}}))
+    output = tmp_path / "model.safetensors"
+    run = run_cli_here("finetune", "--init", "scratch", "--data", decathlon, "--val-fraction", "0.5", "--recipe",
+                       recipe, "--cache", tmp_path / "cache", "-o", output, "--device", "cpu", "--progress", "json",
+                       check_rc=0)
+    assert "labels of the data's dataset.json: tumour (without terminology codes: --labels FILE gives them)" in run.stdout
+    assert [(label.value, label.name) for label in read_metadata(output).labels] == [(1, "tumour")]

@@ -25,12 +25,42 @@ def dataset_cases(folder: Path, labelled: bool) -> list[Case]:
     """The cases of a Decathlon or nnU-Net v2 dataset folder; those with label maps only, where ``labelled``."""
     path = folder / DATASET_JSON
     index = read_json(path, "dataset index", an_object=True)
-    if "training" in index or "test" in index:
+    if _is_decathlon(index):
         return _decathlon_cases(path, index, labelled)
     if "file_ending" in index:
         return _nnunet_cases(path, index, labelled)
     raise UserError(f"{path}: lists no cases: a Decathlon index has 'training' (and 'test'), an nnU-Net v2 index "
                     "'file_ending' and 'channel_names'")
+
+
+def dataset_labels(folder: Path) -> list[dict] | None:
+    """The labels a dataset.json names (the Decathlon's ``{"1": "tumour"}``, nnU-Net v2's ``{"tumour": 1}``) as label
+    entries (parse_labels' form), valued as in the label maps, coloured from matplotlib's tab10, without
+    terminology codes; None where it names none."""
+    path = folder / DATASET_JSON
+    index = read_json(path, "dataset index", an_object=True)
+    table = index.get("labels")
+    if not isinstance(table, dict) or not table:
+        return None
+    if _is_decathlon(index):
+        pairs = [(int(key) if key.isdigit() else key, name) for key, name in table.items()]
+    elif any(isinstance(value, list) for value in table.values()):
+        raise UserError(f"{path}: its labels are nnU-Net regions (lists of values, which overlap); name the "
+                        "structures to segment with --labels FILE")
+    else:
+        pairs = [(value, name) for name, value in table.items()]
+    if not all(isinstance(value, int) and isinstance(name, str) for value, name in pairs):
+        raise UserError(f"{path}: its 'labels' pair each label-map value with a name, not {json.dumps(table)[:80]}")
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"]
+    named = sorted((value, name) for value, name in pairs if value != 0)  # 0: the background
+    return [{"value": value, "name": name, "color": [round(255 * c) for c in colours(number % colours.N)[:3]]}
+            for number, (value, name) in enumerate(named)]
+
+
+def _is_decathlon(index: dict) -> bool:
+    return "training" in index or "test" in index
 
 
 def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:

@@ -16,6 +16,7 @@ import torch
 
 from ..catalog import resolve_model
 from ..checkpoint import check_channels, inference_settings, read_metadata
+from ..datasetindex import dataset_labels, is_dataset_folder
 from ..download import file_sha256
 from ..errors import UserError
 from ..jsonfile import read_json
@@ -62,8 +63,9 @@ class Start:
 
 
 def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
-    """The labels of a run that nothing else names, from its cases' Slicer segmentations (label.seg.nrrd): one per
-    distinct segment name; or those a prepared folder was made with."""
+    """The labels of a run that nothing else names: those a prepared folder was made with, or those its dataset
+    folders' dataset.json name, or those of its cases' Slicer segmentations (label.seg.nrrd), one per distinct
+    segment name."""
     from ..segfile import labels_of_segmentations
 
     asked = ("name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
@@ -76,6 +78,13 @@ def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
         return prepared[0]
     if not data_paths:
         raise UserError(asked)
+    named = [dataset_labels(Path(p)) if is_dataset_folder(Path(p)) else None for p in data_paths]
+    if any(named):
+        if not all(named) or any(table != named[0] for table in named):
+            raise UserError(f"{asked}: the data's dataset.json files do not all name the same labels")
+        reporter.info(f"labels of the data's dataset.json: {', '.join(e['name'] for e in named[0])} (without "
+                      "terminology codes: --labels FILE gives them)")
+        return named[0]
     files = [case.label for case in find_cases(data_paths, labelled=True)]
     if not all(is_segmentation_file(f) for f in files):
         raise UserError(f"{asked}, or give every case as a Slicer segmentation (label.seg.nrrd), whose segments "
