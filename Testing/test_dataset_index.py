@@ -155,5 +155,6 @@ def test_a_dataset_json_names_the_labels_of_a_run_that_nothing_else_names(tmp_pa
     run = run_cli_here("finetune", "--init", "scratch", "--data", decathlon, "--val-fraction", "0.5", "--recipe",
                        recipe, "--cache", tmp_path / "cache", "-o", output, "--device", "cpu", "--progress", "json",
                        check_rc=0)
-    assert "labels of the data's dataset.json: tumour (without terminology codes: --labels FILE gives them)" in run.stdout
+    said = "labels of the data's dataset.json: tumour (without terminology codes: --labels FILE gives them)"
+    assert said in run.stdout
     assert [(label.value, label.name) for label in read_metadata(output).labels] == [(1, "tumour")]
