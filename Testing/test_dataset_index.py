@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_file, run_cli_here
+from conftest import DEFAULT_MODEL, data_file, run_cli_here
 from hybridmim.checkpoint import read_metadata
 from hybridmim.datasetindex import dataset_labels
 from hybridmim.errors import UserError
@@ -115,7 +115,8 @@ def test_evaluate_scores_an_nnunet_dataset_as_the_same_case_folders(abdomen_crop
 
 def test_a_dataset_json_names_the_labels_of_a_run_that_nothing_else_names(tmp_path):
     """Decathlon's {"1": "tumour"} and nnU-Net's {"tumour": 1}: the labels of a fine-tuning run without --labels,
-    valued as in the label maps; a run on the Decathlon folder writes a model segmenting them by those names."""
+    valued as in the label maps, before the init model's; a run on the Decathlon folder writes a model segmenting
+    them by those names."""
     decathlon = tmp_path / "Task501_Sarcoma"
     for name in ("STS_036", "STS_037"):
         for kind in ("image", "label"):
@@ -142,8 +143,13 @@ def test_a_dataset_json_names_the_labels_of_a_run_that_nothing_else_names(tmp_pa
         with pytest.raises(UserError, match=message):
             dataset_labels(nnunet)
     (nnunet / "dataset.json").write_text(json.dumps({**index_of, "labels": {"background": 0, "sarcoma": 1}}))
-    with pytest.raises(UserError, match="the data's dataset.json files do not all name the same labels"):
+    with pytest.raises(UserError, match="the data's dataset.json files name different labels: name those to segment "
+                                        "with --labels FILE"):
         resolve_start("scratch", load_recipe(None), None, Reporter("quiet"), [str(decathlon), str(nnunet)])
+    # before the init model's: they say what the data's label maps hold (1: the abdominal model's spleen)
+    start = resolve_start(str(DEFAULT_MODEL), load_recipe(None), None, Reporter("quiet"),
+                          [str(decathlon), str(data_file("sarcoma_ct/STS_038"))])
+    assert [(label.value, label.name) for label in start.labels] == [(1, "tumour")] and start.head_channels is None
 
     recipe = tmp_path / "tiny.json"
     recipe.write_text(json.dumps({

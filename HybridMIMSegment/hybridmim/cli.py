@@ -274,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--val", nargs="+", metavar="PATH", help="validation cases (default: --val-fraction of --data)")
     fin.add_argument("--val-fraction", type=float, help="share of --data held out for validation (recipe default 0.2)")
     fin.add_argument("--labels", metavar="FILE", help="JSON list of the labels: value, name, colour, terminology "
-                                                      "(default: the recipe's, else the init model's, else those "
-                                                      "the data's dataset.json names, else the segment names of "
-                                                      "the cases' label.seg.nrrd files)")
+                                                      "(default: the recipe's, else those the data's "
+                                                      "dataset.json names, else the init model's, else the segment "
+                                                      "names of the cases' label.seg.nrrd files)")
     fin.add_argument("--epochs", type=int, help="maximum epochs (overrides the recipe)")
     fin.add_argument("--max-minutes", type=float, metavar="M",
                      help="time limit for training: the run keeps the epochs that fit at the first epoch's pace, "

@@ -62,10 +62,23 @@ class Start:
         return [label for label, channel in zip(self.labels, (self.head_channels or [])[1:]) if channel is not None]
 
 
+def labels_named_by_datasets(data_paths, reporter: Reporter) -> list[dict] | None:
+    """The labels the dataset.json of the run's dataset folders name (the same in each that names any), or None.
+    They describe the data's label maps, so they come before the init model's."""
+    tables = [table for path in map(Path, data_paths) if is_dataset_folder(path) and (table := dataset_labels(path))]
+    if not tables:
+        return None
+    if any(table != tables[0] for table in tables):
+        raise UserError("the data's dataset.json files name different labels: name those to segment with --labels "
+                        "FILE")
+    reporter.info(f"labels of the data's dataset.json: {', '.join(e['name'] for e in tables[0])} (without terminology "
+                  "codes: --labels FILE gives them)")
+    return tables[0]
+
+
 def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
-    """The labels of a run that nothing else names: those a prepared folder was made with, or those its dataset
-    folders' dataset.json name, or those of its cases' Slicer segmentations (label.seg.nrrd), one per distinct
-    segment name."""
+    """The labels of a run that nothing else names: those a prepared folder was made with, or those of its cases'
+    Slicer segmentations (label.seg.nrrd), one per distinct segment name."""
     from ..segfile import labels_of_segmentations
 
     asked = ("name the structures to segment with --labels FILE (a JSON list of value, name, colour and "
@@ -78,13 +91,6 @@ def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
         return prepared[0]
     if not data_paths:
         raise UserError(asked)
-    named = [dataset_labels(Path(p)) if is_dataset_folder(Path(p)) else None for p in data_paths]
-    if any(named):
-        if not all(named) or any(table != named[0] for table in named):
-            raise UserError(f"{asked}: the data's dataset.json files do not all name the same labels")
-        reporter.info(f"labels of the data's dataset.json: {', '.join(e['name'] for e in named[0])} (without "
-                      "terminology codes: --labels FILE gives them)")
-        return named[0]
     files = [case.label for case in find_cases(data_paths, labelled=True)]
     if not all(is_segmentation_file(f) for f in files):
         raise UserError(f"{asked}, or give every case as a Slicer segmentation (label.seg.nrrd), whose segments "
@@ -98,7 +104,8 @@ def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
 
 def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data_paths=()) -> Start:
     """Network, pre-processing, labels and init weights of a run. Labels: ``labels_file`` (a path, or the labels
-    themselves), else the recipe's, else the init model's, else the distinct segments of ``data_paths``' cases."""
+    themselves), else the recipe's, else those its dataset folders' dataset.json name, else the init model's, else
+    the distinct segments of ``data_paths``' cases."""
     if init == "scratch":
         scratch = recipe["scratch"]
         check_channels(scratch["channels"], "recipe 'scratch'")
@@ -122,11 +129,13 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
         labels, regions = read_labels(labels_file)
     elif recipe.get("labels"):
         labels, regions = read_labels(recipe["labels"])
-    elif init_meta is not None and init_meta.labels:
-        labels, regions = list(init_meta.labels), list(init_meta.regions)
     else:
-        labels_of_data = labels_from_cases(data_paths, reporter)
-        labels, regions = parse_label_file(labels_of_data, "the data's labels")
+        labels_of_data = labels_named_by_datasets(data_paths, reporter)
+        if labels_of_data is None and init_meta is not None and init_meta.labels:
+            labels, regions = list(init_meta.labels), list(init_meta.regions)
+        else:
+            labels_of_data = labels_of_data or labels_from_cases(data_paths, reporter)
+            labels, regions = parse_label_file(labels_of_data, "the data's labels")
     network = {**base["network"], "in_channels": len(base["channels"]), "out_channels": len(labels) + 1}
     init_labels = list(init_meta.labels) if init_meta is not None else []
     return Start(network, list(base["channels"]), base["preprocessing"], base["roi_size"], base["overlap"], labels,
