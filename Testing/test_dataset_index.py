@@ -3,6 +3,7 @@ layout (cases found by name, a file per channel); the labels they name."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -150,6 +151,19 @@ def test_a_dataset_json_names_the_labels_of_a_run_that_nothing_else_names(tmp_pa
     start = resolve_start(str(DEFAULT_MODEL), load_recipe(None), None, Reporter("quiet"),
                           [str(decathlon), str(data_file("sarcoma_ct/STS_038"))])
     assert [(label.value, label.name) for label in start.labels] == [(1, "tumour")] and start.head_channels is None
+    # one the init model segments by that name takes its colour and codes, and its output channel
+    (decathlon / "dataset.json").write_text(json.dumps({**index, "labels": {"0": "background", "1": "Liver",
+                                                                            "2": "tumour"}}))
+    log = io.StringIO()
+    start = resolve_start(str(DEFAULT_MODEL), load_recipe(None), None, Reporter("json", stream=log), [str(decathlon)])
+    liver = next(label for label in read_metadata(DEFAULT_MODEL).labels if label.name == "liver")
+    assert [(label.value, label.name, label.color, label.terminology) for label in start.labels] == [
+        (1, "Liver", liver.color, liver.terminology), (2, "tumour", (255, 127, 14), {})]
+    assert start.head_channels == [0, liver.value, None]
+    said = ("labels of the data's dataset.json: Liver, tumour (tumour without terminology codes: --labels FILE gives "
+            "them)")
+    assert said in [json.loads(line).get("text") for line in log.getvalue().splitlines()]
+    (decathlon / "dataset.json").write_text(json.dumps(index))
 
     recipe = tmp_path / "tiny.json"
     recipe.write_text(json.dumps({

@@ -62,18 +62,28 @@ class Start:
         return [label for label, channel in zip(self.labels, (self.head_channels or [])[1:]) if channel is not None]
 
 
-def labels_named_by_datasets(data_paths, reporter: Reporter) -> list[dict] | None:
+def labels_named_by_datasets(data_paths, known: list[Label], reporter: Reporter) -> list[dict] | None:
     """The labels the dataset.json of the run's dataset folders name (the same in each that names any), or None.
-    They describe the data's label maps, so they come before the init model's."""
+    They describe the data's label maps, so they come before the init model's; those named as one of ``known`` (the
+    init model's labels) take its colour and terminology codes."""
     tables = [table for path in map(Path, data_paths) if is_dataset_folder(path) and (table := dataset_labels(path))]
     if not tables:
         return None
     if any(table != tables[0] for table in tables):
         raise UserError("the data's dataset.json files name different labels: name those to segment with --labels "
                         "FILE")
-    reporter.info(f"labels of the data's dataset.json: {', '.join(e['name'] for e in tables[0])} (without terminology "
-                  "codes: --labels FILE gives them)")
-    return tables[0]
+    by_name = {plain_name(label.name): label for label in known}
+    entries = []
+    for entry in tables[0]:
+        same = by_name.get(plain_name(entry["name"]))
+        described = {key: value for key, value in same.to_dict().items() if key in ("color", "terminology")} \
+            if same else {}
+        entries.append({**entry, **described})
+    uncoded = [entry["name"] for entry in entries if "terminology" not in entry]
+    which = "" if len(uncoded) == len(entries) else f"{', '.join(uncoded)} "
+    reporter.info(f"labels of the data's dataset.json: {', '.join(e['name'] for e in entries)}"
+                  + (f" ({which}without terminology codes: --labels FILE gives them)" if uncoded else ""))
+    return entries
 
 
 def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
@@ -130,7 +140,7 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
     elif recipe.get("labels"):
         labels, regions = read_labels(recipe["labels"])
     else:
-        labels_of_data = labels_named_by_datasets(data_paths, reporter)
+        labels_of_data = labels_named_by_datasets(data_paths, init_meta.labels if init_meta else [], reporter)
         if labels_of_data is None and init_meta is not None and init_meta.labels:
             labels, regions = list(init_meta.labels), list(init_meta.regions)
         else:
