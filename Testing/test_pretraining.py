@@ -33,6 +33,7 @@ from hybridmim.runfiles import state_path
 from hybridmim.training.runstate import step_generators
 
 # Tiny U-Net (bottleneck stride 8), 8³ patches → 48³ crops, 3 mm voxels; fp32 weights for exact comparisons.
+CT = [{"name": "CT", "modality": "CT"}]  # the input channels of the scans prepared here
 TINY_RECIPE = {
     "network": {"features": [4, 8, 8, 16], "dropout": 0.1},
     "preprocessing": {"spacing": [3.0, 3.0, 3.0]},
@@ -399,18 +400,19 @@ def test_prepared_cache_is_reused_and_checked(scans, recipe_file, tmp_path, monk
     recipe = recipe_for(recipe_file)
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
     cache = tmp_path / "cache"
-    first = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+    first = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"), None, CT)
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
     assert len(stamps) == 2
     with monkeypatch.context() as patch:  # a cached volume's sources are not read again, not even to hash them
         patch.setattr(download, "file_sha256", lambda path: pytest.fail(f"{path} hashed again"))
-        second = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+        second = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"), None, CT)
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == stamps  # nothing prepared again
     assert second.sources == first.sources
     older = next(cache.glob("*.npz"))  # a volume cached by an earlier version, without the digests: hashed
     with np.load(older) as stored:
         np.savez_compressed(older, **{k: stored[k] for k in stored.files if k != SOURCE_DIGESTS})
-    assert prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet")).sources == first.sources
+    again = prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"), None, CT)
+    assert again.sources == first.sources
     for a, b in zip(first.volumes, second.volumes):
         assert a.stored.dtype == np.uint8 and np.array_equal(a.stored, b.stored)
         assert np.array_equal(a.centres, b.centres)
@@ -430,14 +432,14 @@ def test_a_damaged_prepared_case_is_prepared_again_or_refused_in_a_prepared_fold
     zipfile's traceback)."""
     preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
     cache = tmp_path / "cache"
-    prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"))
+    prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("quiet"), None, CT)
     index = {entry["name"]: cache / entry["file"] for entry in json.loads((cache / "prepared.json").read_text())[
         "volumes"]}
     whole = index["abdomen"].read_bytes()
     for damage in (whole[:1000], whole[:3000] + bytes(4) + whole[3004:]):
         index["abdomen"].write_bytes(damage)
         stream = io.StringIO()
-        prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("json", stream))
+        prepare_cases(find_cases([scans]), preprocessing, cache, Reporter("json", stream), None, CT)
         said = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
         assert said == [f"abdomen: its prepared copy ({index['abdomen']}) is damaged; preparing it again"]
         assert index["abdomen"].read_bytes() == whole
@@ -473,22 +475,25 @@ def test_dicom_series_folders_are_scans_to_pre_train_on(scans, recipe_file, tmp_
     preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
     from_dicom = load_prepared(cache, preprocessing, Reporter("quiet"))
     from_nifti = prepare_cases(find_cases([scans / "abdomen.nii.gz"]), preprocessing, tmp_path / "nifti",
-                               Reporter("quiet"))
+                               Reporter("quiet"), None, CT)
     assert [v.name for v in from_dicom.volumes] == ["PA000000_ST000000_SE000000", "lung"]
     assert np.array_equal(from_dicom.volumes[0].stored, from_nifti.volumes[0].stored)
     provenance = read_metadata(output).provenance["data"]
     assert provenance[0]["files"] == ["SE000000"] and provenance[0]["sha256"] == from_dicom.sources[0]["sha256"]
 
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
-    again = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))
+    again = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"), None,
+                          CT)
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == stamps  # the series was not read again
     first_slice = sorted(series.iterdir())[0]
     first_slice.write_bytes(first_slice.read_bytes())  # rewritten: the series may have changed
-    changed = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))
+    changed = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"),
+                            None, CT)
     assert len(list(cache.glob("*.npz"))) == len(stamps) + 1
     assert changed.sources[0]["sha256"] == again.sources[0]["sha256"]  # same bytes, same digest
     first_slice.write_bytes(first_slice.read_bytes()[:-2] + b"\x00\x01")
-    edited = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"))
+    edited = prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, cache, Reporter("quiet"),
+                           None, CT)
     assert edited.sources[0]["sha256"] != again.sources[0]["sha256"]
 
 
@@ -503,11 +508,11 @@ def test_a_folder_holding_a_studys_series_gives_a_scan_per_series_without_the_lo
     assert [(c.name, c.series) for c in cases] == [("study_1", SERIES_UIDS["abdomen"]),
                                                     ("study_2", SERIES_UIDS["chest"])]
     preprocessing = Preprocessing.from_dict(recipe_for(recipe_file)["preprocessing"])
-    prepared = prepare_cases(cases, preprocessing, tmp_path / "cache", Reporter("quiet"))
+    prepared = prepare_cases(cases, preprocessing, tmp_path / "cache", Reporter("quiet"), None, CT)
     for volume, name in zip(prepared.volumes, ("abdomen", "chest")):
         sitk.WriteImage(images[name], str(tmp_path / f"{name}.nii.gz"))
         alone = prepare_cases(find_cases([tmp_path / f"{name}.nii.gz"]), preprocessing, tmp_path / "alone",
-                              Reporter("quiet"))
+                              Reporter("quiet"), None, CT)
         assert np.array_equal(volume.stored, alone.volumes[0].stored), name
     assert [s["series"] for s in prepared.sources] == [SERIES_UIDS["abdomen"], SERIES_UIDS["chest"]]
     assert prepared.sources[0]["sha256"] != prepared.sources[1]["sha256"]
@@ -515,7 +520,8 @@ def test_a_folder_holding_a_studys_series_gives_a_scan_per_series_without_the_lo
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
     chest_slice = tmp_path / "export" / "study" / "chest000.dcm"
     chest_slice.write_bytes(chest_slice.read_bytes())  # rewritten: only the chest series is prepared again
-    prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, tmp_path / "cache", Reporter("quiet"))
+    prepare_cases(find_cases([tmp_path / "export"], dicom=True), preprocessing, tmp_path / "cache", Reporter("quiet"),
+                  None, CT)
     now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
     assert len(now) == 3 and all(now[name] == stamp for name, stamp in stamps.items())  # the abdomen's kept
 
@@ -589,7 +595,7 @@ def test_crops_pad_small_volumes_and_map_back_to_the_window(scans, recipe_file, 
 
     recipe = recipe_for(recipe_file)
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
-    data = prepare_cases(find_cases([scans]), preprocessing, tmp_path, Reporter("quiet"))
+    data = prepare_cases(find_cases([scans]), preprocessing, tmp_path, Reporter("quiet"), None, CT)
     rng = np.random.default_rng(0)
     stored, valid, labels = data.sample_crops(rng, volumes=3, crops_per_volume=2, size=64)
     assert labels is None

@@ -51,7 +51,7 @@ def run_variant(args) -> dict:
     preprocessing = Preprocessing.from_dict(recipe["preprocessing"])
     quiet = Reporter("quiet")
     data = load_prepared(Path(args.data[0]), preprocessing, quiet) if is_prepared_folder(args.data[0]) \
-        else prepare_cases(find_cases(args.data), preprocessing, Path(args.cache), quiet)
+        else prepare_cases(find_cases(args.data), preprocessing, Path(args.cache), quiet, None, recipe["channels"])
     device = select_device(args.device, quiet)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -435,18 +435,18 @@ def check_channel_count(cases: list[Case], channels) -> None:
 
 
 def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, reporter: Reporter,
-                  labels: list[Label] | None = None, channels=()) -> PreparedData:
+                  labels: list[Label] | None, channels) -> PreparedData:
     """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
 
     ``labels``: to prepare the label maps too, as class indices (labels.class_indices; other values become 0).
-    ``channels``: the model's input channels ({name, modality}); a scan unlike its channel's modality (an MR
-    given to a CT recipe) is prepared with a warning. Without ``labels`` (a pre-training pool, often a PACS
-    export), an image that is no 3-D scan (a scout, a dose report's screenshot) is left out with a warning.
+    ``channels``: the model's input channels ({name, modality}): every case has as many images (checked before
+    any is read); a scan unlike its channel's modality (an MR given to a CT recipe) is prepared with a warning.
+    Without ``labels`` (a pre-training pool, often a PACS export), an image that is no 3-D scan (a scout, a dose
+    report's screenshot) is left out with a warning.
     """
     if not cases:
         raise UserError("no volumes to train on")
-    if channels:
-        check_channel_count(cases, channels)
+    check_channel_count(cases, channels)
     for case in cases if labels else ():
         check_case_label(case, labels)  # headers only: refuse before an hour of preparing
     make_folder(cache, "the folder for prepared cases (--cache)")
@@ -459,9 +459,6 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
         reporter.progress(done + 1, len(cases))
         if arrays is None:
             continue
-        count = arrays["image"].shape[0]
-        if count != len(cases[0].channels):
-            raise UserError(f"{case.name}: {count} channels where the first case has {len(cases[0].channels)}")
         volumes.append(_volume(case.name, arrays))
         digests = ([str(d) for d in arrays[SOURCE_DIGESTS]] if SOURCE_DIGESTS in arrays  # not in older caches
                    else [_source_sha256(p, case.series) for p in files])

@@ -103,7 +103,7 @@ def run_pretrain(data_paths: list[str], output: str | None, reporter: Reporter, 
             else:
                 folder = Path(cache) if cache else cache_dir() / "prepared"
                 cases = find_cases(data_paths, exclude, dicom=True, warn=reporter.warning)
-                data = prepare_cases(cases, preprocessing, folder, reporter, channels=recipe["channels"])
+                data = prepare_cases(cases, preprocessing, folder, reporter, None, recipe["channels"])
     except StoppedBeforeTraining:
         return report_stopped_before_training(output and Path(output), state is not None, reporter)
     if prepare_only:

@@ -20,7 +20,7 @@ from ..datasetindex import dataset_labels, is_dataset_folder
 from ..download import file_sha256
 from ..errors import UserError
 from ..jsonfile import read_json
-from ..labels import Label, label_of_codes, parse_label_file, plain_name
+from ..labels import Label, label_of_codes, label_of_segment, parse_label_file, plain_name
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import find_cases, is_prepared_folder, is_segmentation_file, prepared_labels
@@ -72,10 +72,9 @@ def labels_named_by_datasets(data_paths, known: list[Label], reporter: Reporter)
     if any(table != tables[0] for table in tables):
         raise UserError("the data's dataset.json files name different labels: name those to segment with --labels "
                         "FILE")
-    by_name = {plain_name(label.name): label for label in known}
     entries = []
     for entry in tables[0]:
-        same = by_name.get(plain_name(entry["name"]))
+        same = label_of_segment(entry, known)  # by name: the dataset's labels have no codes
         described = {key: value for key, value in same.to_dict().items() if key in ("color", "terminology")} \
             if same else {}
         entries.append({**entry, **described})
