@@ -7,17 +7,21 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from conftest import DEFAULT_MODEL, data_file, run_cli_here
+from conftest import DEFAULT_MODEL, MODELS, data_file, run_cli_here
 from hybridmim.checkpoint import read_metadata
-from hybridmim.datasetindex import dataset_labels
+from hybridmim.datasetindex import dataset_labels, fitted_to_model
 from hybridmim.errors import UserError
 from hybridmim.evaluate import evaluate
+from hybridmim.geometry import Grid
+from hybridmim.imageio import read_channels
 from hybridmim.progress import Reporter
 from hybridmim.training.finetune import load_recipe
 from hybridmim.training.start import resolve_start
-from hybridmim.volumes import find_cases
+from hybridmim.volumes import find_cases, prepare_cases
 
 BRATS = "brain_tumor_mr/brats_2013_pat000{}_1"
 
@@ -178,3 +182,99 @@ def test_a_dataset_json_names_the_labels_of_a_run_that_nothing_else_names(tmp_pa
     said = "labels of the data's dataset.json: tumour (without terminology codes: --labels FILE gives them)"
     assert said in run.stdout
     assert [(label.value, label.name) for label in read_metadata(output).labels] == [(1, "tumour")]
+
+
+BRAIN_BOX = (slice(50, 170), slice(110, 210), slice(50, 146))  # x, y, z: pat0003's tumour with a margin
+
+
+def _brain_crops(folder: Path) -> dict[str, Path]:
+    """pat0003's FLAIR, T1c, brain mask and label map cut to BRAIN_BOX, the images as float32."""
+    source, folder_crops = data_file(BRATS.format(3)), {}
+    folder.mkdir(parents=True)
+    for name, file in (("FLAIR", "Flair_subtrMeanDivStd"), ("T1c", "T1c_subtrMeanDivStd"), ("mask", "brainmask"),
+                       ("label", "OTMultiClass")):
+        image = sitk.ReadImage(str(source / f"{file}.nii.gz"))[BRAIN_BOX]
+        folder_crops[name] = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image if name == "label" else sitk.Cast(image, sitk.sitkFloat32), str(folder_crops[name]))
+    return folder_crops
+
+
+def test_a_decathlon_multimodal_image_gives_a_model_the_volumes_its_channels_name(tmp_path):
+    """The Decathlon's BrainTumour and Prostate images hold their channels as the volumes of one 4-D file, named by
+    the index's "modality" ("t1gd" for a model's "T1c"): each had been refused as "a 4-D image"."""
+    crops = _brain_crops(tmp_path / "crops")
+    task = tmp_path / "Task501_BrainTumour"
+    (task / "imagesTr").mkdir(parents=True)
+    sitk.WriteImage(sitk.JoinSeries([sitk.ReadImage(str(crops[n])) for n in ("mask", "T1c", "FLAIR")]),
+                    str(task / "imagesTr" / "BRATS_003.nii.gz"))
+    _link(task / "labelsTr" / "BRATS_003.nii.gz", crops["label"])
+    index = {"modality": {"0": "brain mask", "1": "T1-Gd", "2": "FLAIR"},
+             "training": [{"image": "./imagesTr/BRATS_003.nii.gz", "label": "./labelsTr/BRATS_003.nii.gz"}]}
+    (task / "dataset.json").write_text(json.dumps(index))
+    case_folder = tmp_path / "cases" / "BRATS_003"
+    for name, target in (("FLAIR", "image_0000"), ("T1c", "image_0001"), ("label", "label")):
+        _link(case_folder / f"{target}.nii.gz", crops[name])
+
+    brain = read_metadata(MODELS / "brain-tumor-mr.safetensors")
+    said = []
+    case, = fitted_to_model(find_cases([task], labelled=True), brain.channels, said.append)
+    assert case.volumes == (2, 1) and case.channel_files() == ["BRATS_003.nii.gz volume 2 (FLAIR)",
+                                                               "BRATS_003.nii.gz volume 1 (T1-Gd)"] and not said
+    for read, original in zip(read_channels(case.channels, volumes=case.volumes), ("FLAIR", "T1c")):
+        expected = sitk.ReadImage(str(crops[original]))
+        assert Grid.of(read).matches(Grid.of(expected), tolerance=1e-6)
+        assert np.array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(expected))
+
+    # evaluate, segment --data and training read the task as they read the case folder
+    as_task, as_folder = (evaluate("brain-tumor-mr", [str(data)], device="cpu") for data in (task, case_folder))
+    assert as_task["cases"] == as_folder["cases"] and as_task["summary"] == as_folder["summary"]
+    for data, output in ((task, "from_task"), (case_folder.parent, "from_folder")):
+        run_cli_here("segment", "--model", "brain-tumor-mr", "--data", data, "-o", tmp_path / output, "--device",
+                     "cpu", check_rc=0)
+    segmented = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{o}/BRATS_003.seg.nrrd")))
+                 for o in ("from_task", "from_folder")]
+    assert np.array_equal(*segmented) and segmented[0].any()
+    prepared = [prepare_cases(find_cases([data], labelled=True), brain.preprocessing, tmp_path / "cache",
+                              Reporter("quiet"), brain.labels, brain.channels) for data in (task, case_folder)]
+    assert np.array_equal(prepared[0].volumes[0].stored, prepared[1].volumes[0].stored)
+    assert prepared[0].sources[0]["files"] == ["BRATS_003.nii.gz volume 2 (FLAIR)", "BRATS_003.nii.gz volume 1 "
+                                               "(T1-Gd)", "BRATS_003.nii.gz"]
+
+    with pytest.raises(UserError, match=r"case BRATS_003: model sarcoma-ct.safetensors expects 1 input channel\(s\) "
+                                        r"\(CT\); got 3 \(BRATS_003.nii.gz volume 0 \(brain mask\), BRATS_003.nii.gz "
+                                        r"volume 1 \(T1-Gd\), BRATS_003.nii.gz volume 2 \(FLAIR\)\)$"):
+        evaluate("sarcoma-ct", [str(task)], device="cpu")
+    with pytest.raises(UserError, match=r"BRATS_003.nii.gz: a 4-D image \(120, 100, 96, 3\); give one 3-D volume per "
+                                        r"input channel, or \(a Decathlon image\) its dataset folder"):
+        read_channels([task / "imagesTr" / "BRATS_003.nii.gz"])
+    (task / "dataset.json").write_text(json.dumps({**index, "modality": {"0": "T1-Gd", "1": "FLAIR", "3": "T2"}}))
+    with pytest.raises(UserError, match=r"its 'modality' numbers the channels from 0"):
+        find_cases([task])
+    (task / "dataset.json").write_text(json.dumps({**index, "modality": {"0": "a", "1": "b", "2": "T1-Gd",
+                                                                         "3": "FLAIR"}}))
+    with pytest.raises(UserError, match=r"BRATS_003.nii.gz: has no volume 3 \(it is a 4-D image of size "
+                                        r"\(120, 100, 96, 3\)\), where its dataset.json's 'modality' names one"):
+        evaluate("brain-tumor-mr", [str(task)], device="cpu")
+
+
+def test_an_nnunet_case_gives_a_model_the_files_its_channels_name_and_says_where_it_reads_them_in_order(tmp_path):
+    """A model taking FLAIR and T1c reads them from an nnU-Net case of three channels, spelled "T2-FLAIR" and
+    "T1ce"; where the names are not the model's, the channels are read in the index's order, with a warning."""
+    crops = _brain_crops(tmp_path / "crops")
+    dataset = tmp_path / "Dataset505_Brain"
+    for number, name in enumerate(("mask", "T1c", "FLAIR")):
+        _link(dataset / "imagesTr" / f"pat3_{number:04d}.nii.gz", crops[name])
+    _link(dataset / "labelsTr" / "pat3.nii.gz", crops["label"])
+    index = {"channel_names": {"0": "mask", "1": "T1ce", "2": "T2-FLAIR"}, "file_ending": ".nii.gz"}
+    (dataset / "dataset.json").write_text(json.dumps(index))
+    brain, said = read_metadata(MODELS / "brain-tumor-mr.safetensors"), []
+    case, = fitted_to_model(find_cases([dataset]), brain.channels, said.append)
+    assert [p.name for p in case.channels] == ["pat3_0002.nii.gz", "pat3_0001.nii.gz"] and not case.volumes
+    assert case.channel_names == ("T2-FLAIR", "T1ce") and not said
+
+    (dataset / "imagesTr" / "pat3_0002.nii.gz").unlink()
+    (dataset / "dataset.json").write_text(json.dumps({**index, "channel_names": {"0": "A", "1": "B"}}))
+    cases = find_cases([dataset]) * 2
+    assert fitted_to_model(cases, brain.channels, said.append) == cases
+    assert said == ["pat3 (and the cases like it): its dataset index names its channels otherwise than the model; "
+                    "they are read in order: A as FLAIR, B as T1c"]

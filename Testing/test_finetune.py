@@ -354,25 +354,26 @@ def test_stop_while_preparing_the_data_ends_at_once_with_nothing_to_resume(folde
 
 
 def test_a_time_limit_keeps_the_epochs_that_fit_and_a_resumed_run_keeps_them_too(folders, tmp_path):
-    recipe = tmp_path / "long.json"  # 30 epochs of 3 steps: far more than a quarter of a minute on any CPU
-    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 30, "steps_per_epoch": 3}}))
+    # 300 epochs of 3 steps: far more than a quarter of a minute (0.4 s an epoch on 2 cores; 30 had all fit)
+    recipe = tmp_path / "long.json"
+    recipe.write_text(json.dumps({**TINY, "train": {**TINY["train"], "epochs": 300, "steps_per_epoch": 3}}))
     output, stream = tmp_path / "timed.safetensors", io.StringIO()
     run_finetune("scratch", [str(folders["train"])], str(output), Reporter("json", stream),
                  val_paths=[str(folders["val"])], recipe_file=str(recipe), cache=str(folders["cache"]), device="cpu",
                  max_minutes=0.25)
     messages = [e["text"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "message"]
-    sized = [re.fullmatch(r"the first epoch took ([0-9.]+) s: ([0-9]+) of 30 epochs fit in 0.25 minutes", m)
+    sized = [re.fullmatch(r"the first epoch took ([0-9.]+) s: ([0-9]+) of 300 epochs fit in 0.25 minutes", m)
              for m in messages]
     assert sum(map(bool, sized)) == 1, messages
     seconds, epochs = next((float(m[1]), int(m[2])) for m in sized if m)
-    assert 15 // (seconds + 0.05) <= epochs <= 15 // (seconds - 0.05) and 1 <= epochs < 30
+    assert 15 // (seconds + 0.05) <= epochs <= 15 // (seconds - 0.05) and 1 <= epochs < 300
     final = runstate.load_resume_state(output, "finetune")
     assert final["step"] == 3 * epochs and final["epochs"] == epochs
     assert [h["epoch"] for h in final["history"]] == list(range(epochs + 1))
     assert final["history"][-1]["lr"] == 0.0  # the cosine ended on the new last step
     assert final["elapsed"] < 30
 
-    # Resumed, the finished run stays finished: its 30-epoch recipe does not come back.
+    # Resumed, the finished run stays finished: its 300-epoch recipe does not come back.
     resumed = run_finetune("scratch", [str(folders["train"])], str(output), Reporter("quiet"),
                            val_paths=[str(folders["val"])], cache=str(folders["cache"]), device="cpu", resume=True)
     assert resumed["step"] == resumed["steps"] == 3 * epochs

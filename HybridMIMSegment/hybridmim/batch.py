@@ -118,7 +118,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
     """
     from .devices import resolve_device
     from .imageio import labelmap_unsure_ml, read_volume, write_labelmap
-    from .predict import load_network, read_inputs, segment_channels
+    from .predict import cases_fitted_to_model, load_network, read_inputs, segment_channels
     from .segment import labelmap_origin, segment_statistics, segmentation_model
     from .volumes import find_cases
 
@@ -141,11 +141,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
 
     reporter.stage("load model")
     checkpoint, meta = segmentation_model(model, reporter)
-    for case in cases:
-        try:
-            meta.check_input_count(len(case.channels), checkpoint.name)
-        except UserError as exc:
-            raise UserError(f"case {case.name}: {exc}") from None
+    cases = cases_fitted_to_model(cases, meta, checkpoint.name, reporter.warning)
     origin = labelmap_origin(checkpoint)
     made_elsewhere = _check_kept_maps_model([planned[name]["segmentation"] for name in sorted(kept)], origin, reporter)
     make_folder(folder, "the output folder")
@@ -162,7 +158,7 @@ def segment_cases(data: list[str], output: str, model: str | None = None, device
         draw = "preview" in paths and not (keep and paths["preview"].exists())
         try:
             warn = lambda text, name=case.name: reporter.warning(f"{name}: {text}")  # noqa: E731
-            channels = read_inputs(case.channels, meta, warn, case.series)
+            channels = read_inputs(case, meta, warn)
             if keep:  # how unsure the model was, the earlier run kept in the map's header, else (NIfTI) its table
                 labels, unsure_ml = read_volume(paths["segmentation"]), labelmap_unsure_ml(paths["segmentation"])
                 if unsure_ml is None and paths["segmentation"] not in made_elsewhere:

@@ -60,11 +60,13 @@ class ModelMeta:
         """The label values cut to their largest connected piece after inference."""
         return [label.value for label in self.labels if label.largest_component]
 
-    def check_input_count(self, count: int, model_name: str) -> None:
-        """Refuse a run given another number of input images than the model has channels."""
-        if count != len(self.channels):
+    def check_input_count(self, given: list[str], model_name: str) -> None:
+        """Refuse a run given another number of input images (``given``: each one's name) than the model has
+        channels."""
+        if len(given) != len(self.channels):
             wanted = ", ".join(c["name"] for c in self.channels)
-            raise UserError(f"model {model_name} expects {len(self.channels)} input channel(s) ({wanted}); got {count}")
+            raise UserError(f"model {model_name} expects {len(self.channels)} input channel(s) ({wanted}); got "
+                            f"{len(given)} ({', '.join(given)})")
 
     def to_dict(self) -> dict:
         return {

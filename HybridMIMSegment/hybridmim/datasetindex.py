@@ -1,12 +1,18 @@
 """Dataset folders described by a ``dataset.json``: the Medical Segmentation Decathlon's, whose cases are listed
 under "training" (with label maps) and "test" (without), and nnU-Net v2's raw datasets, whose cases are found by
 name: ``imagesTr/CASE_0000.nii.gz`` (``_0001``, … for more channels) with ``labelsTr/CASE.nii.gz``, and
-``imagesTs`` without labels. Where labels are read (``labelled``), the cases without them are not listed."""
+``imagesTs`` without labels. Where labels are read (``labelled``), the cases without them are not listed.
+
+Both name their channels (the Decathlon's "modality", whose multi-modal images are 4-D: a volume per channel;
+nnU-Net's "channel_names", a file each); a model takes those of its channels' names (fitted_to_model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 from .jsonfile import read_json
@@ -15,6 +21,10 @@ from .volumes import IMAGE_SUFFIXES, Case, image_stem
 DATASET_JSON = "dataset.json"
 # nnU-Net v2's folders: (images, their label maps or None)
 NNUNET_PARTS = (("imagesTr", "labelsTr"), ("imagesTs", None))
+# MR sequences as datasets spell them (lower case, letters and digits only), for a model's channel names: the
+# Decathlon's "t1gd" and BraTS' "t1ce" are a model's "T1c"
+SEQUENCE_SPELLINGS = {"t1gd": "t1c", "t1ce": "t1c", "t1gad": "t1c", "t1post": "t1c", "t1contrast": "t1c",
+                      "t1w": "t1", "t2w": "t2", "t2flair": "flair"}
 
 
 def is_dataset_folder(folder: Path) -> bool:
@@ -63,10 +73,51 @@ def _is_decathlon(index: dict) -> bool:
     return "training" in index or "test" in index
 
 
+def fitted_to_model(cases: list[Case], channels, warn: Callable[[str], None]) -> list[Case]:
+    """``cases`` with the channels a model takes (``channels``: its {name, modality}), in the model's order, where
+    a dataset index names them: the volumes of a Decathlon image, or an nnU-Net case's files, chosen by name.
+    Where the index's names are not all the model's, its channels are kept in its order (their count is checked
+    later), with a warning where they are several: the model reads them by position."""
+    wanted = [_spelled_as_model(channel["name"]) for channel in channels]
+    fitted, said = [], set()
+    for case in cases:
+        named = [_spelled_as_model(name) for name in case.channel_names]
+        if named and all(named.count(name) == 1 for name in wanted):
+            order = [named.index(name) for name in wanted]
+            case = dataclasses.replace(case, channels=tuple(case.channels[i] for i in order),
+                                       volumes=tuple(case.volumes[i] for i in order) if case.volumes else (),
+                                       channel_names=tuple(case.channel_names[i] for i in order))
+        elif len(named) == len(wanted) > 1 and case.channel_names not in said:
+            said.add(case.channel_names)
+            pairs = ", ".join(f"{given} as {channel['name']}" for given, channel in zip(case.channel_names, channels))
+            warn(f"{case.name} (and the cases like it): its dataset index names its channels otherwise than the "
+                 f"model; they are read in order: {pairs}")
+        fitted.append(case)
+    return fitted
+
+
+def _spelled_as_model(name) -> str:
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    return SEQUENCE_SPELLINGS.get(key, key)
+
+
+def _channel_names(path: Path, table, key: str) -> tuple[str, ...]:
+    """The names an index's ``key`` table ({"0": "FLAIR", "1": "T1w", …}) gives its channels, in their order."""
+    if not isinstance(table, dict):  # a Decathlon index's "modality": "CT" (nnU-Net's is checked before)
+        return ()
+    if not all(isinstance(k, str) and k.isdigit() for k in table) or \
+            sorted(map(int, table)) != list(range(len(table))):
+        raise UserError(f"{path}: its '{key}' numbers the channels from 0 ({{\"0\": \"FLAIR\", \"1\": \"T1c\"}}), "
+                        f"not {json.dumps(table)[:80]}")
+    return tuple(str(table[str(number)]) for number in range(len(table)))
+
+
 def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
     lists = [index.get(part, []) for part in ("training", "test")]
     if not all(isinstance(entries, list) for entries in lists):
         raise UserError(f"{path}: its 'training' and 'test' are lists of cases")
+    names = _channel_names(path, index.get("modality"), "modality")
+    volumes = tuple(range(len(names))) if len(names) > 1 else ()  # several: the volumes of a 4-D image
     cases = []
     for entry in lists[0] + ([] if labelled else lists[1]):  # "test" cases have no label maps
         image = entry.get("image") if isinstance(entry, dict) else entry
@@ -75,7 +126,8 @@ def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
             raise UserError(f"{path}: a case whose image (or label) is no file name: {json.dumps(entry)[:80]}")
         if labelled and label is None:
             raise UserError(f"{path}: the training case {image} names no 'label'")
-        cases.append(Case(image_stem(Path(image)), (path.parent / image,), path.parent / label if label else None))
+        cases.append(Case(image_stem(Path(image)), (path.parent / image,) * max(1, len(volumes)),
+                          path.parent / label if label else None, volumes=volumes, channel_names=names))
     if not cases:
         raise UserError(f"{path}: lists no {'training ' if labelled else ''}cases")
     return cases
@@ -88,22 +140,23 @@ def _nnunet_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
                         f"{', '.join(IMAGE_SUFFIXES)}")
     if not isinstance(channels, dict) or not channels:
         raise UserError(f"{path}: its 'channel_names' name no channel ({{\"0\": \"CT\"}} for one)")
-    names = ", ".join(str(name) for name in channels.values())
+    names = _channel_names(path, channels, "channel_names")
     cases = []
     for images, labels in NNUNET_PARTS[:1] if labelled else NNUNET_PARTS:
         firsts = sorted(p for p in (path.parent / images).glob(f"*_0000{ending}") if not p.name.startswith("."))
         for first in firsts:  # (a "._" file is macOS's resource fork, not an image)
             name = first.name[:-len(f"_0000{ending}")]
-            files = tuple(first.parent / f"{name}_{k:04d}{ending}" for k in range(len(channels)))
+            files = tuple(first.parent / f"{name}_{k:04d}{ending}" for k in range(len(names)))
             missing = next((f for f in files if not f.is_file()), None)
             if missing is not None:
-                raise UserError(f"{missing}: missing; {path} names {len(channels)} channels ({names}), a file each")
+                raise UserError(f"{missing}: missing; {path} names {len(names)} channels ({', '.join(names)}), "
+                                "a file each")
             label = path.parent / labels / f"{name}{ending}" if labels else None
             if label is not None and not label.is_file():
                 if labelled:
                     raise UserError(f"{label}: missing; {labels} holds the label map of each case in {images}")
                 label = None
-            cases.append(Case(name, files, label))
+            cases.append(Case(name, files, label, channel_names=names))
     if not cases:
         where = " or ".join(part for part, _ in (NNUNET_PARTS[:1] if labelled else NNUNET_PARTS))
         raise UserError(f"{path.parent}: no images named CASE_0000{ending} in {where} (nnU-Net v2's layout)")

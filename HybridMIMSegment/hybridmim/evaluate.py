@@ -124,6 +124,7 @@ def _csv_text(cases: list[dict], names: list[str]) -> str:
 def evaluate(model: str | None, data: list[str], output: str | None = None, overlays: str | None = None,
              device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
     """Segment every labelled case in ``data`` with ``model`` and score it; returns the report."""
+    from .predict import cases_fitted_to_model, load_network, read_inputs, segment_channels
     from .segment import segmentation_model
     from .volumes import check_case_label, find_cases
 
@@ -139,8 +140,8 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
         raise UserError(f"{overlay_dir}: is a file; --overlays names a folder")
     cases = find_cases(data, labelled=True)
     checkpoint, meta = segmentation_model(model, reporter)
+    cases = cases_fitted_to_model(cases, meta, checkpoint.name, reporter.warning)
     for case in cases:
-        meta.check_input_count(len(case.channels), checkpoint.name)
         check_case_label(case, meta.labels)
     if overlay_dir is not None:
         for case in cases:
@@ -149,7 +150,6 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     import SimpleITK as sitk
 
     from .devices import resolve_device
-    from .predict import load_network, read_inputs, segment_channels
     from .volumes import read_case_label
 
     device = resolve_device(device, reporter)
@@ -158,7 +158,7 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     results, started = [], time.time()
     reporter.stage("evaluate")
     for index, case in enumerate(cases):
-        channels = read_inputs(case.channels, meta, reporter.warning)
+        channels = read_inputs(case, meta, reporter.warning)
         reference_image = read_case_label(case, meta.labels, reporter.warning)
         prediction_image, unsure_ml = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)

@@ -189,29 +189,56 @@ def _read_nifti(path: Path) -> sitk.Image:
 
 
 def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
-                series: str | None = None) -> sitk.Image:
+                series: str | None = None, volume: int | None = None) -> sitk.Image:
     """One scalar 3-D volume from a file or DICOM folder (``series``: the UID of the series to read from a folder
-    holding several), or a UserError saying why not."""
-    path = Path(path)
+    holding several; ``volume``: the index of the one to read from a 4-D file), or a UserError saying why not."""
+    return _one_volume(_read_file(Path(path), warn, series), Path(path), volume)
+
+
+def _read_file(path: Path, warn: Callable[[str], None], series: str | None) -> sitk.Image:
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
-        image = _read_dicom_series(path, warn, series)
-    else:
-        if path.stat().st_size == 0:
-            raise UserError(f"{path}: empty file")
-        image = _read_nifti(path) if niftifile.is_nifti(path) else _itk_read(path)
+        return _read_dicom_series(path, warn, series)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file")
+    return _read_nifti(path) if niftifile.is_nifti(path) else _itk_read(path)
+
+
+def _one_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Image:
+    """The 3-D scalar volume a file's image is (its ``volume`` where it is 4-D), or NotAScan."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise NotAScan(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel "
                        "(colour or vector image); give one scalar volume per input channel")
     size = image.GetSize()
+    if volume is not None:
+        if image.GetDimension() != 4 or not 0 <= volume < size[3]:
+            raise UserError(f"{path}: has no volume {volume} (it is a {image.GetDimension()}-D image of size "
+                            f"{size}), where its dataset.json's 'modality' names one")
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, volume],
+                             sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+        size = image.GetSize()
     if image.GetDimension() == 4:
-        raise NotAScan(f"{path}: a 4-D image {size}; give one 3-D volume per input channel")
+        raise NotAScan(f"{path}: a 4-D image {size}; give one 3-D volume per input channel, or (a Decathlon image) "
+                       "its dataset folder, whose dataset.json names its volumes")
     if image.GetDimension() != 3:
         raise NotAScan(f"{path}: a {image.GetDimension()}-D image of size {size}, not a 3-D volume")
     if min(size) < 2:
         raise NotAScan(f"{path}: a single slice (size {size}), not a 3-D volume")
     return image
+
+
+def read_grid(path: str | Path) -> Grid | None:
+    """An image file's grid from its header (a 4-D file's: that of each of its volumes); None where read_header
+    gives none."""
+    header = read_header(path)
+    if header is None:
+        return None
+    if header.GetDimension() != 4:
+        return Grid.of(header)
+    direction = header.GetDirection()
+    return Grid(header.GetSize()[:3], header.GetSpacing()[:3], header.GetOrigin()[:3],
+                tuple(direction[row * 4 + column] for row in range(3) for column in range(3)))
 
 
 class BackgroundRead:
@@ -260,14 +287,20 @@ def start_reading(paths, meta, reporter) -> BackgroundRead:
 
 
 def read_channels(paths, warn: Callable[[str], None] = lambda _: None,
-                  series: str | None = None) -> list[sitk.Image]:
+                  series: str | None = None, volumes: tuple[int, ...] = ()) -> list[sitk.Image]:
     """Input channels on the grid of the first; others are resampled onto it (linear) with a warning. ``series``:
-    the DICOM series a folder channel reads (a case of one series among several in a folder)."""
+    the DICOM series a folder channel reads (a case of one series among several in a folder); ``volumes``: where
+    the channels are volumes of 4-D files, the index of each in its file (each file is read once)."""
     from .segfile import refuse_as_scan
 
     for path in paths:
         refuse_as_scan(path)
-    images = [read_volume(p, warn, series) for p in paths]
+    files: dict[Path, sitk.Image] = {}
+    images = []
+    for path, volume in zip(map(Path, paths), volumes or [None] * len(paths)):
+        if path not in files:
+            files[path] = _read_file(path, warn, series)
+        images.append(_one_volume(files[path], path, volume))
     reference = Grid.of(images[0])
     for i in range(1, len(images)):
         if not Grid.of(images[i]).matches(reference):

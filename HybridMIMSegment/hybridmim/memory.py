@@ -100,7 +100,10 @@ def scan_header(path: str | Path) -> ScanHeader | None:
     components = header.GetNumberOfComponents()
     one_voxel = sitk.Image([1, 1, 1], header.GetPixelID(), components)
     voxel_bytes = sitk.GetArrayViewFromImage(one_voxel).itemsize * components
-    return ScanHeader(tuple(header.GetSize()), tuple(header.GetSpacing()), voxel_bytes)
+    size, spacing = tuple(header.GetSize()), tuple(header.GetSpacing())
+    if len(size) == 4:  # volumes of a Decathlon image, all read to take some: as a voxel's components
+        return ScanHeader(size[:3], spacing[:3], voxel_bytes * size[3])
+    return ScanHeader(size, spacing, voxel_bytes)
 
 
 def window_bytes(network: dict, roi_size) -> int:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .devices import gpu_may_run, resolve_device, start_torch_imports
+from .errors import UserError
 from .onnxnet import (OnnxNetwork, cached_onnx_network, export_onnx_network, onnx_path, openvino_runs_here,
                       start_compiling_cached_export)
 from .progress import Reporter
@@ -51,13 +52,28 @@ def checked_inputs(images, paths, meta, warn) -> list:
     return channels
 
 
-def read_inputs(paths, meta, warn, series: str | None = None) -> list:
-    """One case's channels for a run over many cases: refused when too large for the memory, read, checked
-    (``series``: the DICOM series of a folder holding several)."""
+def cases_fitted_to_model(cases, meta, model_name: str, warn) -> list:
+    """``cases`` (volumes.Case) with the channels of the model of ``meta`` (datasetindex.fitted_to_model), each
+    refused where it has another number of them."""
+    from .datasetindex import fitted_to_model
+
+    fitted = fitted_to_model(cases, meta.channels, warn)
+    for case in fitted:
+        try:
+            meta.check_input_count(case.channel_files(), model_name)
+        except UserError as exc:
+            raise UserError(f"case {case.name}: {exc}") from None
+    return fitted
+
+
+def read_inputs(case, meta, warn) -> list:
+    """The channels of ``case`` (a volumes.Case) for a run over many cases: refused when too large for the memory,
+    read, checked."""
     from .imageio import check_scan_fits, read_channels
 
-    check_scan_fits(paths, meta)
-    return checked_inputs(read_channels(paths, warn, series), paths, meta, warn)
+    check_scan_fits(case.channels, meta)
+    images = read_channels(case.channels, warn, case.series, case.volumes)
+    return checked_inputs(images, case.channel_files(whole_paths=True), meta, warn)
 
 
 def _builds_torch_network(checkpoint, device: str, onnx: bool) -> bool:

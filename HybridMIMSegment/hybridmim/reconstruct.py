@@ -142,7 +142,7 @@ def reconstruct(inputs: list[str], output_dir: str, model: str | None = None, ma
         raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {ratio}")
     if not 0 <= seed < 2 ** 63:  # what torch's generator takes
         raise UserError(f"--seed must be a whole number from 0 to 2^63 - 1, got {seed}")
-    meta.check_input_count(len(inputs), checkpoint.name)
+    meta.check_input_count(list(map(str, inputs)), checkpoint.name)
     channel_names = [c["name"] for c in meta.channels]
     paths = {kind: check_new_output(folder / name, overwrite) for kind, name in output_names(channel_names).items()}
     check_inputs_kept(inputs, paths.values())

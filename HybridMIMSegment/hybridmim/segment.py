@@ -122,7 +122,7 @@ def segment(inputs: list[str], output: str, model: str | None = None, device: st
 
     reporter.stage("load model")
     checkpoint, meta = segmentation_model(model, reporter)
-    meta.check_input_count(len(inputs), checkpoint.name)
+    meta.check_input_count(list(map(str, inputs)), checkpoint.name)
 
     reading = start_reading(inputs, meta, reporter)
     from .predict import labels_on_input_grid, load_and_prepare

@@ -46,12 +46,27 @@ MIN_SERIES_IMAGES = 10
 @dataclass(frozen=True)
 class Case:
     """One volume: a name, its channel files (one per model input channel) and its label map, if any;
-    ``series``: the UID of the DICOM series it is, in a folder holding several."""
+    ``series``: the UID of the DICOM series it is, in a folder holding several; ``volumes``: where its channels are
+    volumes of one 4-D file (a Decathlon multi-modal image; the file is then each channel's), the index of each in
+    it; ``channel_names``: what a dataset index calls each channel (datasetindex.fitted_to_model picks the model's).
+    """
 
     name: str
     channels: tuple[Path, ...]
     label: Path | None = None
     series: str | None = None
+    volumes: tuple[int, ...] = ()
+    channel_names: tuple[str, ...] = ()
+
+    def channel_files(self, whole_paths: bool = False) -> list[str]:
+        """Each channel's file (its name, or its path as given) for messages, with its volume where it is one of a
+        4-D file, and its index's name for it."""
+        described = []
+        for number, path in enumerate(self.channels):
+            text = str(path) if whole_paths else path.name
+            text += f" volume {self.volumes[number]}" if self.volumes else ""
+            described.append(text + (f" ({self.channel_names[number]})" if self.channel_names else ""))
+        return described
 
 
 def is_segmentation_file(path) -> bool:
@@ -314,10 +329,18 @@ def _source_sha256(path: Path, series: str | None = None) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+def _source_digests(files, series: str | None) -> list[str]:
+    """Each file's _source_sha256, a file that several channels are volumes of hashed once."""
+    digests = {path: _source_sha256(path, series) for path in dict.fromkeys(files)}
+    return [digests[path] for path in files]
+
+
 def _cache_key(case: Case, preprocessing: Preprocessing, labels: list[Label] | None) -> str:
     identity = [CACHE_FORMAT, preprocessing.to_dict(), sorted(class_indices(labels or []).items())]
     if labels and is_segmentation_file(case.label):  # its segments are read by the labels' names and codes
         identity.append([label.to_dict() for label in labels])
+    if case.volumes:
+        identity.append(list(case.volumes))
     for path in case.channels + ((case.label,) if labels else ()):
         for file in _source_files(path, case.series):  # a DICOM series changes when any of its files does
             stat = file.stat()
@@ -334,17 +357,16 @@ def check_case_label(case: Case, labels: list[Label]) -> None:
     """Refuse, from the file headers alone, a label map that does not lie on its image's grid (a Slicer
     segmentation is resampled onto it when read: Slicer may keep it on a finer grid of its own), and a Slicer
     segmentation none of whose segments is one of ``labels``."""
-    from .geometry import Grid
-    from .imageio import read_header
+    from .imageio import read_grid
     from .segfile import check_some_segment_is_a_label
 
-    headers = []
+    grids = []
     for path in (case.channels[0], case.label):
-        header = read_header(path)
-        if header is None:
+        grid = read_grid(path)
+        if grid is None:
             raise UserError(f"case {case.name}: {path.name} is not a readable image")
-        headers.append(header)
-    image, label = (Grid.of(header) for header in headers)
+        grids.append(grid)
+    image, label = grids
     if is_segmentation_file(case.label):
         check_some_segment_is_a_label(case.label, labels, f"{case.name}: {case.label.name}")
     elif not label.matches(image):  # as preparing tests the voxels
@@ -356,14 +378,13 @@ def read_case_label(case: Case, labels: list[Label], warn):
     """A case's label map as an UInt16 sitk.Image, checked as one (scancheck.checked_label_map), for training and
     for evaluate; a Slicer segmentation's segments as the ``labels`` they are, on the image's grid. SimpleITK is
     imported only here: prepared folders load on a machine without it."""
-    from .geometry import Grid
-    from .imageio import read_header, read_volume
+    from .imageio import read_grid, read_volume
     from .scancheck import checked_label_map
     from .segfile import read_segmentation_labels
 
     where = f"{case.name}: {case.label.name}"
     if is_segmentation_file(case.label):
-        return read_segmentation_labels(case.label, Grid.of(read_header(case.channels[0])), labels, where, warn)
+        return read_segmentation_labels(case.label, read_grid(case.channels[0]), labels, where, warn)
     return checked_label_map(read_volume(case.label), where, warn)
 
 
@@ -375,9 +396,8 @@ def _prepare_volume(case: Case, preprocessing: Preprocessing, key: str, labels: 
 
     count = len(case.channels)
     expected = ([c.get("modality", "") for c in channels] + [""] * count)[:count]  # "": a channel not described
-    images = checked_channels(read_channels(case.channels, warn, case.series),
-                              [f"{case.name}: {p.name}" for p in case.channels],
-                              expected, warn)
+    images = checked_channels(read_channels(case.channels, warn, case.series, case.volumes),
+                              [f"{case.name}: {name}" for name in case.channel_files()], expected, warn)
     label = read_case_label(case, labels, warn) if labels else None
     model_input = prepare(images, preprocessing, label)
     array = model_input.array
@@ -429,7 +449,7 @@ def check_channel_count(cases: list[Case], channels) -> None:
     for case in cases:
         if len(case.channels) != len(channels):
             raise UserError(f"{case.name}: {len(case.channels)} image(s) "
-                            f"({', '.join(path.name for path in case.channels)}) where the model takes "
+                            f"({', '.join(case.channel_files())}) where the model takes "
                             f"{len(channels)} channel(s) ({', '.join(c['name'] for c in channels)}); a recipe's "
                             "channels make a new model's (as in scripts/recipes/finetune-brain-tumor-mr.json)")
 
@@ -439,13 +459,16 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
 
     ``labels``: to prepare the label maps too, as class indices (labels.class_indices; other values become 0).
-    ``channels``: the model's input channels ({name, modality}): every case has as many images (checked before
-    any is read); a scan unlike its channel's modality (an MR given to a CT recipe) is prepared with a warning.
+    ``channels``: the model's input channels ({name, modality}), which choose those a dataset index names
+    (datasetindex.fitted_to_model): every case has as many images (checked before any is read); a scan unlike its channel's modality (an MR given to a CT recipe) is prepared with a warning.
     Without ``labels`` (a pre-training pool, often a PACS export), an image that is no 3-D scan (a scout, a dose
     report's screenshot) is left out with a warning.
     """
     if not cases:
         raise UserError("no volumes to train on")
+    from .datasetindex import fitted_to_model
+
+    cases = fitted_to_model(cases, channels, reporter.warning)
     check_channel_count(cases, channels)
     for case in cases if labels else ():
         check_case_label(case, labels)  # headers only: refuse before an hour of preparing
@@ -461,8 +484,9 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
             continue
         volumes.append(_volume(case.name, arrays))
         digests = ([str(d) for d in arrays[SOURCE_DIGESTS]] if SOURCE_DIGESTS in arrays  # not in older caches
-                   else [_source_sha256(p, case.series) for p in files])
-        source = {"name": case.name, "files": [p.name for p in files], "sha256": digests,
+                   else _source_digests(files, case.series))
+        names = case.channel_files() + ([case.label.name] if labels else [])
+        source = {"name": case.name, "files": names, "sha256": digests,
                   "shape": list(arrays["image"].shape[1:]), **({"series": case.series} if case.series else {})}
         sources.append(source)
         entries.append({**source, "file": path.name})
@@ -498,7 +522,7 @@ def _load_or_prepare(case: Case, files: tuple, path: Path, preprocessing: Prepro
     arrays[PREPARE_WARNINGS] = np.array(said, dtype=str)
     # the sources' digests travel with the volume: its key already stands for their sizes and times, and hashing
     # them again on every run would re-read every scan (a 100-CT DICOM export: about 15 GB)
-    arrays[SOURCE_DIGESTS] = np.array([_source_sha256(p, case.series) for p in files])
+    arrays[SOURCE_DIGESTS] = np.array(_source_digests(files, case.series))
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
