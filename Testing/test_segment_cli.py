@@ -230,8 +230,8 @@ def _two_channels(tmp_path):
     (_two_d, [], "2-D image"),
     (_one_slice_volume, [], "a single slice"),
     (_four_d, [], "4-D image"),
-    (_spacing_in_centimetres, [], "its header makes it 3660 x 3030 x 3360 mm (voxels of 30 x 30 x 30 mm), larger "
-                                  "than any patient"),
+    (_spacing_in_centimetres, [], "/centimetres.nii.gz: its header makes it 3660 x 3030 x 3360 mm (voxels of 30 x 30 "
+                                  "x 30 mm), larger than any patient"),  # the path as given, as the others
     (_slicer_segmentation, [], "ct_a.seg.nrrd: a Slicer segmentation, not a scan; give the scan it outlines"),
     (_two_channels, [], "expects 1 input channel"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "no-such-model"], "unknown model"),

@@ -269,7 +269,7 @@ def check_scan_fits(paths, meta) -> None:
     scan = scan_header(paths[0])
     if scan is None:
         return
-    name = Path(paths[0]).name
+    name = str(paths[0])
     extent = [n * s for n, s in zip(scan.size, scan.spacing)]
     if max(extent) > MAX_EXTENT_MM:
         raise UserError(f"{name}: its header makes it {' x '.join(f'{e:.0f}' for e in extent)} mm (voxels of "
