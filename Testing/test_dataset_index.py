@@ -278,3 +278,34 @@ def test_an_nnunet_case_gives_a_model_the_files_its_channels_name_and_says_where
     assert fitted_to_model(cases, brain.channels, said.append) == cases
     assert said == ["pat3 (and the cases like it): its dataset index names its channels otherwise than the model; "
                     "they are read in order: A as FLAIR, B as T1c"]
+
+
+def test_an_nnunet_index_listing_its_training_cases_by_name_reads_them_from_that_list(tmp_path):
+    """nnU-Net v2's optional "dataset": {CASE: {"images": [...], "label": ...}}, its files relative to the folder or
+    absolute, in place of imagesTr and labelsTr (which had been looked in: "no images named CASE_0000")."""
+    dataset = tmp_path / "Dataset506_Glioma"
+    source = data_file(BRATS.format(5))
+    _link(dataset / "scans" / "p5_flair.nii.gz", source / "Flair_subtrMeanDivStd.nii.gz")
+    _link(dataset / "imagesTs" / "pat3_0000.nii.gz", data_file(BRATS.format(3)) / "Flair_subtrMeanDivStd.nii.gz")
+    _link(dataset / "imagesTs" / "pat3_0001.nii.gz", data_file(BRATS.format(3)) / "T1c_subtrMeanDivStd.nii.gz")
+    listed = {"pat5": {"images": ["scans/p5_flair.nii.gz", str(source / "T1c_subtrMeanDivStd.nii.gz")],
+                       "label": str(source / "OTMultiClass.nii.gz")}}
+    index = {"channel_names": {"0": "FLAIR", "1": "T1c"}, "file_ending": ".nii.gz", "dataset": listed}
+    (dataset / "dataset.json").write_text(json.dumps(index))
+    case, = find_cases([dataset], labelled=True)
+    assert case.name == "pat5" and case.label == source / "OTMultiClass.nii.gz"
+    assert case.channels == (dataset / "scans" / "p5_flair.nii.gz", source / "T1c_subtrMeanDivStd.nii.gz")
+    assert [c.name for c in find_cases([dataset])] == ["pat5", "pat3"]  # imagesTs where labels are not read
+
+    for entries, message in (({}, r"its 'dataset' lists no case"),
+                             ({"pat5": {"images": "a.nii.gz", "label": "b.nii.gz"}}, r"its case pat5 is no \{"),
+                             ({"pat5": {**listed["pat5"], "images": ["scans/p5_flair.nii.gz"]}},
+                              r"its case pat5 lists 1 image\(s\), where 'channel_names' names 2 channels "
+                              r"\(FLAIR, T1c\)$"),
+                             ({"pat5": {**listed["pat5"], "images": ["scans/p5_t2.nii.gz", "scans/p5_flair.nii.gz"]}},
+                              r"scans/p5_t2.nii.gz: missing; .*dataset.json lists it as an image of case pat5$"),
+                             ({"pat5": {**listed["pat5"], "label": "labels/p5.nii.gz"}},
+                              r"labels/p5.nii.gz: missing; .*dataset.json lists it as the label map of case pat5$")):
+        (dataset / "dataset.json").write_text(json.dumps({**index, "dataset": entries}))
+        with pytest.raises(UserError, match=message):
+            find_cases([dataset], labelled=True)

@@ -1,7 +1,8 @@
 """Dataset folders described by a ``dataset.json``: the Medical Segmentation Decathlon's, whose cases are listed
 under "training" (with label maps) and "test" (without), and nnU-Net v2's raw datasets, whose cases are found by
 name: ``imagesTr/CASE_0000.nii.gz`` (``_0001``, … for more channels) with ``labelsTr/CASE.nii.gz``, and
-``imagesTs`` without labels. Where labels are read (``labelled``), the cases without them are not listed.
+``imagesTs`` without labels (or its training cases listed by name under "dataset"). Where labels are read
+(``labelled``), the cases without them are not listed.
 
 Both name their channels (the Decathlon's "modality", whose multi-modal images are 4-D: a volume per channel;
 nnU-Net's "channel_names", a file each); a model takes those of its channels' names (fitted_to_model)."""
@@ -141,8 +142,10 @@ def _nnunet_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
     if not isinstance(channels, dict) or not channels:
         raise UserError(f"{path}: its 'channel_names' name no channel ({{\"0\": \"CT\"}} for one)")
     names = _channel_names(path, channels, "channel_names")
-    cases = []
-    for images, labels in NNUNET_PARTS[:1] if labelled else NNUNET_PARTS:
+    parts = NNUNET_PARTS[:1] if labelled else NNUNET_PARTS
+    listed = index.get("dataset")  # the training cases by name, in place of imagesTr and labelsTr
+    cases = _nnunet_listed_cases(path, listed, names, labelled) if listed is not None else []
+    for images, labels in parts[1:] if listed is not None else parts:
         firsts = sorted(p for p in (path.parent / images).glob(f"*_0000{ending}") if not p.name.startswith("."))
         for first in firsts:  # (a "._" file is macOS's resource fork, not an image)
             name = first.name[:-len(f"_0000{ending}")]
@@ -158,6 +161,31 @@ def _nnunet_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
                 label = None
             cases.append(Case(name, files, label, channel_names=names))
     if not cases:
-        where = " or ".join(part for part, _ in (NNUNET_PARTS[:1] if labelled else NNUNET_PARTS))
+        where = " or ".join(part for part, _ in parts)
         raise UserError(f"{path.parent}: no images named CASE_0000{ending} in {where} (nnU-Net v2's layout)")
+    return cases
+
+
+def _nnunet_listed_cases(path: Path, listed, names: tuple[str, ...], labelled: bool) -> list[Case]:
+    """The training cases an nnU-Net index lists under "dataset": {CASE: {"images": [a file per channel],
+    "label": file}}, their files relative to its folder or absolute."""
+    if not isinstance(listed, dict) or not listed:
+        raise UserError(f"{path}: its 'dataset' lists no case ({{\"CASE\": {{\"images\": [...], \"label\": ...}}}})")
+    cases = []
+    for name, entry in listed.items():
+        images, label = (entry.get("images"), entry.get("label")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images) or not isinstance(label, str):
+            raise UserError(f"{path}: its case {name} is no {{\"images\": [a file per channel], \"label\": file}}: "
+                            f"{json.dumps(entry)[:80]}")
+        if len(images) != len(names):
+            raise UserError(f"{path}: its case {name} lists {len(images)} image(s), where 'channel_names' names "
+                            f"{len(names)} channels ({', '.join(names)})")
+        files = tuple(path.parent / image for image in images)  # (an absolute path stays as it is)
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            raise UserError(f"{missing}: missing; {path} lists it as an image of case {name}")
+        label_path = path.parent / label
+        if not label_path.is_file() and labelled:
+            raise UserError(f"{label_path}: missing; {path} lists it as the label map of case {name}")
+        cases.append(Case(name, files, label_path if label_path.is_file() else None, channel_names=names))
     return cases
