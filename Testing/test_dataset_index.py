@@ -309,3 +309,63 @@ def test_an_nnunet_index_listing_its_training_cases_by_name_reads_them_from_that
         (dataset / "dataset.json").write_text(json.dumps({**index, "dataset": entries}))
         with pytest.raises(UserError, match=message):
             find_cases([dataset], labelled=True)
+
+
+def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_those_names(tmp_path):
+    """A Decathlon BrainTumour map codes oedema 1, non-enhancing tumour 2, enhancing 3, where brain-tumor-mr's
+    BraTS codes are 2, 1 and 3, and 4: scored by value, every label had been another. The names the dataset.json
+    gives decide where they are the model's, the others are background (said once); a --reference-values file
+    says what each value is, and then scores it exactly as the BraTS-coded maps."""
+    crops = _brain_crops(tmp_path / "crops")
+    brats = sitk.ReadImage(str(crops["label"]))
+    decathlon_coded = sitk.GetImageFromArray(np.choose(sitk.GetArrayFromImage(brats).astype(np.uint8), [0, 2, 1, 2, 3])
+                                             .astype(np.uint8))
+    decathlon_coded.CopyInformation(brats)
+    dataset = tmp_path / "Dataset507_BrainTumour"
+    _link(dataset / "imagesTr" / "pat3_0000.nii.gz", crops["FLAIR"])
+    _link(dataset / "imagesTr" / "pat3_0001.nii.gz", crops["T1c"])
+    (dataset / "labelsTr").mkdir()
+    sitk.WriteImage(decathlon_coded, str(dataset / "labelsTr" / "pat3.nii.gz"))
+    index = {"channel_names": {"0": "FLAIR", "1": "T1c"}, "file_ending": ".nii.gz",
+             "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}}
+    (dataset / "dataset.json").write_text(json.dumps(index))
+    case_folder = tmp_path / "cases" / "pat3"
+    for name, target in (("FLAIR", "image_0000"), ("T1c", "image_0001"), ("label", "label")):
+        _link(case_folder / f"{target}.nii.gz", crops[name])
+    brats_scores = evaluate("brain-tumor-mr", [str(case_folder)], device="cpu")["cases"][0]["scores"]
+
+    stream = io.StringIO()
+    named = evaluate("brain-tumor-mr", [str(dataset)], device="cpu", reporter=Reporter("json", stream))
+    warnings = [e["text"] for e in map(json.loads, stream.getvalue().splitlines()) if e.get("level") == "warning"]
+    assert warnings == [f"{dataset}: its dataset.json names values that are no label of the model, counted as "
+                        "background: 1 'edema', 2 'non-enhancing tumor' (a --reference-values FILE says which label "
+                        "each value is)"]
+    scores = named["cases"][0]["scores"]
+    assert scores["enhancing tumour"] == brats_scores["enhancing tumour"] and brats_scores["whole tumour"]["dice"] > 0.5
+    assert scores["peritumoral oedema"]["dice"] == 0 and scores["whole tumour"]["dice"] < 0.5  # the oedema unscored
+
+    values = tmp_path / "decathlon-values.json"
+    values.write_text(json.dumps({"1": "peritumoral oedema", "2": "necrotic and non-enhancing tumour core",
+                                  "3": "Enhancing Tumour"}))
+    run = run_cli_here("evaluate", "--model", "brain-tumor-mr", "--data", dataset, "--reference-values", values,
+                       "-o", tmp_path / "report.json", "--device", "cpu", check_rc=0)
+    assert "warning" not in run.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["cases"][0]["scores"] == brats_scores
+
+    # BraTS-coded and named by none of the model's names: the values are the only link, scored as the model's, as
+    # the warning spells out
+    sitk.WriteImage(brats, str(dataset / "labelsTr" / "pat3.nii.gz"))
+    (dataset / "dataset.json").write_text(json.dumps({**index, "labels": {"background": 0, "ED": 2, "NET": 1}}))
+    stream = io.StringIO()
+    assert evaluate("brain-tumor-mr", [str(dataset)], device="cpu", reporter=Reporter("json", stream))["cases"][0][
+        "scores"] == brats_scores
+    assert f"{dataset}: its dataset.json names none of the model's labels; its values are scored as the model's: " \
+           "1 'NET' as 'necrotic and non-enhancing tumour core', 2 'ED' as 'peritumoral oedema' (a " \
+           "--reference-values FILE says which label each value is)" in stream.getvalue()
+    for written, message in (({"1": "oedema"}, r"'oedema' is no label of the model \(peritumoral oedema, necrotic "),
+                             ({"0": "peritumoral oedema"}, r"pairs each label-map value from 1 with the name of a "
+                                                           r"label of the model, .* not '0': 'peritumoral oedema'$"),
+                             ({}, "names no label-map value"), ([1], "a reference values file is a JSON object")):
+        values.write_text(json.dumps(written))
+        with pytest.raises(UserError, match=message):
+            evaluate("brain-tumor-mr", [str(dataset)], device="cpu", reference_values=str(values))

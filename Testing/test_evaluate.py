@@ -70,7 +70,7 @@ def test_source_values_map_reference_maps_and_regions_are_scored():
     meta = read_metadata(DEFAULT_MODEL)
     meta.labels, meta.regions = parse_label_file(BRATS_LABELS)
     brats = np.array([[[0, 1, 2, 3, 4, 7]]])  # 7: not a structure of this model
-    assert reference_on_model_labels(brats, meta).tolist() == [[[0, 2, 1, 2, 3, 0]]]
+    assert reference_on_model_labels(brats, meta.source_lookup).tolist() == [[[0, 2, 1, 2, 3, 0]]]
 
     reference = np.zeros((10, 10, 10), dtype=np.uint16)
     reference[2:8, 2:8, 2:8] = 1  # oedema shell
@@ -207,7 +207,8 @@ def test_a_float_reference_with_nan_background_scores_as_its_whole_number_twin(a
     assert len(warned) == 2 and all(line.startswith("warning: nan: label.nii.gz: ") for line in warned), warned
     assert "NaN or infinite; they are taken as background" in warned[0]
     assert warned[1].endswith("no label of the model takes the value 20, counted as background: is the reference "
-                              "labelled as `hybridmim info` lists the model's labels?")
+                              "labelled as `hybridmim info` lists the model's labels? (--reference-values FILE says "
+                              "which label each value is)")
 
     report = tmp_path / "negative.json"
     result = run_cli_here("evaluate", "--model", DEFAULT_MODEL, "--data", tmp_path / "negative", "-o", report,

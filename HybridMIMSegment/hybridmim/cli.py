@@ -183,7 +183,8 @@ def _cmd_finetune(args, reporter: Reporter) -> None:
 def _cmd_evaluate(args, reporter: Reporter) -> None:
     from .evaluate import evaluate
 
-    report = evaluate(args.model, args.data, args.output, args.overlays, args.device, args.overwrite, reporter)
+    report = evaluate(args.model, args.data, args.output, args.overlays, args.device, args.overwrite, reporter,
+                      args.reference_values)
     if reporter.mode != "json":
         print(f"{len(report['cases'])} cases, {report['seconds']} s", file=sys.stderr)
         for name, s in report["summary"].items():
@@ -293,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "them, Decathlon or nnU-Net folders")
     ev.add_argument("-o", "--output", metavar="REPORT", help="JSON report to write; the CSV goes beside it")
     ev.add_argument("--overlays", metavar="DIR", help="also write one PNG per case: reference vs model outlines")
+    ev.add_argument("--reference-values", metavar="FILE",
+                    help="JSON {\"value\": \"label name\", …}: which of the model's labels each value of the "
+                         "reference label maps stands for, the others background (default: the model's values; "
+                         "where a dataset.json names values by the model's label names, those)")
     _add_device(ev)
     ev.add_argument("--overwrite", action="store_true", help="replace existing report and overlay files")
     _add_progress(ev)

@@ -4,7 +4,8 @@ Each case is segmented exactly as ``hybridmim segment`` does it, and compared
 with its reference on the input's own grid: Dice, and the 95th-percentile
 symmetric Hausdorff distance in millimetres (MONAI's surface distances, with
 the voxel spacing). Reference values are mapped onto the model's labels
-through the labels' source values (e.g. BraTS 1 and 3 → tumour core), and
+through the labels' source values (e.g. BraTS 1 and 3 → tumour core), a
+dataset.json's label names or the user's file (referencevalues.py), and
 the model's regions (unions of labels, e.g. BraTS whole tumour) are scored
 too. The report is one JSON file and a CSV beside it (one row per case and
 label), both written atomically.
@@ -60,18 +61,19 @@ def overlap_scores(prediction: np.ndarray, reference: np.ndarray, spacing_zyx) -
     return {"dice": dice, "hd95_mm": float(hd95.item())}
 
 
-def values_of_no_label(reference: np.ndarray, meta) -> list[int]:
-    """The values a reference label map holds that none of the model's labels takes (scored as background)."""
+def values_of_no_label(reference: np.ndarray, lookup: dict[int, int]) -> list[int]:
+    """The values a reference label map holds that ``lookup`` ({value: the model's label value}) does not take
+    (scored as background)."""
     present = np.flatnonzero(np.bincount(reference.ravel()))
-    return [int(v) for v in present if v and int(v) not in meta.source_lookup]
+    return [int(v) for v in present if v and int(v) not in lookup]
 
 
-def reference_on_model_labels(reference: np.ndarray, meta) -> np.ndarray:
-    """A reference label map's values turned into the model's label values (0 where none applies)."""
-    lookup = np.zeros(max(int(reference.max()), max(meta.source_lookup)) + 1, dtype=np.uint16)
-    for source, value in meta.source_lookup.items():
-        lookup[source] = value
-    return lookup[reference]
+def reference_on_model_labels(reference: np.ndarray, lookup: dict[int, int]) -> np.ndarray:
+    """A reference label map's values turned into the model's label values by ``lookup`` (0 where none applies)."""
+    table = np.zeros(max(int(reference.max()), max(lookup, default=0)) + 1, dtype=np.uint16)
+    for source, value in lookup.items():
+        table[source] = value
+    return table[reference]
 
 
 def score_case(prediction: np.ndarray, reference: np.ndarray, meta, spacing_zyx, unsure_ml: dict) -> dict[str, dict]:
@@ -122,11 +124,14 @@ def _csv_text(cases: list[dict], names: list[str]) -> str:
 
 
 def evaluate(model: str | None, data: list[str], output: str | None = None, overlays: str | None = None,
-             device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None) -> dict:
-    """Segment every labelled case in ``data`` with ``model`` and score it; returns the report."""
+             device: str = "auto", overwrite: bool = False, reporter: Reporter | None = None,
+             reference_values: str | None = None) -> dict:
+    """Segment every labelled case in ``data`` with ``model`` and score it; returns the report. ``reference_values``:
+    a file saying which of the model's labels each value of the reference label maps stands for."""
     from .predict import cases_fitted_to_model, load_network, read_inputs, segment_channels
+    from .referencevalues import dataset_lookup, read_reference_values
     from .segment import segmentation_model
-    from .volumes import check_case_label, find_cases
+    from .volumes import check_case_label, find_cases, is_segmentation_file
 
     reporter = reporter or Reporter("quiet")
     report_path = check_new_output(output, overwrite) if output else None
@@ -138,9 +143,15 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     overlay_dir = Path(overlays) if overlays else None
     if overlay_dir is not None and overlay_dir.is_file():
         raise UserError(f"{overlay_dir}: is a file; --overlays names a folder")
-    cases = find_cases(data, labelled=True)
+    cases_of = {path: find_cases([path], labelled=True) for path in map(Path, data)}
     checkpoint, meta = segmentation_model(model, reporter)
-    cases = cases_fitted_to_model(cases, meta, checkpoint.name, reporter.warning)
+    given = read_reference_values(reference_values, meta) if reference_values else None
+    lookups = []  # of each case's label map (a Slicer segmentation's segments are read as the model's labels)
+    for path, found in cases_of.items():
+        lookup = given or dataset_lookup(path, meta, reporter.warning)
+        lookups += [meta.source_lookup if is_segmentation_file(case.label) else lookup for case in found]
+    cases = cases_fitted_to_model([case for found in cases_of.values() for case in found], meta, checkpoint.name,
+                                  reporter.warning)
     for case in cases:
         check_case_label(case, meta.labels)
     if overlay_dir is not None:
@@ -157,19 +168,20 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     names = [label.name for label in meta.labels] + [region["name"] for region in meta.regions]
     results, started = [], time.time()
     reporter.stage("evaluate")
-    for index, case in enumerate(cases):
+    for index, (case, lookup) in enumerate(zip(cases, lookups)):
         channels = read_inputs(case, meta, reporter.warning)
         reference_image = read_case_label(case, meta.labels, reporter.warning)
         prediction_image, unsure_ml = segment_channels(channels, network, meta, device)
         prediction = sitk.GetArrayFromImage(prediction_image)
-        reference_values = sitk.GetArrayFromImage(reference_image)
-        unknown = values_of_no_label(reference_values, meta)
+        label_values = sitk.GetArrayFromImage(reference_image)
+        unknown = values_of_no_label(label_values, lookup)
         if unknown:
             listed = ", ".join(map(str, unknown[:10])) + " …" * (len(unknown) > 10)
             reporter.warning(f"{case.name}: {case.label.name}: no label of the model takes the value"
                              f"{'s' * (len(unknown) > 1)} {listed}, counted as background: is the reference "
-                             "labelled as `hybridmim info` lists the model's labels?")
-        reference = reference_on_model_labels(reference_values.astype(np.int64), meta)
+                             "labelled as `hybridmim info` lists the model's labels? (--reference-values FILE "
+                             "says which label each value is)")
+        reference = reference_on_model_labels(label_values.astype(np.int64), lookup)
         scores = score_case(prediction, reference, meta, channels[0].GetSpacing()[::-1], unsure_ml)
         results.append({"case": case.name, "scores": scores})
         reporter.metric(case=case.name, **{f"dice {n}": s["dice"] for n, s in scores.items()})
