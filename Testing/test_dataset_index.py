@@ -98,7 +98,12 @@ def test_a_decathlon_dataset_leaves_its_test_cases_out_where_labels_are_read(tmp
         find_cases([dataset], labelled=True, exclude=["STS_036", "STS_037"])
     for changed, message in (({"training": [], "test": index["test"]}, "lists no training cases$"),
                              ({"training": [{"image": "./imagesTr/STS_036.nii.gz"}]},
-                              "the training case ./imagesTr/STS_036.nii.gz names no 'label'$")):
+                              "the training case ./imagesTr/STS_036.nii.gz names no 'label'$"),
+                             # a download cut short: refused before any case is read, not when it comes
+                             ({"training": index["training"] + [{"image": "./imagesTr/STS_040.nii.gz",
+                                                                 "label": "./labelsTr/STS_040.nii.gz"}]},
+                              r"imagesTr/STS_040.nii.gz: missing; .*dataset.json lists it as an image of case "
+                              r"STS_040 \(and 1 more of the 6 files it lists\)$")):
         (dataset / "dataset.json").write_text(json.dumps({**index, **changed}))
         with pytest.raises(UserError, match=message):
             find_cases([dataset], labelled=True)

@@ -131,7 +131,19 @@ def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
                           path.parent / label if label else None, volumes=volumes, channel_names=names))
     if not cases:
         raise UserError(f"{path}: lists no {'training ' if labelled else ''}cases")
+    _check_listed_files(path, cases, labelled)
     return cases
+
+
+def _check_listed_files(path: Path, cases: list[Case], labelled: bool) -> None:
+    """Refuse an index whose cases' files (their label maps too, where ``labelled``) are not all there (a
+    download cut short, a case moved)."""
+    files = [(file, f"an image of case {case.name}") for case in cases for file in dict.fromkeys(case.channels)]
+    files += [(case.label, f"the label map of case {case.name}") for case in cases if labelled]
+    missing = [(file, what) for file, what in files if not file.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more of the {len(files)} files it lists)" if len(missing) > 1 else ""
+        raise UserError(f"{missing[0][0]}: missing; {path} lists it as {missing[0][1]}{more}")
 
 
 def _nnunet_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
@@ -181,11 +193,6 @@ def _nnunet_listed_cases(path: Path, listed, names: tuple[str, ...], labelled: b
             raise UserError(f"{path}: its case {name} lists {len(images)} image(s), where 'channel_names' names "
                             f"{len(names)} channels ({', '.join(names)})")
         files = tuple(path.parent / image for image in images)  # (an absolute path stays as it is)
-        missing = next((f for f in files if not f.is_file()), None)
-        if missing is not None:
-            raise UserError(f"{missing}: missing; {path} lists it as an image of case {name}")
-        label_path = path.parent / label
-        if not label_path.is_file() and labelled:
-            raise UserError(f"{label_path}: missing; {path} lists it as the label map of case {name}")
-        cases.append(Case(name, files, label_path if label_path.is_file() else None, channel_names=names))
-    return cases
+        cases.append(Case(name, files, path.parent / label, channel_names=names))
+    _check_listed_files(path, cases, labelled)
+    return [case if case.label.is_file() else dataclasses.replace(case, label=None) for case in cases]
