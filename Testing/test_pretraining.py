@@ -204,9 +204,9 @@ def test_a_run_killed_unwarned_between_checkpoints_resumes_from_its_last_periodi
 
 
 def test_a_pool_leaves_out_images_that_are_no_3d_scan_with_a_warning(scans, recipe_file, tmp_path):
-    """A PACS export holds a study's scout (one slice) and a screenshot (colour) beside its scans: a pre-training
-    pool leaves them out, each named in a warning, and prepares the rest (a localiser's short series too); a pool
-    of nothing else is refused."""
+    """A PACS export holds a study's scout (one slice) and a screenshot (colour) beside its scans, a folder of
+    scans the masks made of them: a pre-training pool leaves them out, each named in a warning, and prepares the
+    rest (a localiser's short series too); a pool of nothing else is refused."""
     from conftest import warnings_of
 
     abdomen = sitk.ReadImage(str(scans / "abdomen.nii.gz"))
@@ -216,9 +216,12 @@ def test_a_pool_leaves_out_images_that_are_no_3d_scan_with_a_warning(scans, reci
     sitk.WriteImage(abdomen[:, :, 20:21], str(pool / "scout.nii.gz"))
     grey = sitk.Cast(sitk.RescaleIntensity(abdomen[:, :, 20:23]), sitk.sitkUInt8)
     sitk.WriteImage(sitk.Compose(grey, grey, grey), str(pool / "screenshot.nii.gz"))
+    sitk.WriteImage(sitk.Cast(abdomen > 100, sitk.sitkUInt8), str(pool / "bone_mask.nii.gz"))
     result = run_cli_here("pretrain", "--recipe", recipe_file, "--data", pool, "--cache", tmp_path / "cache",
                           "--prepare-only", "--progress", "json", check_rc=0)
     assert warnings_of(result) == [
+        f"bone_mask: left out, no 3-D scan: {pool / 'bone_mask.nii.gz'}: holds only the values 0, 1, as a label map "
+        "or mask does, not a scan: give the image it outlines",
         f"scout: left out, no 3-D scan: {pool / 'scout.nii.gz'}: a single slice (size (96, 72, 1)), not a 3-D "
         "volume",
         f"screenshot: left out, no 3-D scan: {pool / 'screenshot.nii.gz'}: has 3 values per voxel (colour or vector "
@@ -238,7 +241,7 @@ def test_a_pool_leaves_out_images_that_are_no_3d_scan_with_a_warning(scans, reci
     (pool / "abdomen.nii.gz").unlink()
     refused = run_cli_here("pretrain", "--recipe", recipe_file, "--data", pool, "--cache", tmp_path / "cache",
                            "--prepare-only", check_rc=2)
-    assert refused.stderr.splitlines()[-1] == ("error: no 3-D scans to train on: the 2 images given were each left "
+    assert refused.stderr.splitlines()[-1] == ("error: no 3-D scans to train on: the 3 images given were each left "
                                                "out (the warnings above say why)")
 
 

@@ -233,6 +233,8 @@ def _two_channels(tmp_path):
     (_spacing_in_centimetres, [], "/centimetres.nii.gz: its header makes it 3660 x 3030 x 3360 mm (voxels of 30 x 30 "
                                   "x 30 mm), larger than any patient"),  # the path as given, as the others
     (_slicer_segmentation, [], "ct_a.seg.nrrd: a Slicer segmentation, not a scan; give the scan it outlines"),
+    (lambda t: [data_file("abdomen_ct/ct_a_btcv13.nii.gz")], [], "ct_a_btcv13.nii.gz: holds only the values 0, 1, 2, "
+                                                                 "3, 4, 6, 7, 8 …, as a label map or mask does"),
     (_two_channels, [], "expects 1 input channel"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "no-such-model"], "unknown model"),
     (lambda t: [data_file("abdomen_ct/ct_a.nii.gz")], ["--model", "__TEXT__"], "not a safetensors checkpoint"),

@@ -291,6 +291,7 @@ def read_channels(paths, warn: Callable[[str], None] = lambda _: None,
     """Input channels on the grid of the first; others are resampled onto it (linear) with a warning. ``series``:
     the DICOM series a folder channel reads (a case of one series among several in a folder); ``volumes``: where
     the channels are volumes of 4-D files, the index of each in its file (each file is read once)."""
+    from .scancheck import refuse_label_map
     from .segfile import refuse_as_scan
 
     for path in paths:
@@ -301,6 +302,7 @@ def read_channels(paths, warn: Callable[[str], None] = lambda _: None,
         if path not in files:
             files[path] = _read_file(path, warn, series)
         images.append(_one_volume(files[path], path, volume))
+        refuse_label_map(images[-1], str(path))
     reference = Grid.of(images[0])
     for i in range(1, len(images)):
         if not Grid.of(images[i]).matches(reference):

@@ -1,6 +1,6 @@
-"""Checks on what an input scan holds, before a model sees it: non-finite voxels,
-constant images, intensities unlike the modality the model expects, and scans too thin for its windows; and on
-what a reference or training label map holds."""
+"""Checks on what an input scan holds, before a model sees it: non-finite voxels, constant images, label maps given
+as scans, intensities unlike the modality the model expects, and scans too thin for its windows; and on what a
+reference or training label map holds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import UserError
+from .errors import NotAScan, UserError
 
 # Air is about -1000 HU on CT; any body CT has voxels far below this. MR intensities are not negative.
 CT_MINIMUM_ABOVE = -200.0
@@ -19,6 +19,9 @@ MR_MINIMUM_BELOW = -500.0
 THIN_SCAN_SHARE = 0.5
 _WORLD_AXIS_NAMES = ("left–right", "front–back", "head–foot")
 MAX_LABEL_VALUE = np.iinfo(np.uint16).max
+# An image of this few distinct whole values from 0 is a label map or mask (BTCV-13's organs are 14 values), not a
+# scan: even an 8-bit one has hundreds of grey values
+MOST_LABEL_MAP_VALUES = 32
 
 
 def finite_volume(image: sitk.Image, name: str, warn: Callable[[str], None]) -> sitk.Image:
@@ -43,6 +46,20 @@ def finite_volume(image: sitk.Image, name: str, warn: Callable[[str], None]) -> 
     if low == high:
         raise UserError(f"{name}: every voxel has the same value ({low:g}); there is nothing to segment")
     return image
+
+
+def refuse_label_map(image: sitk.Image, name: str) -> None:
+    """NotAScan for an input channel (``name``: its file) of at most MOST_LABEL_MAP_VALUES distinct whole values
+    from 0: a label map or mask picked in place of its scan (from a case folder, or a flat folder pooled for
+    pre-training). Looked for in every fourth voxel along each axis first, so that scans cost a 64th of the image."""
+    array = sitk.GetArrayViewFromImage(image)
+    for voxels in (array[::4, ::4, ::4], array):
+        values = np.unique(voxels)
+        if len(values) > MOST_LABEL_MAP_VALUES or values[0] < 0 or not np.array_equal(values, np.round(values)):
+            return
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (" …" if len(values) > 8 else "")
+    raise NotAScan(f"{name}: holds only the values {shown}, as a label map or mask does, not a scan: give the image "
+                   "it outlines")
 
 
 def warn_if_unlike_modality(image: sitk.Image, name: str, modality: str, warn: Callable[[str], None]) -> None:
