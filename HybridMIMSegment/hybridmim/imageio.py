@@ -189,10 +189,10 @@ def _read_nifti(path: Path) -> sitk.Image:
 
 
 def read_volume(path: str | Path, warn: Callable[[str], None] = lambda _: None,
-                series: str | None = None, volume: int | None = None) -> sitk.Image:
+                series: str | None = None) -> sitk.Image:
     """One scalar 3-D volume from a file or DICOM folder (``series``: the UID of the series to read from a folder
-    holding several; ``volume``: the index of the one to read from a 4-D file), or a UserError saying why not."""
-    return _one_volume(_read_file(Path(path), warn, series), Path(path), volume)
+    holding several), or a UserError saying why not."""
+    return _one_volume(_read_file(Path(path), warn, series), Path(path), None)
 
 
 def _read_file(path: Path, warn: Callable[[str], None], series: str | None) -> sitk.Image:

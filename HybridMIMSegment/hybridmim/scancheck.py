@@ -57,6 +57,8 @@ def refuse_label_map(image: sitk.Image, name: str) -> None:
         values = np.unique(voxels)
         if len(values) > MOST_LABEL_MAP_VALUES or values[0] < 0 or not np.array_equal(values, np.round(values)):
             return
+    if len(values) == 1:  # a constant image, which finite_volume refuses as one
+        return
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (" …" if len(values) > 8 else "")
     raise NotAScan(f"{name}: holds only the values {shown}, as a label map or mask does, not a scan: give the image "
                    "it outlines")
