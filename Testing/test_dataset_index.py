@@ -374,3 +374,27 @@ def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_
         values.write_text(json.dumps(written))
         with pytest.raises(UserError, match=message):
             evaluate("brain-tumor-mr", [str(dataset)], device="cpu", reference_values=str(values))
+
+
+def test_a_labels_file_reading_a_value_as_another_label_than_its_dataset_json_names_it_is_refused(tmp_path):
+    """scripts/labels/brats.json reads BraTS codes: on a Decathlon BrainTumour map it would teach 3 ("enhancing
+    tumour") as tumour core, 1 (oedema) as core and 2 as oedema; the dataset.json's names say so before any case is
+    read. A dataset that names its values as the labels file reads them is taken."""
+    crops = _brain_crops(tmp_path / "crops")
+    dataset = tmp_path / "Dataset508_BrainTumour"
+    _link(dataset / "imagesTr" / "pat3_0000.nii.gz", crops["FLAIR"])
+    _link(dataset / "imagesTr" / "pat3_0001.nii.gz", crops["T1c"])
+    _link(dataset / "labelsTr" / "pat3.nii.gz", crops["label"])
+    index = {"channel_names": {"0": "FLAIR", "1": "T1c"}, "file_ending": ".nii.gz",
+             "labels": {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}}
+    (dataset / "dataset.json").write_text(json.dumps(index))
+    brats = str(Path(__file__).parents[1] / "scripts" / "labels" / "brats.json")
+    with pytest.raises(UserError, match=r"Dataset508_BrainTumour: its dataset.json names the value 3 'enhancing "
+                                        r"tumour', which the labels read as 'necrotic and non-enhancing tumour core': "
+                                        r"give 'enhancing tumour' that value \(or \"source_values\": \[3\]\)"):
+        resolve_start("brain-tumor-mr", load_recipe(None), brats, Reporter("quiet"), [str(dataset)])
+    (dataset / "dataset.json").write_text(json.dumps({**index, "labels": {"background": 0, "oedema": 2,
+                                                                          "enhancing tumour": 4}}))
+    start = resolve_start("brain-tumor-mr", load_recipe(None), brats, Reporter("quiet"), [str(dataset)])
+    assert [label.name for label in start.labels] == ["peritumoral oedema", "necrotic and non-enhancing tumour core",
+                                                      "enhancing tumour"]

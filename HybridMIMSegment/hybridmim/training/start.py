@@ -20,7 +20,7 @@ from ..datasetindex import dataset_labels, is_dataset_folder
 from ..download import file_sha256
 from ..errors import UserError
 from ..jsonfile import read_json
-from ..labels import Label, label_of_codes, label_of_segment, parse_label_file, plain_name
+from ..labels import Label, label_of_codes, label_of_segment, parse_label_file, plain_name, source_lookup
 from ..preprocessing import Preprocessing
 from ..progress import Reporter
 from ..volumes import find_cases, is_prepared_folder, is_segmentation_file, prepared_labels
@@ -85,6 +85,22 @@ def labels_named_by_datasets(data_paths, known: list[Label], reporter: Reporter)
     return entries
 
 
+def check_datasets_name_labels_alike(labels: list[Label], data_paths) -> None:
+    """Refuse labels (a labels file's, a recipe's) that read a value of the data's label maps as another label than
+    the one their dataset.json names it by: a Decathlon BrainTumour's 3 ("enhancing tumour") is tumour core to the
+    BraTS codes of scripts/labels/brats.json, which would teach it as that."""
+    lookup, by_value = source_lookup(labels), {label.value: label.name for label in labels}
+    for path in map(Path, data_paths):
+        for entry in (dataset_labels(path) or []) if is_dataset_folder(path) else []:
+            named = label_of_segment(entry, labels)
+            taken = lookup.get(entry["value"])
+            if named is not None and taken != named.value:
+                reads = f"as {by_value[taken]!r}" if taken else "as background"
+                raise UserError(f"{path}: its dataset.json names the value {entry['value']} {entry['name']!r}, which "
+                                f"the labels read {reads}: give {named.name!r} that value (or \"source_values\": "
+                                f"[{entry['value']}]) in the labels file, or leave --labels out to use the dataset's")
+
+
 def labels_from_cases(data_paths, reporter: Reporter) -> list[dict]:
     """The labels of a run that nothing else names: those a prepared folder was made with, or those of its cases'
     Slicer segmentations (label.seg.nrrd), one per distinct segment name."""
@@ -134,10 +150,9 @@ def resolve_start(init: str, recipe: dict, labels_file, reporter: Reporter, data
         provenance = {"file": path.name, "sha256": file_sha256(path), "task": init_meta.task,
                       "method": init_meta.method, "title": init_meta.title, "pretraining": init_meta.pretraining}
     labels_of_data = None
-    if labels_file:
-        labels, regions = read_labels(labels_file)
-    elif recipe.get("labels"):
-        labels, regions = read_labels(recipe["labels"])
+    if labels_file or recipe.get("labels"):
+        labels, regions = read_labels(labels_file or recipe["labels"])
+        check_datasets_name_labels_alike(labels, data_paths)
     else:
         labels_of_data = labels_named_by_datasets(data_paths, init_meta.labels if init_meta else [], reporter)
         if labels_of_data is None and init_meta is not None and init_meta.labels:
