@@ -13,7 +13,8 @@ import SimpleITK as sitk
 
 from conftest import DEFAULT_MODEL, MODELS, data_file, run_cli_here
 from hybridmim.checkpoint import read_metadata
-from hybridmim.datasetindex import dataset_labels, fitted_to_model
+from hybridmim.channelnames import fitted_to_model
+from hybridmim.datasetindex import dataset_labels
 from hybridmim.errors import UserError
 from hybridmim.evaluate import evaluate
 from hybridmim.geometry import Grid
@@ -281,8 +282,8 @@ def test_an_nnunet_case_gives_a_model_the_files_its_channels_name_and_says_where
     (dataset / "dataset.json").write_text(json.dumps({**index, "channel_names": {"0": "A", "1": "B"}}))
     cases = find_cases([dataset]) * 2
     assert fitted_to_model(cases, brain.channels, said.append) == cases
-    assert said == ["pat3 (and the cases like it): its dataset index names its channels otherwise than the model; "
-                    "they are read in order: A as FLAIR, B as T1c"]
+    assert said == ["pat3 (and the cases like it): its data name its channels otherwise than the model; they are "
+                    "read in order: A as FLAIR, B as T1c"]
 
 
 def test_an_nnunet_index_listing_its_training_cases_by_name_reads_them_from_that_list(tmp_path):
@@ -398,3 +399,36 @@ def test_a_labels_file_reading_a_value_as_another_label_than_its_dataset_json_na
     start = resolve_start("brain-tumor-mr", load_recipe(None), brats, Reporter("quiet"), [str(dataset)])
     assert [label.name for label in start.labels] == ["peritumoral oedema", "necrotic and non-enhancing tumour core",
                                                       "enhancing tumour"]
+
+
+def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):
+    """BraTS lays a case out as CASE/CASE_flair.nii.gz, CASE_t1ce.nii.gz, CASE_t1.nii.gz, CASE_t2.nii.gz and
+    CASE_seg.nii.gz (2023: CASE-t2f, -t1c, -t1n, -t2w, -seg), which had been "no images found": brain-tumor-mr reads
+    the FLAIR and T1c files by those names and scores the case as the same files in our case-folder layout. A
+    folder of scans that merely start with its name is still a folder of cases."""
+    crops = _brain_crops(tmp_path / "crops")
+    brats_2021, brats_2023 = tmp_path / "BraTS2021" / "BraTS2021_00003", tmp_path / "BraTS2023" / "BraTS-GLI-00003-000"
+    for end, crop in (("t1", "mask"), ("t1ce", "T1c"), ("flair", "FLAIR"), ("seg", "label")):
+        _link(brats_2021 / f"BraTS2021_00003_{end}.nii.gz", crops[crop])
+    for end, crop in (("t1n", "mask"), ("t1c", "T1c"), ("t2f", "FLAIR"), ("seg", "label")):
+        _link(brats_2023 / f"BraTS-GLI-00003-000-{end}.nii.gz", crops[crop])
+    brain = read_metadata(MODELS / "brain-tumor-mr.safetensors")
+    for data, name, files in ((brats_2021.parent, "BraTS2021_00003", ["_flair", "_t1ce", "_seg"]),
+                              (brats_2023, "BraTS-GLI-00003-000", ["-t2f", "-t1c", "-seg"])):
+        case, = fitted_to_model(find_cases([data], labelled=True), brain.channels, pytest.fail)
+        assert case.name == name
+        assert [p.name for p in (*case.channels, case.label)] == [f"{name}{end}.nii.gz" for end in files]
+    case_folder = tmp_path / "cases" / "BraTS2021_00003"
+    for name, target in (("FLAIR", "image_0000"), ("T1c", "image_0001"), ("label", "label")):
+        _link(case_folder / f"{target}.nii.gz", crops[name])
+    as_brats, as_folder = (evaluate("brain-tumor-mr", [str(data)], device="cpu") for data in (brats_2021.parent,
+                                                                                             case_folder.parent))
+    assert as_brats["cases"] == as_folder["cases"]
+
+    scans = tmp_path / "ct"  # two patients' scans, not one case's channels
+    for number in (1, 2):
+        _link(scans / f"ct_{number}.nii.gz", data_file("sarcoma_ct/STS_036/image.nii.gz"))
+    assert [(c.name, len(c.channels)) for c in find_cases([scans])] == [("ct_1", 1), ("ct_2", 1)]
+    _link(brats_2021 / "BraTS2021_00003_seg_corrected.nii.gz", crops["label"])  # no channel name: not a BraTS case
+    with pytest.raises(UserError, match="no label map for BraTS2021_00003_flair"):
+        find_cases([brats_2021], labelled=True)

@@ -214,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     many = seg.add_argument_group("many scans, one model load")
     many.add_argument("--data", nargs="+", metavar="PATH",
-                      help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders (at any "
-                           "depth), folders of them or Decathlon or nnU-Net folders, instead of INPUT; labels are "
-                           "ignored")
+                      help="image files, case folders (image.nii.gz or image_0000…, or BraTS' CASE_flair…), DICOM "
+                           "series folders (at any depth), folders of them or Decathlon or nnU-Net folders, instead "
+                           "of INPUT; labels are ignored")
     many.add_argument("--format", help="label-map type of each case: seg.nrrd (default), nii.gz, nrrd or mha")
     many.add_argument("--previews", action="store_true", help="also draw each case's preview (CASE.png)")
     many.add_argument("--skip-existing", action="store_true",
@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("pretrain", help="self-supervised pre-training on unlabelled scans "
                                                "(HybridMIM, MiM or SelfMedHPM)")
     pre.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                     help="image files, case folders (image.nii.gz or image_0000…), DICOM series folders (at any "
-                          "depth), folders of them, Decathlon or nnU-Net folders, or one folder prepared by "
-                          "--prepare-only")
+                     help="image files, case folders (image.nii.gz or image_0000…, or BraTS' CASE_flair…), DICOM "
+                          "series folders (at any depth), folders of them, Decathlon or nnU-Net folders, or one "
+                          "folder prepared by --prepare-only")
     pre.add_argument("-o", "--output", help="checkpoint to write (.safetensors); the resume state goes beside it")
     pre.add_argument("--method", choices=["hybridmim", "mim", "hpm"],
                      help="pre-training method (default: the recipe's, else hybridmim)")
@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument("--init", required=True, metavar="CKPT|NAME|scratch",
                      help="checkpoint (path or catalog name) whose encoder and decoder start the model, or 'scratch'")
     fin.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                     help="labelled cases: case folders (image.nii.gz + label.nii.gz or label.seg.nrrd), folders of "
-                          "them, Decathlon or nnU-Net folders, or one folder prepared earlier")
+                     help="labelled cases: case folders (image.nii.gz + label.nii.gz or label.seg.nrrd; BraTS' "
+                          "CASE_flair… + CASE_seg…), folders of them, Decathlon or nnU-Net folders, or one folder "
+                          "prepared earlier")
     fin.add_argument("-o", "--output", help="the best model (.safetensors); resume state and curve beside it")
     fin.add_argument("--val", nargs="+", metavar="PATH", help="validation cases (default: --val-fraction of --data)")
     fin.add_argument("--val-fraction", type=float, help="share of --data held out for validation (recipe default 0.2)")
@@ -290,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="Dice and HD95 of a model on labelled cases, per case and label")
     ev.add_argument("--model", help="catalog model name or checkpoint path (default: the catalog's default model)")
     ev.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                    help="labelled cases: case folders (image.nii.gz + label.nii.gz or label.seg.nrrd), folders of "
-                         "them, Decathlon or nnU-Net folders")
+                    help="labelled cases: case folders (image.nii.gz + label.nii.gz or label.seg.nrrd; BraTS' "
+                         "CASE_flair… + CASE_seg…), folders of them, Decathlon or nnU-Net folders")
     ev.add_argument("-o", "--output", metavar="REPORT", help="JSON report to write; the CSV goes beside it")
     ev.add_argument("--overlays", metavar="DIR", help="also write one PNG per case: reference vs model outlines")
     ev.add_argument("--reference-values", metavar="FILE",

@@ -5,15 +5,13 @@ name: ``imagesTr/CASE_0000.nii.gz`` (``_0001``, … for more channels) with ``la
 (``labelled``), the cases without them are not listed.
 
 Both name their channels (the Decathlon's "modality", whose multi-modal images are 4-D: a volume per channel;
-nnU-Net's "channel_names", a file each); a model takes those of its channels' names (fitted_to_model)."""
+nnU-Net's "channel_names", a file each); a model takes those of its channels' names (channelnames.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
-from typing import Callable
 
 from .errors import UserError
 from .jsonfile import read_json
@@ -22,10 +20,6 @@ from .volumes import IMAGE_SUFFIXES, Case, image_stem
 DATASET_JSON = "dataset.json"
 # nnU-Net v2's folders: (images, their label maps or None)
 NNUNET_PARTS = (("imagesTr", "labelsTr"), ("imagesTs", None))
-# MR sequences as datasets spell them (lower case, letters and digits only), for a model's channel names: the
-# Decathlon's "t1gd" and BraTS' "t1ce" are a model's "T1c"
-SEQUENCE_SPELLINGS = {"t1gd": "t1c", "t1ce": "t1c", "t1gad": "t1c", "t1post": "t1c", "t1contrast": "t1c",
-                      "t1w": "t1", "t2w": "t2", "t2flair": "flair"}
 
 
 def is_dataset_folder(folder: Path) -> bool:
@@ -72,34 +66,6 @@ def dataset_labels(folder: Path) -> list[dict] | None:
 
 def _is_decathlon(index: dict) -> bool:
     return "training" in index or "test" in index
-
-
-def fitted_to_model(cases: list[Case], channels, warn: Callable[[str], None]) -> list[Case]:
-    """``cases`` with the channels a model takes (``channels``: its {name, modality}), in the model's order, where
-    a dataset index names them: the volumes of a Decathlon image, or an nnU-Net case's files, chosen by name.
-    Where the index's names are not all the model's, its channels are kept in its order (their count is checked
-    later), with a warning where they are several: the model reads them by position."""
-    wanted = [_spelled_as_model(channel["name"]) for channel in channels]
-    fitted, said = [], set()
-    for case in cases:
-        named = [_spelled_as_model(name) for name in case.channel_names]
-        if named and all(named.count(name) == 1 for name in wanted):
-            order = [named.index(name) for name in wanted]
-            case = dataclasses.replace(case, channels=tuple(case.channels[i] for i in order),
-                                       volumes=tuple(case.volumes[i] for i in order) if case.volumes else (),
-                                       channel_names=tuple(case.channel_names[i] for i in order))
-        elif len(named) == len(wanted) > 1 and case.channel_names not in said:
-            said.add(case.channel_names)
-            pairs = ", ".join(f"{given} as {channel['name']}" for given, channel in zip(case.channel_names, channels))
-            warn(f"{case.name} (and the cases like it): its dataset index names its channels otherwise than the "
-                 f"model; they are read in order: {pairs}")
-        fitted.append(case)
-    return fitted
-
-
-def _spelled_as_model(name) -> str:
-    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
-    return SEQUENCE_SPELLINGS.get(key, key)
 
 
 def _channel_names(path: Path, table, key: str) -> tuple[str, ...]:

@@ -53,9 +53,9 @@ def checked_inputs(images, paths, meta, warn) -> list:
 
 
 def cases_fitted_to_model(cases, meta, model_name: str, warn) -> list:
-    """``cases`` (volumes.Case) with the channels of the model of ``meta`` (datasetindex.fitted_to_model), each
+    """``cases`` (volumes.Case) with the channels of the model of ``meta`` (channelnames.fitted_to_model), each
     refused where it has another number of them."""
-    from .datasetindex import fitted_to_model
+    from .channelnames import fitted_to_model
 
     fitted = fitted_to_model(cases, meta.channels, warn)
     for case in fitted:

@@ -51,8 +51,8 @@ def dataset_lookup(folder: Path, meta, warn: Callable[[str], None]) -> dict[int,
     hint = "a --reference-values FILE says which label each value is"
     if not any(label for _, label in matched):
         names = {label.value: repr(label.name) for label in meta.labels}
-        scored = ", ".join(f"{entry['value']} {entry['name']!r} as {names.get(lookup.get(entry['value']), 'background')}"
-                           for entry in named)
+        scored = ", ".join(f"{entry['value']} {entry['name']!r} as "
+                           f"{names.get(lookup.get(entry['value']), 'background')}" for entry in named)
         warn(f"{folder}: its dataset.json names none of the model's labels; its values are scored as the model's: "
              f"{scored} ({hint})")
         return lookup

@@ -48,7 +48,7 @@ class Case:
     """One volume: a name, its channel files (one per model input channel) and its label map, if any;
     ``series``: the UID of the DICOM series it is, in a folder holding several; ``volumes``: where its channels are
     volumes of one 4-D file (a Decathlon multi-modal image; the file is then each channel's), the index of each in
-    it; ``channel_names``: what a dataset index calls each channel (datasetindex.fitted_to_model picks the model's).
+    it; ``channel_names``: what a dataset index calls each channel (channelnames.fitted_to_model picks the model's).
     """
 
     name: str
@@ -132,7 +132,7 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
     single = [p for p in files if p.name.split(".")[0] == "image"]
     channels = single[:1] or [p for p in files if p.name.split(".")[0].startswith("image_")]
     if not channels:
-        return None
+        return _case_of_named_files(folder, files, labelled)
     segmentation = folder / f"label{SEGMENTATION_SUFFIX}"
     labels = [p for p in files if p.name.split(".")[0] == "label"] + [segmentation] * segmentation.is_file()
     # which of two would be read is down to the file system's order: say so rather than guess (a case corrected in
@@ -142,6 +142,29 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
             raise UserError(f"{folder}: holds {' and '.join(p.name for p in found)}; keep the one {kind} file that is "
                             "the case's, and move the other out of the folder")
     return Case(folder.name, tuple(channels), labels[0] if len(labels) == 1 else None)
+
+
+def _case_of_named_files(folder: Path, files: list[Path], labelled: bool) -> Case | None:
+    """A case folder as BraTS lays it out: CASE/CASE_flair.nii.gz, CASE_t1ce.nii.gz, … (BraTS 2023:
+    CASE-t2f.nii.gz, …), what follows the folder's name naming each channel, with CASE_seg.nii.gz its label map;
+    None where the folder holds another image (it is then no such case)."""
+    from .channelnames import LABEL_FILE_ENDS, is_file_channel_name
+
+    ends = {}
+    for file in files:
+        stem = image_stem(file)
+        if len(stem) < len(folder.name) + 2 or not stem.startswith(folder.name) or stem[len(folder.name)] not in "_-.":
+            return None
+        ends[file] = stem[len(folder.name) + 1:]
+    labels = [file for file, end in ends.items() if end.lower() in LABEL_FILE_ENDS]
+    channels = [file for file, end in ends.items() if file not in labels]
+    if not channels or not all(is_file_channel_name(ends[file]) for file in channels):
+        return None
+    if labelled and len(labels) > 1:
+        raise UserError(f"{folder}: holds {' and '.join(p.name for p in labels)}; keep the one label file that is the "
+                        "case's, and move the other out of the folder")
+    return Case(folder.name, tuple(channels), labels[0] if labels else None,
+                channel_names=tuple(ends[file] for file in channels))
 
 
 def _check_excluded(names, exclude) -> None:
@@ -459,14 +482,15 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     """Prepare each case once (kept in ``cache``) and write the cache's ``prepared.json`` for these cases.
 
     ``labels``: to prepare the label maps too, as class indices (labels.class_indices; other values become 0).
-    ``channels``: the model's input channels ({name, modality}), which choose those a dataset index names
-    (datasetindex.fitted_to_model): every case has as many images (checked before any is read); a scan unlike its channel's modality (an MR given to a CT recipe) is prepared with a warning.
+    ``channels``: the model's input channels ({name, modality}), which choose those the data name
+    (channelnames.fitted_to_model): every case has as many images (checked before any is read); a scan unlike its
+    channel's modality (an MR given to a CT recipe) is prepared with a warning.
     Without ``labels`` (a pre-training pool, often a PACS export), an image that is no 3-D scan (a scout, a dose
     report's screenshot) is left out with a warning.
     """
     if not cases:
         raise UserError("no volumes to train on")
-    from .datasetindex import fitted_to_model
+    from .channelnames import fitted_to_model
 
     cases = fitted_to_model(cases, channels, reporter.warning)
     check_channel_count(cases, channels)
