@@ -404,8 +404,9 @@ def test_a_labels_file_reading_a_value_as_another_label_than_its_dataset_json_na
 def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):
     """BraTS lays a case out as CASE/CASE_flair.nii.gz, CASE_t1ce.nii.gz, CASE_t1.nii.gz, CASE_t2.nii.gz and
     CASE_seg.nii.gz (2023: CASE-t2f, -t1c, -t1n, -t2w, -seg), which had been "no images found": brain-tumor-mr reads
-    the FLAIR and T1c files by those names and scores the case as the same files in our case-folder layout. A
-    folder of scans that merely start with its name is still a folder of cases."""
+    the FLAIR and T1c files by those names and scores the case as the same files in our case-folder layout; so too
+    from MONAI's datalist of them ("image": a file per channel, which had been refused). A folder of scans that
+    merely start with its name is still a folder of cases."""
     crops = _brain_crops(tmp_path / "crops")
     brats_2021, brats_2023 = tmp_path / "BraTS2021" / "BraTS2021_00003", tmp_path / "BraTS2023" / "BraTS-GLI-00003-000"
     for end, crop in (("t1", "mask"), ("t1ce", "T1c"), ("flair", "FLAIR"), ("seg", "label")):
@@ -424,6 +425,14 @@ def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):
     as_brats, as_folder = (evaluate("brain-tumor-mr", [str(data)], device="cpu") for data in (brats_2021.parent,
                                                                                              case_folder.parent))
     assert as_brats["cases"] == as_folder["cases"]
+
+    # MONAI's datalist of the same folder: a file per channel, named by the ends of the files' names
+    listed = [f"BraTS2021_00003/BraTS2021_00003_{end}.nii.gz" for end in ("t1", "t1ce", "flair")]
+    (brats_2021.parent / "dataset.json").write_text(json.dumps({"training": [
+        {"fold": 0, "image": listed, "label": "BraTS2021_00003/BraTS2021_00003_seg.nii.gz"}]}))
+    case, = fitted_to_model(find_cases([brats_2021.parent], labelled=True), brain.channels, pytest.fail)
+    assert case.name == "BraTS2021_00003" and case.channel_names == ("flair", "t1ce")
+    assert case.channels == (brats_2021 / "BraTS2021_00003_flair.nii.gz", brats_2021 / "BraTS2021_00003_t1ce.nii.gz")
 
     scans = tmp_path / "ct"  # two patients' scans, not one case's channels
     for number in (1, 2):

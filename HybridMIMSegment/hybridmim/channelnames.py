@@ -4,6 +4,7 @@ and BraTS 2023's "t1c" are one sequence, a model's "T1c"; "t2f" and "T2-FLAIR" a
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Callable
 
@@ -14,6 +15,7 @@ SEQUENCE_SPELLINGS = {"t1gd": "t1c", "t1ce": "t1c", "t1gad": "t1c", "t1post": "t
 FILE_CHANNEL_NAMES = {"flair", "t1", "t1c", "t2", "adc", "dwi", "pd", "swi", "ct", "pet"}
 # The ends of a file name that mark a case's label map beside its channels (BraTS' CASE_seg.nii.gz)
 LABEL_FILE_ENDS = ("seg", "label")
+SEPARATORS = "_-."
 
 
 def spelled_as_model(name) -> str:
@@ -25,6 +27,23 @@ def spelled_as_model(name) -> str:
 def is_file_channel_name(name: str) -> bool:
     """Whether the end of a file's name (BraTS' "flair", "t1ce", "t2f") names an input channel."""
     return spelled_as_model(name) in FILE_CHANNEL_NAMES
+
+
+def named_ends(stems: list[str], prefix: str) -> list[str] | None:
+    """What follows ``prefix`` and a separator (_ - .) in each of ``stems`` (file names without their suffix:
+    BraTS' CASE_flair gives flair); None where one does not start so."""
+    start = len(prefix) + 1
+    if not all(len(stem) > start and stem.startswith(prefix) and stem[len(prefix)] in SEPARATORS for stem in stems):
+        return None
+    return [stem[start:] for stem in stems]
+
+
+def shared_name(stems: list[str]) -> str:
+    """The case name several files' names share (BraTS2021_00003 of BraTS2021_00003_flair and _t1ce), to their
+    last separator; "" where they share none."""
+    shared = os.path.commonprefix(stems)
+    cut = max(shared.rfind(separator) for separator in SEPARATORS)
+    return shared[:cut] if cut > 0 else ""
 
 
 def fitted_to_model(cases: list, channels, warn: Callable[[str], None]) -> list:

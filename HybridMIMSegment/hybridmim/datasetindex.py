@@ -1,5 +1,6 @@
 """Dataset folders described by a ``dataset.json``: the Medical Segmentation Decathlon's, whose cases are listed
-under "training" (with label maps) and "test" (without), and nnU-Net v2's raw datasets, whose cases are found by
+under "training" (with label maps) and "test" (without) (in MONAI's datalists a case's "image" may list a file per
+channel), and nnU-Net v2's raw datasets, whose cases are found by
 name: ``imagesTr/CASE_0000.nii.gz`` (``_0001``, … for more channels) with ``labelsTr/CASE.nii.gz``, and
 ``imagesTs`` without labels (or its training cases listed by name under "dataset"). Where labels are read
 (``labelled``), the cases without them are not listed.
@@ -13,6 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .channelnames import is_file_channel_name, named_ends, shared_name
 from .errors import UserError
 from .jsonfile import read_json
 from .volumes import IMAGE_SUFFIXES, Case, image_stem
@@ -89,16 +91,33 @@ def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
     for entry in lists[0] + ([] if labelled else lists[1]):  # "test" cases have no label maps
         image = entry.get("image") if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
-        if not isinstance(image, str) or not isinstance(label, (str, type(None))):
+        images = [image] if isinstance(image, str) else image  # MONAI's datalists: a file per channel
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images) or \
+                not isinstance(label, (str, type(None))):
             raise UserError(f"{path}: a case whose image (or label) is no file name: {json.dumps(entry)[:80]}")
         if labelled and label is None:
-            raise UserError(f"{path}: the training case {image} names no 'label'")
-        cases.append(Case(image_stem(Path(image)), (path.parent / image,) * max(1, len(volumes)),
-                          path.parent / label if label else None, volumes=volumes, channel_names=names))
+            raise UserError(f"{path}: the training case {images[0]} names no 'label'")
+        label_path = path.parent / label if label else None
+        if len(images) > 1:
+            cases.append(_case_of_files(path, images, label_path, names))
+        else:
+            cases.append(Case(image_stem(Path(image)), (path.parent / images[0],) * max(1, len(volumes)),
+                              label_path, volumes=volumes, channel_names=names))
     if not cases:
         raise UserError(f"{path}: lists no {'training ' if labelled else ''}cases")
     _check_listed_files(path, cases, labelled)
     return cases
+
+
+def _case_of_files(path: Path, images: list[str], label: Path | None, names: tuple[str, ...]) -> Case:
+    """A case of a file per channel (MONAI's datalists), named by what the files' names share, its channels by
+    the index's "modality", else by the ends of the files' names (BraTS' _flair, _t1ce), else not at all."""
+    stems = [image_stem(Path(image)) for image in images]
+    shared = shared_name(stems)
+    ends = named_ends(stems, shared) if shared else None
+    if len(names) != len(images):
+        names = tuple(ends) if ends and all(is_file_channel_name(end) for end in ends) else ()
+    return Case(shared or stems[0], tuple(path.parent / image for image in images), label, channel_names=names)
 
 
 def _check_listed_files(path: Path, cases: list[Case], labelled: bool) -> None:

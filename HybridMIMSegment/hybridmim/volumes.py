@@ -148,14 +148,12 @@ def _case_of_named_files(folder: Path, files: list[Path], labelled: bool) -> Cas
     """A case folder as BraTS lays it out: CASE/CASE_flair.nii.gz, CASE_t1ce.nii.gz, … (BraTS 2023:
     CASE-t2f.nii.gz, …), what follows the folder's name naming each channel, with CASE_seg.nii.gz its label map;
     None where the folder holds another image (it is then no such case)."""
-    from .channelnames import LABEL_FILE_ENDS, is_file_channel_name
+    from .channelnames import LABEL_FILE_ENDS, is_file_channel_name, named_ends
 
-    ends = {}
-    for file in files:
-        stem = image_stem(file)
-        if len(stem) < len(folder.name) + 2 or not stem.startswith(folder.name) or stem[len(folder.name)] not in "_-.":
-            return None
-        ends[file] = stem[len(folder.name) + 1:]
+    named = named_ends([image_stem(file) for file in files], folder.name)
+    if named is None:
+        return None
+    ends = dict(zip(files, named))
     labels = [file for file, end in ends.items() if end.lower() in LABEL_FILE_ENDS]
     channels = [file for file, end in ends.items() if file not in labels]
     if not channels or not all(is_file_channel_name(ends[file]) for file in channels):
