@@ -368,6 +368,10 @@ def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_
     assert f"{dataset}: its dataset.json names none of the model's labels; its values are scored as the model's: " \
            "1 'NET' as 'necrotic and non-enhancing tumour core', 2 'ED' as 'peritumoral oedema' (a " \
            "--reference-values FILE says which label each value is)" in stream.getvalue()
+    # nnU-Net's regions (lists of values) name no value alone: scored as the model's, as before they were read
+    (dataset / "dataset.json").write_text(json.dumps({**index, "labels": {"background": 0, "whole tumour": [1, 2, 3, 4],
+                                                                          "enhancing": 4}}))
+    assert evaluate("brain-tumor-mr", [str(dataset)], device="cpu")["cases"][0]["scores"] == brats_scores
     for written, message in (({"1": "oedema"}, r"'oedema' is no label of the model \(peritumoral oedema, necrotic "),
                              ({"0": "peritumoral oedema"}, r"pairs each label-map value from 1 with the name of a "
                                                            r"label of the model, .* not '0': 'peritumoral oedema'$"),
@@ -399,6 +403,11 @@ def test_a_labels_file_reading_a_value_as_another_label_than_its_dataset_json_na
     start = resolve_start("brain-tumor-mr", load_recipe(None), brats, Reporter("quiet"), [str(dataset)])
     assert [label.name for label in start.labels] == ["peritumoral oedema", "necrotic and non-enhancing tumour core",
                                                       "enhancing tumour"]
+    # nnU-Net's regions, which --labels is asked for in their place, name no value alone: nothing to check
+    (dataset / "dataset.json").write_text(json.dumps({**index, "labels": {"background": 0, "whole tumour": [1, 2, 3],
+                                                                          "enhancing tumour": 3}}))
+    assert resolve_start("brain-tumor-mr", load_recipe(None), brats, Reporter("quiet"), [str(dataset)]).labels == \
+        start.labels
 
 
 def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):

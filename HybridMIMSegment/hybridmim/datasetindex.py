@@ -40,10 +40,11 @@ def dataset_cases(folder: Path, labelled: bool) -> list[Case]:
                     "'file_ending' and 'channel_names'")
 
 
-def dataset_labels(folder: Path) -> list[dict] | None:
+def dataset_labels(folder: Path, refuse_unreadable: bool = True) -> list[dict] | None:
     """The labels a dataset.json names (the Decathlon's ``{"1": "tumour"}``, nnU-Net v2's ``{"tumour": 1}``) as label
     entries (parse_labels' form), valued as in the label maps, coloured from matplotlib's tab10, without
-    terminology codes; None where it names none."""
+    terminology codes; None where it names none. A table of nnU-Net regions or of other than value and name is
+    refused where ``refuse_unreadable`` (the labels of a run), else None (they only tell what values are)."""
     path = folder / DATASET_JSON
     index = read_json(path, "dataset index", an_object=True)
     table = index.get("labels")
@@ -52,11 +53,15 @@ def dataset_labels(folder: Path) -> list[dict] | None:
     if _is_decathlon(index):
         pairs = [(int(key) if key.isdigit() else key, name) for key, name in table.items()]
     elif any(isinstance(value, list) for value in table.values()):
+        if not refuse_unreadable:
+            return None
         raise UserError(f"{path}: its labels are nnU-Net regions (lists of values, which overlap); name the "
                         "structures to segment with --labels FILE")
     else:
         pairs = [(value, name) for name, value in table.items()]
     if not all(isinstance(value, int) and isinstance(name, str) for value, name in pairs):
+        if not refuse_unreadable:
+            return None
         raise UserError(f"{path}: its 'labels' pair each label-map value with a name, not {json.dumps(table)[:80]}")
     from matplotlib import colormaps
 

@@ -44,7 +44,7 @@ def dataset_lookup(folder: Path, meta, warn: Callable[[str], None]) -> dict[int,
     names counted as background, with a warning. Where it names none by the model's names, its names say nothing
     of the model's labels and the values are scored as the model's, with a warning that says so."""
     lookup = dict(meta.source_lookup)
-    named = dataset_labels(folder) if is_dataset_folder(folder) else None
+    named = dataset_labels(folder, refuse_unreadable=False) if is_dataset_folder(folder) else None
     if not named:
         return lookup
     matched = [(entry, label_of_segment(entry, meta.labels)) for entry in named]

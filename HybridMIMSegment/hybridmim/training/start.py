@@ -91,7 +91,7 @@ def check_datasets_name_labels_alike(labels: list[Label], data_paths) -> None:
     BraTS codes of scripts/labels/brats.json, which would teach it as that."""
     lookup, by_value = source_lookup(labels), {label.value: label.name for label in labels}
     for path in map(Path, data_paths):
-        for entry in (dataset_labels(path) or []) if is_dataset_folder(path) else []:
+        for entry in (dataset_labels(path, refuse_unreadable=False) or []) if is_dataset_folder(path) else []:
             named = label_of_segment(entry, labels)
             taken = lookup.get(entry["value"])
             if named is not None and taken != named.value:
