@@ -450,3 +450,24 @@ def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):
     _link(brats_2021 / "BraTS2021_00003_seg_corrected.nii.gz", crops["label"])  # no channel name: not a BraTS case
     with pytest.raises(UserError, match="no label map for BraTS2021_00003_flair"):
         find_cases([brats_2021], labelled=True)
+
+
+def test_a_one_channel_pre_training_pool_takes_each_sequence_of_a_brats_case_as_a_volume(tmp_path):
+    """Pre-training an MR model (one channel, "MR") on BraTS cases of several sequences had been refused ("3
+    image(s) where the model takes 1 channel(s)"), with no way round it but moving the files: each sequence is a
+    volume of the pool, named after it, and a mask among them is left out with a warning."""
+    from conftest import warnings_of
+
+    crops = _brain_crops(tmp_path / "crops")
+    case = tmp_path / "BraTS2021" / "BraTS2021_00003"
+    for end, crop in (("flair", "FLAIR"), ("t1ce", "T1c"), ("t1", "mask"), ("seg", "label")):
+        _link(case / f"BraTS2021_00003_{end}.nii.gz", crops[crop])
+    result = run_cli_here("pretrain", "--modality", "MR", "--data", case.parent, "--cache", tmp_path / "cache",
+                          "--prepare-only", "--progress", "json", check_rc=0)
+    assert warnings_of(result) == [f"BraTS2021_00003_t1: left out, no 3-D scan: {case / 'BraTS2021_00003_t1.nii.gz'}: "
+                                   "holds only the values 0, 1, as a label map or mask does, not a scan: give the "
+                                   "image it outlines"]
+    prepared = json.loads((tmp_path / "cache" / "prepared.json").read_text())
+    assert [(v["name"], v["files"]) for v in prepared["volumes"]] == [
+        ("BraTS2021_00003_flair", ["BraTS2021_00003_flair.nii.gz (flair)"]),
+        ("BraTS2021_00003_t1ce", ["BraTS2021_00003_t1ce.nii.gz (t1ce)"])]

@@ -58,6 +58,15 @@ class Case:
     volumes: tuple[int, ...] = ()
     channel_names: tuple[str, ...] = ()
 
+    def each_channel(self) -> list[Case]:
+        """A case per channel, named after the case and the channel's name (else its number): the volumes of a
+        one-channel model's pre-training pool."""
+        if len(self.channels) == 1:
+            return [self]
+        return [Case(f"{self.name}_{self.channel_names[i] if self.channel_names else i}", (self.channels[i],),
+                     series=self.series, volumes=self.volumes[i:i + 1], channel_names=self.channel_names[i:i + 1])
+                for i in range(len(self.channels))]
+
     def channel_files(self, whole_paths: bool = False) -> list[str]:
         """Each channel's file (its name, or its path as given) for messages, with its volume where it is one of a
         4-D file, and its index's name for it."""
@@ -484,13 +493,17 @@ def prepare_cases(cases: list[Case], preprocessing: Preprocessing, cache: Path, 
     (channelnames.fitted_to_model): every case has as many images (checked before any is read); a scan unlike its
     channel's modality (an MR given to a CT recipe) is prepared with a warning.
     Without ``labels`` (a pre-training pool, often a PACS export), an image that is no 3-D scan (a scout, a dose
-    report's screenshot) is left out with a warning.
+    report's screenshot) is left out with a warning, and for a one-channel model each channel of a case of several
+    (a BraTS case's sequences) is a volume of its own.
     """
     if not cases:
         raise UserError("no volumes to train on")
     from .channelnames import fitted_to_model
 
     cases = fitted_to_model(cases, channels, reporter.warning)
+    if not labels and len(channels) == 1 and any(len(case.channels) > 1 for case in cases):
+        reporter.info("each channel of the cases of several (MR sequences, say) is a volume of the pool")
+        cases = [single for case in cases for single in case.each_channel()]
     check_channel_count(cases, channels)
     for case in cases if labels else ():
         check_case_label(case, labels)  # headers only: refuse before an hour of preparing
