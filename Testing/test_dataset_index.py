@@ -435,6 +435,10 @@ def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):
                                                                                              case_folder.parent))
     assert as_brats["cases"] == as_folder["cases"]
 
+    one_file = {"image": ["BraTS2021_00003/BraTS2021_00003_flair.nii.gz"],  # a list of one file: that file
+                "label": "BraTS2021_00003/BraTS2021_00003_seg.nii.gz"}
+    (brats_2021.parent / "dataset.json").write_text(json.dumps({"training": [one_file]}))
+    assert [c.name for c in find_cases([brats_2021.parent], labelled=True)] == ["BraTS2021_00003_flair"]
     # MONAI's datalist of the same folder: a file per channel, named by the ends of the files' names
     listed = [f"BraTS2021_00003/BraTS2021_00003_{end}.nii.gz" for end in ("t1", "t1ce", "flair")]
     (brats_2021.parent / "dataset.json").write_text(json.dumps({"training": [

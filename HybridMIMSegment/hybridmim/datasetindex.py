@@ -1,9 +1,8 @@
 """Dataset folders described by a ``dataset.json``: the Medical Segmentation Decathlon's, whose cases are listed
-under "training" (with label maps) and "test" (without) (in MONAI's datalists a case's "image" may list a file per
-channel), and nnU-Net v2's raw datasets, whose cases are found by
-name: ``imagesTr/CASE_0000.nii.gz`` (``_0001``, … for more channels) with ``labelsTr/CASE.nii.gz``, and
-``imagesTs`` without labels (or its training cases listed by name under "dataset"). Where labels are read
-(``labelled``), the cases without them are not listed.
+under "training" (with label maps) and "test" (without), a case's "image" one file (or in MONAI's datalists a file
+per channel); and nnU-Net v2's raw datasets, whose cases are found by name: ``imagesTr/CASE_0000.nii.gz``
+(``_0001``, … for more channels) with ``labelsTr/CASE.nii.gz``, and ``imagesTs`` without labels (or its training
+cases listed by name under "dataset"). Where labels are read (``labelled``), the cases without them are not listed.
 
 Both name their channels (the Decathlon's "modality", whose multi-modal images are 4-D: a volume per channel;
 nnU-Net's "channel_names", a file each); a model takes those of its channels' names (channelnames.py)."""
@@ -106,7 +105,7 @@ def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
         if len(images) > 1:
             cases.append(_case_of_files(path, images, label_path, names))
         else:
-            cases.append(Case(image_stem(Path(image)), (path.parent / images[0],) * max(1, len(volumes)),
+            cases.append(Case(image_stem(Path(images[0])), (path.parent / images[0],) * max(1, len(volumes)),
                               label_path, volumes=volumes, channel_names=names))
     if not cases:
         raise UserError(f"{path}: lists no {'training ' if labelled else ''}cases")

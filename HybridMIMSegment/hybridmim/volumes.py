@@ -48,8 +48,8 @@ class Case:
     """One volume: a name, its channel files (one per model input channel) and its label map, if any;
     ``series``: the UID of the DICOM series it is, in a folder holding several; ``volumes``: where its channels are
     volumes of one 4-D file (a Decathlon multi-modal image; the file is then each channel's), the index of each in
-    it; ``channel_names``: what a dataset index calls each channel (channelnames.fitted_to_model picks the model's).
-    """
+    it; ``channel_names``: what the data call each channel (a dataset index's names, the ends of a BraTS case's
+    file names), by which channelnames.fitted_to_model picks the model's."""
 
     name: str
     channels: tuple[Path, ...]
