@@ -20,6 +20,7 @@ from hybridmim.evaluate import evaluate
 from hybridmim.geometry import Grid
 from hybridmim.imageio import read_channels
 from hybridmim.progress import Reporter
+from hybridmim.referencevalues import read_reference_values
 from hybridmim.training.finetune import load_recipe
 from hybridmim.training.start import resolve_start
 from hybridmim.volumes import find_cases, prepare_cases
@@ -350,10 +351,8 @@ def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_
     assert scores["enhancing tumour"] == brats_scores["enhancing tumour"] and brats_scores["whole tumour"]["dice"] > 0.5
     assert scores["peritumoral oedema"]["dice"] == 0 and scores["whole tumour"]["dice"] < 0.5  # the oedema unscored
 
-    values = tmp_path / "decathlon-values.json"
-    values.write_text(json.dumps({"1": "peritumoral oedema", "2": "necrotic and non-enhancing tumour core",
-                                  "3": "Enhancing Tumour"}))
-    run = run_cli_here("evaluate", "--model", "brain-tumor-mr", "--data", dataset, "--reference-values", values,
+    shipped = Path(__file__).parents[1] / "scripts" / "labels" / "values-decathlon-braintumour.json"
+    run = run_cli_here("evaluate", "--model", "brain-tumor-mr", "--data", dataset, "--reference-values", shipped,
                        "-o", tmp_path / "report.json", "--device", "cpu", check_rc=0)
     assert "warning" not in run.stderr
     assert json.loads((tmp_path / "report.json").read_text())["cases"][0]["scores"] == brats_scores
@@ -372,6 +371,9 @@ def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_
     (dataset / "dataset.json").write_text(json.dumps({**index, "labels": {"background": 0, "whole tumour": [1, 2, 3, 4],
                                                                           "enhancing": 4}}))
     assert evaluate("brain-tumor-mr", [str(dataset)], device="cpu")["cases"][0]["scores"] == brats_scores
+    brain = read_metadata(MODELS / "brain-tumor-mr.safetensors")  # BraTS 2023's: 1 necrosis, 2 oedema, 3 enhancing
+    assert read_reference_values(shipped.with_name("values-brats2023.json"), brain) == {1: 2, 2: 1, 3: 3}
+    values = tmp_path / "values.json"
     for written, message in (({"1": "oedema"}, r"'oedema' is no label of the model \(peritumoral oedema, necrotic "),
                              ({"0": "peritumoral oedema"}, r"pairs each label-map value from 1 with the name of a "
                                                            r"label of the model, .* not '0': 'peritumoral oedema'$"),
