@@ -29,7 +29,7 @@ from HybridMIMSegmentLib.commands import (PRETRAIN_METHODS, PRETRAIN_MODALITIES,
 from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_version_fits, missing_requirements,
                                               skip_speedup, speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, run_to_end
-from HybridMIMSegmentLib.inputs import shared_transform
+from HybridMIMSegmentLib.inputs import shared_transform, volumes_named_as_channels
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message
 from HybridMIMSegmentLib.states import BUSY, Processing, State
@@ -167,9 +167,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         choice = self.currentChoice()
         self.ui.modelDetailsLabel.text = choice.details if choice else ""
         self.showView(self.processing.view())
-        # A channel keeps its volume across models; the first, if new, starts with the volume on view.
+        # A channel keeps its volume across models; a new one starts with the volume named as it, else (the
+        # first) the volume on view.
         chosen = {name: selector.currentNode() for name, selector in self.inputSelectors.items()}
         shown = slicer.app.applicationLogic().GetSelectionNode().GetActiveVolumeID()
+        scalars = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if not node.IsA("vtkMRMLLabelMapVolumeNode")]
+        named = volumes_named_as_channels(list(choice.channels if choice else ()), [n.GetName() for n in scalars])
+        by_name = {node.GetName(): node for node in scalars}
         for selector in self.inputSelectors.values():
             self.ui.inputsWidget.layout().removeRow(selector)
         self.inputSelectors = {}
@@ -182,7 +187,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
             selector.setMRMLScene(slicer.mrmlScene)
             selector.toolTip = f"The {name} volume the model expects"
             onView = slicer.mrmlScene.GetNodeByID(shown) if shown and position == 0 else None
-            selector.setCurrentNode(chosen.get(name) or onView)
+            selector.setCurrentNode(chosen.get(name) or by_name.get(named.get(name)) or onView)
             self.ui.inputsWidget.layout().addRow(f"{name}:", selector)
             self.inputSelectors[name] = selector
 

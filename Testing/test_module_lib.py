@@ -38,7 +38,7 @@ from HybridMIMSegmentLib.dependencies import (TORCH_REQUIREMENT, installed_versi
                                               missing_requirements, requirement_names, skip_speedup,
                                               speedup_skipped, write_constraints)
 from HybridMIMSegmentLib.engine import EngineProcess, kill_tree, run_to_end  # noqa: E402
-from HybridMIMSegmentLib.inputs import shared_transform  # noqa: E402
+from HybridMIMSegmentLib.inputs import shared_transform, volumes_named_as_channels  # noqa: E402
 from HybridMIMSegmentLib.models import UserModels, catalog_choices, needs_conversion  # noqa: E402
 from HybridMIMSegmentLib.results import segment_lines, training_stop_message  # noqa: E402
 from HybridMIMSegmentLib.states import Processing, State  # noqa: E402
@@ -91,6 +91,19 @@ def test_the_channels_of_a_run_must_share_their_transform():
     with pytest.raises(RuntimeError, match="FLAIR: Registration, T1c: Registration"):  # two of the same name
         shared_transform([("FLAIR", "vtkMRMLLinearTransformNode4", "Registration"),
                           ("T1c", "vtkMRMLLinearTransformNode7", "Registration")])
+
+
+def test_scene_volumes_named_as_a_models_channels_are_offered_for_them():
+    """A two-channel model's second selector had started empty, and nothing stopped T1c being picked as FLAIR."""
+    assert volumes_named_as_channels(["FLAIR", "T1c"], [
+        "BraTS2021_00003_t1", "BraTS2021_00003_t1ce", "BraTS2021_00003_flair", "BraTS2021_00003_t2"]) == {
+        "FLAIR": "BraTS2021_00003_flair", "T1c": "BraTS2021_00003_t1ce"}
+    # the shared data's own names, a Decathlon spelling, and two volumes of one name: not a guess
+    assert volumes_named_as_channels(["FLAIR", "T1c"], ["T1c_subtrMeanDivStd", "Flair_subtrMeanDivStd", "brainmask"]) \
+        == {"FLAIR": "Flair_subtrMeanDivStd", "T1c": "T1c_subtrMeanDivStd"}
+    assert volumes_named_as_channels(["FLAIR", "T1c"], ["pat3 FLAIR", "pat3 FLAIR_1", "T1-Gd"]) == {"T1c": "T1-Gd"}
+    assert volumes_named_as_channels(["CT"], ["abdomen", "CT 2mm"]) == {"CT": "CT 2mm"}
+    assert volumes_named_as_channels(["CT"], ["abdomen", "chest"]) == {}  # the first channel: the volume on view
 
 
 def test_work_folders_left_by_a_crash_go_a_day_later_and_nothing_else(tmp_path):
