@@ -167,8 +167,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget):
         choice = self.currentChoice()
         self.ui.modelDetailsLabel.text = choice.details if choice else ""
         self.showView(self.processing.view())
-        # A channel keeps its volume across models; a new one starts with the volume named as it, else (the
-        # first) the volume on view.
+        # A channel keeps its volume across models; a new one starts with the volume named as it (a model of
+        # several channels), else (the first) the volume on view.
         chosen = {name: selector.currentNode() for name, selector in self.inputSelectors.items()}
         shown = slicer.app.applicationLogic().GetSelectionNode().GetActiveVolumeID()
         scalars = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")

@@ -14,9 +14,10 @@ def volumes_named_as_channels(channels: list[str], volumes: list[str]) -> dict[s
     """{channel: the scene volume named as it} for each of a model's ``channels`` that one volume of ``volumes``
     (their names) names, whole or in one of its words ("BraTS2021_00003_t1ce" and "T1c_subtrMeanDivStd" are T1c,
     "pat3 FLAIR" is FLAIR): a two-channel model's second channel is otherwise left for the user to pick, and a
-    T1c picked as FLAIR gives a wrong segmentation without a word."""
+    T1c picked as FLAIR gives a wrong segmentation without a word. None for a model of one channel: the volume on
+    view is the one to segment, whatever its name."""
     picks = {}
-    for channel in channels:
+    for channel in channels if len(channels) > 1 else ():
         wanted = spelled_as_model(channel)
         named = [volume for volume in volumes if spelled_as_model(volume) == wanted
                  or wanted in (spelled_as_model(word) for word in re.split(r"[\s_\-.]+", volume))]
