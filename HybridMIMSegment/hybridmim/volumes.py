@@ -138,12 +138,13 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
     and optionally one label file: label.nii.gz (any image type) or Slicer's label.seg.nrrd (two are refused where
     the labels are read, ``labelled``, and left out elsewhere)."""
     files = sorted(p for p in folder.iterdir() if _is_image(p))
-    single = [p for p in files if p.name.split(".")[0] == "image"]
-    channels = single[:1] or [p for p in files if p.name.split(".")[0].startswith("image_")]
+    single = [p for p in files if _first_word(p) == "image"]
+    channels = single[:1] or [p for p in files if _first_word(p).startswith("image_")]
     if not channels:
         return _case_of_named_files(folder, files, labelled)
-    segmentation = folder / f"label{SEGMENTATION_SUFFIX}"
-    labels = [p for p in files if p.name.split(".")[0] == "label"] + [segmentation] * segmentation.is_file()
+    segmentation_name = f"label{SEGMENTATION_SUFFIX}"
+    segmentations = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower() == segmentation_name)
+    labels = [p for p in files if _first_word(p) == "label"] + segmentations
     # which of two would be read is down to the file system's order: say so rather than guess (a case corrected in
     # Slicer and saved as label.seg.nrrd beside the label.nii.gz it was made from)
     for kind, found in (("label", labels if labelled else []), ("image", single)):
@@ -151,6 +152,12 @@ def _case_in_folder(folder: Path, labelled: bool) -> Case | None:
             raise UserError(f"{folder}: holds {' and '.join(p.name for p in found)}; keep the one {kind} file that is "
                             "the case's, and move the other out of the folder")
     return Case(folder.name, tuple(channels), labels[0] if len(labels) == 1 else None)
+
+
+def _first_word(path: Path) -> str:
+    """A file's name to its first dot, in lower case: Image.nii.gz is a case folder's image too (Windows and macOS
+    file systems do not tell the cases apart, so neither do their users)."""
+    return path.name.split(".")[0].lower()
 
 
 def _case_of_named_files(folder: Path, files: list[Path], labelled: bool) -> Case | None:
