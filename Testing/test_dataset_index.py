@@ -482,7 +482,7 @@ def test_a_one_channel_pre_training_pool_takes_each_sequence_of_a_brats_case_as_
 def test_case_folders_and_indexes_as_windows_writes_them_are_read(tmp_path):
     """A case folder's Image.nii.gz and Label.nii.gz (Windows and macOS file systems ignore case, so their users
     do) had been "no images found"; a dataset.json saved with a byte-order mark (Windows PowerShell, Notepad) had
-    been "unreadable dataset index (Unexpected UTF-8 BOM …)"."""
+    been "unreadable dataset index (Unexpected UTF-8 BOM …)", and its files listed as .\\imagesTr\\CASE "missing"."""
     case = tmp_path / "cases" / "STS_036"
     _link(case / "Image.nii.gz", data_file("sarcoma_ct/STS_036/image.nii.gz"))
     _link(case / "Label.NII.GZ", data_file("sarcoma_ct/STS_036/label.nii.gz"))
@@ -492,8 +492,8 @@ def test_case_folders_and_indexes_as_windows_writes_them_are_read(tmp_path):
     task = tmp_path / "Task501_Sarcoma"
     _link(task / "imagesTr" / "STS_036.nii.gz", data_file("sarcoma_ct/STS_036/image.nii.gz"))
     _link(task / "labelsTr" / "STS_036.nii.gz", data_file("sarcoma_ct/STS_036/label.nii.gz"))
-    index = {"labels": {"0": "background", "1": "tumour"},
-             "training": [{"image": "./imagesTr/STS_036.nii.gz", "label": "./labelsTr/STS_036.nii.gz"}]}
+    index = {"labels": {"0": "background", "1": "tumour"},  # its folders parted as Windows parts them
+             "training": [{"image": ".\\imagesTr\\STS_036.nii.gz", "label": ".\\labelsTr\\STS_036.nii.gz"}]}
     (task / "dataset.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(index).encode())
     assert [c.name for c in find_cases([task], labelled=True)] == ["STS_036"]
     assert [entry["name"] for entry in dataset_labels(task)] == ["tumour"]

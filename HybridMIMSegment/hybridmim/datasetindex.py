@@ -101,7 +101,8 @@ def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
             raise UserError(f"{path}: a case whose image (or label) is no file name: {json.dumps(entry)[:80]}")
         if labelled and label is None:
             raise UserError(f"{path}: the training case {images[0]} names no 'label'")
-        label_path = path.parent / label if label else None
+        images = [_portable(image) for image in images]
+        label_path = path.parent / _portable(label) if label else None
         if len(images) > 1:
             cases.append(_case_of_files(path, images, label_path, names))
         else:
@@ -111,6 +112,12 @@ def _decathlon_cases(path: Path, index: dict, labelled: bool) -> list[Case]:
         raise UserError(f"{path}: lists no {'training ' if labelled else ''}cases")
     _check_listed_files(path, cases, labelled)
     return cases
+
+
+def _portable(listed: str) -> str:
+    """A file an index lists, its folders parted by "/" where Windows wrote "\\" (Windows reads both; elsewhere a
+    backslash would be part of the file's name)."""
+    return listed.replace("\\", "/")
 
 
 def _case_of_files(path: Path, images: list[str], label: Path | None, names: tuple[str, ...]) -> Case:
@@ -181,7 +188,7 @@ def _nnunet_listed_cases(path: Path, listed, names: tuple[str, ...], labelled: b
         if len(images) != len(names):
             raise UserError(f"{path}: its case {name} lists {len(images)} image(s), where 'channel_names' names "
                             f"{len(names)} channels ({', '.join(names)})")
-        files = tuple(path.parent / image for image in images)  # (an absolute path stays as it is)
-        cases.append(Case(name, files, path.parent / label, channel_names=names))
+        files = tuple(path.parent / _portable(image) for image in images)  # (an absolute path stays as it is)
+        cases.append(Case(name, files, path.parent / _portable(label), channel_names=names))
     _check_listed_files(path, cases, labelled)
     return [case if case.label.is_file() else dataclasses.replace(case, label=None) for case in cases]
