@@ -196,14 +196,14 @@ BRAIN_BOX = (slice(50, 170), slice(110, 210), slice(50, 146))  # x, y, z: pat000
 
 def _brain_crops(folder: Path) -> dict[str, Path]:
     """pat0003's FLAIR, T1c, brain mask and label map cut to BRAIN_BOX, the images as float32."""
-    source, folder_crops = data_file(BRATS.format(3)), {}
+    source, crops = data_file(BRATS.format(3)), {}
     folder.mkdir(parents=True)
     for name, file in (("FLAIR", "Flair_subtrMeanDivStd"), ("T1c", "T1c_subtrMeanDivStd"), ("mask", "brainmask"),
                        ("label", "OTMultiClass")):
         image = sitk.ReadImage(str(source / f"{file}.nii.gz"))[BRAIN_BOX]
-        folder_crops[name] = folder / f"{name}.nii.gz"
-        sitk.WriteImage(image if name == "label" else sitk.Cast(image, sitk.sitkFloat32), str(folder_crops[name]))
-    return folder_crops
+        crops[name] = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image if name == "label" else sitk.Cast(image, sitk.sitkFloat32), str(crops[name]))
+    return crops
 
 
 def test_a_decathlon_multimodal_image_gives_a_model_the_volumes_its_channels_name(tmp_path):
@@ -319,8 +319,9 @@ def test_an_nnunet_index_listing_its_training_cases_by_name_reads_them_from_that
 
 
 def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_those_names(tmp_path):
-    """A Decathlon BrainTumour map codes oedema 1, non-enhancing tumour 2, enhancing 3, where brain-tumor-mr's
-    BraTS codes are 2, 1 and 3, and 4: scored by value, every label had been another. The names the dataset.json
+    """A Decathlon BrainTumour map codes oedema 1, necrosis and non-enhancing tumour 2, enhancing 3, where
+    brain-tumor-mr reads BraTS codes (oedema 2, necrosis and non-enhancing 1 and 3, enhancing 4): scored by value,
+    every label had been another. The names the dataset.json
     gives decide where they are the model's, the others are background (said once); a --reference-values file
     says what each value is, and then scores it exactly as the BraTS-coded maps."""
     crops = _brain_crops(tmp_path / "crops")
