@@ -454,9 +454,13 @@ def test_brats_case_folders_give_a_model_the_files_their_names_end_in(tmp_path):
     for number in (1, 2):
         _link(scans / f"ct_{number}.nii.gz", data_file("sarcoma_ct/STS_036/image.nii.gz"))
     assert [(c.name, len(c.channels)) for c in find_cases([scans])] == [("ct_1", 1), ("ct_2", 1)]
-    _link(brats_2021 / "BraTS2021_00003_seg_corrected.nii.gz", crops["label"])  # no channel name: not a BraTS case
-    with pytest.raises(UserError, match="no label map for BraTS2021_00003_flair"):
+    # a file more whose name ends in no channel: said where labels are read (it had been "no label map for
+    # BraTS2021_00003_flair", the folder read as one of single scans, as it still is for a pre-training pool)
+    _link(brats_2021 / "BraTS2021_00003_seg_corrected.nii.gz", crops["label"])
+    with pytest.raises(UserError, match=r"BraTS2021_00003: BraTS2021_00003_seg_corrected.nii.gz is no channel of this "
+                                        r"BraTS-style case .* move it out of the folder$"):
         find_cases([brats_2021], labelled=True)
+    assert len(find_cases([brats_2021])) == 5
 
 
 def test_a_one_channel_pre_training_pool_takes_each_sequence_of_a_brats_case_as_a_volume(tmp_path):

@@ -163,7 +163,8 @@ def _first_word(path: Path) -> str:
 def _case_of_named_files(folder: Path, files: list[Path], labelled: bool) -> Case | None:
     """A case folder as BraTS lays it out: CASE/CASE_flair.nii.gz, CASE_t1ce.nii.gz, … (BraTS 2023:
     CASE-t2f.nii.gz, …), what follows the folder's name naming each channel, with CASE_seg.nii.gz its label map;
-    None where the folder holds another image (it is then no such case)."""
+    None where the folder holds another image (it is then no such case; where labels are read, one whose other
+    files are such a case's is refused, naming the file that is not)."""
     from .channelnames import LABEL_FILE_ENDS, is_file_channel_name, named_ends
 
     named = named_ends([image_stem(file) for file in files], folder.name)
@@ -172,7 +173,12 @@ def _case_of_named_files(folder: Path, files: list[Path], labelled: bool) -> Cas
     ends = dict(zip(files, named))
     labels = [file for file, end in ends.items() if end.lower() in LABEL_FILE_ENDS]
     channels = [file for file, end in ends.items() if file not in labels]
-    if not channels or not all(is_file_channel_name(ends[file]) for file in channels):
+    unnamed = [file for file in channels if not is_file_channel_name(ends[file])]
+    if labelled and labels and unnamed and len(unnamed) < len(channels):
+        raise UserError(f"{folder}: {unnamed[0].name} is no channel of this BraTS-style case (its name ends in no "
+                        f"channel's name, such as flair or t1ce, nor in {' or '.join(LABEL_FILE_ENDS)}): move it out "
+                        "of the folder")
+    if not channels or unnamed:
         return None
     if labelled and len(labels) > 1:
         raise UserError(f"{folder}: holds {' and '.join(p.name for p in labels)}; keep the one label file that is the "
