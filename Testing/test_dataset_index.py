@@ -356,7 +356,13 @@ def test_evaluate_scores_the_values_a_dataset_json_names_as_the_model_labels_of_
     run = run_cli_here("evaluate", "--model", "brain-tumor-mr", "--data", dataset, "--reference-values", shipped,
                        "-o", tmp_path / "report.json", "--device", "cpu", check_rc=0)
     assert "warning" not in run.stderr
-    assert json.loads((tmp_path / "report.json").read_text())["cases"][0]["scores"] == brats_scores
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["cases"][0]["scores"] == brats_scores
+    assert report["reference_values"] == {str(dataset): {"1": "peritumoral oedema", "2": "necrotic and non-enhancing "
+                                                         "tumour core", "3": "enhancing tumour"}}
+    assert named["reference_values"] == {str(dataset): {"1": "background", "2": "background",
+                                                        "3": "enhancing tumour", "4": "enhancing tumour"}}
+    assert "reference_values" not in evaluate("brain-tumor-mr", [str(case_folder)], device="cpu")  # the model's
 
     # BraTS-coded and named by none of the model's names: the values are the only link, scored as the model's, as
     # the warning spells out

@@ -146,10 +146,14 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     cases_of = {path: find_cases([path], labelled=True) for path in map(Path, data)}
     checkpoint, meta = segmentation_model(model, reporter)
     given = read_reference_values(reference_values, meta) if reference_values else None
-    lookups = []  # of each case's label map (a Slicer segmentation's segments are read as the model's labels)
+    lookups, read_otherwise = [], {}  # of each case's label map (a Slicer segmentation's are the model's labels)
+    label_names = {label.value: label.name for label in meta.labels}
     for path, found in cases_of.items():
         lookup = given or dataset_lookup(path, meta, reporter.warning)
         lookups += [meta.source_lookup if is_segmentation_file(case.label) else lookup for case in found]
+        if lookup != meta.source_lookup:  # the report says how, beside the scores it gave
+            read_otherwise[str(path)] = {str(value): label_names.get(label, "background")
+                                         for value, label in sorted(lookup.items())}
     cases = cases_fitted_to_model([case for found in cases_of.values() for case in found], meta, checkpoint.name,
                                   reporter.warning)
     for case in cases:
@@ -198,7 +202,8 @@ def evaluate(model: str | None, data: list[str], output: str | None = None, over
     report = {"model": {"file": checkpoint.name, "title": meta.title},
               "data": [str(p) for p in data], "device": device,
               "seconds": round(time.time() - started, 1),
-              "summary": summarise(results, names), "cases": results}
+              "summary": summarise(results, names), "cases": results,
+              **({"reference_values": read_otherwise} if read_otherwise else {})}
     outputs = {}
     if report_path is not None:
         with atomic_output(report_path) as tmp:
