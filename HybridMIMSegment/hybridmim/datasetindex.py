@@ -16,6 +16,7 @@ from pathlib import Path
 from .channelnames import is_file_channel_name, named_ends, shared_name
 from .errors import UserError
 from .jsonfile import read_json
+from .labels import Label, label_of_segment
 from .volumes import IMAGE_SUFFIXES, Case, image_stem
 
 DATASET_JSON = "dataset.json"
@@ -68,6 +69,13 @@ def dataset_labels(folder: Path, refuse_unreadable: bool = True) -> list[dict] |
     named = sorted((value, name) for value, name in pairs if value != 0)  # 0: the background
     return [{"value": value, "name": name, "color": [round(255 * c) for c in colours(number % colours.N)[:3]]}
             for number, (value, name) in enumerate(named)]
+
+
+def values_named_as(folder: Path, labels: list[Label]) -> list[tuple[dict, Label | None]]:
+    """Each value a dataset folder's dataset.json names (its label entry), with the one of ``labels`` named as it
+    (label_of_segment), else None; [] where there is no index or it names no value alone (nnU-Net regions)."""
+    named = dataset_labels(folder, refuse_unreadable=False) if is_dataset_folder(folder) else None
+    return [(entry, label_of_segment(entry, labels)) for entry in named or []]
 
 
 def _is_decathlon(index: dict) -> bool:

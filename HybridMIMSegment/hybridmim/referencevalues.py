@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .datasetindex import dataset_labels, is_dataset_folder
+from .datasetindex import values_named_as
 from .errors import UserError
 from .jsonfile import read_json
 from .labels import label_of_segment
@@ -44,15 +44,14 @@ def dataset_lookup(folder: Path, meta, warn: Callable[[str], None]) -> dict[int,
     names counted as background, with a warning. Where it names none by the model's names, its names say nothing
     of the model's labels and the values are scored as the model's, with a warning that says so."""
     lookup = dict(meta.source_lookup)
-    named = dataset_labels(folder, refuse_unreadable=False) if is_dataset_folder(folder) else None
-    if not named:
+    matched = values_named_as(folder, meta.labels)
+    if not matched:
         return lookup
-    matched = [(entry, label_of_segment(entry, meta.labels)) for entry in named]
     hint = "a --reference-values FILE says which label each value is"
     if not any(label for _, label in matched):
         names = {label.value: repr(label.name) for label in meta.labels}
         scored = ", ".join(f"{entry['value']} {entry['name']!r} as "
-                           f"{names.get(lookup.get(entry['value']), 'background')}" for entry in named)
+                           f"{names.get(lookup.get(entry['value']), 'background')}" for entry, _ in matched)
         warn(f"{folder}: its dataset.json names none of the model's labels; its values are scored as the model's: "
              f"{scored} ({hint})")
         return lookup

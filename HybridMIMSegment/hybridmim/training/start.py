@@ -16,7 +16,7 @@ import torch
 
 from ..catalog import resolve_model
 from ..checkpoint import check_channels, inference_settings, read_metadata
-from ..datasetindex import dataset_labels, is_dataset_folder
+from ..datasetindex import dataset_labels, is_dataset_folder, values_named_as
 from ..download import file_sha256
 from ..errors import UserError
 from ..jsonfile import read_json
@@ -91,8 +91,7 @@ def check_datasets_name_labels_alike(labels: list[Label], data_paths) -> None:
     BraTS codes of scripts/labels/brats.json, which would teach it as that."""
     lookup, by_value = source_lookup(labels), {label.value: label.name for label in labels}
     for path in map(Path, data_paths):
-        for entry in (dataset_labels(path, refuse_unreadable=False) or []) if is_dataset_folder(path) else []:
-            named = label_of_segment(entry, labels)
+        for entry, named in values_named_as(path, labels):
             taken = lookup.get(entry["value"])
             if named is not None and taken != named.value:
                 reads = f"as {by_value[taken]!r}" if taken else "as background"
